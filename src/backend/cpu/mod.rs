@@ -1,0 +1,317 @@
+//! The CPU reference backend: defines every op's semantics, multi-threaded with rayon.
+
+mod attention;
+mod embed;
+pub mod gemm;
+pub mod math;
+mod norm;
+
+use super::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+use gemm::{sgemm, MatRef};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task in elementwise ops: large enough to amortize scheduling.
+const ROW_CHUNK_ELEMS: usize = 1 << 14;
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn rows_of(x: &Tensor) -> (usize, usize) {
+    let c = *x.shape().last().unwrap_or(&1);
+    (if c == 0 { 0 } else { x.numel() / c }, c)
+}
+
+/// Rows per parallel task for rows of `cols` elements.
+fn chunk_rows(cols: usize) -> usize {
+    (ROW_CHUNK_ELEMS / cols.max(1)).max(1)
+}
+
+/// The `[C]` slice of `m.chunk` for table entry `entry`.
+fn mod_vec<'a>(m: &ModRef<'a>, table: &'a [f32], entry: usize, c: usize) -> &'a [f32] {
+    let chunks = m.table.shape()[1];
+    let off = (entry * chunks + m.chunk) * c;
+    &table[off..off + c]
+}
+
+fn check_mod(m: &ModRef, rows: usize, c: usize, what: &str) -> Result<()> {
+    let s = m.table.shape();
+    ensure!(s.len() == 3 && s[2] == c && m.chunk < s[1], "{what}: modulation table {s:?} does not fit chunk {} of width {c}", m.chunk);
+    ensure!(m.groups.rows() == rows, "{what}: row groups cover {} rows, tensor has {rows}", m.groups.rows());
+    ensure!(m.groups.index.iter().all(|&e| e < s[0]), "{what}: row group entry out of range of table {s:?}");
+    Ok(())
+}
+
+fn act_in_place(v: &mut [f32], act: Activation) {
+    match act {
+        Activation::None => {}
+        Activation::GeluTanh => v.iter_mut().for_each(|x| *x = math::gelu_tanh(*x)),
+        Activation::Silu => v.iter_mut().for_each(|x| *x = math::silu(*x)),
+    }
+}
+
+impl CpuBackend {
+    /// `x W^T + b` for `x` viewed as `[rows, k]`.
+    fn matmul_bias(&self, x: &Tensor, w: &Linear) -> Result<(Vec<f32>, usize)> {
+        let (rows, k) = rows_of(x);
+        ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
+        let n = w.out_features;
+        let xs = x.f32()?;
+        let mut out = vec![0f32; rows * n];
+        match &w.weight {
+            LinearWeight::F32(wt) => {
+                let ws = wt.f32()?;
+                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, rayon::current_num_threads());
+            }
+        }
+        if let Some(b) = &w.bias {
+            let b = b.f32()?;
+            out.par_chunks_mut(n * chunk_rows(n)).for_each(|blk| blk.chunks_mut(n).for_each(|r| r.iter_mut().zip(b).for_each(|(o, bb)| *o += bb)));
+        }
+        Ok((out, rows))
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
+        let (mut out, _) = self.matmul_bias(x, w)?;
+        if act != Activation::None {
+            out.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, act));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = w.out_features;
+        Tensor::from_f32(&shape, out)
+    }
+
+    fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
+        let (y, rows) = self.matmul_bias(x, w)?;
+        let n = w.out_features;
+        ensure!(residual.numel() == rows * n, "residual {:?} does not match linear output [{rows}, {n}]", residual.shape());
+        let r = residual.f32_mut()?;
+        match gate {
+            None => r.par_chunks_mut(ROW_CHUNK_ELEMS).zip(y.par_chunks(ROW_CHUNK_ELEMS)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)),
+            Some(g) => {
+                check_mod(&g, rows, n, "gated residual")?;
+                let table = g.table.f32()?;
+                let gs = g.groups.group_size;
+                r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().for_each(|(row, (a, b))| {
+                    let gv = mod_vec(&g, table, g.groups.index[row / gs], n);
+                    for ((a, b), gg) in a.iter_mut().zip(b).zip(gv) {
+                        *a += gg * b;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {
+        let (rows, c) = rows_of(x);
+        let xs = x.f32()?;
+        let mut out = vec![0f32; xs.len()];
+        match modulation {
+            None => out.par_chunks_mut(c).zip(xs.par_chunks(c)).for_each(|(o, i)| norm::layer_norm_row(i, o, eps, None)),
+            Some((shift, scale)) => {
+                check_mod(&shift, rows, c, "modulate shift")?;
+                check_mod(&scale, rows, c, "modulate scale")?;
+                let (st, sc) = (shift.table.f32()?, scale.table.f32()?);
+                let gs = shift.groups.group_size;
+                ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
+                out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().for_each(|(row, (o, i))| {
+                    let e = shift.groups.index[row / gs];
+                    norm::layer_norm_row(i, o, eps, Some((mod_vec(&shift, st, e, c), mod_vec(&scale, sc, e, c))));
+                });
+            }
+        }
+        Tensor::from_f32(x.shape(), out)
+    }
+
+    fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {
+        let (_, c) = rows_of(x);
+        ensure!(heads > 0 && c % heads == 0, "qk norm: {c} channels do not split into {heads} heads");
+        let d = c / heads;
+        let w = weight.f32()?;
+        ensure!(w.len() == d, "qk norm weight has {} entries, head dim is {d}", w.len());
+        if let Some(r) = &rope {
+            ensure!(r.freqs.len() * 2 == d, "rope has {} frequencies, head dim is {d}", r.freqs.len());
+            ensure!(r.seq_len > 0, "rope sequence length is 0");
+        }
+        x.f32_mut()?.par_chunks_mut(c).enumerate().for_each(|(row, r)| {
+            for h in r.chunks_mut(d) {
+                norm::rms_norm_in_place(h, w, eps);
+                if let Some(rp) = &rope {
+                    norm::rope_in_place(h, rp.freqs, (row % rp.seq_len) as f32);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn split_last(&self, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+        let (rows, c) = rows_of(x);
+        ensure!(parts > 0 && c % parts == 0, "cannot split {c} channels into {parts} parts");
+        let p = c / parts;
+        let xs = x.f32()?;
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = p;
+        (0..parts)
+            .map(|i| {
+                let mut v = vec![0f32; rows * p];
+                v.par_chunks_mut(p).zip(xs.par_chunks(c)).for_each(|(o, r)| o.copy_from_slice(&r[i * p..(i + 1) * p]));
+                Tensor::from_f32(&shape, v)
+            })
+            .collect()
+    }
+
+    fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor> {
+        let [a, b, c, d] = dims;
+        ensure!(x.numel() == a * b * c * d, "swap_middle: {:?} is not {dims:?}", x.shape());
+        let xs = x.f32()?;
+        let mut out = vec![0f32; xs.len()];
+        // Output row (ai, ci, bi) <- input row (ai, bi, ci).
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let (ai, rest) = (row / (c * b), row % (c * b));
+            let (ci, bi) = (rest / b, rest % b);
+            let src = ((ai * b + bi) * c + ci) * d;
+            o.copy_from_slice(&xs[src..src + d]);
+        });
+        Tensor::from_f32(&[a, c, b, d], out)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
+        attention::attention(q, k, v, spec)
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        let mut v = x.f32()?.to_vec();
+        v.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, Activation::Silu));
+        Tensor::from_f32(x.shape(), v)
+    }
+
+    fn modulation_table(&self, table: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        ensure!(table.shape().len() == 2, "modulation table must be [K, C], got {:?}", table.shape());
+        let (k, c) = (table.shape()[0], table.shape()[1]);
+        let (e, width) = rows_of(emb);
+        ensure!(width == k * c || width == c, "modulation embedding {:?} is neither [E, {}] nor [E, {c}]", emb.shape(), k * c);
+        let (tv, ev) = (table.f32()?, emb.f32()?);
+        let mut out = vec![0f32; e * k * c];
+        for (i, o) in out.chunks_mut(c).enumerate() {
+            let (ei, j) = (i / k, i % k);
+            let src = if width == c { &ev[ei * c..][..c] } else { &ev[ei * width + j * c..][..c] };
+            for ((o, t), s) in o.iter_mut().zip(&tv[j * c..][..c]).zip(src) {
+                *o = t + s;
+            }
+        }
+        Tensor::from_f32(&[e, k, c], out)
+    }
+
+    fn concat(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let first = parts.first().ok_or_else(|| anyhow::anyhow!("concat of nothing"))?;
+        let mut shape = first.shape().to_vec();
+        ensure!(!shape.is_empty(), "concat of scalars");
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.numel()).sum());
+        for p in parts {
+            ensure!(p.shape()[1..] == first.shape()[1..], "concat: shapes {:?} and {:?} differ beyond dim 0", p.shape(), first.shape());
+            data.extend_from_slice(p.f32()?);
+        }
+        shape[0] = parts.iter().map(|p| p.shape()[0]).sum();
+        Tensor::from_f32(&shape, data)
+    }
+
+    fn narrow(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let s = x.shape();
+        ensure!(dim < s.len() && start + len <= s[dim], "narrow: [{start}, {}) out of dim {dim} of {s:?}", start + len);
+        let outer: usize = s[..dim].iter().product();
+        let inner: usize = s[dim + 1..].iter().product();
+        let xs = x.f32()?;
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&xs[(o * s[dim] + start) * inner..][..len * inner]);
+        }
+        let mut shape = s.to_vec();
+        shape[dim] = len;
+        Tensor::from_f32(&shape, out)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).map(|(x, y)| x + y).collect();
+        Tensor::from_f32(a.shape(), v)
+    }
+
+    fn add_rows_broadcast(&self, x: &mut Tensor, rows_table: &Tensor) -> Result<()> {
+        let t = rows_table.f32()?;
+        ensure!(!t.is_empty() && x.numel() % t.len() == 0, "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
+        x.f32_mut()?.par_chunks_mut(t.len()).for_each(|blk| blk.iter_mut().zip(t).for_each(|(a, b)| *a += b));
+        Ok(())
+    }
+
+    fn select_rows(&self, pick_a: &[bool], group_size: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "select_rows: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let (rows, c) = rows_of(a);
+        ensure!(pick_a.len() * group_size == rows, "select_rows: {} groups of {group_size} rows for {rows} rows", pick_a.len());
+        let (av, bv) = (a.f32()?, b.f32()?);
+        let mut out = vec![0f32; av.len()];
+        out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+            let src = if pick_a[r / group_size] { av } else { bv };
+            o.copy_from_slice(&src[r * c..(r + 1) * c]);
+        });
+        Tensor::from_f32(a.shape(), out)
+    }
+
+    fn gather_rows(&self, x: &Tensor, indices: &[usize]) -> Result<Tensor> {
+        let (rows, c) = rows_of(x);
+        if let Some(&bad) = indices.iter().find(|&&i| i >= rows) {
+            bail!("gather_rows: index {bad} out of {rows} rows");
+        }
+        let xs = x.f32()?;
+        let mut out = vec![0f32; indices.len() * c];
+        out.par_chunks_mut(c.max(1)).zip(indices.par_iter()).for_each(|(o, &i)| o.copy_from_slice(&xs[i * c..(i + 1) * c]));
+        Tensor::from_f32(&[indices.len(), c], out)
+    }
+
+    fn timestep_embedding(&self, t: &[f32], dim: usize) -> Result<Tensor> {
+        embed::timestep_embedding(t, dim)
+    }
+
+    fn pos_embed_2d(&self, h: usize, w: usize, dim: usize, scale: f32, base_size: f32) -> Result<Tensor> {
+        embed::pos_embed_2d(h, w, dim, scale, base_size)
+    }
+
+    fn patchify(&self, x: &Tensor, grid: &PatchGrid) -> Result<Tensor> {
+        embed::patchify(x, grid)
+    }
+
+    fn unpatchify(&self, x: &Tensor, grid: &PatchGrid, out_channels: usize) -> Result<Tensor> {
+        embed::unpatchify(x, grid, out_channels)
+    }
+
+    fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
+        ensure!(cond.shape() == uncond.shape(), "guidance: shapes {:?} and {:?} differ", cond.shape(), uncond.shape());
+        let v: Vec<f32> = cond.f32()?.par_iter().zip(uncond.f32()?.par_iter()).map(|(c, u)| u + scale * (c - u)).collect();
+        Tensor::from_f32(cond.shape(), v)
+    }
+
+    fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()> {
+        ensure!(z.shape() == v.shape(), "euler step: shapes {:?} and {:?} differ", z.shape(), v.shape());
+        let b = z.shape().first().copied().unwrap_or(0);
+        ensure!(dt.len() == b, "euler step: {} step sizes for batch {b}", dt.len());
+        let per = if b == 0 { 0 } else { z.numel() / b };
+        let vs = v.f32()?;
+        z.f32_mut()?.par_chunks_mut(per.max(1)).zip(vs.par_chunks(per.max(1))).zip(dt.par_iter()).for_each(|((zz, vv), &d)| {
+            zz.iter_mut().zip(vv).for_each(|(a, b)| *a += b * d);
+        });
+        Ok(())
+    }
+}

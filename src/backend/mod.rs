@@ -1,0 +1,200 @@
+//! The op interface the model runs on, and its implementations.
+//!
+//! The model never touches tensor data itself: every op goes through
+//! [`Backend`], so a CUDA backend, quantized weights and cached or skipped
+//! blocks change what runs without changing the model code.
+
+pub mod cpu;
+// pub mod cuda; (added once the helper lands it)
+
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+/// Weights of one linear layer, `y = x W^T + b`, with `W` of shape `[n, k]`.
+/// The representation is an enum so quantized formats (int8, packed int4 with
+/// per-channel scales) are new variants, not new call sites.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// Row-major `[n, k]`, as PyTorch stores it.
+    F32(Tensor),
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: LinearWeight,
+    pub bias: Option<Tensor>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    pub fn f32(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        anyhow::ensure!(weight.shape().len() == 2, "linear weight must be 2-D, got {:?}", weight.shape());
+        let (n, k) = (weight.shape()[0], weight.shape()[1]);
+        if let Some(b) = &bias {
+            anyhow::ensure!(b.shape() == [n], "linear bias must be [{n}], got {:?}", b.shape());
+        }
+        Ok(Linear { weight: LinearWeight::F32(weight), bias, in_features: k, out_features: n })
+    }
+}
+
+/// Activation fused after a linear layer's bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    GeluTanh,
+    Silu,
+}
+
+/// Which row of a modulation table each token row uses. Rows come in groups
+/// of `group_size` consecutive rows; group `g` reads table entry `index[g]`.
+/// Without `x_mask` a group is one sample; with it a group is one frame of one
+/// sample and conditioning frames point at the `t0` entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowGroups {
+    pub group_size: usize,
+    pub index: Vec<usize>,
+}
+
+impl RowGroups {
+    /// One group per sample, entry `b` for sample `b`.
+    pub fn per_sample(batch: usize, rows_per_sample: usize) -> Self {
+        RowGroups { group_size: rows_per_sample, index: (0..batch).collect() }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.group_size * self.index.len()
+    }
+}
+
+/// One chunk of a modulation table `[entries, chunks, C]`, e.g. the `gate_msa`
+/// vectors of every sample, addressed per row through `groups`.
+#[derive(Clone, Copy, Debug)]
+pub struct ModRef<'a> {
+    pub table: &'a Tensor,
+    pub chunk: usize,
+    pub groups: &'a RowGroups,
+}
+
+/// Rotary position embedding applied along sequences of `seq_len` rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope<'a> {
+    /// `head_dim / 2` frequencies (`rope.freqs`).
+    pub freqs: &'a [f32],
+    pub seq_len: usize,
+}
+
+/// Shape of a batched multi-head attention. `q` is `[groups * q_len, heads * head_dim]`;
+/// `k` and `v` hold, for group `g`, the rows `kv_offsets[g]..kv_offsets[g + 1]`
+/// (block-diagonal masks, e.g. each sample's own text tokens).
+#[derive(Clone, Debug)]
+pub struct AttnSpec {
+    pub groups: usize,
+    pub q_len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub kv_offsets: Vec<usize>,
+}
+
+impl AttnSpec {
+    /// Every group attends to its own `kv_len` consecutive rows.
+    pub fn dense(groups: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize) -> Self {
+        AttnSpec { groups, q_len, heads, head_dim, kv_offsets: (0..=groups).map(|g| g * kv_len).collect() }
+    }
+}
+
+/// Patch geometry of a latent video `[B, C, T, H, W]` cut into `pt x ph x pw` patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchGrid {
+    pub batch: usize,
+    pub channels: usize,
+    /// Unpadded sizes.
+    pub t: usize,
+    pub h: usize,
+    pub w: usize,
+    pub patch: [usize; 3],
+}
+
+impl PatchGrid {
+    /// Token grid after zero-padding to whole patches.
+    pub fn tokens(&self) -> [usize; 3] {
+        let [pt, ph, pw] = self.patch;
+        [self.t.div_ceil(pt), self.h.div_ceil(ph), self.w.div_ceil(pw)]
+    }
+
+    pub fn patch_len(&self) -> usize {
+        self.channels * self.patch.iter().product::<usize>()
+    }
+}
+
+/// Every op the DiT forward and the sampler need. All tensors are row-major;
+/// "rows" are tokens and the last dimension is the channel.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> String;
+
+    /// `act(x W^T + b)` for `x` of shape `[.., k]`.
+    fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor>;
+
+    /// `residual += gate * (x W^T + b)`, gate per row group (or 1 when `None`).
+    fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()>;
+
+    /// LayerNorm without affine over the last dim, then `* (1 + scale) + shift` when given.
+    fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor>;
+
+    /// In place on `[rows, heads * head_dim]`: RMS norm with `weight` over each head,
+    /// then rotary embedding with position `row % seq_len` when `rope` is given.
+    fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()>;
+
+    /// Splits the last dim into `parts` equal pieces, each made contiguous.
+    fn split_last(&self, x: &Tensor, parts: usize) -> Result<Vec<Tensor>>;
+
+    /// `[a, b, c, d] -> [a, c, b, d]` (frames-major tokens to position-major and back).
+    fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor>;
+
+    /// Softmax attention with scale `1/sqrt(head_dim)`: out `[groups * q_len, heads * head_dim]`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor>;
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `out[e, j, :] = table[j, :] + emb[e, j*C..]` when `emb` is `[E, K*C]`, or
+    /// `table[j, :] + emb[e, :]` when `emb` is `[E, C]`: the adaLN modulation vectors `[E, K, C]`.
+    fn modulation_table(&self, table: &Tensor, emb: &Tensor) -> Result<Tensor>;
+
+    /// Concatenation along dim 0.
+    fn concat(&self, parts: &[&Tensor]) -> Result<Tensor>;
+
+    /// `len` entries of dimension `dim` starting at `start`.
+    fn narrow(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor>;
+
+    /// `a + b`, same shapes.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+
+    /// `x[g * rows + r, :] += rows_table[r, :]` for every group `g` (position embeddings).
+    fn add_rows_broadcast(&self, x: &mut Tensor, rows_table: &Tensor) -> Result<()>;
+
+    /// `out[r] = if pick_a[group(r)] { a[r] } else { b[r] }` with groups of `group_size` rows.
+    fn select_rows(&self, pick_a: &[bool], group_size: usize, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+
+    /// Rows of `x` (`[n, C]`) at `indices`, in that order.
+    fn gather_rows(&self, x: &Tensor, indices: &[usize]) -> Result<Tensor>;
+
+    /// Sinusoidal embedding `[cos(t f), sin(t f)]`, `f_i = 10000^(-i / (dim/2))`: `[len, dim]`.
+    fn timestep_embedding(&self, t: &[f32], dim: usize) -> Result<Tensor>;
+
+    /// Open-Sora's `PositionEmbedding2D` for an `h x w` token grid: `[h * w, dim]`.
+    fn pos_embed_2d(&self, h: usize, w: usize, dim: usize, scale: f32, base_size: f32) -> Result<Tensor>;
+
+    /// `[B, C, T, H, W]` -> `[B * Tp * Hp * Wp, C * pt * ph * pw]`, zero-padding to whole patches;
+    /// the patch vector is ordered `(c, pt, ph, pw)` like a Conv3d weight.
+    fn patchify(&self, x: &Tensor, grid: &PatchGrid) -> Result<Tensor>;
+
+    /// Inverse of `patchify` for `[B * tokens, pt * ph * pw * C_out]` laid out `(pt, ph, pw, c)`,
+    /// cropped back to `grid`'s unpadded sizes: `[B, C_out, T, H, W]`.
+    fn unpatchify(&self, x: &Tensor, grid: &PatchGrid, out_channels: usize) -> Result<Tensor>;
+
+    /// `out = uncond + scale * (cond - uncond)`.
+    fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor>;
+
+    /// `z[b] += dt[b] * v[b]` over the leading (batch) dim.
+    fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()>;
+}

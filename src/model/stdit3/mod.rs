@@ -1,0 +1,315 @@
+//! STDiT3 (Open-Sora 1.2's DiT), computed exactly as `opensora/models/stdit/stdit3.py` v1.2.0.
+
+mod config;
+pub mod inputs;
+mod weights;
+
+pub use config::Stdit3Config;
+pub use weights::{BlockWeights, Stdit3Weights};
+
+use crate::backend::{Activation, AttnSpec, Backend, ModRef, PatchGrid, Rope, RowGroups};
+use crate::checkpoint::Checkpoint;
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::Path;
+
+const NORM_EPS: f32 = 1e-6;
+const FREQ_DIM: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    Spatial,
+    Temporal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockId {
+    pub kind: BlockKind,
+    pub index: usize,
+}
+
+/// What the executor does with one block in this forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockAction {
+    Compute,
+    /// Identity: the block's work is not done at all.
+    Skip,
+}
+
+/// Callbacks through which policies (caching, pruning) steer the forward and
+/// tracing observes it. Both methods default to "compute, ignore".
+pub trait ForwardHooks {
+    fn block_action(&mut self, _id: BlockId) -> BlockAction {
+        BlockAction::Compute
+    }
+    /// Named intermediates, called only when `wants_trace` is true.
+    fn observe(&mut self, _name: &str, _value: &Tensor) {}
+    fn wants_trace(&self) -> bool {
+        false
+    }
+}
+
+pub struct NoHooks;
+impl ForwardHooks for NoHooks {}
+
+/// Collects the intermediates under the fixtures' names (`act.*`).
+#[derive(Default)]
+pub struct Trace {
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl ForwardHooks for Trace {
+    fn observe(&mut self, name: &str, value: &Tensor) {
+        self.tensors.push((format!("act.{name}"), value.clone()));
+    }
+    fn wants_trace(&self) -> bool {
+        true
+    }
+}
+
+/// Text conditioning prepared once per prompt batch: the valid caption tokens
+/// of every sample, packed, and each block's cross-attention keys and values
+/// (they do not depend on the latent, so a sampling loop computes them once).
+pub struct TextCond {
+    pub batch: usize,
+    /// Sample `b` owns token rows `offsets[b]..offsets[b + 1]`.
+    pub offsets: Vec<usize>,
+    /// Per block, spatial blocks first: `(k, v)`, each `[tokens, C]`.
+    pub kv: Vec<(Tensor, Tensor)>,
+}
+
+/// One forward's inputs besides the text.
+pub struct DitInput<'a> {
+    /// `[B, C_in, T, H, W]` latent.
+    pub x: &'a Tensor,
+    /// `[B]` diffusion timesteps in 0..1000.
+    pub timestep: &'a [f32],
+    /// Frames per second; tiled when shorter than the batch, as the reference repeats it.
+    pub fps: &'a [f32],
+    /// Pixel height and width of the video (only the first sample's is used, as in the reference).
+    pub height: f32,
+    pub width: f32,
+    /// `[B * T]`: false marks conditioning frames, which use the modulation of timestep 0.
+    pub x_mask: Option<&'a [bool]>,
+}
+
+pub struct Stdit3 {
+    pub cfg: Stdit3Config,
+    pub w: Stdit3Weights,
+}
+
+fn tile(v: &[f32], n: usize, what: &str) -> Result<Vec<f32>> {
+    ensure!(!v.is_empty() && n % v.len() == 0, "{what} has {} entries, which does not divide the batch {n}", v.len());
+    Ok(v.iter().copied().cycle().take(n).collect())
+}
+
+impl Stdit3 {
+    /// Loads `config.json` and the weights of a Hugging Face style directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = Stdit3Config::from_dir(dir)?;
+        let ck = Checkpoint::open_dir(dir)?;
+        let w = Stdit3Weights::load(&ck, &cfg).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
+        Ok(Stdit3 { cfg, w })
+    }
+
+    pub fn blocks(&self) -> impl Iterator<Item = (BlockId, &BlockWeights)> {
+        let s = self.w.spatial.iter().enumerate().map(|(i, b)| (BlockId { kind: BlockKind::Spatial, index: i }, b));
+        let t = self.w.temporal.iter().enumerate().map(|(i, b)| (BlockId { kind: BlockKind::Temporal, index: i }, b));
+        s.chain(t)
+    }
+
+    /// `y_embedder` on `[B, 1, L, caption_channels]` captions, then the valid
+    /// tokens selected by `mask` (`[B', L]`, repeated when `B'` divides `B`, as
+    /// the reference does for the classifier-free-guidance batch).
+    pub fn encode_text(&self, be: &dyn Backend, y: &Tensor, mask: Option<&[i64]>, hooks: &mut dyn ForwardHooks) -> Result<TextCond> {
+        let (l, cc, c) = (self.cfg.model_max_length, self.cfg.caption_channels, self.cfg.hidden_size);
+        let s = y.shape();
+        ensure!(s.len() == 4 && s[1] == 1 && s[3] == cc, "captions y must be [B, 1, L, {cc}], got {s:?}");
+        let (b, len) = (s[0], s[2]);
+        ensure!(len == l || len > 0, "captions have no tokens");
+        if let Some(bad) = y.find_non_finite() {
+            bail!("captions y contain a non-finite value at flat index {bad}");
+        }
+        let h = be.linear(&y.clone().reshape(&[b * len, cc])?, &self.w.y_proj[0], Activation::GeluTanh)?;
+        let tokens = be.linear(&h, &self.w.y_proj[1], Activation::None)?;
+        if hooks.wants_trace() {
+            hooks.observe("y_embedder", &tokens.clone().reshape(&[b, 1, len, c])?);
+        }
+        let (tokens, offsets) = match mask {
+            None => (tokens, (0..=b).map(|i| i * len).collect::<Vec<_>>()),
+            Some(m) => {
+                ensure!(!m.is_empty() && m.len() % len == 0, "mask has {} entries, not a multiple of the {len} caption tokens", m.len());
+                let mb = m.len() / len;
+                ensure!(b % mb == 0, "mask has {mb} rows, which does not divide the caption batch {b}");
+                let mut idx = Vec::new();
+                let mut offsets = vec![0];
+                for bi in 0..b {
+                    let row = &m[(bi % mb) * len..][..len];
+                    idx.extend(row.iter().enumerate().filter(|(_, &v)| v != 0).map(|(j, _)| bi * len + j));
+                    offsets.push(idx.len());
+                }
+                (be.gather_rows(&tokens, &idx)?, offsets)
+            }
+        };
+        let kv = self
+            .blocks()
+            .map(|(_, bw)| {
+                let kv = be.linear(&tokens, &bw.cross_kv, Activation::None)?;
+                let mut parts = be.split_last(&kv, 2)?.into_iter();
+                Ok((parts.next().unwrap(), parts.next().unwrap()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextCond { batch: b, offsets, kv })
+    }
+
+    /// `TimestepEmbedder` (or the fps `SizeEmbedder`, same construction): sinusoid then MLP.
+    fn embed_scalar(&self, be: &dyn Backend, values: &[f32], mlp: &[crate::backend::Linear; 2]) -> Result<Tensor> {
+        let f = be.timestep_embedding(values, FREQ_DIM)?;
+        let h = be.linear(&f, &mlp[0], Activation::Silu)?;
+        be.linear(&h, &mlp[1], Activation::None)
+    }
+
+    /// The velocity/sigma prediction `[B, out_channels, T, H, W]`.
+    pub fn forward(&self, be: &dyn Backend, inp: &DitInput, text: &TextCond, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let c = cfg.hidden_size;
+        let xs = inp.x.shape();
+        ensure!(xs.len() == 5 && xs[1] == cfg.in_channels, "latent x must be [B, {}, T, H, W], got {xs:?}", cfg.in_channels);
+        ensure!(xs.iter().all(|&d| d > 0), "latent x has an empty dimension: {xs:?}");
+        let (b, t, h, w) = (xs[0], xs[2], xs[3], xs[4]);
+        ensure!(inp.timestep.len() == b, "timestep has {} entries for batch {b}", inp.timestep.len());
+        ensure!(text.batch == b, "text conditioning is for batch {}, latent batch is {b}", text.batch);
+        ensure!(inp.height > 0.0 && inp.width > 0.0, "height and width must be positive, got {} x {}", inp.height, inp.width);
+        if let Some(bad) = inp.x.find_non_finite() {
+            bail!("latent x contains a non-finite value at flat index {bad}");
+        }
+        if let Some(bad) = inp.timestep.iter().chain(inp.fps).find(|v| !v.is_finite()) {
+            bail!("timestep/fps contain a non-finite value ({bad})");
+        }
+        let grid = PatchGrid { batch: b, channels: cfg.in_channels, t, h, w, patch: cfg.patch() };
+        let [nt, nh, nw] = grid.tokens();
+        let s = nh * nw;
+        let n = nt * s;
+
+        // Timestep (+ fps) embedding; with x_mask, entries B..2B embed timestep 0 (`t0`).
+        let with_t0 = inp.x_mask.is_some();
+        let entries = if with_t0 { 2 * b } else { b };
+        let mut tvals = inp.timestep.to_vec();
+        if with_t0 {
+            tvals.extend(std::iter::repeat(0.0).take(b));
+        }
+        let fps = tile(inp.fps, b, "fps")?;
+        let fps_all: Vec<f32> = fps.iter().copied().cycle().take(entries).collect();
+        let temb = be.add(&self.embed_scalar(be, &tvals, &self.w.t_mlp)?, &self.embed_scalar(be, &fps_all, &self.w.fps_mlp)?)?;
+        let t_mlp = be.linear(&be.silu(&temb)?, &self.w.t_block, Activation::None)?;
+        if hooks.wants_trace() {
+            // As a module hook on `t_block` records its last call: with x_mask that is the t0 call.
+            hooks.observe("t_block", &be.narrow(&t_mlp, 0, entries - b, b)?);
+        }
+
+        let groups = match inp.x_mask {
+            None => RowGroups::per_sample(b, n),
+            Some(m) => {
+                ensure!(m.len() == b * nt, "x_mask has {} entries, expected B*T = {}", m.len(), b * nt);
+                RowGroups { group_size: s, index: (0..b * nt).map(|g| if m[g] { g / nt } else { b + g / nt }).collect() }
+            }
+        };
+
+        // Patch embedding plus the 2D position embedding.
+        let mut x = be.linear(&be.patchify(inp.x, &grid)?, &self.w.x_embedder, Activation::None)?;
+        if hooks.wants_trace() {
+            hooks.observe("x_embedder", &x.clone().reshape(&[b, n, c])?);
+        }
+        let scale = ((inp.height as f64 * inp.width as f64).sqrt() / cfg.input_sq_size) as f32;
+        let base_size = (s as f64).sqrt().round() as f32;
+        be.add_rows_broadcast(&mut x, &be.pos_embed_2d(nh, nw, c, scale, base_size)?)?;
+
+        let dims = BlockDims { b, t: nt, s };
+        let blocks: Vec<(BlockId, &BlockWeights)> = self.w.spatial.iter().enumerate().flat_map(|(i, sb)| {
+            [(BlockId { kind: BlockKind::Spatial, index: i }, sb), (BlockId { kind: BlockKind::Temporal, index: i }, &self.w.temporal[i])]
+        }).collect();
+        for (id, bw) in blocks {
+            if hooks.block_action(id) == BlockAction::Compute {
+                let kv_index = match id.kind {
+                    BlockKind::Spatial => id.index,
+                    BlockKind::Temporal => cfg.depth + id.index,
+                };
+                let mods = be.modulation_table(&bw.scale_shift_table, &t_mlp)?;
+                self.block(be, bw, id.kind, &mut x, &mods, &groups, text, kv_index, dims)?;
+            }
+            if hooks.wants_trace() {
+                let name = match id.kind {
+                    BlockKind::Spatial => format!("spatial.{}", id.index),
+                    BlockKind::Temporal => format!("temporal.{}", id.index),
+                };
+                hooks.observe(&name, &x.clone().reshape(&[b, n, c])?);
+            }
+        }
+
+        // Final layer: modulated by `t` itself (not t_block's output).
+        let fmods = be.modulation_table(&self.w.final_scale_shift, &temb)?;
+        let per_sample = RowGroups::per_sample(b, n);
+        let m = |chunk, groups| ModRef { table: &fmods, chunk, groups };
+        let mut y = be.layer_norm_modulate(&x, NORM_EPS, Some((m(0, &per_sample), m(1, &per_sample))))?;
+        if let Some(mask) = inp.x_mask {
+            // The reference normalizes the already modulated tensor again for the
+            // t0 frames (`norm_final(x)` after `x` was reassigned); kept for parity.
+            let zero = RowGroups { group_size: n, index: (b..2 * b).collect() };
+            let y0 = be.layer_norm_modulate(&y, NORM_EPS, Some((m(0, &zero), m(1, &zero))))?;
+            y = be.select_rows(mask, s, &y, &y0)?;
+        }
+        let out = be.linear(&y, &self.w.final_linear, Activation::None)?;
+        if hooks.wants_trace() {
+            hooks.observe("final_layer", &out.clone().reshape(&[b, n, out.dim(-1)])?);
+        }
+        be.unpatchify(&out, &grid, cfg.out_channels())
+    }
+
+    /// One spatial or temporal block, updating `x` (`[B*T*S, C]`) in place.
+    #[allow(clippy::too_many_arguments)]
+    fn block(&self, be: &dyn Backend, bw: &BlockWeights, kind: BlockKind, x: &mut Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims) -> Result<()> {
+        let cfg = &self.cfg;
+        let (c, heads, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim());
+        let m = |chunk| ModRef { table: mods, chunk, groups };
+        let n = d.t * d.s;
+
+        // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.
+        let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(0), m(1))))?;
+        let qkv = be.linear(&hmod, &bw.qkv, Activation::None)?;
+        let mut parts = be.split_last(&qkv, 3)?;
+        let temporal = kind == BlockKind::Temporal;
+        if temporal {
+            for p in parts.iter_mut() {
+                *p = be.swap_middle(p, [d.b, d.t, d.s, c])?;
+            }
+        }
+        let rope = temporal.then_some(Rope { freqs: &self.w.rope_freqs, seq_len: d.t });
+        be.qk_norm_rope(&mut parts[0], heads, &bw.q_norm, NORM_EPS, rope)?;
+        be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
+        let spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
+        let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec)?;
+        if temporal {
+            a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
+        }
+        be.linear_residual(&a, &bw.proj, x, Some(m(2)))?;
+
+        // Cross-attention to each sample's own caption tokens: no norm, no gate.
+        let q = be.linear(x, &bw.cross_q, Activation::None)?;
+        let (k, v) = &text.kv[kv_index];
+        let spec = AttnSpec { groups: d.b, q_len: n, heads, head_dim: hd, kv_offsets: text.offsets.clone() };
+        let o = be.attention(&q, k, v, &spec)?;
+        be.linear_residual(&o, &bw.cross_proj, x, None)?;
+
+        // MLP.
+        let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(3), m(4))))?;
+        let hidden = be.linear(&hmod, &bw.fc1, Activation::GeluTanh)?;
+        be.linear_residual(&hidden, &bw.fc2, x, Some(m(5)))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct BlockDims {
+    b: usize,
+    t: usize,
+    s: usize,
+}

@@ -1,0 +1,125 @@
+//! STDiT3 weights under their official names.
+
+use super::config::Stdit3Config;
+use crate::backend::Linear;
+use crate::checkpoint::{Checkpoint, WeightLoader};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+pub struct BlockWeights {
+    /// `[6, C]`: shift/scale/gate of attention and MLP.
+    pub scale_shift_table: Tensor,
+    pub qkv: Linear,
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    pub proj: Linear,
+    pub cross_q: Linear,
+    pub cross_kv: Linear,
+    pub cross_proj: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+pub struct Stdit3Weights {
+    /// Conv3d kernel as a linear map of each flattened patch `(c, pt, ph, pw)`.
+    pub x_embedder: Linear,
+    pub t_mlp: [Linear; 2],
+    pub fps_mlp: [Linear; 2],
+    pub t_block: Linear,
+    pub y_proj: [Linear; 2],
+    /// `[L, caption_channels]`: the null caption of classifier-free guidance.
+    pub y_embedding: Tensor,
+    pub rope_freqs: Vec<f32>,
+    pub spatial: Vec<BlockWeights>,
+    pub temporal: Vec<BlockWeights>,
+    /// `[2, C]`: shift and scale of the final layer.
+    pub final_scale_shift: Tensor,
+    pub final_linear: Linear,
+}
+
+/// Where weights come from: a checkpoint, or random values for benchmarks.
+trait Source {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Tensor;
+}
+
+impl Source for WeightLoader<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        WeightLoader::get(self, name, shape)
+    }
+}
+
+struct RandomSource(Rng);
+
+impl Source for RandomSource {
+    fn get(&mut self, _name: &str, shape: &[usize]) -> Tensor {
+        // Scaled like a trained layer so activations stay O(1) through depth.
+        let fan_in = if shape.len() >= 2 { shape[1..].iter().product::<usize>() } else { 1 };
+        let s = 1.0 / (fan_in as f32).sqrt();
+        let n = shape.iter().product();
+        Tensor::from_f32(shape, (0..n).map(|_| self.0.normal() * s).collect()).expect("shape matches")
+    }
+}
+
+fn linear(src: &mut dyn Source, prefix: &str, out: usize, inp: usize) -> Linear {
+    let w = src.get(&format!("{prefix}.weight"), &[out, inp]);
+    let b = src.get(&format!("{prefix}.bias"), &[out]);
+    Linear::f32(w, Some(b)).expect("shapes checked by the loader")
+}
+
+fn block(src: &mut dyn Source, prefix: &str, cfg: &Stdit3Config) -> BlockWeights {
+    let (c, d, m) = (cfg.hidden_size, cfg.head_dim(), cfg.mlp_hidden());
+    BlockWeights {
+        scale_shift_table: src.get(&format!("{prefix}.scale_shift_table"), &[6, c]),
+        qkv: linear(src, &format!("{prefix}.attn.qkv"), 3 * c, c),
+        q_norm: src.get(&format!("{prefix}.attn.q_norm.weight"), &[d]),
+        k_norm: src.get(&format!("{prefix}.attn.k_norm.weight"), &[d]),
+        proj: linear(src, &format!("{prefix}.attn.proj"), c, c),
+        cross_q: linear(src, &format!("{prefix}.cross_attn.q_linear"), c, c),
+        cross_kv: linear(src, &format!("{prefix}.cross_attn.kv_linear"), 2 * c, c),
+        cross_proj: linear(src, &format!("{prefix}.cross_attn.proj"), c, c),
+        fc1: linear(src, &format!("{prefix}.mlp.fc1"), m, c),
+        fc2: linear(src, &format!("{prefix}.mlp.fc2"), c, m),
+    }
+}
+
+fn build(src: &mut dyn Source, cfg: &Stdit3Config) -> Result<Stdit3Weights> {
+    let c = cfg.hidden_size;
+    let [pt, ph, pw] = cfg.patch();
+    let patch_len = cfg.in_channels * pt * ph * pw;
+    let xw = src.get("x_embedder.proj.weight", &[c, cfg.in_channels, pt, ph, pw]).reshape(&[c, patch_len])?;
+    let xb = src.get("x_embedder.proj.bias", &[c]);
+    let freq = 256;
+    Ok(Stdit3Weights {
+        x_embedder: Linear::f32(xw, Some(xb))?,
+        t_mlp: [linear(src, "t_embedder.mlp.0", c, freq), linear(src, "t_embedder.mlp.2", c, c)],
+        fps_mlp: [linear(src, "fps_embedder.mlp.0", c, freq), linear(src, "fps_embedder.mlp.2", c, c)],
+        t_block: linear(src, "t_block.1", 6 * c, c),
+        y_proj: [linear(src, "y_embedder.y_proj.fc1", c, cfg.caption_channels), linear(src, "y_embedder.y_proj.fc2", c, c)],
+        y_embedding: src.get("y_embedder.y_embedding", &[cfg.model_max_length, cfg.caption_channels]),
+        rope_freqs: src.get("rope.freqs", &[cfg.head_dim() / 2]).into_f32()?,
+        spatial: (0..cfg.depth).map(|i| block(src, &format!("spatial_blocks.{i}"), cfg)).collect(),
+        temporal: (0..cfg.depth).map(|i| block(src, &format!("temporal_blocks.{i}"), cfg)).collect(),
+        final_scale_shift: src.get("final_layer.scale_shift_table", &[2, c]),
+        final_linear: linear(src, "final_layer.linear", pt * ph * pw * cfg.out_channels(), c),
+    })
+}
+
+impl Stdit3Weights {
+    /// Every expected tensor, checked for presence and shape; one error lists all problems.
+    pub fn load(ck: &Checkpoint, cfg: &Stdit3Config) -> Result<Self> {
+        let mut loader = WeightLoader::new(ck);
+        let w = build(&mut loader, cfg)?;
+        loader.finish()?;
+        Ok(w)
+    }
+
+    /// Random weights with the real layout, for benchmarks at sizes no fixture has.
+    pub fn random(cfg: &Stdit3Config, seed: u64) -> Result<Self> {
+        let mut w = build(&mut RandomSource(Rng::new(seed)), cfg)?;
+        // RoPE frequencies as rotary_embedding_torch initializes them (theta 10000).
+        let d = cfg.head_dim();
+        w.rope_freqs = (0..d / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / d as f32)).collect();
+        Ok(w)
+    }
+}

@@ -1,0 +1,119 @@
+//! Open-Sora 1.2's rectified-flow sampler (`RFLOW` in `opensora/schedulers/rf`),
+//! with classifier-free guidance. Scalar schedule math follows the reference's
+//! float32 order of operations so timesteps agree to the last bits.
+
+use crate::backend::Backend;
+use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+
+#[derive(Clone, Debug)]
+pub struct RflowConfig {
+    pub num_steps: usize,
+    pub num_timesteps: f32,
+    pub cfg_scale: f32,
+    pub use_timestep_transform: bool,
+}
+
+impl Default for RflowConfig {
+    /// The official Open-Sora 1.2 sample config: 30 steps, cfg 7.0, transform on.
+    fn default() -> Self {
+        RflowConfig { num_steps: 30, num_timesteps: 1000.0, cfg_scale: 7.0, use_timestep_transform: true }
+    }
+}
+
+/// Per-sample video geometry the schedule depends on.
+#[derive(Clone, Debug)]
+pub struct VideoGeometry {
+    pub height: Vec<f32>,
+    pub width: Vec<f32>,
+    pub num_frames: Vec<f32>,
+    pub fps: Vec<f32>,
+}
+
+/// `timestep_transform`: `t' = r t / (1 + (r - 1) t)` with
+/// `r = sqrt(H W / 512^2) * sqrt(num_frames // 17 * 5)` (1 frame counts as 1).
+fn transform(t: f32, num_timesteps: f32, height: f32, width: f32, num_frames: f32, first_frames: f32) -> f32 {
+    let t = t / num_timesteps;
+    let ratio_space = (height * width / (512.0 * 512.0)).sqrt();
+    let frames = if first_frames == 1.0 { 1.0 } else { (num_frames / 17.0).floor() * 5.0 };
+    let ratio = ratio_space * frames.sqrt();
+    let new_t = ratio * t / (1.0 + (ratio - 1.0) * t);
+    new_t * num_timesteps
+}
+
+/// The schedule: `[steps][batch]` timesteps in 0..num_timesteps.
+pub fn timesteps(cfg: &RflowConfig, geo: &VideoGeometry) -> Result<Vec<Vec<f32>>> {
+    let b = geo.height.len();
+    ensure!(cfg.num_steps > 0, "the number of sampling steps must be at least 1");
+    ensure!(b > 0 && geo.width.len() == b && geo.num_frames.len() == b, "height, width and num_frames must each have one entry per sample");
+    for (name, v) in [("height", &geo.height), ("width", &geo.width), ("num_frames", &geo.num_frames)] {
+        if let Some(bad) = v.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+            bail!("{name} must be positive, got {bad}");
+        }
+    }
+    Ok((0..cfg.num_steps)
+        .map(|i| {
+            let t = ((1.0 - i as f64 / cfg.num_steps as f64) * cfg.num_timesteps as f64) as f32;
+            (0..b)
+                .map(|s| if cfg.use_timestep_transform { transform(t, cfg.num_timesteps, geo.height[s], geo.width[s], geo.num_frames[s], geo.num_frames[0]) } else { t })
+                .collect()
+        })
+        .collect())
+}
+
+/// Runs the sampler from `z0` (`[B, C, T, H, W]` noise) with captions `y`
+/// (`[B, 1, L, C_caption]`) and their `mask` (`[B, L]`). Returns the final
+/// latent and the timesteps used. `progress(step, steps)` is called after each step.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    be: &dyn Backend,
+    model: &Stdit3,
+    cfg: &RflowConfig,
+    z0: &Tensor,
+    y: &Tensor,
+    mask: Option<&[i64]>,
+    geo: &VideoGeometry,
+    hooks: &mut dyn ForwardHooks,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Tensor, Vec<Vec<f32>>)> {
+    let zs = z0.shape();
+    ensure!(zs.len() == 5, "initial noise z0 must be [B, C, T, H, W], got {zs:?}");
+    let b = zs[0];
+    ensure!(y.shape().first() == Some(&b), "captions y {:?} do not match the noise batch {b}", y.shape());
+    ensure!(geo.height.len() == b, "geometry has {} samples, noise has {b}", geo.height.len());
+    ensure!(cfg.cfg_scale.is_finite(), "cfg scale must be finite");
+    if let Some(bad) = z0.find_non_finite() {
+        bail!("initial noise z0 contains a non-finite value at flat index {bad}");
+    }
+    let ts = timesteps(cfg, geo)?;
+
+    // Conditional and unconditional halves in one batch; the null caption is
+    // masked with the prompt's mask, as the reference repeats the mask.
+    let (l, cc) = (model.cfg.model_max_length, model.cfg.caption_channels);
+    ensure!(y.shape() == [b, 1, l, cc], "captions y must be [{b}, 1, {l}, {cc}], got {:?}", y.shape());
+    let null = model.w.y_embedding.clone().reshape(&[1, 1, l, cc])?;
+    let mut parts = vec![y];
+    parts.extend(std::iter::repeat(&null).take(b));
+    let y_all = be.concat(&parts)?;
+    let text = model.encode_text(be, &y_all, mask, hooks)?;
+
+    let out_c = model.cfg.in_channels;
+    let mut z = z0.clone();
+    for (i, t) in ts.iter().enumerate() {
+        let z_in = be.concat(&[&z, &z])?;
+        let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
+        let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
+        let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
+        let v = be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?;
+        let dt: Vec<f32> = (0..b)
+            .map(|s| {
+                let d = if i + 1 < ts.len() { t[s] - ts[i + 1][s] } else { t[s] };
+                d / cfg.num_timesteps
+            })
+            .collect();
+        be.euler_step(&mut z, &v, &dt)?;
+        progress(i + 1, ts.len());
+    }
+    Ok((z, ts))
+}

@@ -1,0 +1,209 @@
+//! A small tensor: a shape, an element type and storage.
+//!
+//! The storage is an enum so that device memory (CUDA) and packed quantized
+//! formats slot in beside the CPU vectors without changing the callers.
+
+use anyhow::{bail, Result};
+use half::{bf16, f16};
+
+/// Element types the engine knows. `I4` is two signed 4-bit values per byte
+/// (low nibble first); its shape counts elements, not bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I8,
+    I4,
+    I32,
+    I64,
+    U8,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I8 => "i8",
+            DType::I4 => "i4",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::U8 => "u8",
+        }
+    }
+}
+
+/// Where a tensor's bytes live. Only CPU storage is produced so far; the CUDA
+/// backend adds its variant.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I8(Vec<i8>),
+    /// Packed 4-bit pairs: `(len + 1) / 2` bytes.
+    I4(Vec<u8>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    pub fn new(shape: &[usize], storage: Storage) -> Result<Self> {
+        let n = numel(shape);
+        let len = match &storage {
+            Storage::F32(v) => v.len(),
+            Storage::F16(v) => v.len(),
+            Storage::BF16(v) => v.len(),
+            Storage::I8(v) => v.len(),
+            Storage::I4(v) => {
+                if v.len() != n.div_ceil(2) {
+                    bail!("packed i4 tensor of shape {shape:?} needs {} bytes, got {}", n.div_ceil(2), v.len());
+                }
+                n
+            }
+            Storage::I32(v) => v.len(),
+            Storage::I64(v) => v.len(),
+            Storage::U8(v) => v.len(),
+        };
+        if len != n {
+            bail!("tensor of shape {shape:?} needs {n} elements, got {len}");
+        }
+        Ok(Tensor { shape: shape.to_vec(), storage })
+    }
+
+    pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Self> {
+        Self::new(shape, Storage::F32(data))
+    }
+
+    pub fn zeros(shape: &[usize]) -> Self {
+        Tensor { shape: shape.to_vec(), storage: Storage::F32(vec![0.0; numel(shape)]) }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::F32(_) => DType::F32,
+            Storage::F16(_) => DType::F16,
+            Storage::BF16(_) => DType::BF16,
+            Storage::I8(_) => DType::I8,
+            Storage::I4(_) => DType::I4,
+            Storage::I32(_) => DType::I32,
+            Storage::I64(_) => DType::I64,
+            Storage::U8(_) => DType::U8,
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Size of dimension `i`, counting from the end when negative.
+    pub fn dim(&self, i: isize) -> usize {
+        let idx = if i < 0 { self.shape.len() as isize + i } else { i };
+        self.shape[idx as usize]
+    }
+
+    /// Same data, new shape with the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        if numel(shape) != self.numel() {
+            bail!("cannot reshape {:?} to {shape:?}", self.shape);
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    pub fn f32(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::F32(v) => Ok(v),
+            _ => bail!("expected an f32 tensor, got {}", self.dtype().name()),
+        }
+    }
+
+    pub fn f32_mut(&mut self) -> Result<&mut [f32]> {
+        match &mut self.storage {
+            Storage::F32(v) => Ok(v),
+            other => bail!("expected an f32 tensor, got {:?}", std::mem::discriminant(other)),
+        }
+    }
+
+    pub fn into_f32(self) -> Result<Vec<f32>> {
+        match self.storage {
+            Storage::F32(v) => Ok(v),
+            _ => bail!("expected an f32 tensor, got {}", self.dtype().name()),
+        }
+    }
+
+    /// Converts any floating or integer tensor to f32 (a copy unless already f32).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        let v: Vec<f32> = match &self.storage {
+            Storage::F32(v) => v.clone(),
+            Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::I8(v) => v.iter().map(|&x| x as f32).collect(),
+            Storage::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            Storage::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            Storage::U8(v) => v.iter().map(|&x| x as f32).collect(),
+            Storage::I4(_) => bail!("packed i4 tensors are dequantized by their GEMM, not converted"),
+        };
+        Tensor::from_f32(&self.shape, v)
+    }
+
+    /// Integer view of an integer or integral-valued float tensor (masks, lengths).
+    pub fn to_i64(&self) -> Result<Vec<i64>> {
+        Ok(match &self.storage {
+            Storage::I64(v) => v.clone(),
+            Storage::I32(v) => v.iter().map(|&x| x as i64).collect(),
+            Storage::I8(v) => v.iter().map(|&x| x as i64).collect(),
+            Storage::U8(v) => v.iter().map(|&x| x as i64).collect(),
+            Storage::F32(v) => v.iter().map(|&x| x as i64).collect(),
+            Storage::F16(v) => v.iter().map(|x| x.to_f32() as i64).collect(),
+            Storage::BF16(v) => v.iter().map(|x| x.to_f32() as i64).collect(),
+            Storage::I4(_) => bail!("packed i4 tensors have no integer view"),
+        })
+    }
+
+    /// The first non-finite value's flat index, if any.
+    pub fn find_non_finite(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::F32(v) => v.iter().position(|x| !x.is_finite()),
+            Storage::F16(v) => v.iter().position(|x| !x.is_finite()),
+            Storage::BF16(v) => v.iter().position(|x| !x.is_finite()),
+            _ => None,
+        }
+    }
+}
+
+/// `||a - b|| / ||b||`, the error measure of the fixtures.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_l2 on slices of different lengths");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = x as f64 - y as f64;
+        num += d * d;
+        den += (y as f64) * (y as f64);
+    }
+    if den == 0.0 {
+        return num.sqrt();
+    }
+    (num / den).sqrt()
+}
