@@ -1,0 +1,154 @@
+//! qc-run's debug subcommands end to end, and their handling of bad input.
+
+mod common;
+
+use qc::checkpoint::Checkpoint;
+use qc::io::write_safetensors;
+use qc::tensor::{rel_l2, Storage, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qc_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(args).output().expect("qc-run starts");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "qc-run panicked: {stderr}");
+    (out.status.success(), stderr)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every tensor of a fixture file, for making altered copies.
+fn load_all(path: &Path) -> Vec<(String, Tensor)> {
+    let ck = Checkpoint::open_file(path).unwrap();
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    names.into_iter().map(|n| { let t = ck.load_any(&n).unwrap(); (n, t) }).collect()
+}
+
+fn dit() -> PathBuf {
+    common::fixture("stdit3-tiny")
+}
+
+#[test]
+fn forward_and_sample_write_reference_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let fx = common::fixture("stdit3-tiny-forward-odd.safetensors");
+    let (ok, err) = qc_run(&["forward", "--dit", s(&dit()), "--inputs", s(&fx), "--output", s(&out), "--trace"]);
+    assert!(ok, "{err}");
+    let (got, want) = (Checkpoint::open_file(&out).unwrap(), Checkpoint::open_file(&fx).unwrap());
+    for name in ["out", "act.spatial.1", "act.final_layer"] {
+        let e = rel_l2(got.load_f32(name).unwrap().f32().unwrap(), want.load_f32(name).unwrap().f32().unwrap());
+        assert!(e < 1e-4, "{name}: {e}");
+    }
+
+    let fx = common::fixture("rflow-tiny-image.safetensors");
+    let (ok, err) = qc_run(&["sample", "--dit", s(&dit()), "--inputs", s(&fx), "--output", s(&out)]);
+    assert!(ok, "{err}");
+    let got = Checkpoint::open_file(&out).unwrap();
+    let want = Checkpoint::open_file(&fx).unwrap();
+    let e = rel_l2(got.load_f32("z").unwrap().f32().unwrap(), want.load_f32("z").unwrap().f32().unwrap());
+    assert!(e < 1e-3, "z: {e}");
+    assert_eq!(got.load_f32("timesteps").unwrap().shape(), [4, 1]);
+
+    // Overriding the steps changes the schedule length.
+    let (ok, err) = qc_run(&["sample", "--dit", s(&dit()), "--inputs", s(&fx), "--output", s(&out), "--steps", "2", "--cfg", "1.0"]);
+    assert!(ok, "{err}");
+    assert_eq!(Checkpoint::open_file(&out).unwrap().load_f32("timesteps").unwrap().shape(), [2, 1]);
+}
+
+/// Runs `forward` on an altered copy of the forward fixture and expects a clean failure
+/// whose message contains `expect`, with no output file left behind.
+fn expect_forward_error(alter: impl FnOnce(&mut Vec<(String, Tensor)>), expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = load_all(&common::fixture("stdit3-tiny-forward.safetensors"));
+    alter(&mut tensors);
+    let inp = dir.path().join("in.safetensors");
+    write_safetensors(&inp, &tensors, None).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let (ok, err) = qc_run(&["forward", "--dit", s(&dit()), "--inputs", s(&inp), "--output", s(&out)]);
+    assert!(!ok, "expected failure containing {expect:?}");
+    assert!(err.contains(expect), "error should mention {expect:?}: {err}");
+    assert!(!out.exists(), "no output may be written on failure");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary files may remain");
+}
+
+fn replace(tensors: &mut [(String, Tensor)], name: &str, t: Tensor) {
+    tensors.iter_mut().find(|(n, _)| n == name).unwrap().1 = t;
+}
+
+#[test]
+fn bad_inputs_are_reported_by_name() {
+    expect_forward_error(|t| t.retain(|(n, _)| n != "timestep"), "`timestep`");
+    expect_forward_error(|t| replace(t, "x", Tensor::zeros(&[2, 3, 3, 6, 8])), "latent x must be [B, 4");
+    expect_forward_error(|t| replace(t, "y", Tensor::zeros(&[2, 1, 12, 40])), "captions y must be");
+    expect_forward_error(|t| replace(t, "mask", Tensor::new(&[2, 5], Storage::I64(vec![1; 10])).unwrap()), "`mask`");
+    expect_forward_error(
+        |t| {
+            let mut x = t.iter().find(|(n, _)| n == "x").unwrap().1.clone();
+            x.f32_mut().unwrap()[17] = f32::NAN;
+            replace(t, "x", x);
+        },
+        "`x` contains NaN",
+    );
+}
+
+#[test]
+fn bad_model_directories_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixture("stdit3-tiny-forward.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let run = |model: &Path| qc_run(&["forward", "--dit", s(model), "--inputs", s(&fx), "--output", s(&out)]);
+
+    // Unsupported configurations name the field.
+    let cfg_text = std::fs::read_to_string(dit().join("config.json")).unwrap();
+    for (from, to, expect) in [("\"qk_norm\": true", "\"qk_norm\": false", "qk_norm"), ("\"patch_size\": [\n    1,\n    2,\n    2\n  ]", "\"patch_size\": [1, 4, 4]", "patch_size")] {
+        assert!(cfg_text.contains(from), "fixture config layout changed: {from}");
+        let m = dir.path().join(format!("model-{expect}"));
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(m.join("config.json"), cfg_text.replace(from, to)).unwrap();
+        std::os::unix::fs::symlink(dit().join("model.safetensors"), m.join("model.safetensors")).unwrap();
+        let (ok, err) = run(&m);
+        assert!(!ok && err.contains(expect), "{err}");
+    }
+
+    // Missing and mis-shaped tensors are all listed in one error.
+    let mut weights = load_all(&dit().join("model.safetensors"));
+    weights.retain(|(n, _)| n != "spatial_blocks.1.mlp.fc2.weight" && n != "rope.freqs");
+    replace(&mut weights, "t_block.1.bias", Tensor::zeros(&[100]));
+    let m = dir.path().join("model-broken");
+    std::fs::create_dir(&m).unwrap();
+    std::fs::copy(dit().join("config.json"), m.join("config.json")).unwrap();
+    write_safetensors(&m.join("model.safetensors"), &weights, None).unwrap();
+    let (ok, err) = run(&m);
+    assert!(!ok, "broken checkpoint accepted");
+    for expect in ["spatial_blocks.1.mlp.fc2.weight", "rope.freqs", "t_block.1.bias has shape [100]", "3 problems"] {
+        assert!(err.contains(expect), "error should mention {expect:?}: {err}");
+    }
+
+    // A truncated file is not a checkpoint.
+    let m = dir.path().join("model-truncated");
+    std::fs::create_dir(&m).unwrap();
+    std::fs::copy(dit().join("config.json"), m.join("config.json")).unwrap();
+    let bytes = std::fs::read(dit().join("model.safetensors")).unwrap();
+    std::fs::write(m.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, err) = run(&m);
+    assert!(!ok && err.contains("model.safetensors"), "{err}");
+
+    // A directory without weights.
+    let (ok, err) = run(dir.path());
+    assert!(!ok && err.contains("config.json"), "{err}");
+    let m = dir.path().join("model-no-weights");
+    std::fs::create_dir(&m).unwrap();
+    std::fs::copy(dit().join("config.json"), m.join("config.json")).unwrap();
+    let (ok, err) = run(&m);
+    assert!(!ok && err.contains("no model.safetensors"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn unknown_flags_are_rejected() {
+    let (ok, err) = qc_run(&["forward", "--dit", "x", "--inputs", "y", "--output", "z", "--frobnicate"]);
+    assert!(!ok && err.contains("--frobnicate"), "{err}");
+}
