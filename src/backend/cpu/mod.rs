@@ -5,6 +5,8 @@ mod embed;
 pub mod gemm;
 pub mod math;
 mod norm;
+#[cfg(test)]
+mod tests;
 
 use super::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope};
 use crate::tensor::Tensor;

@@ -1,0 +1,292 @@
+//! Every CPU op against a direct f64 transcription of its PyTorch definition,
+//! on fresh random inputs at several shapes.
+
+use super::CpuBackend;
+use crate::backend::{Activation, Backend, Linear, ModRef, PatchGrid, Rope, RowGroups};
+use crate::rng::Rng;
+use crate::tensor::{rel_l2, Tensor};
+
+fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    Tensor::from_f32(shape, rng.normal_vec(shape.iter().product())).unwrap()
+}
+
+fn assert_close(got: &Tensor, want: &[f64], tol: f64, what: &str) {
+    let w: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+    let e = rel_l2(got.f32().unwrap(), &w);
+    assert!(e < tol, "{what}: relative L2 error {e:.3e}");
+}
+
+fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+}
+
+fn naive_linear(x: &[f32], w: &[f32], b: &[f32], rows: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            out[r * n + j] = b[j] as f64 + (0..k).map(|p| x[r * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();
+        }
+    }
+    out
+}
+
+/// Random groups pointing at random table entries (the x_mask layout).
+fn random_groups(rng: &mut Rng, groups: usize, size: usize, entries: usize) -> RowGroups {
+    RowGroups { group_size: size, index: (0..groups).map(|_| (rng.next_u64() as usize) % entries).collect() }
+}
+
+#[test]
+fn linear_with_activations_and_gated_residual() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(1);
+    for &(rows, k, n) in &[(1, 3, 5), (37, 64, 96), (200, 72, 130)] {
+        let x = rand(&mut rng, &[rows, k]);
+        let lin = Linear::f32(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
+        let (wv, bv) = match &lin.weight {
+            crate::backend::LinearWeight::F32(w) => (w.f32().unwrap().to_vec(), lin.bias.as_ref().unwrap().f32().unwrap().to_vec()),
+        };
+        let want = naive_linear(x.f32().unwrap(), &wv, &bv, rows, k, n);
+        for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
+            let f = |v: f64| match act {
+                Activation::None => v,
+                Activation::GeluTanh => gelu(v),
+                Activation::Silu => v / (1.0 + (-v).exp()),
+            };
+            let w2: Vec<f64> = want.iter().map(|&v| f(v)).collect();
+            assert_close(&be.linear(&x, &lin, act).unwrap(), &w2, 1e-5, &format!("linear {act:?} {rows}x{k}x{n}"));
+        }
+        // residual += gate[group] * linear(x)
+        let groups = random_groups(&mut rng, rows, 1, 3);
+        let table = rand(&mut rng, &[3, 6, n]);
+        let mut res = rand(&mut rng, &[rows, n]);
+        let mut want_res: Vec<f64> = res.f32().unwrap().iter().map(|&v| v as f64).collect();
+        for r in 0..rows {
+            for j in 0..n {
+                want_res[r * n + j] += table.f32().unwrap()[(groups.index[r] * 6 + 2) * n + j] as f64 * want[r * n + j];
+            }
+        }
+        be.linear_residual(&x, &lin, &mut res, Some(ModRef { table: &table, chunk: 2, groups: &groups })).unwrap();
+        assert_close(&res, &want_res, 1e-5, "gated residual");
+    }
+}
+
+#[test]
+fn layer_norm_modulate_per_group() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(2);
+    for &(groups, size, c) in &[(1, 1, 8), (3, 5, 64), (4, 7, 1152)] {
+        let rows = groups * size;
+        let x = rand(&mut rng, &[rows, c]);
+        let rg = random_groups(&mut rng, groups, size, 2);
+        let table = rand(&mut rng, &[2, 6, c]);
+        let t = table.f32().unwrap();
+        let mut want = vec![0f64; rows * c];
+        let mut plain = vec![0f64; rows * c];
+        for r in 0..rows {
+            let row: Vec<f64> = x.f32().unwrap()[r * c..(r + 1) * c].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / c as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
+            let e = rg.index[r / size];
+            for j in 0..c {
+                let nrm = (row[j] - mean) / (var + 1e-6).sqrt();
+                plain[r * c + j] = nrm;
+                want[r * c + j] = nrm * (1.0 + t[(e * 6 + 4) * c + j] as f64) + t[(e * 6 + 3) * c + j] as f64;
+            }
+        }
+        let m = |chunk| ModRef { table: &table, chunk, groups: &rg };
+        assert_close(&be.layer_norm_modulate(&x, 1e-6, Some((m(3), m(4)))).unwrap(), &want, 1e-5, "modulated LN");
+        assert_close(&be.layer_norm_modulate(&x, 1e-6, None).unwrap(), &plain, 1e-5, "plain LN");
+    }
+}
+
+#[test]
+fn qk_norm_and_rope() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(3);
+    for &(rows, heads, d, seq) in &[(6, 1, 4, 3), (30, 4, 16, 5), (45, 16, 72, 15)] {
+        let x = rand(&mut rng, &[rows, heads * d]);
+        let w = rand(&mut rng, &[d]);
+        let freqs: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        for with_rope in [false, true] {
+            let mut want = vec![0f64; rows * heads * d];
+            for r in 0..rows {
+                for h in 0..heads {
+                    let v: Vec<f64> = x.f32().unwrap()[r * heads * d + h * d..][..d].iter().map(|&a| a as f64).collect();
+                    let ms = v.iter().map(|a| a * a).sum::<f64>() / d as f64;
+                    let n: Vec<f64> = v.iter().zip(w.f32().unwrap()).map(|(a, &ww)| ww as f64 * a / (ms + 1e-6).sqrt()).collect();
+                    let o = &mut want[r * heads * d + h * d..][..d];
+                    for k in 0..d / 2 {
+                        let ang = if with_rope { (r % seq) as f64 * freqs[k] as f64 } else { 0.0 };
+                        o[2 * k] = n[2 * k] * ang.cos() - n[2 * k + 1] * ang.sin();
+                        o[2 * k + 1] = n[2 * k + 1] * ang.cos() + n[2 * k] * ang.sin();
+                    }
+                }
+            }
+            let mut got = x.clone();
+            let rope = with_rope.then_some(Rope { freqs: &freqs, seq_len: seq });
+            be.qk_norm_rope(&mut got, heads, &w, 1e-6, rope).unwrap();
+            assert_close(&got, &want, 1e-5, &format!("qk norm rope={with_rope} d={d}"));
+        }
+    }
+}
+
+#[test]
+fn layout_ops() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(4);
+    for dims in [[1, 1, 1, 3], [2, 3, 5, 4], [2, 15, 27, 8]] {
+        let [a, b, c, d] = dims;
+        let x = rand(&mut rng, &[a * b * c, d]);
+        let y = be.swap_middle(&x, dims).unwrap();
+        let (xv, yv) = (x.f32().unwrap(), y.f32().unwrap());
+        for ai in 0..a {
+            for bi in 0..b {
+                for ci in 0..c {
+                    for di in 0..d {
+                        assert_eq!(yv[((ai * c + ci) * b + bi) * d + di], xv[((ai * b + bi) * c + ci) * d + di]);
+                    }
+                }
+            }
+        }
+        assert_eq!(be.swap_middle(&y, [a, c, b, d]).unwrap().f32().unwrap(), xv, "swap is an involution");
+        let parts = be.split_last(&x, 1).unwrap();
+        assert_eq!(parts[0].f32().unwrap(), xv);
+    }
+    let x = rand(&mut rng, &[5, 6]);
+    let parts = be.split_last(&x, 3).unwrap();
+    for (i, p) in parts.iter().enumerate() {
+        for r in 0..5 {
+            assert_eq!(&p.f32().unwrap()[r * 2..r * 2 + 2], &x.f32().unwrap()[r * 6 + i * 2..r * 6 + i * 2 + 2]);
+        }
+    }
+    // gather, select, concat, narrow
+    let g = be.gather_rows(&x, &[4, 0, 4]).unwrap();
+    assert_eq!(&g.f32().unwrap()[..6], &x.f32().unwrap()[24..30]);
+    assert_eq!(&g.f32().unwrap()[6..12], &x.f32().unwrap()[..6]);
+    assert!(be.gather_rows(&x, &[5]).is_err());
+    let z = rand(&mut rng, &[5, 6]);
+    let sel = be.select_rows(&[true, false, true, false, false], 1, &x, &z).unwrap();
+    for r in 0..5 {
+        let src = if r % 2 == 0 && r != 4 { &x } else { &z };
+        assert_eq!(&sel.f32().unwrap()[r * 6..][..6], &src.f32().unwrap()[r * 6..][..6]);
+    }
+    let cat = be.concat(&[&x, &z]).unwrap();
+    assert_eq!(cat.shape(), [10, 6]);
+    let n = be.narrow(&cat.clone().reshape(&[10, 2, 3]).unwrap(), 1, 1, 1).unwrap();
+    assert_eq!(n.shape(), [10, 1, 3]);
+    assert_eq!(&n.f32().unwrap()[..3], &x.f32().unwrap()[3..6]);
+    assert_eq!(be.narrow(&cat, 0, 5, 5).unwrap().f32().unwrap(), z.f32().unwrap());
+}
+
+#[test]
+fn modulation_table_both_forms() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(5);
+    let (e, k, c) = (3, 6, 10);
+    let table = rand(&mut rng, &[k, c]);
+    let wide = rand(&mut rng, &[e, k * c]);
+    let narrow = rand(&mut rng, &[e, c]);
+    let (tv, wv, nv) = (table.f32().unwrap(), wide.f32().unwrap(), narrow.f32().unwrap());
+    let got_w = be.modulation_table(&table, &wide).unwrap();
+    let got_n = be.modulation_table(&table, &narrow).unwrap();
+    for ei in 0..e {
+        for j in 0..k {
+            for ci in 0..c {
+                assert_eq!(got_w.f32().unwrap()[(ei * k + j) * c + ci], tv[j * c + ci] + wv[ei * k * c + j * c + ci]);
+                assert_eq!(got_n.f32().unwrap()[(ei * k + j) * c + ci], tv[j * c + ci] + nv[ei * c + ci]);
+            }
+        }
+    }
+}
+
+#[test]
+fn embeddings_match_their_formulas() {
+    let be = CpuBackend::new();
+    let t = [0.0f32, 1.5, 999.0, 217.25];
+    let got = be.timestep_embedding(&t, 256).unwrap();
+    let mut want = vec![0f64; 4 * 256];
+    for (i, &tv) in t.iter().enumerate() {
+        for j in 0..128 {
+            let f = (-(10000f64.ln()) * j as f64 / 128.0).exp();
+            want[i * 256 + j] = (tv as f64 * f).cos();
+            want[i * 256 + 128 + j] = (tv as f64 * f).sin();
+        }
+    }
+    assert_close(&got, &want, 1e-5, "timestep embedding");
+
+    for &(h, w, dim, scale, base) in &[(3, 4, 16, 0.5f32, 3.0f32), (15, 27, 64, 0.47, 20.0)] {
+        let got = be.pos_embed_2d(h, w, dim, scale, base).unwrap();
+        let q = dim / 4;
+        let mut want = vec![0f64; h * w * dim];
+        for r in 0..h {
+            for c in 0..w {
+                let o = &mut want[(r * w + c) * dim..][..dim];
+                let (pc, pr) = (c as f64 / scale as f64 * base as f64 / w as f64, r as f64 / scale as f64 * base as f64 / h as f64);
+                for j in 0..q {
+                    let f = 1.0 / 10000f64.powf((2 * j) as f64 / (dim / 2) as f64);
+                    o[j] = (pc * f).sin();
+                    o[q + j] = (pc * f).cos();
+                    o[2 * q + j] = (pr * f).sin();
+                    o[3 * q + j] = (pr * f).cos();
+                }
+            }
+        }
+        assert_close(&got, &want, 1e-5, "2D position embedding");
+    }
+}
+
+#[test]
+fn patchify_pads_and_unpatchify_crops() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(6);
+    for &(b, c, t, h, w) in &[(1, 4, 1, 2, 2), (2, 4, 3, 5, 7), (1, 3, 2, 6, 9)] {
+        let grid = PatchGrid { batch: b, channels: c, t, h, w, patch: [1, 2, 2] };
+        let x = rand(&mut rng, &[b, c, t, h, w]);
+        let p = be.patchify(&x, &grid).unwrap();
+        let [nt, nh, nw] = grid.tokens();
+        assert_eq!(p.shape(), [b * nt * nh * nw, c * 4]);
+        let xv = x.f32().unwrap();
+        for tok in 0..b * nt * nh * nw {
+            let (bi, ti, hi, wi) = (tok / (nt * nh * nw), (tok / (nh * nw)) % nt, (tok / nw) % nh, tok % nw);
+            for ci in 0..c {
+                for i in 0..2 {
+                    for j in 0..2 {
+                        let (hh, ww) = (hi * 2 + i, wi * 2 + j);
+                        let want = if hh < h && ww < w { xv[(((bi * c + ci) * t + ti) * h + hh) * w + ww] } else { 0.0 };
+                        assert_eq!(p.f32().unwrap()[tok * c * 4 + ci * 4 + i * 2 + j], want);
+                    }
+                }
+            }
+        }
+        // unpatchify's (pt, ph, pw, c) order: permute channels-first patches to channels-last, then invert.
+        let mut last = vec![0f32; p.numel()];
+        for tok in 0..b * nt * nh * nw {
+            for ci in 0..c {
+                for s in 0..4 {
+                    last[tok * c * 4 + s * c + ci] = p.f32().unwrap()[tok * c * 4 + ci * 4 + s];
+                }
+            }
+        }
+        let back = be.unpatchify(&Tensor::from_f32(p.shape(), last).unwrap(), &grid, c).unwrap();
+        assert_eq!(back.f32().unwrap(), xv, "unpatchify(patchify(x)) == x for {:?}", (b, c, t, h, w));
+    }
+}
+
+#[test]
+fn guidance_and_euler() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(8);
+    let c = rand(&mut rng, &[2, 3, 4]);
+    let u = rand(&mut rng, &[2, 3, 4]);
+    let g = be.guidance(&c, &u, 7.0).unwrap();
+    let mut z = rand(&mut rng, &[2, 3, 4]);
+    let z0 = z.clone();
+    be.euler_step(&mut z, &g, &[0.5, 0.25]).unwrap();
+    for i in 0..24 {
+        let gv = u.f32().unwrap()[i] + 7.0 * (c.f32().unwrap()[i] - u.f32().unwrap()[i]);
+        assert_eq!(g.f32().unwrap()[i], gv);
+        let dt = if i < 12 { 0.5 } else { 0.25 };
+        assert_eq!(z.f32().unwrap()[i], z0.f32().unwrap()[i] + gv * dt);
+    }
+    assert!(be.euler_step(&mut z, &g, &[0.5]).is_err());
+}
