@@ -5,7 +5,7 @@
 //! blocks change what runs without changing the model code.
 
 pub mod cpu;
-// pub mod cuda; (added once the helper lands it)
+pub mod cuda;
 
 use crate::tensor::Tensor;
 use anyhow::Result;

@@ -85,7 +85,10 @@ fn gpu() -> Option<Gpu> {
     }
     let ctx = open_device(0).expect("probe succeeded");
     let module = KernelModule::load(&ctx).expect("probe succeeded");
-    Some(Gpu { stream: ctx.default_stream(), module })
+    Some(Gpu {
+        stream: ctx.default_stream(),
+        module,
+    })
 }
 
 impl Gpu {
@@ -100,7 +103,12 @@ impl Gpu {
         self.stream.clone_htod(&vec![T::poison(); n]).unwrap()
     }
     fn down<T: Elem>(&self, s: &CudaSlice<T>) -> Vec<f32> {
-        self.stream.clone_dtoh(s).unwrap().into_iter().map(|x| x.dec()).collect()
+        self.stream
+            .clone_dtoh(s)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.dec())
+            .collect()
     }
     /// Device address of element `offset` of `s`.
     fn addr<T: DeviceRepr>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
@@ -119,7 +127,10 @@ fn check(what: &str, out: &[f32], reference: &[f64], tol: f64) {
     let mut num = 0.0f64;
     let mut den = 0.0f64;
     for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
-        assert!(o.is_finite(), "{what}: element {i} is {o} (unwritten or NaN), reference {r}");
+        assert!(
+            o.is_finite(),
+            "{what}: element {i} is {o} (unwritten or NaN), reference {r}"
+        );
         num += (o as f64 - r) * (o as f64 - r);
         den += r * r;
     }
@@ -130,11 +141,22 @@ fn check(what: &str, out: &[f32], reference: &[f64], tol: f64) {
 
 // ------------------------------------------------------------------ norm
 
-fn layernorm_case<T: Elem>(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, per: usize, modulate: bool) {
+fn layernorm_case<T: Elem>(
+    g: &Gpu,
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+    per: usize,
+    modulate: bool,
+) {
     let samples = rows.div_ceil(per);
     let x = q::<T>(&rng.vec(rows * cols, 3.0));
     let table = q::<T>(&rng.vec(samples * 6 * cols, 0.5)); // [B, 6, C]: shift = 0, scale = 1
-    let (dx, dt, dy) = (g.up::<T>(&x), g.up::<T>(&table), g.poisoned::<T>(rows * cols));
+    let (dx, dt, dy) = (
+        g.up::<T>(&x),
+        g.up::<T>(&table),
+        g.poisoned::<T>(rows * cols),
+    );
     let eps = 1e-6f32;
     let args = QcLayerNormArgs {
         x: g.addr(&dx, 0),
@@ -151,7 +173,11 @@ fn layernorm_case<T: Elem>(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, per
         eps,
     };
     let name = format!("qc_layernorm_mod_{}", T::SUFFIX);
-    g.run(&name, launch_cfg::rows(rows as i64, cols as i64, T::BYTES), args);
+    g.run(
+        &name,
+        launch_cfg::rows(rows as i64, cols as i64, T::BYTES),
+        args,
+    );
     let mut reference = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         let row = &x[r * cols..(r + 1) * cols];
@@ -169,7 +195,12 @@ fn layernorm_case<T: Elem>(g: &Gpu, rng: &mut Rng, rows: usize, cols: usize, per
             });
         }
     }
-    check(&format!("{name} rows={rows} cols={cols} mod={modulate}"), &g.down(&dy), &reference, T::TOL);
+    check(
+        &format!("{name} rows={rows} cols={cols} mod={modulate}"),
+        &g.down(&dy),
+        &reference,
+        T::TOL,
+    );
 }
 
 fn layernorm<T: Elem>() {
@@ -228,10 +259,19 @@ fn rmsnorm_case<T: Elem>(g: &Gpu, rng: &mut Rng, tokens: usize, heads: usize, di
     // k and v parts are untouched, bit for bit.
     for t in 0..tokens {
         for j in c..3 * c {
-            assert_eq!(out[t * 3 * c + j].to_bits(), qkv[t * 3 * c + j].to_bits(), "{name} wrote outside q");
+            assert_eq!(
+                out[t * 3 * c + j].to_bits(),
+                qkv[t * 3 * c + j].to_bits(),
+                "{name} wrote outside q"
+            );
         }
     }
-    check(&format!("{name} tokens={tokens} heads={heads} dim={dim}"), &out, &reference, T::TOL);
+    check(
+        &format!("{name} tokens={tokens} heads={heads} dim={dim}"),
+        &out,
+        &reference,
+        T::TOL,
+    );
 }
 
 fn rmsnorm<T: Elem>() {
@@ -253,12 +293,27 @@ fn rmsnorm_bf16() {
 
 // ----------------------------------------------------------- elementwise
 
-fn unary_case<T: Elem>(g: &Gpu, rng: &mut Rng, kind: &str, n: usize, offset: usize, in_place: bool) {
+fn unary_case<T: Elem>(
+    g: &Gpu,
+    rng: &mut Rng,
+    kind: &str,
+    n: usize,
+    offset: usize,
+    in_place: bool,
+) {
     let x = q::<T>(&rng.vec(n + offset, 6.0));
     let dx = g.up::<T>(&x);
-    let dy = if in_place { None } else { Some(g.poisoned::<T>(n + offset)) };
+    let dy = if in_place {
+        None
+    } else {
+        Some(g.poisoned::<T>(n + offset))
+    };
     let y_slice = dy.as_ref().unwrap_or(&dx);
-    let args = QcUnaryArgs { x: g.addr(&dx, offset), y: g.addr(y_slice, offset), n: n as i64 };
+    let args = QcUnaryArgs {
+        x: g.addr(&dx, offset),
+        y: g.addr(y_slice, offset),
+        n: n as i64,
+    };
     let name = format!("qc_{kind}_{}", T::SUFFIX);
     g.run(&name, launch_cfg::flat(n as i64, T::BYTES), args);
     let reference: Vec<f64> = x[offset..]
@@ -267,11 +322,21 @@ fn unary_case<T: Elem>(g: &Gpu, rng: &mut Rng, kind: &str, n: usize, offset: usi
             let v = v as f64;
             match kind {
                 "silu" => v / (1.0 + (-v).exp()),
-                _ => 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh()),
+                _ => {
+                    0.5 * v
+                        * (1.0
+                            + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v))
+                                .tanh())
+                }
             }
         })
         .collect();
-    check(&format!("{name} n={n} off={offset} in_place={in_place}"), &g.down(y_slice)[offset..], &reference, T::TOL);
+    check(
+        &format!("{name} n={n} off={offset} in_place={in_place}"),
+        &g.down(y_slice)[offset..],
+        &reference,
+        T::TOL,
+    );
 }
 
 fn unary<T: Elem>(kind: &str) {
@@ -307,14 +372,32 @@ fn add<T: Elem>() {
         let b = q::<T>(&rng.vec(n + off, 2.0));
         let (da, db, dy) = (g.up::<T>(&a), g.up::<T>(&b), g.poisoned::<T>(n + off));
         let name = format!("qc_add_{}", T::SUFFIX);
-        let args = QcBinaryArgs { a: g.addr(&da, off), b: g.addr(&db, off), y: g.addr(&dy, off), n: n as i64 };
+        let args = QcBinaryArgs {
+            a: g.addr(&da, off),
+            b: g.addr(&db, off),
+            y: g.addr(&dy, off),
+            n: n as i64,
+        };
         g.run(&name, launch_cfg::flat(n as i64, T::BYTES), args);
         let reference: Vec<f64> = (off..n + off).map(|i| a[i] as f64 + b[i] as f64).collect();
-        check(&format!("{name} n={n}"), &g.down(&dy)[off..], &reference, T::TOL);
+        check(
+            &format!("{name} n={n}"),
+            &g.down(&dy)[off..],
+            &reference,
+            T::TOL,
+        );
         // In place: a += b.
-        let args = QcBinaryArgs { y: g.addr(&da, off), ..args };
+        let args = QcBinaryArgs {
+            y: g.addr(&da, off),
+            ..args
+        };
         g.run(&name, launch_cfg::flat(n as i64, T::BYTES), args);
-        check(&format!("{name} n={n} in place"), &g.down(&da)[off..], &reference, T::TOL);
+        check(
+            &format!("{name} n={n} in place"),
+            &g.down(&da)[off..],
+            &reference,
+            T::TOL,
+        );
     }
 }
 
@@ -333,7 +416,11 @@ fn bias_add<T: Elem>() {
     for (rows, cols) in [(33usize, 6 * 1152usize), (9, 19)] {
         let x = q::<T>(&rng.vec(rows * cols, 2.0));
         let bias = q::<T>(&rng.vec(cols, 2.0));
-        let (dx, db, dy) = (g.up::<T>(&x), g.up::<T>(&bias), g.poisoned::<T>(rows * cols));
+        let (dx, db, dy) = (
+            g.up::<T>(&x),
+            g.up::<T>(&bias),
+            g.poisoned::<T>(rows * cols),
+        );
         let name = format!("qc_bias_add_{}", T::SUFFIX);
         let args = QcBiasAddArgs {
             x: g.addr(&dx, 0),
@@ -343,9 +430,20 @@ fn bias_add<T: Elem>() {
             cols: cols as i32,
             _pad: 0,
         };
-        g.run(&name, launch_cfg::rows(rows as i64, cols as i64, T::BYTES), args);
-        let reference: Vec<f64> = (0..rows * cols).map(|i| x[i] as f64 + bias[i % cols] as f64).collect();
-        check(&format!("{name} {rows}x{cols}"), &g.down(&dy), &reference, T::TOL);
+        g.run(
+            &name,
+            launch_cfg::rows(rows as i64, cols as i64, T::BYTES),
+            args,
+        );
+        let reference: Vec<f64> = (0..rows * cols)
+            .map(|i| x[i] as f64 + bias[i % cols] as f64)
+            .collect();
+        check(
+            &format!("{name} {rows}x{cols}"),
+            &g.down(&dy),
+            &reference,
+            T::TOL,
+        );
     }
 }
 
@@ -378,14 +476,23 @@ fn gated_residual<T: Elem>() {
             cols: cols as i32,
             _pad: 0,
         };
-        g.run(&name, launch_cfg::rows(rows as i64, cols as i64, T::BYTES), args);
+        g.run(
+            &name,
+            launch_cfg::rows(rows as i64, cols as i64, T::BYTES),
+            args,
+        );
         let reference: Vec<f64> = (0..rows * cols)
             .map(|i| {
                 let (r, c) = (i / cols, i % cols);
                 x[i] as f64 + table[(r / per) * 6 * cols + 2 * cols + c] as f64 * y[i] as f64
             })
             .collect();
-        check(&format!("{name} {rows}x{cols}"), &g.down(&dx), &reference, T::TOL);
+        check(
+            &format!("{name} {rows}x{cols}"),
+            &g.down(&dx),
+            &reference,
+            T::TOL,
+        );
     }
 }
 
@@ -405,10 +512,16 @@ fn rope<T: Elem>() {
     let mut rng = Rng::new();
     // (batch, seq, heads, head_dim, token stride factor): 1 = contiguous
     // [batch, seq, heads, head_dim]; 3 = q inside a [batch, seq, 3, heads, head_dim] qkv buffer.
-    for (batch, seq, heads, hd, k) in [(3usize, 6usize, 4usize, 72usize, 1usize), (2, 30, 16, 72, 3), (2, 5, 3, 6, 1)] {
+    for (batch, seq, heads, hd, k) in [
+        (3usize, 6usize, 4usize, 72usize, 1usize),
+        (2, 30, 16, 72, 3),
+        (2, 5, 3, 6, 1),
+    ] {
         let c = heads * hd;
         let x = q::<T>(&rng.vec(batch * seq * k * c, 2.0));
-        let freqs: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let freqs: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
         let (dx, df) = (g.up::<T>(&x), g.up_raw(&freqs));
         let name = format!("qc_rope_{}", T::SUFFIX);
         let args = QcRopeArgs {
@@ -423,7 +536,11 @@ fn rope<T: Elem>() {
             head_dim: hd as i32,
             _pad: 0,
         };
-        g.run(&name, launch_cfg::per_row_threads((batch * seq) as i64, (heads * hd / 2) as i64), args);
+        g.run(
+            &name,
+            launch_cfg::per_row_threads((batch * seq) as i64, (heads * hd / 2) as i64),
+            args,
+        );
         let mut reference: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         for n in 0..batch {
             for p in 0..seq {
@@ -439,7 +556,12 @@ fn rope<T: Elem>() {
                 }
             }
         }
-        check(&format!("{name} {batch}x{seq}x{heads}x{hd} k={k}"), &g.down(&dx), &reference, T::TOL);
+        check(
+            &format!("{name} {batch}x{seq}x{heads}x{hd} k={k}"),
+            &g.down(&dx),
+            &reference,
+            T::TOL,
+        );
     }
 }
 
@@ -485,7 +607,12 @@ fn timestep_embed<T: Elem>() {
             }
         }
         // f32 arguments up to 1000 carry ~1e-4 absolute rounding (as in PyTorch), hence 1e-3.
-        check(&format!("{name} dim={dim}"), &g.down(&dout), &reference, T::TOL.max(1e-3));
+        check(
+            &format!("{name} dim={dim}"),
+            &g.down(&dout),
+            &reference,
+            T::TOL.max(1e-3),
+        );
     }
 }
 
@@ -508,7 +635,12 @@ fn mask_select<T: Elem>() {
         let mut mask: Vec<u8> = (0..b * t).map(|_| (rng.next() & 1) as u8).collect();
         mask[0] = 1;
         mask[b * t - 1] = 0;
-        let (da, db, dm, dout) = (g.up::<T>(&a), g.up::<T>(&bb), g.up_raw(&mask), g.poisoned::<T>(rows * cols));
+        let (da, db, dm, dout) = (
+            g.up::<T>(&a),
+            g.up::<T>(&bb),
+            g.up_raw(&mask),
+            g.poisoned::<T>(rows * cols),
+        );
         let name = format!("qc_mask_select_{}", T::SUFFIX);
         let args = QcMaskSelectArgs {
             a: g.addr(&da, 0),
@@ -523,12 +655,35 @@ fn mask_select<T: Elem>() {
         let shape = launch_cfg::rows(rows as i64, cols as i64, T::BYTES);
         g.run(&name, shape, args);
         let reference: Vec<f64> = (0..rows * cols)
-            .map(|i| if mask[i / cols / s] != 0 { a[i] as f64 } else { bb[i] as f64 })
+            .map(|i| {
+                if mask[i / cols / s] != 0 {
+                    a[i] as f64
+                } else {
+                    bb[i] as f64
+                }
+            })
             .collect();
-        check(&format!("{name} {b}x{t}x{s}x{cols}"), &g.down(&dout), &reference, 0.0);
+        check(
+            &format!("{name} {b}x{t}x{s}x{cols}"),
+            &g.down(&dout),
+            &reference,
+            0.0,
+        );
         // In place into a.
-        g.run(&name, shape, QcMaskSelectArgs { out: g.addr(&da, 0), ..args });
-        check(&format!("{name} {b}x{t}x{s}x{cols} in place"), &g.down(&da), &reference, 0.0);
+        g.run(
+            &name,
+            shape,
+            QcMaskSelectArgs {
+                out: g.addr(&da, 0),
+                ..args
+            },
+        );
+        check(
+            &format!("{name} {b}x{t}x{s}x{cols} in place"),
+            &g.down(&da),
+            &reference,
+            0.0,
+        );
     }
 }
 
@@ -547,9 +702,21 @@ fn launch_rejects_wrong_args_and_shapes() {
     let args = QcUnaryArgs::default();
     // SAFETY: every call below is rejected before reaching the driver.
     unsafe {
-        assert!(g.module.launch("qc_add_f32", 1, 32, &g.stream, &args).is_err());
-        assert!(g.module.launch("qc_silu_f32", 1, 33, &g.stream, &args).is_err());
-        assert!(g.module.launch("qc_silu_f32", 0, 32, &g.stream, &args).is_err());
-        assert!(g.module.launch("qc_silu_f32", 1, 2048, &g.stream, &args).is_err());
+        assert!(g
+            .module
+            .launch("qc_add_f32", 1, 32, &g.stream, &args)
+            .is_err());
+        assert!(g
+            .module
+            .launch("qc_silu_f32", 1, 33, &g.stream, &args)
+            .is_err());
+        assert!(g
+            .module
+            .launch("qc_silu_f32", 0, 32, &g.stream, &args)
+            .is_err());
+        assert!(g
+            .module
+            .launch("qc_silu_f32", 1, 2048, &g.stream, &args)
+            .is_err());
     }
 }

@@ -132,6 +132,11 @@ impl Stdit3Config {
         }
     }
 
+    /// Outputs of the final linear per token.
+    pub fn patch_len_out(&self) -> usize {
+        self.patch_size.iter().product::<usize>() * self.out_channels()
+    }
+
     pub fn patch(&self) -> [usize; 3] {
         [self.patch_size[0], self.patch_size[1], self.patch_size[2]]
     }

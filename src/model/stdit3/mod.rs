@@ -265,6 +265,21 @@ impl Stdit3 {
         be.unpatchify(&out, &grid, cfg.out_channels())
     }
 
+    /// Floating-point operations (2 per multiply-add) of one forward on `b`
+    /// samples of `t x s` tokens with `text_tokens` caption tokens in all,
+    /// counting the linear layers and attention products (what dominates).
+    pub fn forward_flops(&self, b: usize, t: usize, s: usize, text_tokens: usize) -> f64 {
+        let (c, m) = (self.cfg.hidden_size as f64, self.cfg.mlp_hidden() as f64);
+        let rows = (b * t * s) as f64;
+        let per_block_linear = rows * 2.0 * (3.0 * c * c + c * c + c * c + c * c + 2.0 * c * m);
+        let text_per_sample = text_tokens as f64 / b.max(1) as f64;
+        let cross = rows * text_per_sample * c * 4.0;
+        let spatial_attn = rows * s as f64 * c * 4.0;
+        let temporal_attn = rows * t as f64 * c * 4.0;
+        let depth = self.cfg.depth as f64;
+        depth * (2.0 * (per_block_linear + cross) + spatial_attn + temporal_attn) + rows * 2.0 * c * (self.cfg.patch_len_out() as f64)
+    }
+
     /// One spatial or temporal block, updating `x` (`[B*T*S, C]`) in place.
     #[allow(clippy::too_many_arguments)]
     fn block(&self, be: &dyn Backend, bw: &BlockWeights, kind: BlockKind, x: &mut Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims) -> Result<()> {

@@ -1,0 +1,132 @@
+// common.cuh: device helpers shared by every kernels/*.cu file.
+//
+// All kernels are compiled into one module (build.rs generates a single
+// translation unit that #includes every kernels/*.cu), so this header is
+// included several times per TU and everything here is inline / templates.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "qc_types.h"
+
+namespace qc {
+
+typedef __nv_bfloat16 bf16;
+
+// ---------------------------------------------------------------- dtypes
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+// Round to nearest even, as PyTorch's float -> bfloat16 conversion.
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+// v rounded to T's precision (identity for float): where PyTorch would store
+// an intermediate result as T, the bf16 kernels round it here too.
+template <typename T> __device__ __forceinline__ float round_to(float v) {
+    return to_f32(from_f32<T>(v));
+}
+
+// ------------------------------------------------------ addresses, vectors
+
+template <typename T> __device__ __forceinline__ T* dev_ptr(qc_dptr a) {
+    return reinterpret_cast<T*>(static_cast<uintptr_t>(a));
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Elements of T in one 16-byte vector: 4 f32, 8 bf16.
+template <typename T> struct Vec16 {
+    static constexpr int N = 16 / static_cast<int>(sizeof(T));
+};
+
+// An unsigned type of exactly BYTES bytes and the same alignment: vector
+// accesses go through these so that nvcc emits single 16/8/4/2-byte loads
+// and stores.
+template <int BYTES> struct Raw;
+template <> struct Raw<16> { typedef uint4 type; };
+template <> struct Raw<8> { typedef uint2 type; };
+template <> struct Raw<4> { typedef unsigned int type; };
+template <> struct Raw<2> { typedef unsigned short type; };
+
+// The vector accessors below take (base, i) and touch base[i*N .. i*N + N),
+// base aligned to N * sizeof(T). They index base as an array of Raw vectors:
+// written as a T-pointer offset (base + i*N) instead, nvcc 13.0 splits 16-byte
+// stores into four 4-byte ones whenever base's alignment is not provable.
+
+// dst = base[i*N .. i*N + N) in one access.
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* base, int64_t i, T (&dst)[N]) {
+    typedef typename Raw<N * static_cast<int>(sizeof(T))>::type R;
+    const R raw = reinterpret_cast<const R*>(base)[i];
+    memcpy(dst, &raw, sizeof(R));
+}
+
+// base[i*N .. i*N + N) = src in one access.
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* base, int64_t i, const T (&src)[N]) {
+    typedef typename Raw<N * static_cast<int>(sizeof(T))>::type R;
+    R raw;
+    memcpy(&raw, src, sizeof(R));
+    reinterpret_cast<R*>(base)[i] = raw;
+}
+
+// out = base[i*N .. i*N + N) widened to f32.
+template <int N, typename T>
+__device__ __forceinline__ void load_f32(const T* base, int64_t i, float (&out)[N]) {
+    T v[N];
+    load_vec<N>(base, i, v);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_f32(v[j]);
+}
+
+// base[i*N .. i*N + N) = in rounded to T.
+template <int N, typename T>
+__device__ __forceinline__ void store_f32(T* base, int64_t i, const float (&in)[N]) {
+    T v[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = from_f32<T>(in[j]);
+    store_vec<N>(base, i, v);
+}
+
+// ------------------------------------------------------------- indexing
+
+__device__ __forceinline__ int64_t global_thread_id() {
+    return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ int64_t global_thread_count() {
+    return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+// ------------------------------------------------------------ reductions
+
+// Sum over the 32 lanes of a warp; every lane gets the result. All 32 lanes
+// must call it.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. All threads must call it. scratch: __shared__
+// float[32]; back-to-back calls may reuse the same scratch.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // the previous call's reads of scratch are done
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+}  // namespace qc

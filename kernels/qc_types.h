@@ -1,0 +1,205 @@
+/*
+ * qc_types.h: every struct shared between the CUDA kernels (kernels/*.cu)
+ * and Rust (src/backend/cuda, through bindgen -> $OUT_DIR/qc_types.rs).
+ *
+ * Rules for this header:
+ *   - plain C, #include <stdint.h> only: it is parsed by nvcc (C++) and by
+ *     libclang (C) for bindgen;
+ *   - fixed-width integer types only, fields ordered so that there is no
+ *     implicit padding (explicit _pad fields instead), so the layout is the
+ *     same everywhere (bindgen emits layout assertions);
+ *   - device addresses are qc_dptr (a CUdeviceptr, 0 = null), never C
+ *     pointers, so the Rust structs are plain Copy data;
+ *   - element counts and strides are in elements of the kernel's dtype
+ *     (T = float for *_f32 kernels, bf16 for *_bf16 kernels), not bytes.
+ *
+ * Every kernel takes exactly one of these structs by value. Unless a kernel
+ * says otherwise: blockDim.x must be a multiple of 32 and at most 1024
+ * (blockDim.y = blockDim.z = 1), any gridDim.x >= 1 works (kernels loop over
+ * their work with a grid stride), and all arithmetic is done in f32. The
+ * bf16 kernels round to bf16 wherever the PyTorch reference stores a bf16
+ * intermediate, so that they reproduce PyTorch's bf16 results.
+ * "Row kernels" process one row per block (grid-stride over rows); a good
+ * launch is gridDim.x = min(rows, 65535 or a few blocks per SM) and
+ * blockDim.x = 32 * ceil(cols / 32 / VEC) capped to [32, 1024], where VEC is
+ * 4 (f32) or 8 (bf16) elements per 16-byte vector.
+ */
+#ifndef QC_TYPES_H
+#define QC_TYPES_H
+
+#include <stdint.h>
+
+/* Bump when any struct below changes layout or meaning. */
+#define QC_ABI_VERSION 1
+
+/* A device address (CUdeviceptr). 0 means "absent" where a field allows it. */
+typedef uint64_t qc_dptr;
+
+/* ---------------------------------------------------------------- norm.cu */
+
+/*
+ * qc_layernorm_mod_{f32,bf16} (row kernel):
+ *   for each row r in [0, rows), with b = r / rows_per_sample:
+ *     n = (x[r,:] - mean) * rsqrt(var + eps)        (biased var, over cols)
+ *     y[r,:] = n * (1 + scale[b,:]) + shift[b,:]
+ *   x[r, c] is at x + r * x_row_stride + c (likewise y). shift[b, c] is at
+ *   shift + b * shift_stride + c (likewise scale), so shift/scale may point
+ *   into a [B, 6, C] modulation table (stride 6*C). shift == 0 skips the
+ *   "+ shift" and scale == 0 skips the "* (1 + scale)": both 0 is a plain
+ *   LayerNorm without affine. y must not overlap x.
+ */
+typedef struct QcLayerNormArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr shift;
+    qc_dptr scale;
+    int64_t rows;
+    int64_t x_row_stride;
+    int64_t y_row_stride;
+    int64_t shift_stride;
+    int64_t scale_stride;
+    int64_t rows_per_sample; /* >= 1 */
+    int32_t cols;
+    float eps;
+} QcLayerNormArgs;
+
+/*
+ * qc_rmsnorm_{f32,bf16} (one warp per row, grid-stride over rows; any
+ * block size that is a multiple of 32):
+ *   rows are indexed (o, i) for o < n_outer, i < n_inner; the row is
+ *   x + o * x_outer_stride + i * x_inner_stride, dim contiguous elements
+ *   (likewise y). For q of a [tokens, 3, heads, head_dim] qkv buffer:
+ *   n_outer = tokens, n_inner = heads, outer stride 3*C, inner stride head_dim.
+ *     y[j] = w[j] * (x[j] * rsqrt(mean(x^2) + eps))   (LlamaRMSNorm; for
+ *     bf16 the normalised value is rounded to bf16 before the weight product)
+ *   y may equal x (in place) but must not otherwise overlap it.
+ */
+typedef struct QcRmsNormArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr w; /* [dim] */
+    int64_t n_outer;
+    int64_t n_inner;
+    int64_t x_outer_stride;
+    int64_t x_inner_stride;
+    int64_t y_outer_stride;
+    int64_t y_inner_stride;
+    int32_t dim;
+    float eps;
+} QcRmsNormArgs;
+
+/* ---------------------------------------------------------- elementwise.cu */
+
+/*
+ * qc_silu_{f32,bf16}:      y[i] = x[i] / (1 + exp(-x[i]))
+ * qc_gelu_tanh_{f32,bf16}: y[i] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+ *   for i < n (flat, grid-stride). y may equal x.
+ */
+typedef struct QcUnaryArgs {
+    qc_dptr x;
+    qc_dptr y;
+    int64_t n;
+} QcUnaryArgs;
+
+/*
+ * qc_add_{f32,bf16}: y[i] = a[i] + b[i] for i < n (flat, grid-stride).
+ *   y may equal a and/or b.
+ */
+typedef struct QcBinaryArgs {
+    qc_dptr a;
+    qc_dptr b;
+    qc_dptr y;
+    int64_t n;
+} QcBinaryArgs;
+
+/*
+ * qc_bias_add_{f32,bf16} (row kernel): y[r, c] = x[r, c] + bias[c],
+ *   x and y contiguous [rows, cols], bias [cols]. y may equal x.
+ */
+typedef struct QcBiasAddArgs {
+    qc_dptr x;
+    qc_dptr bias;
+    qc_dptr y;
+    int64_t rows;
+    int32_t cols;
+    int32_t _pad;
+} QcBiasAddArgs;
+
+/*
+ * qc_gated_residual_{f32,bf16} (row kernel):
+ *   x[r, c] += gate[b, c] * y[r, c], b = r / rows_per_sample,
+ *   gate[b, c] at gate + b * gate_stride + c; x, y contiguous [rows, cols].
+ *   x must not overlap y or gate.
+ */
+typedef struct QcGatedResidualArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr gate;
+    int64_t rows;
+    int64_t rows_per_sample; /* >= 1 */
+    int64_t gate_stride;
+    int32_t cols;
+    int32_t _pad;
+} QcGatedResidualArgs;
+
+/* ------------------------------------------------------------------ rope.cu */
+
+/*
+ * qc_rope_{f32,bf16} (row kernel over the batch * seq rows, threads over
+ * heads * head_dim/2 pairs): rotary embedding in place, GPT-J interleaved
+ * pairs as rotary_embedding_torch 0.5.3 applies it, position p = seq index:
+ *   a = p * freqs[k]
+ *   out[2k]   = x[2k]   cos a - x[2k+1] sin a
+ *   out[2k+1] = x[2k+1] cos a + x[2k]   sin a
+ *   element j of (batch n, position p, head h) is at
+ *   x + n * batch_stride + p * seq_stride + h * head_stride + j.
+ *   freqs: f32 [head_dim / 2]. head_dim must be even.
+ */
+typedef struct QcRopeArgs {
+    qc_dptr x;
+    qc_dptr freqs;
+    int64_t batch;
+    int64_t batch_stride;
+    int64_t seq_stride;
+    int64_t head_stride;
+    int32_t seq;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t _pad;
+} QcRopeArgs;
+
+/* ----------------------------------------------------------------- embed.cu */
+
+/*
+ * qc_timestep_embed_{f32,bf16} (flat over n * dim, grid-stride):
+ *   half = dim / 2, f_i = exp(-ln(max_period) * i / half),
+ *   out[r, :] = [cos(t[r] f_0 .. t[r] f_{half-1}), sin(...), (0 if dim odd)]
+ *   t: f32 [n]; out: [n, dim]. Open-Sora uses dim 256, max_period 10000.
+ */
+typedef struct QcTimestepEmbedArgs {
+    qc_dptr t;
+    qc_dptr out;
+    int64_t n;
+    int32_t dim;
+    float max_period;
+} QcTimestepEmbedArgs;
+
+/*
+ * qc_mask_select_{f32,bf16} (row kernel):
+ *   out[r, :] = mask[r / rows_per_mask] ? a[r, :] : b[r, :]
+ *   a, b, out contiguous [rows, cols]; mask: uint8 (nonzero = true).
+ *   For x_mask [B, T] over [B, T, S, C]: rows = B*T*S, rows_per_mask = S.
+ *   out may equal a or b.
+ */
+typedef struct QcMaskSelectArgs {
+    qc_dptr a;
+    qc_dptr b;
+    qc_dptr out;
+    qc_dptr mask;
+    int64_t rows;
+    int64_t rows_per_mask; /* >= 1 */
+    int32_t cols;
+    int32_t _pad;
+} QcMaskSelectArgs;
+
+#endif /* QC_TYPES_H */
