@@ -149,11 +149,15 @@ impl Backend for CpuBackend {
             ensure!(r.freqs.len() * 2 == d, "rope has {} frequencies, head dim is {d}", r.freqs.len());
             ensure!(r.seq_len > 0, "rope sequence length is 0");
         }
+        // (cos, sin) per position and frequency, computed once rather than per head and row.
+        let table: Vec<(f32, f32)> = rope.map_or(Vec::new(), |r| {
+            (0..r.seq_len).flat_map(|p| r.freqs.iter().map(move |&f| { let (s, c) = (p as f32 * f).sin_cos(); (c, s) })).collect()
+        });
         x.f32_mut()?.par_chunks_mut(c).enumerate().for_each(|(row, r)| {
             for h in r.chunks_mut(d) {
                 norm::rms_norm_in_place(h, w, eps);
                 if let Some(rp) = &rope {
-                    norm::rope_in_place(h, rp.freqs, (row % rp.seq_len) as f32);
+                    norm::rope_in_place(h, &table[(row % rp.seq_len) * (d / 2)..][..d / 2]);
                 }
             }
         });

@@ -38,10 +38,10 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     x.iter_mut().zip(w).for_each(|(v, &ww)| *v = ww * (*v * r));
 }
 
-/// rotary_embedding_torch 0.5.3: pairs (2k, 2k+1) rotated by `pos * freqs[k]`.
-pub fn rope_in_place(x: &mut [f32], freqs: &[f32], pos: f32) {
-    for (pair, &f) in x.chunks_exact_mut(2).zip(freqs) {
-        let (s, c) = (pos * f).sin_cos();
+/// rotary_embedding_torch 0.5.3: pairs (2k, 2k+1) rotated by the angle whose
+/// `(cos, sin)` is `rot[k]` (`pos * freqs[k]`).
+pub fn rope_in_place(x: &mut [f32], rot: &[(f32, f32)]) {
+    for (pair, &(c, s)) in x.chunks_exact_mut(2).zip(rot) {
         let (a, b) = (pair[0], pair[1]);
         pair[0] = a * c - b * s;
         pair[1] = b * c + a * s;
