@@ -30,6 +30,7 @@ fn bytes_of(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
         Storage::I64(v) => (StDtype::I64, bytemuck::cast_slice(v).to_vec()),
         Storage::U8(v) => (StDtype::U8, v.clone()),
         Storage::I4(_) => anyhow::bail!("packed i4 tensors are not written to safetensors files"),
+        Storage::Cuda(_) => return bytes_of(&t.to_cpu()?),
     })
 }
 

@@ -9,3 +9,28 @@ pub mod model;
 pub mod rng;
 pub mod sampler;
 pub mod tensor;
+
+/// Version and build features: whether CUDA kernels are compiled in, and the
+/// CPU features the backend uses.
+pub fn build_info() -> String {
+    let kernels = if backend::cuda::KERNELS_COMPILED { "compiled in (sm_80, sm_90a, compute_90 PTX)" } else { "not compiled (nvcc was absent at build time)" };
+    let mut feats = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    for (name, on) in [
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
+        ("avx512vnni", std::arch::is_x86_feature_detected!("avx512vnni")),
+    ] {
+        if on {
+            feats.push(name);
+        }
+    }
+    format!(
+        "quantcache {}\ncuda kernels: {kernels}\ncpu: {} threads, features: {}",
+        env!("CARGO_PKG_VERSION"),
+        rayon::current_num_threads(),
+        if feats.is_empty() { "baseline".to_string() } else { feats.join(" ") }
+    )
+}

@@ -4,6 +4,7 @@
 //! formats slot in beside the CPU vectors without changing the callers.
 
 use anyhow::{bail, Result};
+use crate::backend::cuda::DeviceBuffer;
 use half::{bf16, f16};
 
 /// Element types the engine knows. `I4` is two signed 4-bit values per byte
@@ -35,8 +36,7 @@ impl DType {
     }
 }
 
-/// Where a tensor's bytes live. Only CPU storage is produced so far; the CUDA
-/// backend adds its variant.
+/// Where a tensor's bytes live: typed host vectors, or device memory.
 #[derive(Clone, Debug)]
 pub enum Storage {
     F32(Vec<f32>),
@@ -48,12 +48,31 @@ pub enum Storage {
     I32(Vec<i32>),
     I64(Vec<i64>),
     U8(Vec<u8>),
+    /// Device memory of a CUDA GPU, any dtype.
+    Cuda(DeviceBuffer),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Debug)]
 pub struct Tensor {
     shape: Vec<usize>,
     storage: Storage,
+}
+
+/// Bytes that `n` elements of `dtype` occupy.
+pub fn byte_len(dtype: DType, n: usize) -> usize {
+    match dtype {
+        DType::F32 | DType::I32 => 4 * n,
+        DType::F16 | DType::BF16 => 2 * n,
+        DType::I8 | DType::U8 => n,
+        DType::I4 => n.div_ceil(2),
+        DType::I64 => 8 * n,
+    }
 }
 
 pub fn numel(shape: &[usize]) -> usize {
@@ -77,6 +96,13 @@ impl Tensor {
             Storage::I32(v) => v.len(),
             Storage::I64(v) => v.len(),
             Storage::U8(v) => v.len(),
+            Storage::Cuda(d) => {
+                let want = byte_len(d.dtype, n);
+                if d.bytes.len() != want {
+                    bail!("device tensor of shape {shape:?} ({}) needs {want} bytes, got {}", d.dtype.name(), d.bytes.len());
+                }
+                n
+            }
         };
         if len != n {
             bail!("tensor of shape {shape:?} needs {n} elements, got {len}");
@@ -110,7 +136,52 @@ impl Tensor {
             Storage::I32(_) => DType::I32,
             Storage::I64(_) => DType::I64,
             Storage::U8(_) => DType::U8,
+            Storage::Cuda(d) => d.dtype,
         }
+    }
+
+    pub fn device(&self) -> Device {
+        match self.storage {
+            Storage::Cuda(_) => Device::Cuda,
+            _ => Device::Cpu,
+        }
+    }
+
+    /// Raw little-endian bytes of host storage.
+    fn host_bytes(&self) -> Result<Vec<u8>> {
+        Ok(match &self.storage {
+            Storage::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::F16(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::BF16(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::I8(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::I4(v) | Storage::U8(v) => v.clone(),
+            Storage::I32(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::I64(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::Cuda(_) => bail!("tensor is already on the GPU"),
+        })
+    }
+
+    /// A copy in device memory on `stream`.
+    pub fn to_cuda(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<Tensor> {
+        let buf = DeviceBuffer::upload(stream, self.dtype(), &self.host_bytes()?).map_err(anyhow::Error::msg)?;
+        Tensor::new(&self.shape, Storage::Cuda(buf))
+    }
+
+    /// A host copy of a device tensor (a clone for host tensors).
+    pub fn to_cpu(&self) -> Result<Tensor> {
+        let Storage::Cuda(d) = &self.storage else { return Ok(self.clone()) };
+        let b = d.download().map_err(anyhow::Error::msg)?;
+        let storage = match d.dtype {
+            DType::F32 => Storage::F32(bytemuck::pod_collect_to_vec(&b)),
+            DType::F16 => Storage::F16(bytemuck::pod_collect_to_vec(&b)),
+            DType::BF16 => Storage::BF16(bytemuck::pod_collect_to_vec(&b)),
+            DType::I8 => Storage::I8(bytemuck::pod_collect_to_vec(&b)),
+            DType::I4 => Storage::I4(b),
+            DType::I32 => Storage::I32(bytemuck::pod_collect_to_vec(&b)),
+            DType::I64 => Storage::I64(bytemuck::pod_collect_to_vec(&b)),
+            DType::U8 => Storage::U8(b),
+        };
+        Tensor::new(&self.shape, storage)
     }
 
     pub fn storage(&self) -> &Storage {
@@ -135,6 +206,7 @@ impl Tensor {
     pub fn f32(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::F32(v) => Ok(v),
+            Storage::Cuda(_) => bail!("tensor is on the GPU; copy it to the CPU first"),
             _ => bail!("expected an f32 tensor, got {}", self.dtype().name()),
         }
     }
@@ -142,7 +214,8 @@ impl Tensor {
     pub fn f32_mut(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::F32(v) => Ok(v),
-            other => bail!("expected an f32 tensor, got {:?}", std::mem::discriminant(other)),
+            Storage::Cuda(_) => bail!("tensor is on the GPU; copy it to the CPU first"),
+            _ => bail!("expected an f32 tensor"),
         }
     }
 
@@ -164,6 +237,7 @@ impl Tensor {
             Storage::I64(v) => v.iter().map(|&x| x as f32).collect(),
             Storage::U8(v) => v.iter().map(|&x| x as f32).collect(),
             Storage::I4(_) => bail!("packed i4 tensors are dequantized by their GEMM, not converted"),
+            Storage::Cuda(_) => return self.to_cpu()?.to_f32(),
         };
         Tensor::from_f32(&self.shape, v)
     }
@@ -179,6 +253,7 @@ impl Tensor {
             Storage::F16(v) => v.iter().map(|x| x.to_f32() as i64).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32() as i64).collect(),
             Storage::I4(_) => bail!("packed i4 tensors have no integer view"),
+            Storage::Cuda(_) => return self.to_cpu()?.to_i64(),
         })
     }
 
@@ -206,4 +281,47 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         return num.sqrt();
     }
     (num / den).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Host -> device -> host keeps every byte, for each dtype (skipped without a GPU).
+    #[test]
+    fn cuda_round_trip() {
+        let ctx = match crate::backend::cuda::open_device(0) {
+            Ok(c) => c,
+            Err(e) => return eprintln!("skipping cuda_round_trip: {e}"),
+        };
+        let stream = ctx.default_stream();
+        let mut rng = Rng::new(9);
+        let v = rng.normal_vec(1001);
+        let cases = [
+            Tensor::from_f32(&[7, 143], v.clone()).unwrap(),
+            Tensor::new(&[1001], Storage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())).unwrap(),
+            Tensor::new(&[1001], Storage::I8(v.iter().map(|&x| (x * 40.0) as i8).collect())).unwrap(),
+            Tensor::new(&[1001], Storage::I4(vec![0x5a; 501])).unwrap(),
+        ];
+        for t in cases {
+            let d = t.to_cuda(&stream).unwrap();
+            assert_eq!(d.device(), Device::Cuda);
+            assert_eq!(d.dtype(), t.dtype());
+            let back = d.to_cpu().unwrap();
+            assert_eq!(back.host_bytes().unwrap(), t.host_bytes().unwrap());
+        }
+    }
+
+    #[test]
+    fn shapes_and_lengths_are_checked() {
+        assert!(Tensor::from_f32(&[2, 3], vec![0.0; 5]).is_err());
+        assert!(Tensor::new(&[3], Storage::I4(vec![0; 1])).is_err());
+        assert!(Tensor::new(&[3], Storage::I4(vec![0; 2])).is_ok());
+        assert!(Tensor::zeros(&[2, 3]).reshape(&[3, 2]).is_ok());
+        assert!(Tensor::zeros(&[2, 3]).reshape(&[4, 2]).is_err());
+        let mut t = Tensor::zeros(&[4]);
+        t.f32_mut().unwrap()[2] = f32::NAN;
+        assert_eq!(t.find_non_finite(), Some(2));
+    }
 }

@@ -29,6 +29,8 @@ enum Command {
     Forward(ForwardArgs),
     /// Rectified-flow sampling with classifier-free guidance from given noise; writes `z` and `timesteps`.
     Sample(SampleArgs),
+    /// Version, build features (CUDA kernels compiled in or not, CPU features) and the GPU, if any.
+    Info,
 }
 
 #[derive(Args)]
@@ -89,6 +91,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward(a) => forward(a),
         Command::Sample(a) => sample_cmd(a),
+        Command::Info => {
+            println!("{}", qc::build_info());
+            match qc::backend::cuda::probe() {
+                Ok(gpu) => println!("gpu: {gpu}"),
+                Err(why) => println!("gpu: none ({why}); using the CPU backend"),
+            }
+            Ok(())
+        }
     }
 }
 

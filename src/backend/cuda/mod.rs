@@ -24,8 +24,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
+mod buffer;
 #[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
+
+pub use buffer::DeviceBuffer;
 
 /// Structs shared with the kernels (bindgen output of `kernels/qc_types.h`).
 ///
