@@ -9,6 +9,7 @@ pub mod model;
 pub mod rng;
 pub mod sampler;
 pub mod tensor;
+pub mod text;
 
 /// Version and build features: whether CUDA kernels are compiled in, and the
 /// CPU features the backend uses.

@@ -4,8 +4,11 @@
 //! [`Backend`], so a CUDA backend, quantized weights and cached or skipped
 //! blocks change what runs without changing the model code.
 
+pub mod conv;
 pub mod cpu;
 pub mod cuda;
+
+pub use conv::ConvOps;
 
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -85,21 +88,33 @@ pub struct Rope<'a> {
 }
 
 /// Shape of a batched multi-head attention. `q` is `[groups * q_len, heads * head_dim]`;
-/// `k` and `v` hold, for group `g`, the rows `kv_offsets[g]..kv_offsets[g + 1]`
-/// (block-diagonal masks, e.g. each sample's own text tokens).
+/// group `g` attends to the rows `kv_ranges[g].0..kv_ranges[g].1` of `k` and `v`
+/// (block-diagonal masks, e.g. each sample's own text tokens, or key padding).
+/// Scores are `scale * q.k`, plus `bias[h, i, j - start]` when a bias is given.
 #[derive(Clone, Debug)]
 pub struct AttnSpec {
     pub groups: usize,
     pub q_len: usize,
     pub heads: usize,
     pub head_dim: usize,
-    pub kv_offsets: Vec<usize>,
+    pub kv_ranges: Vec<(usize, usize)>,
+    pub scale: f32,
 }
 
 impl AttnSpec {
-    /// Every group attends to its own `kv_len` consecutive rows.
+    /// Every group attends to its own `kv_len` consecutive rows, scale `1/sqrt(head_dim)`.
     pub fn dense(groups: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize) -> Self {
-        AttnSpec { groups, q_len, heads, head_dim, kv_offsets: (0..=groups).map(|g| g * kv_len).collect() }
+        Self::ragged(q_len, heads, head_dim, (0..groups).map(|g| (g * kv_len, (g + 1) * kv_len)).collect())
+    }
+
+    /// Group `g` attends to `ranges[g]`, scale `1/sqrt(head_dim)`.
+    pub fn ragged(q_len: usize, heads: usize, head_dim: usize, ranges: Vec<(usize, usize)>) -> Self {
+        AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt() }
+    }
+
+    /// Ranges from cumulative offsets: group `g` owns `offsets[g]..offsets[g + 1]`.
+    pub fn ranges_from_offsets(offsets: &[usize]) -> Vec<(usize, usize)> {
+        offsets.windows(2).map(|w| (w[0], w[1])).collect()
     }
 }
 
@@ -129,7 +144,7 @@ impl PatchGrid {
 
 /// Every op the DiT forward and the sampler need. All tensors are row-major;
 /// "rows" are tokens and the last dimension is the channel.
-pub trait Backend: Send + Sync {
+pub trait Backend: ConvOps + Send + Sync {
     fn name(&self) -> String;
 
     /// `act(x W^T + b)` for `x` of shape `[.., k]`.
@@ -151,8 +166,12 @@ pub trait Backend: Send + Sync {
     /// `[a, b, c, d] -> [a, c, b, d]` (frames-major tokens to position-major and back).
     fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor>;
 
-    /// Softmax attention with scale `1/sqrt(head_dim)`: out `[groups * q_len, heads * head_dim]`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor>;
+    /// Softmax attention per `spec`, with an optional additive score bias
+    /// `[heads, q_len, max kv range length]` shared by all groups: out `[groups * q_len, heads * head_dim]`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Elementwise `a * b`, same shapes.
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
 
     fn silu(&self, x: &Tensor) -> Result<Tensor>;
 

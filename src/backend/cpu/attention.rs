@@ -17,24 +17,33 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;
     ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);
     ensure!(k.shape() == v.shape(), "attention: k {:?} and v {:?} differ", k.shape(), v.shape());
-    ensure!(spec.kv_offsets.len() == g + 1, "attention: {} kv offsets for {g} groups", spec.kv_offsets.len());
-    ensure!(spec.kv_offsets.windows(2).all(|w| w[0] <= w[1]), "attention: kv offsets must not decrease");
-    ensure!(k.shape().last() == Some(&c) && spec.kv_offsets[g] * c <= k.numel(), "attention: k {:?} too small for offsets up to {}", k.shape(), spec.kv_offsets[g]);
+    ensure!(spec.kv_ranges.len() == g, "attention: {} kv ranges for {g} groups", spec.kv_ranges.len());
+    ensure!(spec.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
+    let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
+    let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
+    let bias_v = match bias {
+        None => None,
+        Some(b) => {
+            ensure!(b.shape().len() == 3 && b.shape()[0] == h && b.shape()[1] == lq && b.shape()[2] >= max_len, "attention: bias {:?} is not [{h}, {lq}, >= {max_len}]", b.shape());
+            Some((b.f32()?, b.shape()[2]))
+        }
+    };
     let (qs, ks, vs) = (q.f32()?, k.f32()?, v.f32()?);
     let mut out = vec![0f32; g * lq * c];
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = spec.scale;
     let tiles = lq.div_ceil(Q_TILE);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..g * h * tiles).into_par_iter().for_each_init(Vec::new, |scores, task| {
         let ptr = ptr;
         let (gi, rest) = (task / (h * tiles), task % (h * tiles));
         let (hi, ti) = (rest / tiles, rest % tiles);
-        let (k0, k1) = (spec.kv_offsets[gi], spec.kv_offsets[gi + 1]);
+        let (k0, k1) = spec.kv_ranges[gi];
         let lk = k1 - k0;
         let i0 = ti * Q_TILE;
         let tq = Q_TILE.min(lq - i0);
@@ -47,10 +56,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<
         sgemm(tq, lk, d, MatRef { data: &qs[q_off..], rs: c, cs: 1 }, MatRef { data: &ks[kv_off..], rs: 1, cs: c }, scores, lk, false, 1);
         let mut sums = [0f32; Q_TILE];
         for (r, row) in scores.chunks_mut(lk).enumerate() {
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+            match bias_v {
+                None => row.iter_mut().for_each(|x| *x *= scale),
+                Some((bv, bl)) => row.iter_mut().zip(&bv[(hi * lq + i0 + r) * bl..][..lk]).for_each(|(x, b)| *x = *x * scale + b),
+            }
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut s = 0f32;
             for x in row.iter_mut() {
-                *x = math::exp(*x * scale - m);
+                *x = math::exp(*x - m);
                 s += *x;
             }
             sums[r] = s;
@@ -72,16 +85,21 @@ mod tests {
     use crate::rng::Rng;
 
     /// Straightforward f64 attention for one group/head.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], spec: &AttnSpec) -> Vec<f32> {
+    fn naive(q: &[f32], k: &[f32], v: &[f32], spec: &AttnSpec, bias: Option<&[f32]>, bias_len: usize) -> Vec<f32> {
         let (h, d) = (spec.heads, spec.head_dim);
         let c = h * d;
         let mut out = vec![0f32; spec.groups * spec.q_len * c];
         for g in 0..spec.groups {
-            let (k0, k1) = (spec.kv_offsets[g], spec.kv_offsets[g + 1]);
+            let (k0, k1) = spec.kv_ranges[g];
             for hi in 0..h {
                 for i in 0..spec.q_len {
                     let qr = &q[(g * spec.q_len + i) * c + hi * d..][..d];
-                    let s: Vec<f64> = (k0..k1).map(|j| qr.iter().zip(&k[j * c + hi * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+                    let s: Vec<f64> = (k0..k1)
+                        .map(|j| {
+                            let dot = qr.iter().zip(&k[j * c + hi * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+                            dot * spec.scale as f64 + bias.map_or(0.0, |b| b[(hi * spec.q_len + i) * bias_len + j - k0] as f64)
+                        })
+                        .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
@@ -98,20 +116,26 @@ mod tests {
     #[test]
     fn matches_naive_dense_and_ragged() {
         let mut rng = Rng::new(11);
+        let mut t5_like = AttnSpec::ragged(12, 3, 8, vec![(0, 7), (12, 24)]);
+        t5_like.scale = 1.0;
         let cases = [
-            AttnSpec::dense(3, 5, 5, 2, 8),
-            AttnSpec::dense(2, 130, 130, 3, 16),
-            AttnSpec::dense(1, 70, 9, 4, 72),
-            AttnSpec { groups: 3, q_len: 67, heads: 2, head_dim: 12, kv_offsets: vec![0, 5, 17, 18] },
+            (AttnSpec::dense(3, 5, 5, 2, 8), false),
+            (AttnSpec::dense(2, 130, 130, 3, 16), false),
+            (AttnSpec::dense(1, 70, 9, 4, 72), false),
+            (AttnSpec::ragged(67, 2, 12, AttnSpec::ranges_from_offsets(&[0, 5, 17, 18])), false),
+            (t5_like.clone(), true),
+            (AttnSpec::dense(2, 70, 70, 2, 16), true),
         ];
-        for spec in cases {
+        for (spec, with_bias) in cases {
             let c = spec.heads * spec.head_dim;
-            let nk = spec.kv_offsets[spec.groups];
+            let nk = spec.kv_ranges.iter().map(|r| r.1).max().unwrap();
+            let bl = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap();
+            let bias = with_bias.then(|| Tensor::from_f32(&[spec.heads, spec.q_len, bl], rng.normal_vec(spec.heads * spec.q_len * bl)).unwrap());
             let q = Tensor::from_f32(&[spec.groups * spec.q_len, c], rng.normal_vec(spec.groups * spec.q_len * c)).unwrap();
             let k = Tensor::from_f32(&[nk, c], rng.normal_vec(nk * c)).unwrap();
             let v = Tensor::from_f32(&[nk, c], rng.normal_vec(nk * c)).unwrap();
-            let got = attention(&q, &k, &v, &spec).unwrap();
-            let want = naive(q.f32().unwrap(), k.f32().unwrap(), v.f32().unwrap(), &spec);
+            let got = attention(&q, &k, &v, &spec, bias.as_ref()).unwrap();
+            let want = naive(q.f32().unwrap(), k.f32().unwrap(), v.f32().unwrap(), &spec, bias.as_ref().map(|b| b.f32().unwrap()), bl);
             let err = crate::tensor::rel_l2(got.f32().unwrap(), &want);
             assert!(err < 1e-5, "{spec:?}: rel err {err}");
         }

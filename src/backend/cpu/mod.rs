@@ -1,6 +1,7 @@
 //! The CPU reference backend: defines every op's semantics, multi-threaded with rayon.
 
 mod attention;
+mod conv;
 mod embed;
 pub mod gemm;
 pub mod math;
@@ -195,8 +196,14 @@ impl Backend for CpuBackend {
         Tensor::from_f32(&[a, c, b, d], out)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
-        attention::attention(q, k, v, spec)
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+        attention::attention(q, k, v, spec, bias)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "mul: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).map(|(x, y)| x * y).collect();
+        Tensor::from_f32(a.shape(), v)
     }
 
     fn silu(&self, x: &Tensor) -> Result<Tensor> {

@@ -289,4 +289,8 @@ fn guidance_and_euler() {
         assert_eq!(z.f32().unwrap()[i], z0.f32().unwrap()[i] + gv * dt);
     }
     assert!(be.euler_step(&mut z, &g, &[0.5]).is_err());
+    let m = be.mul(&c, &u).unwrap();
+    for i in 0..24 {
+        assert_eq!(m.f32().unwrap()[i], c.f32().unwrap()[i] * u.f32().unwrap()[i]);
+    }
 }

@@ -302,7 +302,7 @@ impl Stdit3 {
         be.qk_norm_rope(&mut parts[0], heads, &bw.q_norm, NORM_EPS, rope)?;
         be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
         let spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
-        let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec)?;
+        let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec, None)?;
         if temporal {
             a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
         }
@@ -311,8 +311,8 @@ impl Stdit3 {
         // Cross-attention to each sample's own caption tokens: no norm, no gate.
         let q = be.linear(x, &bw.cross_q, Activation::None)?;
         let (k, v) = &text.kv[kv_index];
-        let spec = AttnSpec { groups: d.b, q_len: n, heads, head_dim: hd, kv_offsets: text.offsets.clone() };
-        let o = be.attention(&q, k, v, &spec)?;
+        let spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+        let o = be.attention(&q, k, v, &spec, None)?;
         be.linear_residual(&o, &bw.cross_proj, x, None)?;
 
         // MLP.

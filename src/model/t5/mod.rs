@@ -1,0 +1,1 @@
+//! The T5 v1.1 text encoder.

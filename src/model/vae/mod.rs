@@ -1,0 +1,1 @@
+//! Open-Sora 1.2's video VAE (decoder).

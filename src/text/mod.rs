@@ -1,0 +1,1 @@
+//! Prompt text: Open-Sora's caption cleaning and the T5 tokenizer.
