@@ -3,7 +3,7 @@
 //! looked up by their official names and every problem is collected so that a
 //! bad checkpoint is reported in one error naming each tensor.
 
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{numel, F32Buf, Storage, Tensor};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -11,6 +11,7 @@ use safetensors::tensor::Dtype as StDtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 struct Entry {
     file: usize,
@@ -24,7 +25,7 @@ struct Entry {
 /// The safetensors files of one model, mapped, with an index of all tensors.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -78,7 +79,7 @@ impl Checkpoint {
             }
             self.entries.insert(name, Entry { file: fi, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e });
         }
-        self.files.push((path.to_path_buf(), mmap));
+        self.files.push((path.to_path_buf(), Arc::new(mmap)));
         Ok(())
     }
 
@@ -102,7 +103,8 @@ impl Checkpoint {
         &self.files[e.file].0
     }
 
-    /// Loads a tensor as f32 from f32, f16 or bf16 storage.
+    /// Loads a tensor as f32 from f32, f16 or bf16 storage. Aligned f32 data is
+    /// not copied: the tensor reads the mapped file in place.
     pub fn load_f32(&self, name: &str) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name}", self.dir.display()))?;
         let bytes = &self.files[e.file].1[e.start..e.end];
@@ -114,6 +116,11 @@ impl Checkpoint {
         };
         if bytes.len() != n * width {
             bail!("{}: tensor {name} holds {} bytes, shape {:?} needs {}", self.file_of(e).display(), bytes.len(), e.shape, n * width);
+        }
+        if e.dtype == StDtype::F32 {
+            if let Some(buf) = F32Buf::mapped(self.files[e.file].1.clone(), e.start, n) {
+                return Tensor::new(&e.shape, Storage::F32(buf));
+            }
         }
         let v: Vec<f32> = match e.dtype {
             StDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
@@ -134,7 +141,6 @@ impl Checkpoint {
             }
             Ok(())
         };
-        use crate::tensor::Storage;
         let storage = match e.dtype {
             StDtype::F32 | StDtype::F16 | StDtype::BF16 => return self.load_f32(name),
             StDtype::I64 => {

@@ -22,7 +22,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn bytes_of(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
     Ok(match t.storage() {
-        Storage::F32(v) => (StDtype::F32, bytemuck::cast_slice(v).to_vec()),
+        Storage::F32(v) => (StDtype::F32, bytemuck::cast_slice(&v[..]).to_vec()),
         Storage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         Storage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         Storage::I8(v) => (StDtype::I8, bytemuck::cast_slice(v).to_vec()),

@@ -6,6 +6,8 @@
 use anyhow::{bail, Result};
 use crate::backend::cuda::DeviceBuffer;
 use half::{bf16, f16};
+use memmap2::Mmap;
+use std::sync::Arc;
 
 /// Element types the engine knows. `I4` is two signed 4-bit values per byte
 /// (low nibble first); its shape counts elements, not bytes.
@@ -36,10 +38,63 @@ impl DType {
     }
 }
 
+/// f32 data, owned, or read in place from a memory-mapped checkpoint (so a
+/// float32 checkpoint's weights exist once in memory: the file's pages).
+#[derive(Clone)]
+pub enum F32Buf {
+    Owned(Vec<f32>),
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl F32Buf {
+    /// `len` floats at byte `offset` of `map`, or `None` if they are not 4-byte aligned.
+    pub fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
+        (aligned && offset + 4 * len <= map.len()).then_some(F32Buf::Mapped { map, offset, len })
+    }
+
+    /// Owned data, copying mapped data first (copy on write).
+    fn make_mut(&mut self) -> &mut Vec<f32> {
+        if let F32Buf::Mapped { .. } = self {
+            *self = F32Buf::Owned(self.to_vec());
+        }
+        match self {
+            F32Buf::Owned(v) => v,
+            F32Buf::Mapped { .. } => unreachable!("just made owned"),
+        }
+    }
+
+    fn into_vec(self) -> Vec<f32> {
+        match self {
+            F32Buf::Owned(v) => v,
+            F32Buf::Mapped { .. } => self.to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for F32Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Buf::Owned(v) => v,
+            F32Buf::Mapped { map, offset, len } => bytemuck::cast_slice(&map[*offset..*offset + 4 * *len]),
+        }
+    }
+}
+
+impl std::fmt::Debug for F32Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            F32Buf::Owned(v) => write!(f, "F32Buf::Owned({} floats)", v.len()),
+            F32Buf::Mapped { len, .. } => write!(f, "F32Buf::Mapped({len} floats)"),
+        }
+    }
+}
+
 /// Where a tensor's bytes live: typed host vectors, or device memory.
 #[derive(Clone, Debug)]
 pub enum Storage {
-    F32(Vec<f32>),
+    F32(F32Buf),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     I8(Vec<i8>),
@@ -111,11 +166,16 @@ impl Tensor {
     }
 
     pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Self> {
-        Self::new(shape, Storage::F32(data))
+        Self::new(shape, Storage::F32(F32Buf::Owned(data)))
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor { shape: shape.to_vec(), storage: Storage::F32(vec![0.0; numel(shape)]) }
+        Tensor { shape: shape.to_vec(), storage: Storage::F32(F32Buf::Owned(vec![0.0; numel(shape)])) }
+    }
+
+    /// True when the data is read in place from a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::F32(F32Buf::Mapped { .. }))
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -150,7 +210,7 @@ impl Tensor {
     /// Raw little-endian bytes of host storage.
     fn host_bytes(&self) -> Result<Vec<u8>> {
         Ok(match &self.storage {
-            Storage::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            Storage::F32(v) => bytemuck::cast_slice(&v[..]).to_vec(),
             Storage::F16(v) => bytemuck::cast_slice(v).to_vec(),
             Storage::BF16(v) => bytemuck::cast_slice(v).to_vec(),
             Storage::I8(v) => bytemuck::cast_slice(v).to_vec(),
@@ -172,7 +232,7 @@ impl Tensor {
         let Storage::Cuda(d) = &self.storage else { return Ok(self.clone()) };
         let b = d.download().map_err(anyhow::Error::msg)?;
         let storage = match d.dtype {
-            DType::F32 => Storage::F32(bytemuck::pod_collect_to_vec(&b)),
+            DType::F32 => Storage::F32(F32Buf::Owned(bytemuck::pod_collect_to_vec(&b))),
             DType::F16 => Storage::F16(bytemuck::pod_collect_to_vec(&b)),
             DType::BF16 => Storage::BF16(bytemuck::pod_collect_to_vec(&b)),
             DType::I8 => Storage::I8(bytemuck::pod_collect_to_vec(&b)),
@@ -205,7 +265,7 @@ impl Tensor {
 
     pub fn f32(&self) -> Result<&[f32]> {
         match &self.storage {
-            Storage::F32(v) => Ok(v),
+            Storage::F32(v) => Ok(&v[..]),
             Storage::Cuda(_) => bail!("tensor is on the GPU; copy it to the CPU first"),
             _ => bail!("expected an f32 tensor, got {}", self.dtype().name()),
         }
@@ -213,7 +273,7 @@ impl Tensor {
 
     pub fn f32_mut(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
-            Storage::F32(v) => Ok(v),
+            Storage::F32(v) => Ok(v.make_mut()),
             Storage::Cuda(_) => bail!("tensor is on the GPU; copy it to the CPU first"),
             _ => bail!("expected an f32 tensor"),
         }
@@ -221,7 +281,7 @@ impl Tensor {
 
     pub fn into_f32(self) -> Result<Vec<f32>> {
         match self.storage {
-            Storage::F32(v) => Ok(v),
+            Storage::F32(v) => Ok(v.into_vec()),
             _ => bail!("expected an f32 tensor, got {}", self.dtype().name()),
         }
     }
@@ -229,7 +289,7 @@ impl Tensor {
     /// Converts any floating or integer tensor to f32 (a copy unless already f32).
     pub fn to_f32(&self) -> Result<Tensor> {
         let v: Vec<f32> = match &self.storage {
-            Storage::F32(v) => v.clone(),
+            Storage::F32(v) => v.to_vec(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::I8(v) => v.iter().map(|&x| x as f32).collect(),

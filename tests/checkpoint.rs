@@ -71,3 +71,15 @@ fn sharded_checkpoints_load() {
     let err = rel_l2(&forward_out(&d), &reference_out());
     assert!(err < 1e-4, "sharded: relative error {err}");
 }
+
+#[test]
+fn float32_weights_are_read_in_place() {
+    let ck = Checkpoint::open_dir(&common::fixture("stdit3-tiny")).unwrap();
+    let w = ck.load_f32("spatial_blocks.0.mlp.fc1.weight").unwrap();
+    assert!(w.is_mapped(), "an aligned f32 tensor must not be copied out of the mapped file");
+    // Writing to it copies (the file stays untouched).
+    let mut w2 = w.clone();
+    w2.f32_mut().unwrap()[0] += 1.0;
+    assert!(!w2.is_mapped() && w.is_mapped());
+    assert_eq!(w.f32().unwrap()[1..], w2.f32().unwrap()[1..]);
+}
