@@ -130,6 +130,21 @@ impl Checkpoint {
         Tensor::from_f32(&e.shape, v)
     }
 
+    /// Loads an f16 or bf16 tensor without widening it.
+    pub fn load_half(&self, name: &str) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name}", self.dir.display()))?;
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        if bytes.len() != numel(&e.shape) * 2 {
+            bail!("{}: tensor {name} holds {} bytes, shape {:?} needs {}", self.file_of(e).display(), bytes.len(), e.shape, numel(&e.shape) * 2);
+        }
+        let storage = match e.dtype {
+            StDtype::F16 => Storage::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
+            StDtype::BF16 => Storage::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
+            other => bail!("{}: tensor {name} has dtype {other:?}, not F16 or BF16", self.file_of(e).display()),
+        };
+        Tensor::new(&e.shape, storage)
+    }
+
     /// Loads any tensor in its own dtype (inputs files: masks are int64).
     pub fn load_any(&self, name: &str) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| anyhow!("{}: missing tensor {name}", self.file_list()))?;
@@ -202,6 +217,21 @@ impl<'a> WeightLoader<'a> {
             },
         }
         Tensor::zeros(shape)
+    }
+
+    /// Like [`WeightLoader::get`], but f16 and bf16 tensors keep their dtype
+    /// (linear weights, widened one layer at a time when used).
+    pub fn get_native(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        match self.ck.entries.get(name) {
+            Some(e) if e.shape == shape && matches!(e.dtype, StDtype::F16 | StDtype::BF16) => match self.ck.load_half(name) {
+                Ok(t) => t,
+                Err(err) => {
+                    self.problems.push(format!("{err}"));
+                    Tensor::zeros(shape)
+                }
+            },
+            _ => self.get(name, shape),
+        }
     }
 
     /// Fails with one error listing every problem found.

@@ -46,6 +46,9 @@ fn half_precision_checkpoints_load() {
     for (name, ts, tol) in [("bf16", tensors(conv_bf16), 3e-2), ("f16", tensors(conv_f16), 3e-3)] {
         let d = model_dir(root.path(), name);
         write_safetensors(&d.join("model.safetensors"), &ts, None).unwrap();
+        // Linear weights stay in half precision in memory (widened per layer when used).
+        let m = Stdit3::load(&d).unwrap();
+        assert!(matches!(&m.w.spatial[0].fc1.weight, qc::backend::LinearWeight::Half(t) if t.dtype() != qc::tensor::DType::F32));
         let err = rel_l2(&forward_out(&d), &reference);
         // Rounding the weights is the only change: small but nonzero.
         assert!(err < tol && err > 1e-7, "{name}: relative error {err}");

@@ -18,8 +18,11 @@ use anyhow::Result;
 /// per-channel scales) are new variants, not new call sites.
 #[derive(Clone, Debug)]
 pub enum LinearWeight {
-    /// Row-major `[n, k]`, as PyTorch stores it.
+    /// Row-major `[n, k]` f32, as PyTorch stores it (often read in place from the checkpoint).
     F32(Tensor),
+    /// Row-major `[n, k]` bf16 or f16 as the checkpoint stores it, widened to f32
+    /// one layer at a time when used, so half-precision checkpoints stay half-size in memory.
+    Half(Tensor),
 }
 
 #[derive(Clone, Debug)]
@@ -31,13 +34,25 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn f32(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A linear layer over an f32, bf16 or f16 weight `[n, k]` and an optional f32 bias `[n]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        use crate::tensor::DType;
         anyhow::ensure!(weight.shape().len() == 2, "linear weight must be 2-D, got {:?}", weight.shape());
         let (n, k) = (weight.shape()[0], weight.shape()[1]);
         if let Some(b) = &bias {
             anyhow::ensure!(b.shape() == [n], "linear bias must be [{n}], got {:?}", b.shape());
         }
-        Ok(Linear { weight: LinearWeight::F32(weight), bias, in_features: k, out_features: n })
+        let weight = match weight.dtype() {
+            DType::F32 => LinearWeight::F32(weight),
+            DType::BF16 | DType::F16 => LinearWeight::Half(weight),
+            other => anyhow::bail!("linear weight of dtype {} needs a quantized format", other.name()),
+        };
+        Ok(Linear { weight, bias, in_features: k, out_features: n })
+    }
+
+    /// Same as [`Linear::new`]; kept for callers written before half weights existed.
+    pub fn f32(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::new(weight, bias)
     }
 }
 

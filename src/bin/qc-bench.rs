@@ -128,7 +128,7 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     let rows = 2 * t * s;
     for (name, k, nn) in [("qkv", c, 3 * c), ("proj", c, c), ("mlp.fc1", c, cfg.mlp_hidden()), ("mlp.fc2", cfg.mlp_hidden(), c)] {
         let x = Tensor::from_f32(&[rows, k], rng.normal_vec(rows * k))?;
-        let lin = Linear::f32(Tensor::from_f32(&[nn, k], rng.normal_vec(nn * k))?, Some(Tensor::zeros(&[nn])))?;
+        let lin = Linear::new(Tensor::from_f32(&[nn, k], rng.normal_vec(nn * k))?, Some(Tensor::zeros(&[nn])))?;
         let secs = time(a.reps, || be.linear(&x, &lin, Activation::None))?;
         let gf = 2.0 * (rows * k * nn) as f64 / secs / 1e9;
         println!("| linear {name} | {rows}x{k}x{nn} | {:.1} ms | {gf:.0} | {:.0} |", secs * 1e3, 100.0 * gf / peak);

@@ -73,6 +73,11 @@ impl CpuBackend {
                 let ws = wt.f32()?;
                 sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, rayon::current_num_threads());
             }
+            LinearWeight::Half(wt) => {
+                let wide = wt.to_f32()?;
+                let ws = wide.f32()?;
+                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, rayon::current_num_threads());
+            }
         }
         if let Some(b) = &w.bias {
             let b = b.f32()?;

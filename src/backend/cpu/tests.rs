@@ -41,9 +41,10 @@ fn linear_with_activations_and_gated_residual() {
     let mut rng = Rng::new(1);
     for &(rows, k, n) in &[(1, 3, 5), (37, 64, 96), (200, 72, 130)] {
         let x = rand(&mut rng, &[rows, k]);
-        let lin = Linear::f32(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
+        let lin = Linear::new(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
         let (wv, bv) = match &lin.weight {
             crate::backend::LinearWeight::F32(w) => (w.f32().unwrap().to_vec(), lin.bias.as_ref().unwrap().f32().unwrap().to_vec()),
+            crate::backend::LinearWeight::Half(_) => unreachable!("f32 weights"),
         };
         let want = naive_linear(x.f32().unwrap(), &wv, &bv, rows, k, n);
         for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {

@@ -41,11 +41,18 @@ pub struct Stdit3Weights {
 /// Where weights come from: a checkpoint, or random values for benchmarks.
 trait Source {
     fn get(&mut self, name: &str, shape: &[usize]) -> Tensor;
+    /// A linear layer's weight, in the checkpoint's own precision.
+    fn get_linear(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        self.get(name, shape)
+    }
 }
 
 impl Source for WeightLoader<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Tensor {
         WeightLoader::get(self, name, shape)
+    }
+    fn get_linear(&mut self, name: &str, shape: &[usize]) -> Tensor {
+        WeightLoader::get_native(self, name, shape)
     }
 }
 
@@ -62,9 +69,9 @@ impl Source for RandomSource {
 }
 
 fn linear(src: &mut dyn Source, prefix: &str, out: usize, inp: usize) -> Linear {
-    let w = src.get(&format!("{prefix}.weight"), &[out, inp]);
+    let w = src.get_linear(&format!("{prefix}.weight"), &[out, inp]);
     let b = src.get(&format!("{prefix}.bias"), &[out]);
-    Linear::f32(w, Some(b)).expect("shapes checked by the loader")
+    Linear::new(w, Some(b)).expect("shapes checked by the loader")
 }
 
 fn block(src: &mut dyn Source, prefix: &str, cfg: &Stdit3Config) -> BlockWeights {
@@ -91,7 +98,7 @@ fn build(src: &mut dyn Source, cfg: &Stdit3Config) -> Result<Stdit3Weights> {
     let xb = src.get("x_embedder.proj.bias", &[c]);
     let freq = 256;
     Ok(Stdit3Weights {
-        x_embedder: Linear::f32(xw, Some(xb))?,
+        x_embedder: Linear::new(xw, Some(xb))?,
         t_mlp: [linear(src, "t_embedder.mlp.0", c, freq), linear(src, "t_embedder.mlp.2", c, c)],
         fps_mlp: [linear(src, "fps_embedder.mlp.0", c, freq), linear(src, "fps_embedder.mlp.2", c, c)],
         t_block: linear(src, "t_block.1", 6 * c, c),

@@ -102,7 +102,7 @@ impl T5Encoder {
         let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
         let embed_name = if ck.contains("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
         let embed = w.get(embed_name, &[cfg.vocab_size, d]);
-        let lin = |w: &mut WeightLoader, name: String, out: usize, inp: usize| Linear::f32(w.get(&name, &[out, inp]), None);
+        let lin = |w: &mut WeightLoader, name: String, out: usize, inp: usize| Linear::new(w.get_native(&name, &[out, inp]), None);
         let mut blocks = Vec::new();
         for i in 0..cfg.num_layers {
             let p = format!("encoder.block.{i}.layer");
