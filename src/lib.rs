@@ -6,6 +6,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod io;
 pub mod model;
+pub mod output;
 pub mod rng;
 pub mod sampler;
 pub mod tensor;
