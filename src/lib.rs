@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod io;
 pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod rng;
 pub mod sampler;
 pub mod tensor;

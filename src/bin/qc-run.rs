@@ -9,12 +9,18 @@ use qc::io::write_safetensors;
 use qc::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Trace};
 use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
-use qc::tensor::Tensor;
+use qc::checkpoint::Checkpoint;
+use qc::model::t5::T5Encoder;
+use qc::model::vae::VideoVae;
+use qc::pipeline::{plan, Event, GenerateOptions, ModelPaths};
+use qc::tensor::{Storage, Tensor};
+use qc::text::clean::prepare_prompt;
+use qc::text::tokenizer::T5Tokenizer;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "qc-run", version, about = "Run Open-Sora 1.2 (STDiT3 + rectified flow) with the quantcache engine")]
+#[command(name = "qc-run", version, about = "Run Open-Sora 1.2 (STDiT3 + rectified flow) with the quantcache engine", args_override_self = true)]
 struct Cli {
     /// Worker threads for the CPU backend (default: one per core).
     #[arg(long, global = true, value_name = "N")]
@@ -29,8 +35,156 @@ enum Command {
     Forward(ForwardArgs),
     /// Rectified-flow sampling with classifier-free guidance from given noise; writes `z` and `timesteps`.
     Sample(SampleArgs),
+    /// Prompt to video: clean, tokenize, T5-encode, sample STDiT3 with rectified flow, VAE-decode, write.
+    Generate(GenerateArgs),
+    /// Print prompts as Open-Sora 1.2 cleans them (aesthetic score appended, caption cleaning), one per line.
+    CleanPrompt(CleanPromptArgs),
+    /// Tokenize and T5-encode prompts as given (no cleaning); writes `input_ids`, `attention_mask`, `last_hidden_state`.
+    EncodeText(EncodeTextArgs),
+    /// VAE-decode latents: reads `z` [B,4,T,h,w] and `num_frames`, writes `video` [B,3,num_frames,H,W].
+    Decode(DecodeArgs),
     /// Version, build features (CUDA kernels compiled in or not, CPU features) and the GPU, if any.
     Info,
+}
+
+/// An aesthetic score, or none.
+#[derive(Clone, Copy, Debug)]
+struct Aes(Option<f32>);
+
+/// `--aes 6.5` or `--aes none`.
+fn parse_aes(s: &str) -> Result<Aes, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Aes(None));
+    }
+    s.parse::<f32>().ok().filter(|v| v.is_finite()).map(|v| Aes(Some(v))).ok_or_else(|| format!("{s:?} is neither a number nor \"none\""))
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory holding stdit3/, t5/, tokenizer/ and vae/ [default: $QC_MODEL_DIR].
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// STDiT3 directory, overriding MODEL/stdit3.
+    #[arg(long, value_name = "DIR")]
+    dit: Option<PathBuf>,
+    /// T5 encoder directory, overriding MODEL/t5.
+    #[arg(long, value_name = "DIR")]
+    t5: Option<PathBuf>,
+    /// Tokenizer directory (tokenizer.json), overriding MODEL/tokenizer.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
+    /// VAE directory, overriding MODEL/vae.
+    #[arg(long, value_name = "DIR")]
+    vae: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn paths(&self) -> Result<ModelPaths> {
+        let base = self.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from));
+        let part = |given: &Option<PathBuf>, sub: &str, flag: &str| -> Result<PathBuf> {
+            match (given, &base) {
+                (Some(p), _) => Ok(p.clone()),
+                (None, Some(b)) => Ok(b.join(sub)),
+                (None, None) => anyhow::bail!(
+                    "no model given: pass --model DIR (a directory with stdit3/, t5/, tokenizer/, vae/), set QC_MODEL_DIR, or pass {flag} and the other part flags; no default model is bundled yet"
+                ),
+            }
+        };
+        Ok(ModelPaths {
+            dit: part(&self.dit, "stdit3", "--dit")?,
+            t5: part(&self.t5, "t5", "--t5")?,
+            tokenizer: part(&self.tokenizer, "tokenizer", "--tokenizer")?,
+            vae: part(&self.vae, "vae", "--vae")?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A prompt; repeat for a batch of videos.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
+    /// A file with one prompt per line (empty lines skipped), added after --prompt.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Number of video frames (51 is Open-Sora's "2s"; 1 makes an image).
+    #[arg(long, default_value_t = 51)]
+    frames: usize,
+    /// Video height in pixels (240 with width 426 is Open-Sora's 240p 9:16).
+    #[arg(long, default_value_t = 240)]
+    height: usize,
+    /// Video width in pixels.
+    #[arg(long, default_value_t = 426)]
+    width: usize,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.0)]
+    cfg: f32,
+    /// Frames per second: conditions the DiT and sets the playback rate of the output.
+    #[arg(long, default_value_t = 24.0)]
+    fps: f32,
+    /// Aesthetic score appended to each prompt (" aesthetic score: 6.5."), or "none".
+    #[arg(long, default_value = "6.5", value_parser = parse_aes, value_name = "SCORE|none")]
+    aes: Aes,
+    /// Use the prompts exactly as given: no caption cleaning (the aesthetic score is still appended unless --aes none).
+    #[arg(long)]
+    raw_prompt: bool,
+    /// Seed of the initial noise (this engine's generator; it does not reproduce torch.randn).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Safetensors file whose `z0` [B,4,T,h,w] replaces the seeded noise, to reproduce a reference run exactly.
+    #[arg(long, value_name = "FILE")]
+    init_noise: Option<PathBuf>,
+    /// Output: NAME.mp4 (needs ffmpeg on PATH), NAME.gif, NAME.safetensors (`video` float and `frames_u8`),
+    /// or a directory of PNG frames (any other name). Several prompts give NAME-0.gif, NAME-1.gif, ...
+    #[arg(long, value_name = "PATH")]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct CleanPromptArgs {
+    /// A prompt; repeat for several.
+    #[arg(long, value_name = "TEXT", required = true)]
+    prompt: Vec<String>,
+    /// Aesthetic score appended before cleaning, or "none".
+    #[arg(long, default_value = "6.5", value_parser = parse_aes, value_name = "SCORE|none")]
+    aes: Aes,
+}
+
+#[derive(Args)]
+struct EncodeTextArgs {
+    /// T5 encoder directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    t5: PathBuf,
+    /// Tokenizer directory (tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    tokenizer: PathBuf,
+    /// A prompt, used as given; repeat for a batch.
+    #[arg(long, value_name = "TEXT", required = true)]
+    prompt: Vec<String>,
+    /// Tokens per prompt after padding/truncation (Open-Sora 1.2 uses 300).
+    #[arg(long, default_value_t = 300)]
+    max_length: usize,
+    /// Where to write the tensors (safetensors); written atomically.
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// VAE directory (config.json + safetensors).
+    #[arg(long, value_name = "DIR")]
+    vae: PathBuf,
+    /// Safetensors file with `z` [B,4,T,h,w] and `num_frames` (frames to produce).
+    #[arg(long, value_name = "FILE")]
+    inputs: PathBuf,
+    /// Where to write `video` (safetensors); written atomically.
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
 }
 
 #[derive(Args)]
@@ -91,6 +245,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward(a) => forward(a),
         Command::Sample(a) => sample_cmd(a),
+        Command::Generate(a) => generate(a),
+        Command::CleanPrompt(a) => {
+            for p in &a.prompt {
+                println!("{}", prepare_prompt(p, a.aes.0));
+            }
+            Ok(())
+        }
+        Command::EncodeText(a) => encode_text(a),
+        Command::Decode(a) => decode(a),
         Command::Info => {
             println!("{}", qc::build_info());
             match qc::backend::cuda::probe() {
@@ -156,5 +319,104 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     ]);
     write_safetensors(&a.output, &[("z".into(), z), ("timesteps".into(), ts_t)], Some(meta_out))?;
     eprintln!("wrote {} ({} steps, cfg {})", a.output.display(), cfg.num_steps, cfg.cfg_scale);
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut prompts = a.prompt.clone();
+    if let Some(f) = &a.prompt_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading --prompt-file {}", f.display()))?;
+        prompts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+    }
+    anyhow::ensure!(!prompts.is_empty(), "no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE");
+    let paths = a.models.paths()?;
+    qc::output::check_writable(&a.output)?;
+    let init_noise = match &a.init_noise {
+        Some(p) => Some(Checkpoint::open_file(p).and_then(|c| c.load_f32("z0")).with_context(|| format!("--init-noise {}", p.display()))?),
+        None => None,
+    };
+    let opts = GenerateOptions {
+        frames: a.frames,
+        height: a.height,
+        width: a.width,
+        steps: a.steps,
+        cfg: a.cfg,
+        fps: a.fps,
+        aes: a.aes.0,
+        raw_prompt: a.raw_prompt,
+        seed: a.seed,
+        init_noise,
+    };
+    let plan = plan(&paths, &prompts, &opts)?;
+    for p in plan.prompts() {
+        eprintln!("prompt: {p}");
+    }
+    if plan.decoded_size() != (opts.height, opts.width) {
+        let (h, w) = plan.decoded_size();
+        eprintln!("note: the VAE decodes whole latent pixels: the video will be {h}x{w}");
+    }
+    let be = CpuBackend::new();
+    let bar = ProgressBar::new(opts.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let (video, report) = plan.run(&be, &opts, &mut |e| match e {
+        Event::Stage(name) => {
+            bar.set_message(name.to_string());
+            bar.tick();
+        }
+        Event::Step(i, _) => bar.set_position(i as u64),
+    })?;
+    bar.finish_and_clear();
+    let t = std::time::Instant::now();
+    let written = qc::output::write_video(&a.output, &video, opts.fps)?;
+    let write_s = t.elapsed().as_secs_f64();
+    let s = video.shape();
+    eprintln!("video: {} x {} frames of {}x{} (latent {:?})", s[0], s[2], s[3], s[4], report.latent);
+    for (name, secs) in &report.stages {
+        eprintln!("  {name:<22} {secs:>8.2} s");
+    }
+    eprintln!("  {:<22} {write_s:>8.2} s", "write");
+    if let Some(b) = report.peak_rss_bytes {
+        eprintln!("  peak memory            {:>8.2} GiB", b as f64 / (1u64 << 30) as f64);
+    }
+    for p in written {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+fn encode_text(a: EncodeTextArgs) -> Result<()> {
+    let be = CpuBackend::new();
+    let tok = T5Tokenizer::from_dir(&a.tokenizer)?;
+    let t5 = T5Encoder::load(&a.t5)?;
+    anyhow::ensure!(tok.vocab_size() <= t5.cfg.vocab_size, "tokenizer has {} tokens but the T5 encoder embeds only {}", tok.vocab_size(), t5.cfg.vocab_size);
+    anyhow::ensure!(a.max_length > 0, "--max-length must be at least 1");
+    let refs: Vec<&str> = a.prompt.iter().map(|s| s.as_str()).collect();
+    let (ids, mask) = tok.encode_batch(&refs, a.max_length)?;
+    let b = refs.len();
+    let hidden = t5.encode(&be, &ids, &mask, b)?;
+    let shape = [b, a.max_length];
+    write_safetensors(
+        &a.output,
+        &[
+            ("input_ids".into(), Tensor::new(&shape, Storage::I64(ids))?),
+            ("attention_mask".into(), Tensor::new(&shape, Storage::I64(mask))?),
+            ("last_hidden_state".into(), hidden),
+        ],
+        Some(HashMap::from([("prompts".to_string(), serde_json::to_string(&a.prompt)?), ("max_length".to_string(), a.max_length.to_string())])),
+    )?;
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    let be = CpuBackend::new();
+    let vae = VideoVae::load(&a.vae)?;
+    let inputs = Checkpoint::open_file(&a.inputs).with_context(|| format!("reading inputs {}", a.inputs.display()))?;
+    let z = inputs.load_f32("z").with_context(|| format!("{}", a.inputs.display()))?;
+    let n = inputs.load_any("num_frames").with_context(|| format!("{}", a.inputs.display()))?.to_i64()?;
+    anyhow::ensure!(n.len() == 1 && n[0] > 0, "{}: `num_frames` must hold one positive number", a.inputs.display());
+    let video = vae.decode(&be, &z, n[0] as usize).with_context(|| format!("{}", a.inputs.display()))?;
+    write_safetensors(&a.output, &[("video".into(), video)], None)?;
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }

@@ -1,0 +1,199 @@
+//! Prompt to video, as Open-Sora 1.2's inference script runs it: clean the
+//! prompts, tokenize, T5-encode, sample the DiT with rectified flow and CFG,
+//! decode with the video VAE. Each model is loaded for its stage and dropped
+//! after it, so at most one model's weights are in memory at a time.
+
+use crate::backend::Backend;
+use crate::model::stdit3::{NoHooks, Stdit3, Stdit3Config};
+use crate::model::t5::{T5Config, T5Encoder};
+use crate::model::vae::{VaeConfig, VideoVae};
+use crate::rng::Rng;
+use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use crate::tensor::Tensor;
+use crate::text::clean::prepare_prompt;
+use crate::text::tokenizer::T5Tokenizer;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where each part of the model lives.
+#[derive(Clone, Debug)]
+pub struct ModelPaths {
+    pub dit: PathBuf,
+    pub t5: PathBuf,
+    pub tokenizer: PathBuf,
+    pub vae: PathBuf,
+}
+
+impl ModelPaths {
+    /// `DIR/stdit3`, `DIR/t5`, `DIR/tokenizer`, `DIR/vae`.
+    pub fn in_dir(dir: &Path) -> Self {
+        ModelPaths { dit: dir.join("stdit3"), t5: dir.join("t5"), tokenizer: dir.join("tokenizer"), vae: dir.join("vae") }
+    }
+
+    fn check_exist(&self) -> Result<()> {
+        for (what, p) in [("DiT (stdit3)", &self.dit), ("T5 text encoder", &self.t5), ("tokenizer", &self.tokenizer), ("VAE", &self.vae)] {
+            ensure!(p.is_dir(), "{what} directory {} does not exist", p.display());
+        }
+        Ok(())
+    }
+}
+
+/// Settings of one generation; defaults are the official sample config.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub cfg: f32,
+    pub fps: f32,
+    /// Aesthetic score appended to each prompt; `None` appends nothing.
+    pub aes: Option<f32>,
+    /// Skip Open-Sora's caption cleaning.
+    pub raw_prompt: bool,
+    pub seed: u64,
+    /// `[B, C, T, h, w]` initial noise replacing the seeded noise.
+    pub init_noise: Option<Tensor>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None }
+    }
+}
+
+/// Progress reported while generating.
+pub enum Event<'a> {
+    Stage(&'a str),
+    Step(usize, usize),
+}
+
+/// Time per stage and peak memory.
+#[derive(Default, Debug)]
+pub struct Report {
+    pub stages: Vec<(String, f64)>,
+    pub peak_rss_bytes: Option<u64>,
+    pub prompts: Vec<String>,
+    pub latent: [usize; 3],
+}
+
+/// The process's peak resident memory (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A checked plan: configs read and cross-checked, geometry derived; no weights loaded yet.
+pub struct Plan {
+    paths: ModelPaths,
+    dit_cfg: Stdit3Config,
+    tokenizer: T5Tokenizer,
+    decoded: (usize, usize),
+    latent: [usize; 3],
+    prompts: Vec<String>,
+}
+
+/// Everything that can be checked before heavy work: directories, configs,
+/// tokenizer vs T5 vocabulary, geometry the VAE can produce, noise shape.
+pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> Result<Plan> {
+    ensure!(!prompts.is_empty(), "no prompt given");
+    paths.check_exist()?;
+    let dit_cfg = Stdit3Config::from_dir(&paths.dit)?;
+    let t5_cfg = T5Config::from_dir(&paths.t5)?;
+    let vae_cfg = VaeConfig::from_dir(&paths.vae)?;
+    let tokenizer = T5Tokenizer::from_dir(&paths.tokenizer)?;
+    ensure!(
+        tokenizer.vocab_size() <= t5_cfg.vocab_size,
+        "tokenizer {} has {} tokens but the T5 encoder {} embeds only {}: they do not belong together",
+        paths.tokenizer.display(),
+        tokenizer.vocab_size(),
+        paths.t5.display(),
+        t5_cfg.vocab_size
+    );
+    ensure!(
+        t5_cfg.d_model == dit_cfg.caption_channels,
+        "T5 width {} does not match the DiT's caption_channels {}",
+        t5_cfg.d_model,
+        dit_cfg.caption_channels
+    );
+    let latent_c = vae_cfg.latent_channels()?;
+    ensure!(latent_c == dit_cfg.in_channels, "VAE latent channels {latent_c} do not match the DiT's in_channels {}", dit_cfg.in_channels);
+    ensure!(opts.steps > 0, "--steps must be at least 1");
+    ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
+    let latent = vae_cfg.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width))?;
+    if let Some(z) = &opts.init_noise {
+        let want = [prompts.len(), dit_cfg.in_channels, latent[0], latent[1], latent[2]];
+        ensure!(z.shape() == want, "initial noise z0 has shape {:?}; {} prompts of {} frames at {}x{} need {want:?}", z.shape(), prompts.len(), opts.frames, opts.height, opts.width);
+        if let Some(i) = z.find_non_finite() {
+            bail!("initial noise z0 contains NaN or infinity (flat index {i})");
+        }
+    }
+    let prompts = prompts.iter().map(|p| if opts.raw_prompt { p.clone() } else { prepare_prompt(p, opts.aes) }).collect();
+    let decoded = vae_cfg.decoded_size(opts.height, opts.width);
+    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, latent, prompts, decoded })
+}
+
+impl Plan {
+    pub fn prompts(&self) -> &[String] {
+        &self.prompts
+    }
+
+    pub fn latent(&self) -> [usize; 3] {
+        self.latent
+    }
+
+    /// Height and width the VAE will decode (the request rounded down to its pixel grid).
+    pub fn decoded_size(&self) -> (usize, usize) {
+        self.decoded
+    }
+
+    /// Runs every stage; returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
+    pub fn run(self, be: &dyn Backend, opts: &GenerateOptions, progress: &mut dyn FnMut(Event)) -> Result<(Tensor, Report)> {
+        let mut report = Report { prompts: self.prompts.clone(), latent: self.latent, ..Report::default() };
+        let b = self.prompts.len();
+        let l = self.dit_cfg.model_max_length;
+        let timed = |name: &str, report: &mut Report, t: Instant| report.stages.push((name.to_string(), t.elapsed().as_secs_f64()));
+
+        progress(Event::Stage("text encoder"));
+        let t = Instant::now();
+        let refs: Vec<&str> = self.prompts.iter().map(|s| s.as_str()).collect();
+        let (ids, mask) = self.tokenizer.encode_batch(&refs, l)?;
+        let y = {
+            let t5 = T5Encoder::load(&self.paths.t5)?;
+            t5.encode(be, &ids, &mask, b)?
+        };
+        let y = y.reshape(&[b, 1, l, self.dit_cfg.caption_channels])?;
+        timed("text encoder (T5)", &mut report, t);
+
+        progress(Event::Stage("denoising"));
+        let t = Instant::now();
+        let [lt, lh, lw] = self.latent;
+        let z0 = match &opts.init_noise {
+            Some(z) => z.clone(),
+            None => {
+                let mut rng = Rng::new(opts.seed);
+                Tensor::from_f32(&[b, self.dit_cfg.in_channels, lt, lh, lw], rng.normal_vec(b * self.dit_cfg.in_channels * lt * lh * lw))?
+            }
+        };
+        let z = {
+            let dit = Stdit3::load(&self.paths.dit)?;
+            let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, ..RflowConfig::default() };
+            let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };
+            sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |i, n| progress(Event::Step(i, n)))?.0
+        };
+        timed("denoising (STDiT3)", &mut report, t);
+
+        progress(Event::Stage("VAE decode"));
+        let t = Instant::now();
+        let video = {
+            let vae = VideoVae::load(&self.paths.vae)?;
+            vae.decode(be, &z, opts.frames)?
+        };
+        timed("VAE decode", &mut report, t);
+        report.peak_rss_bytes = peak_rss_bytes();
+        Ok((video, report))
+    }
+}

@@ -1,0 +1,165 @@
+//! Prompt to video end to end against the official pipeline, and the
+//! generate command's early checks.
+
+mod common;
+
+use qc::checkpoint::Checkpoint;
+use qc::io::write_safetensors;
+use qc::tensor::{rel_l2, Storage};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qc_run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(args).env_remove("QC_MODEL_DIR").output().expect("qc-run starts");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "qc-run panicked: {stderr}");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+/// A model directory laid out as `generate --model` expects, made of the tiny fixture models.
+fn tiny_model(root: &Path) -> PathBuf {
+    let m = root.join("model");
+    std::fs::create_dir(&m).unwrap();
+    for (sub, fx) in [("stdit3", "stdit3-tiny"), ("t5", "t5-tiny"), ("tokenizer", "t5-tokenizer"), ("vae", "vae-tiny")] {
+        std::os::unix::fs::symlink(common::fixture(fx), m.join(sub)).unwrap();
+    }
+    m
+}
+
+fn prompts() -> Vec<String> {
+    let meta = Checkpoint::open_file(&common::fixture("pipeline-tiny-video.safetensors")).unwrap().metadata();
+    serde_json::from_str(&meta["prompts"]).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_reproduces_the_official_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let rflow = Checkpoint::open_file(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
+    let noise = dir.path().join("z0.safetensors");
+    write_safetensors(&noise, &[("z0".into(), rflow.load_f32("z0").unwrap())], None).unwrap();
+    let out = dir.path().join("video.safetensors");
+    let p = prompts();
+    let mut args = vec!["generate", "--model", s(&model), "--init-noise", s(&noise), "--aes", "none", "--raw-prompt"];
+    args.extend(["--frames", "17", "--height", "12", "--width", "16", "--steps", "6", "--cfg", "7.0", "--fps", "24", "--output", s(&out)]);
+    for q in &p {
+        args.extend(["--prompt", q.as_str()]);
+    }
+    let (ok, _, err) = qc_run(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("peak memory"), "the summary reports peak memory: {err}");
+
+    let got = Checkpoint::open_file(&out).unwrap();
+    let want = Checkpoint::open_file(&common::fixture("pipeline-tiny-video.safetensors")).unwrap();
+    let e = rel_l2(got.load_f32("video").unwrap().f32().unwrap(), want.load_f32("video").unwrap().f32().unwrap());
+    assert!(e < 1e-3, "video relative L2 {e:.3e}");
+    let (g, w) = (got.load_any("frames_u8").unwrap(), want.load_any("frames_u8").unwrap());
+    assert_eq!(g.shape(), w.shape());
+    let (Storage::U8(g), Storage::U8(w)) = (g.storage(), w.storage()) else { panic!("frames_u8 must be uint8") };
+    let worst = g.iter().zip(w).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "frames differ by {worst} levels");
+    eprintln!("pipeline: video relative L2 {e:.2e}, worst frame difference {worst} level(s)");
+
+    // The same run written as GIFs (one per prompt) and PNG frames.
+    let gif = dir.path().join("clip.gif");
+    let mut args2: Vec<&str> = args.clone();
+    let n = args2.len();
+    let pos = args2.iter().position(|a| *a == "--output").unwrap();
+    args2[pos + 1] = s(&gif);
+    assert_eq!(n, args2.len());
+    let (ok, stdout, err) = qc_run(&args2);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("clip-0.gif") && stdout.contains("clip-1.gif"), "{stdout}");
+    assert!(dir.path().join("clip-1.gif").is_file());
+}
+
+#[test]
+fn bad_generate_requests_fail_before_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let out = dir.path().join("v.gif");
+    let base = |extra: &[&str]| {
+        let mut a = vec!["generate", "--prompt", "a red ball", "--frames", "17", "--height", "12", "--width", "16", "--steps", "1"];
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let a = base(extra);
+        let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        qc_run(&r)
+    };
+    // No model at all.
+    let (ok, _, err) = run(&["--output", s(&out)]);
+    assert!(!ok && err.contains("--model"), "{err}");
+    // Missing part.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::os::unix::fs::symlink(common::fixture("stdit3-tiny"), broken.join("stdit3")).unwrap();
+    let (ok, _, err) = run(&["--model", s(&broken), "--output", s(&out)]);
+    assert!(!ok && err.contains("t5"), "{err}");
+    // Unwritable output.
+    let (ok, _, err) = run(&["--model", s(&model), "--output", "/nonexistent-dir/v.gif"]);
+    assert!(!ok && err.contains("/nonexistent-dir"), "{err}");
+    // Geometry the VAE cannot produce.
+    let (ok, _, err) = run(&["--model", s(&model), "--output", s(&out), "--frames", "0"]);
+    assert!(!ok && err.contains("frames"), "{err}");
+    let (ok, _, err) = run(&["--model", s(&model), "--output", s(&out), "--height", "1"]);
+    assert!(!ok && err.contains("VAE cannot produce"), "{err}");
+    // Tokenizer and T5 that do not belong together: a T5 with a smaller vocabulary.
+    let t5 = dir.path().join("t5-small-vocab");
+    std::fs::create_dir(&t5).unwrap();
+    let cfg = std::fs::read_to_string(common::fixture("t5-tiny").join("config.json")).unwrap().replace("\"vocab_size\": 80", "\"vocab_size\": 40");
+    std::fs::write(t5.join("config.json"), cfg).unwrap();
+    std::os::unix::fs::symlink(common::fixture("t5-tiny").join("model.safetensors"), t5.join("model.safetensors")).unwrap();
+    let (ok, _, err) = run(&["--model", s(&model), "--t5", s(&t5), "--output", s(&out)]);
+    assert!(!ok && err.contains("do not belong together"), "{err}");
+    // Wrong noise shape.
+    let noise = dir.path().join("z0.safetensors");
+    write_safetensors(&noise, &[("z0".into(), qc::tensor::Tensor::zeros(&[1, 4, 2, 6, 8]))], None).unwrap();
+    let (ok, _, err) = run(&["--model", s(&model), "--output", s(&out), "--init-noise", s(&noise)]);
+    assert!(!ok && err.contains("initial noise"), "{err}");
+    assert!(!out.exists(), "nothing may be written on failure");
+    // Unknown option values.
+    let (ok, _, err) = run(&["--model", s(&model), "--output", s(&out), "--aes", "high"]);
+    assert!(!ok && err.contains("--aes"), "{err}");
+}
+
+#[test]
+fn clean_prompt_prints_one_line_per_prompt() {
+    let (ok, stdout, err) = qc_run(&["clean-prompt", "--prompt", "A Cat!", "--prompt", "two", "--aes", "none"]);
+    assert!(ok, "{err}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (ok, stdout, _) = qc_run(&["clean-prompt", "--prompt", "A Cat"]);
+    assert!(ok && stdout.contains("aesthetic score: 6.5"), "{stdout}");
+}
+
+#[test]
+fn encode_text_and_decode_subcommands_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t5.safetensors");
+    let io = Checkpoint::open_file(&common::fixture("t5-tiny-io.safetensors")).unwrap();
+    let p: Vec<String> = serde_json::from_str(&io.metadata()["prompts"]).unwrap();
+    let (t5, tok) = (common::fixture("t5-tiny"), common::fixture("t5-tokenizer"));
+    let mut args = vec!["encode-text", "--t5", s(&t5), "--tokenizer", s(&tok), "--max-length", "12", "--output", s(&out)];
+    for q in &p {
+        args.extend(["--prompt", q.as_str()]);
+    }
+    let (ok, _, err) = qc_run(&args);
+    assert!(ok, "{err}");
+    let got = Checkpoint::open_file(&out).unwrap();
+    assert_eq!(got.load_any("input_ids").unwrap().to_i64().unwrap(), io.load_any("input_ids").unwrap().to_i64().unwrap());
+    let e = rel_l2(got.load_f32("last_hidden_state").unwrap().f32().unwrap(), io.load_f32("last_hidden_state").unwrap().f32().unwrap());
+    assert!(e < 1e-4, "last_hidden_state {e}");
+
+    let fx = common::fixture("vae-tiny-decode.safetensors");
+    let out = dir.path().join("video.safetensors");
+    let (ok, _, err) = qc_run(&["decode", "--vae", s(&common::fixture("vae-tiny")), "--inputs", s(&fx), "--output", s(&out)]);
+    assert!(ok, "{err}");
+    let want = Checkpoint::open_file(&fx).unwrap().load_f32("video").unwrap();
+    let e = rel_l2(Checkpoint::open_file(&out).unwrap().load_f32("video").unwrap().f32().unwrap(), want.f32().unwrap());
+    assert!(e < 1e-4, "video {e}");
+}
