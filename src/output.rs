@@ -63,6 +63,24 @@ pub fn quantize_frames(video: &Tensor) -> Result<Tensor> {
     Tensor::new(video.shape(), Storage::U8(q))
 }
 
+/// `[B, C, T, H, W]` enlarged `k` times along H and W by repeating pixels.
+pub fn upscale_nearest(video: &Tensor, k: usize) -> Result<Tensor> {
+    let s = video.shape();
+    ensure!(s.len() == 5 && k >= 1, "upscale expects [B, C, T, H, W] and a factor >= 1");
+    let (h, w) = (s[3], s[4]);
+    let v = video.f32()?;
+    let mut out = Vec::with_capacity(v.len() * k * k);
+    for plane in v.chunks(h * w) {
+        for y in 0..h * k {
+            let row = &plane[(y / k) * w..][..w];
+            for x in 0..w * k {
+                out.push(row[x / k]);
+            }
+        }
+    }
+    Tensor::from_f32(&[s[0], s[1], s[2], h * k, w * k], out)
+}
+
 /// Interleaved RGB frames of sample `b` from `[B, 3, T, H, W]` uint8.
 fn rgb_frames(frames: &Tensor, b: usize) -> Result<Vec<Vec<u8>>> {
     let s = frames.shape();
@@ -210,6 +228,14 @@ mod tests {
         let v = Tensor::from_f32(&[1, 3, 1, 1, 3], vec![-2.0, -1.0, 0.0, 1.0, 3.0, 0.5, -0.5, 0.999, -0.999]).unwrap();
         let Storage::U8(q) = quantize_frames(&v).unwrap().storage().clone() else { panic!() };
         assert_eq!(q, vec![0, 0, 128, 255, 255, 191, 64, 255, 0]);
+    }
+
+    #[test]
+    fn upscaling_repeats_pixels() {
+        let v = Tensor::from_f32(&[1, 1, 1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let u = upscale_nearest(&v, 2).unwrap();
+        assert_eq!(u.shape(), [1, 1, 1, 4, 4]);
+        assert_eq!(u.f32().unwrap(), &[1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0]);
     }
 
     #[test]

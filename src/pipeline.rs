@@ -16,26 +16,56 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Where each part of the model lives.
+/// Where each part of the model lives. Without a VAE the model is pixel-space:
+/// the DiT generates RGB frames in [-1, 1] directly.
 #[derive(Clone, Debug)]
 pub struct ModelPaths {
     pub dit: PathBuf,
     pub t5: PathBuf,
     pub tokenizer: PathBuf,
-    pub vae: PathBuf,
+    pub vae: Option<PathBuf>,
 }
 
 impl ModelPaths {
-    /// `DIR/stdit3`, `DIR/t5`, `DIR/tokenizer`, `DIR/vae`.
+    /// `DIR/stdit3`, `DIR/t5`, `DIR/tokenizer`, and `DIR/vae` when it exists.
     pub fn in_dir(dir: &Path) -> Self {
-        ModelPaths { dit: dir.join("stdit3"), t5: dir.join("t5"), tokenizer: dir.join("tokenizer"), vae: dir.join("vae") }
+        let vae = dir.join("vae");
+        ModelPaths { dit: dir.join("stdit3"), t5: dir.join("t5"), tokenizer: dir.join("tokenizer"), vae: vae.exists().then_some(vae) }
     }
 
     fn check_exist(&self) -> Result<()> {
-        for (what, p) in [("DiT (stdit3)", &self.dit), ("T5 text encoder", &self.t5), ("tokenizer", &self.tokenizer), ("VAE", &self.vae)] {
-            ensure!(p.is_dir(), "{what} directory {} does not exist", p.display());
+        for (what, p) in [("DiT (stdit3)", Some(&self.dit)), ("T5 text encoder", Some(&self.t5)), ("tokenizer", Some(&self.tokenizer)), ("VAE", self.vae.as_ref())] {
+            if let Some(p) = p {
+                ensure!(p.is_dir(), "{what} directory {} does not exist", p.display());
+            }
         }
         Ok(())
+    }
+}
+
+/// Generation defaults a model directory may carry in `defaults.json`
+/// (e.g. the frame size a small model was trained at); absent fields keep
+/// Open-Sora 1.2's sample config.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    pub frames: Option<usize>,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub steps: Option<usize>,
+    pub cfg: Option<f32>,
+    pub fps: Option<f32>,
+}
+
+impl ModelDefaults {
+    /// `dir/defaults.json`, or all-absent when there is none.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let p = dir.join("defaults.json");
+        if !p.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
     }
 }
 
@@ -91,6 +121,8 @@ pub struct Plan {
     paths: ModelPaths,
     dit_cfg: Stdit3Config,
     tokenizer: T5Tokenizer,
+    /// No VAE: the DiT's output is the video.
+    pixel_space: bool,
     decoded: (usize, usize),
     latent: [usize; 3],
     prompts: Vec<String>,
@@ -103,7 +135,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
     paths.check_exist()?;
     let dit_cfg = Stdit3Config::from_dir(&paths.dit)?;
     let t5_cfg = T5Config::from_dir(&paths.t5)?;
-    let vae_cfg = VaeConfig::from_dir(&paths.vae)?;
+    let vae_cfg = paths.vae.as_deref().map(VaeConfig::from_dir).transpose()?;
     let tokenizer = T5Tokenizer::from_dir(&paths.tokenizer)?;
     ensure!(
         tokenizer.vocab_size() <= t5_cfg.vocab_size,
@@ -119,11 +151,25 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
         t5_cfg.d_model,
         dit_cfg.caption_channels
     );
-    let latent_c = vae_cfg.latent_channels()?;
-    ensure!(latent_c == dit_cfg.in_channels, "VAE latent channels {latent_c} do not match the DiT's in_channels {}", dit_cfg.in_channels);
+    let latent_c = match &vae_cfg {
+        Some(v) => v.latent_channels()?,
+        None => 3,
+    };
+    ensure!(
+        latent_c == dit_cfg.in_channels,
+        "{} {latent_c} channels but the DiT has in_channels {}",
+        if vae_cfg.is_some() { "the VAE's latents have" } else { "without a VAE (pixel space) frames are RGB:" },
+        dit_cfg.in_channels
+    );
     ensure!(opts.steps > 0, "--steps must be at least 1");
     ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
-    let latent = vae_cfg.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width))?;
+    let latent = match &vae_cfg {
+        Some(v) => v.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width))?,
+        None => {
+            ensure!(opts.frames > 0 && opts.height > 0 && opts.width > 0, "frames, height and width must be positive, got {} frames of {}x{}", opts.frames, opts.height, opts.width);
+            [opts.frames, opts.height, opts.width]
+        }
+    };
     if let Some(z) = &opts.init_noise {
         let want = [prompts.len(), dit_cfg.in_channels, latent[0], latent[1], latent[2]];
         ensure!(z.shape() == want, "initial noise z0 has shape {:?}; {} prompts of {} frames at {}x{} need {want:?}", z.shape(), prompts.len(), opts.frames, opts.height, opts.width);
@@ -132,8 +178,8 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
         }
     }
     let prompts = prompts.iter().map(|p| if opts.raw_prompt { p.clone() } else { prepare_prompt(p, opts.aes) }).collect();
-    let decoded = vae_cfg.decoded_size(opts.height, opts.width);
-    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, latent, prompts, decoded })
+    let decoded = vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
+    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), latent, prompts, decoded })
 }
 
 impl Plan {
@@ -143,6 +189,11 @@ impl Plan {
 
     pub fn latent(&self) -> [usize; 3] {
         self.latent
+    }
+
+    /// True when the model has no VAE (the DiT generates pixels).
+    pub fn pixel_space(&self) -> bool {
+        self.pixel_space
     }
 
     /// Height and width the VAE will decode (the request rounded down to its pixel grid).
@@ -186,13 +237,17 @@ impl Plan {
         };
         timed("denoising (STDiT3)", &mut report, t);
 
-        progress(Event::Stage("VAE decode"));
-        let t = Instant::now();
-        let video = {
-            let vae = VideoVae::load(&self.paths.vae)?;
-            vae.decode(be, &z, opts.frames)?
+        let video = match &self.paths.vae {
+            Some(dir) => {
+                progress(Event::Stage("VAE decode"));
+                let t = Instant::now();
+                let vae = VideoVae::load(dir)?;
+                let video = vae.decode(be, &z, opts.frames)?;
+                timed("VAE decode", &mut report, t);
+                video
+            }
+            None => z,
         };
-        timed("VAE decode", &mut report, t);
         report.peak_rss_bytes = peak_rss_bytes();
         Ok((video, report))
     }

@@ -92,9 +92,9 @@ fn bad_generate_requests_fail_before_work() {
         let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
         qc_run(&r)
     };
-    // No model at all.
-    let (ok, _, err) = run(&["--output", s(&out)]);
-    assert!(!ok && err.contains("--model"), "{err}");
+    // A model directory that does not exist.
+    let (ok, _, err) = run(&["--model", "/nonexistent-model", "--output", s(&out)]);
+    assert!(!ok && err.contains("/nonexistent-model"), "{err}");
     // Missing part.
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
@@ -162,4 +162,23 @@ fn encode_text_and_decode_subcommands_match_the_reference() {
     let want = Checkpoint::open_file(&fx).unwrap().load_f32("video").unwrap();
     let e = rel_l2(Checkpoint::open_file(&out).unwrap().load_f32("video").unwrap().f32().unwrap(), want.f32().unwrap());
     assert!(e < 1e-4, "video {e}");
+}
+
+#[test]
+fn model_defaults_apply_unless_flags_override_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    std::fs::write(model.join("defaults.json"), r#"{"frames": 17, "height": 12, "width": 16, "steps": 2, "cfg": 3.0, "fps": 8}"#).unwrap();
+    let out = dir.path().join("v.safetensors");
+    let (ok, _, err) = qc_run(&["generate", "--model", s(&model), "--prompt", "a red ball", "--output", s(&out)]);
+    assert!(ok, "{err}");
+    let video = Checkpoint::open_file(&out).unwrap().load_f32("video").unwrap();
+    assert_eq!(video.shape(), [1, 3, 17, 12, 16]);
+    // Flags win over defaults.json; --upscale enlarges the written frames.
+    let (ok, _, err) = qc_run(&["generate", "--model", s(&model), "--prompt", "a red ball", "--frames", "1", "--upscale", "3", "--output", s(&out)]);
+    assert!(ok, "{err}");
+    assert_eq!(Checkpoint::open_file(&out).unwrap().load_f32("video").unwrap().shape(), [1, 3, 1, 36, 48]);
+    std::fs::write(model.join("defaults.json"), r#"{"frame": 17}"#).unwrap();
+    let (ok, _, err) = qc_run(&["generate", "--model", s(&model), "--prompt", "a red ball", "--output", s(&out)]);
+    assert!(!ok && err.contains("defaults.json"), "{err}");
 }

@@ -12,7 +12,7 @@ use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use qc::checkpoint::Checkpoint;
 use qc::model::t5::T5Encoder;
 use qc::model::vae::VideoVae;
-use qc::pipeline::{plan, Event, GenerateOptions, ModelPaths};
+use qc::pipeline::{plan, Event, GenerateOptions, ModelDefaults, ModelPaths};
 use qc::tensor::{Storage, Tensor};
 use qc::text::clean::prepare_prompt;
 use qc::text::tokenizer::T5Tokenizer;
@@ -61,7 +61,8 @@ fn parse_aes(s: &str) -> Result<Aes, String> {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model directory holding stdit3/, t5/, tokenizer/ and vae/ [default: $QC_MODEL_DIR].
+    /// Model directory holding stdit3/, t5/, tokenizer/ and optionally vae/ (without it the model is
+    /// pixel-space) and defaults.json [default: $QC_MODEL_DIR, else the bundled demonstration model].
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// STDiT3 directory, overriding MODEL/stdit3.
@@ -70,7 +71,7 @@ struct ModelArgs {
     /// T5 encoder directory, overriding MODEL/t5.
     #[arg(long, value_name = "DIR")]
     t5: Option<PathBuf>,
-    /// Tokenizer directory (tokenizer.json), overriding MODEL/tokenizer.
+    /// Tokenizer directory (tokenizer.json or spiece.model), overriding MODEL/tokenizer.
     #[arg(long, value_name = "DIR")]
     tokenizer: Option<PathBuf>,
     /// VAE directory, overriding MODEL/vae.
@@ -78,24 +79,37 @@ struct ModelArgs {
     vae: Option<PathBuf>,
 }
 
+/// The demonstration model shipped in the repository.
+const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
+
 impl ModelArgs {
-    fn paths(&self) -> Result<ModelPaths> {
-        let base = self.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from));
-        let part = |given: &Option<PathBuf>, sub: &str, flag: &str| -> Result<PathBuf> {
-            match (given, &base) {
-                (Some(p), _) => Ok(p.clone()),
-                (None, Some(b)) => Ok(b.join(sub)),
-                (None, None) => anyhow::bail!(
-                    "no model given: pass --model DIR (a directory with stdit3/, t5/, tokenizer/, vae/), set QC_MODEL_DIR, or pass {flag} and the other part flags; no default model is bundled yet"
-                ),
-            }
+    /// The model directory in use, if any, and the part paths.
+    fn paths(&self) -> Result<(Option<PathBuf>, ModelPaths)> {
+        let all_parts = self.dit.is_some() && self.t5.is_some() && self.tokenizer.is_some();
+        let base = self.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from)).or_else(|| {
+            let bundled = PathBuf::from(BUNDLED_MODEL);
+            (!all_parts && bundled.join("stdit3").is_dir()).then_some(bundled)
+        });
+        let mut paths = match &base {
+            Some(b) => ModelPaths::in_dir(b),
+            None if all_parts => ModelPaths { dit: PathBuf::new(), t5: PathBuf::new(), tokenizer: PathBuf::new(), vae: None },
+            None => anyhow::bail!(
+                "no model given and no bundled model at {BUNDLED_MODEL}: pass --model DIR (a directory with stdit3/, t5/, tokenizer/ and vae/), set QC_MODEL_DIR, or pass --dit, --t5, --tokenizer (and --vae)"
+            ),
         };
-        Ok(ModelPaths {
-            dit: part(&self.dit, "stdit3", "--dit")?,
-            t5: part(&self.t5, "t5", "--t5")?,
-            tokenizer: part(&self.tokenizer, "tokenizer", "--tokenizer")?,
-            vae: part(&self.vae, "vae", "--vae")?,
-        })
+        if let Some(p) = &self.dit {
+            paths.dit = p.clone();
+        }
+        if let Some(p) = &self.t5 {
+            paths.t5 = p.clone();
+        }
+        if let Some(p) = &self.tokenizer {
+            paths.tokenizer = p.clone();
+        }
+        if let Some(p) = &self.vae {
+            paths.vae = Some(p.clone());
+        }
+        Ok((base, paths))
     }
 }
 
@@ -109,24 +123,27 @@ struct GenerateArgs {
     prompt_file: Option<PathBuf>,
     #[command(flatten)]
     models: ModelArgs,
-    /// Number of video frames (51 is Open-Sora's "2s"; 1 makes an image).
-    #[arg(long, default_value_t = 51)]
-    frames: usize,
-    /// Video height in pixels (240 with width 426 is Open-Sora's 240p 9:16).
-    #[arg(long, default_value_t = 240)]
-    height: usize,
-    /// Video width in pixels.
-    #[arg(long, default_value_t = 426)]
-    width: usize,
-    /// Sampling steps.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.0)]
-    cfg: f32,
-    /// Frames per second: conditions the DiT and sets the playback rate of the output.
-    #[arg(long, default_value_t = 24.0)]
-    fps: f32,
+    /// Number of video frames [default: the model's defaults.json, else 51, Open-Sora's "2s"; 1 makes an image].
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Video height in pixels [default: defaults.json, else 240 (with width 426: Open-Sora's 240p 9:16)].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Video width in pixels [default: defaults.json, else 426].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Sampling steps [default: defaults.json, else 30].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale [default: defaults.json, else 7.0].
+    #[arg(long)]
+    cfg: Option<f32>,
+    /// Frames per second: conditions the DiT and sets the playback rate [default: defaults.json, else 24].
+    #[arg(long)]
+    fps: Option<f32>,
+    /// Enlarge the written frames by this integer factor (nearest neighbour), for small models' videos.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    upscale: usize,
     /// Aesthetic score appended to each prompt (" aesthetic score: 6.5."), or "none".
     #[arg(long, default_value = "6.5", value_parser = parse_aes, value_name = "SCORE|none")]
     aes: Aes,
@@ -329,19 +346,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
         prompts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
     }
     anyhow::ensure!(!prompts.is_empty(), "no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE");
-    let paths = a.models.paths()?;
+    let (model_dir, paths) = a.models.paths()?;
+    let defaults = match &model_dir {
+        Some(d) => ModelDefaults::from_dir(d)?,
+        None => ModelDefaults::default(),
+    };
+    anyhow::ensure!((1..=16).contains(&a.upscale), "--upscale must be between 1 and 16");
     qc::output::check_writable(&a.output)?;
     let init_noise = match &a.init_noise {
         Some(p) => Some(Checkpoint::open_file(p).and_then(|c| c.load_f32("z0")).with_context(|| format!("--init-noise {}", p.display()))?),
         None => None,
     };
+    let official = GenerateOptions::default();
     let opts = GenerateOptions {
-        frames: a.frames,
-        height: a.height,
-        width: a.width,
-        steps: a.steps,
-        cfg: a.cfg,
-        fps: a.fps,
+        frames: a.frames.or(defaults.frames).unwrap_or(official.frames),
+        height: a.height.or(defaults.height).unwrap_or(official.height),
+        width: a.width.or(defaults.width).unwrap_or(official.width),
+        steps: a.steps.or(defaults.steps).unwrap_or(official.steps),
+        cfg: a.cfg.or(defaults.cfg).unwrap_or(official.cfg),
+        fps: a.fps.or(defaults.fps).unwrap_or(official.fps),
         aes: a.aes.0,
         raw_prompt: a.raw_prompt,
         seed: a.seed,
@@ -367,6 +390,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let t = std::time::Instant::now();
+    let video = if a.upscale > 1 { qc::output::upscale_nearest(&video, a.upscale)? } else { video };
     let written = qc::output::write_video(&a.output, &video, opts.fps)?;
     let write_s = t.elapsed().as_secs_f64();
     let s = video.shape();
