@@ -3,6 +3,7 @@
 //! hand-written CUDA kernels.
 
 pub mod backend;
+pub mod cache;
 pub mod checkpoint;
 pub mod io;
 pub mod model;

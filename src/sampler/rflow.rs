@@ -3,7 +3,7 @@
 //! float32 order of operations so timesteps agree to the last bits.
 
 use crate::backend::Backend;
-use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3};
+use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3, StepAction};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
@@ -100,12 +100,18 @@ pub fn sample(
 
     let out_c = model.cfg.in_channels;
     let mut z = z0.clone();
+    let mut last_v: Option<Tensor> = None;
     for (i, t) in ts.iter().enumerate() {
-        let z_in = be.concat(&[&z, &z])?;
-        let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
-        let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
-        let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
-        let v = be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?;
+        let v = match (hooks.step_action(i, ts.len()), last_v.take()) {
+            (StepAction::ReusePrevious, Some(v)) => v,
+            _ => {
+                let z_in = be.concat(&[&z, &z])?;
+                let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
+                let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
+                let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
+                be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?
+            }
+        };
         let dt: Vec<f32> = (0..b)
             .map(|s| {
                 let d = if i + 1 < ts.len() { t[s] - ts[i + 1][s] } else { t[s] };
@@ -113,6 +119,7 @@ pub fn sample(
             })
             .collect();
         be.euler_step(&mut z, &v, &dt)?;
+        last_v = Some(v);
         progress(i + 1, ts.len());
     }
     Ok((z, ts))

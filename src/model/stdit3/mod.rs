@@ -36,9 +36,21 @@ pub enum BlockAction {
     Skip,
 }
 
-/// Callbacks through which policies (caching, pruning) steer the forward and
-/// tracing observes it. Both methods default to "compute, ignore".
+/// What the sampler does at one denoising step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepAction {
+    Compute,
+    /// Reuse the previous step's guided velocity: the DiT is not run at all.
+    ReusePrevious,
+}
+
+/// Callbacks through which policies (caching, pruning) steer sampling and the
+/// forward, and tracing observes it. Every method defaults to "compute, ignore".
 pub trait ForwardHooks {
+    /// Called by the sampler before step `step` of `steps`.
+    fn step_action(&mut self, _step: usize, _steps: usize) -> StepAction {
+        StepAction::Compute
+    }
     fn block_action(&mut self, _id: BlockId) -> BlockAction {
         BlockAction::Compute
     }

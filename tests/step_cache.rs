@@ -1,0 +1,33 @@
+//! Step-level reuse changes the result only through the skipped steps, and
+//! really skips the DiT.
+
+mod common;
+
+use qc::backend::cpu::CpuBackend;
+use qc::cache::{Counting, StaticK};
+use qc::model::stdit3::inputs::SampleInputs;
+use qc::model::stdit3::{NoHooks, Stdit3};
+use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use qc::tensor::rel_l2;
+
+#[test]
+fn static_k_skips_forwards_and_stays_close() {
+    let be = CpuBackend::new();
+    let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
+    let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
+    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let cfg = RflowConfig { num_steps: 6, ..RflowConfig::default() };
+    let (full, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
+    let mut k1 = StaticK { k: 1 };
+    let (same, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut k1, &mut |_, _| {}).unwrap();
+    assert_eq!(same.f32().unwrap(), full.f32().unwrap(), "static:1 is the reference");
+    let mut k2 = StaticK { k: 2 };
+    let blocks = 2 * model.cfg.depth;
+    let mut counting = Counting::new(&mut k2, blocks);
+    let (fast, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut counting, &mut |_, _| {}).unwrap();
+    // Steps 0, 2, 4, 5 computed: 4 of 6 forwards.
+    assert_eq!(counting.blocks_computed, 4 * blocks);
+    assert_eq!(counting.blocks_total, 6 * blocks);
+    let e = rel_l2(fast.f32().unwrap(), full.f32().unwrap());
+    assert!(e > 1e-6, "skipping steps must change the result ({e})");
+}
