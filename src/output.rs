@@ -114,7 +114,7 @@ pub fn sample_path(path: &Path, b: usize, n: usize) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn png_bytes(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+pub(crate) fn png_bytes(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);

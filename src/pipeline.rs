@@ -4,7 +4,7 @@
 //! after it, so at most one model's weights are in memory at a time.
 
 use crate::backend::Backend;
-use crate::model::stdit3::{NoHooks, Stdit3, Stdit3Config};
+use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::vae::{VaeConfig, VideoVae};
 use crate::rng::Rng;
@@ -201,8 +201,13 @@ impl Plan {
         self.decoded
     }
 
-    /// Runs every stage; returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
-    pub fn run(self, be: &dyn Backend, opts: &GenerateOptions, progress: &mut dyn FnMut(Event)) -> Result<(Tensor, Report)> {
+    /// DiT block evaluations in one forward (spatial + temporal blocks).
+    pub fn blocks_per_forward(&self) -> usize {
+        2 * self.dit_cfg.depth
+    }
+
+    /// Runs every stage, sampling under `hooks` (a caching policy, or none); returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
+    pub fn run(self, be: &dyn Backend, opts: &GenerateOptions, hooks: &mut dyn ForwardHooks, progress: &mut dyn FnMut(Event)) -> Result<(Tensor, Report)> {
         let mut report = Report { prompts: self.prompts.clone(), latent: self.latent, ..Report::default() };
         let b = self.prompts.len();
         let l = self.dit_cfg.model_max_length;
@@ -233,7 +238,7 @@ impl Plan {
             let dit = Stdit3::load(&self.paths.dit)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };
-            sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |i, n| progress(Event::Step(i, n)))?.0
+            sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
         };
         timed("denoising (STDiT3)", &mut report, t);
 

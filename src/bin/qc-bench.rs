@@ -10,6 +10,7 @@ use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Stdit3Config, Stdit3Weights};
 use qc::rng::Rng;
 use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use qc::tensor::Tensor;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -26,6 +27,34 @@ struct Cli {
 enum Command {
     /// CPU: machine peak (large f32 GEMM), GEMM at the DiT's shapes, one STDiT3 forward and one sampling step.
     Cpu(CpuArgs),
+    /// Quality of accelerated modes against the full computation: PSNR, SSIM, MAE, temporal
+    /// consistency, blocks computed, DiT time and prompt following; writes quality.md and strip.png.
+    Quality(QualityArgs),
+}
+
+#[derive(Args)]
+struct QualityArgs {
+    /// Model directory (stdit3/, t5/, tokenizer/, optional vae/, defaults.json) [default: $QC_MODEL_DIR, else the bundled demo model].
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// JSON list of {prompt, colour, direction} [default: tools/train-demo/heldout_prompts.json].
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Accelerated modes to compare with the reference, comma-separated (reference, static:K).
+    #[arg(long, default_value = "static:2", value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Seeds, comma-separated.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Use only the first N prompts.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Prompts shown in the image strip.
+    #[arg(long, default_value_t = 4)]
+    strip: usize,
+    /// Output directory for quality.md and strip.png.
+    #[arg(long, default_value = "quality-report", value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -63,11 +92,11 @@ fn run(cli: Cli) -> Result<()> {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
-    let args = match cli.command {
-        Some(Command::Cpu(a)) => a,
-        None => CpuArgs::parse_from_defaults(),
-    };
-    cpu(&args)
+    match cli.command {
+        Some(Command::Cpu(a)) => cpu(&a),
+        Some(Command::Quality(a)) => quality(&a),
+        None => cpu(&CpuArgs::parse_from_defaults()),
+    }
 }
 
 impl CpuArgs {
@@ -185,4 +214,47 @@ fn cpu_name() -> String {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn quality(a: &QualityArgs) -> Result<()> {
+    use qc::pipeline::{GenerateOptions, ModelDefaults, ModelPaths};
+    use qc::quality::harness;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = a.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from)).unwrap_or_else(|| root.join("models/demo"));
+    anyhow::ensure!(dir.is_dir(), "model directory {} does not exist (pass --model)", dir.display());
+    let prompts = a.prompts.clone().unwrap_or_else(|| root.join("tools/train-demo/heldout_prompts.json"));
+    let mut cases = harness::read_cases(&prompts)?;
+    if let Some(n) = a.limit {
+        cases.truncate(n);
+    }
+    let d = ModelDefaults::from_dir(&dir)?;
+    let o = GenerateOptions::default();
+    let base = GenerateOptions {
+        frames: d.frames.unwrap_or(o.frames),
+        height: d.height.unwrap_or(o.height),
+        width: d.width.unwrap_or(o.width),
+        steps: d.steps.unwrap_or(o.steps),
+        cfg: d.cfg.unwrap_or(o.cfg),
+        fps: d.fps.unwrap_or(o.fps),
+        ..o
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
+    let be = CpuBackend::new();
+    let paths = ModelPaths::in_dir(&dir);
+    let total = cases.len() * a.seeds.len() * (a.modes.len() + 1);
+    let mut done = 0;
+    let (runs, strips) = harness::run_all(&be, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
+        done += 1;
+        eprint!("\r[{done}/{total}] {what:<80}");
+    })?;
+    eprintln!();
+    let md = harness::markdown(&runs, &cases);
+    qc::io::write_atomic(&a.out.join("quality.md"), md.as_bytes())?;
+    if !strips.is_empty() {
+        harness::write_strip(&a.out.join("strip.png"), &strips, 4)?;
+    }
+    let summary: String = md.lines().take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+    println!("# qc-bench quality: {} prompts x {} seeds, {} steps, cfg {}, model {}\n\n{summary}", cases.len(), a.seeds.len(), base.steps, base.cfg, dir.display());
+    println!("\nwrote {} and {}", a.out.join("quality.md").display(), a.out.join("strip.png").display());
+    Ok(())
 }

@@ -381,7 +381,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let be = CpuBackend::new();
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let (video, report) = plan.run(&be, &opts, &mut |e| match e {
+    let (video, report) = plan.run(&be, &opts, &mut NoHooks, &mut |e| match e {
         Event::Stage(name) => {
             bar.set_message(name.to_string());
             bar.tick();

@@ -3,6 +3,7 @@
 //! prompt-following detector for the demonstration model's domain.
 
 pub mod detector;
+pub mod harness;
 
 /// Metrics of one video `[3, T, H, W]` (values in about [-1, 1]) against its reference.
 #[derive(Clone, Copy, Debug, Default)]

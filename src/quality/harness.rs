@@ -1,0 +1,220 @@
+//! The quality harness: for a prompt set and seeds, generate with the
+//! reference (full computation) and with each accelerated mode, compare, and
+//! check that the videos still show what was asked.
+
+use super::detector::detect;
+use super::{compare, VideoMetrics};
+use crate::backend::Backend;
+use crate::cache::{policy, Counting};
+use crate::io::write_atomic;
+use crate::pipeline::{plan, GenerateOptions, ModelPaths};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Context, Result};
+use serde::Deserialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One prompt with the ground truth the detector checks.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PromptCase {
+    pub prompt: String,
+    pub colour: String,
+    pub direction: String,
+}
+
+pub fn read_cases(path: &Path) -> Result<Vec<PromptCase>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompt set {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of {{prompt, colour, direction}}", path.display()))
+}
+
+/// One generated video of one mode.
+pub struct Run {
+    pub case: usize,
+    pub seed: u64,
+    pub mode: String,
+    pub metrics: VideoMetrics,
+    pub follows_prompt: bool,
+    pub blocks_computed: f64,
+    pub dit_seconds: f64,
+}
+
+pub struct Summary {
+    pub mode: String,
+    pub runs: usize,
+    pub psnr: f64,
+    pub ssim: f64,
+    pub mae: f64,
+    pub temporal_ratio: f64,
+    pub blocks_computed: f64,
+    pub dit_seconds: f64,
+    pub prompt_following: f64,
+}
+
+fn follows(video: &Tensor, case: &PromptCase) -> Result<bool> {
+    let s = video.shape();
+    let v = video.f32()?;
+    Ok(match detect(v, s[2], s[3], s[4]) {
+        Some(d) => d.colour == case.colour && d.direction == Some(case.direction.as_str()),
+        None => false,
+    })
+}
+
+/// Generates every case with the reference and each mode; returns all runs
+/// (reference first) and, for the image strip, the videos of the first `strip` cases.
+pub fn run_all(
+    be: &dyn Backend,
+    paths: &ModelPaths,
+    base: &GenerateOptions,
+    cases: &[PromptCase],
+    seeds: &[u64],
+    modes: &[String],
+    strip: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<Run>, Vec<Vec<Tensor>>)> {
+    ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set and the seed list must not be empty");
+    for m in modes {
+        policy(m)?;
+    }
+    let mut runs = Vec::new();
+    let mut strips = Vec::new();
+    let all_modes: Vec<String> = std::iter::once("reference".to_string()).chain(modes.iter().cloned()).collect();
+    for (ci, case) in cases.iter().enumerate() {
+        for &seed in seeds {
+            let mut reference: Option<Tensor> = None;
+            let mut row = Vec::new();
+            for mode in &all_modes {
+                progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
+                let opts = GenerateOptions { seed, ..base.clone() };
+                let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
+                let mut pol = policy(mode)?;
+                let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
+                let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;
+                let dit_seconds = report.stages.iter().find(|(n, _)| n.starts_with("denoising")).map_or(0.0, |s| s.1);
+                let s = video.shape().to_vec();
+                let shape = [s[1], s[2], s[3], s[4]];
+                let metrics = match &reference {
+                    None => compare(video.f32()?, video.f32()?, shape),
+                    Some(r) => compare(r.f32()?, video.f32()?, shape),
+                };
+                runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(), dit_seconds });
+                if ci < strip && seed == seeds[0] {
+                    row.push(video.clone());
+                }
+                if reference.is_none() {
+                    reference = Some(video);
+                }
+            }
+            if !row.is_empty() {
+                strips.push(row);
+            }
+        }
+    }
+    Ok((runs, strips))
+}
+
+/// Per-mode means (PSNR over finite values; the reference is identical to itself).
+pub fn summarize(runs: &[Run]) -> Vec<Summary> {
+    let mut modes: Vec<String> = Vec::new();
+    for r in runs {
+        if !modes.contains(&r.mode) {
+            modes.push(r.mode.clone());
+        }
+    }
+    modes
+        .into_iter()
+        .map(|m| {
+            let rs: Vec<&Run> = runs.iter().filter(|r| r.mode == m).collect();
+            let n = rs.len() as f64;
+            let mean = |f: &dyn Fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
+            let finite: Vec<f64> = rs.iter().map(|r| r.metrics.psnr).filter(|p| p.is_finite()).collect();
+            Summary {
+                mode: m,
+                runs: rs.len(),
+                psnr: if finite.is_empty() { f64::INFINITY } else { finite.iter().sum::<f64>() / finite.len() as f64 },
+                ssim: mean(&|r| r.metrics.ssim),
+                mae: mean(&|r| r.metrics.mae),
+                temporal_ratio: mean(&|r| r.metrics.temporal_ratio),
+                blocks_computed: mean(&|r| r.blocks_computed),
+                dit_seconds: mean(&|r| r.dit_seconds),
+                prompt_following: rs.iter().filter(|r| r.follows_prompt).count() as f64 / n,
+            }
+        })
+        .collect()
+}
+
+/// The markdown report: a summary per mode, then every video.
+pub fn markdown(runs: &[Run], cases: &[PromptCase]) -> String {
+    let sums = summarize(runs);
+    let ref_time = sums.first().map_or(0.0, |s| s.dit_seconds);
+    let mut out = String::new();
+    let _ = writeln!(out, "| mode | videos | PSNR (dB) | SSIM | MAE | temporal ratio | blocks computed | DiT time (s) | speed-up | prompt following |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for s in &sums {
+        let psnr = if s.psnr.is_finite() { format!("{:.2}", s.psnr) } else { "inf".into() };
+        let speed = if s.dit_seconds > 0.0 { ref_time / s.dit_seconds } else { f64::NAN };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {psnr} | {:.4} | {:.4} | {:.3} | {:.1}% | {:.3} | {speed:.2}x | {:.0}% |",
+            s.mode,
+            s.runs,
+            s.ssim,
+            s.mae,
+            s.temporal_ratio,
+            100.0 * s.blocks_computed,
+            s.dit_seconds,
+            100.0 * s.prompt_following
+        );
+    }
+    let _ = writeln!(out, "\n| prompt | seed | mode | PSNR | SSIM | MAE | temporal | follows |");
+    let _ = writeln!(out, "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |");
+    for r in runs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {:.4} | {:.4} | {:.3} | {} |",
+            cases[r.case].prompt,
+            r.seed,
+            r.mode,
+            r.metrics.psnr,
+            r.metrics.ssim,
+            r.metrics.mae,
+            r.metrics.temporal_ratio,
+            if r.follows_prompt { "yes" } else { "no" }
+        );
+    }
+    out
+}
+
+/// A PNG: one band per case, one row per mode (reference first), frames left to right,
+/// each pixel enlarged `scale` times, with a 2-pixel gap between rows and bands.
+pub fn write_strip(path: &Path, strips: &[Vec<Tensor>], scale: usize) -> Result<()> {
+    ensure!(!strips.is_empty() && !strips[0].is_empty(), "no videos for the image strip");
+    let s = strips[0][0].shape();
+    let (t, h, w) = (s[2], s[3], s[4]);
+    let gap = 2;
+    let (fw, fh) = (w * scale, h * scale);
+    let width = t * (fw + gap);
+    let rows: usize = strips.iter().map(|r| r.len()).sum();
+    let height = rows * (fh + gap) + strips.len() * gap;
+    let mut img = vec![255u8; width * height * 3];
+    let mut y0 = 0;
+    for band in strips {
+        for video in band {
+            let v = video.f32()?;
+            for ti in 0..t {
+                for y in 0..fh {
+                    for x in 0..fw {
+                        let (sy, sx) = (y / scale, x / scale);
+                        let o = ((y0 + y) * width + ti * (fw + gap) + x) * 3;
+                        for c in 0..3 {
+                            let val = v[((c * t) + ti) * h * w + sy * w + sx];
+                            img[o + c] = (((val.clamp(-1.0, 1.0) + 1.0) / 2.0) * 255.0 + 0.5) as u8;
+                        }
+                    }
+                }
+            }
+            y0 += fh + gap;
+        }
+        y0 += gap;
+    }
+    write_atomic(path, &crate::output::png_bytes(&img, width, height)?)
+}
