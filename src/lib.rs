@@ -15,6 +15,15 @@ pub mod sampler;
 pub mod tensor;
 pub mod text;
 
+/// Sizes the CPU worker pool (`--threads`); `None` keeps one thread per core.
+pub fn set_threads(n: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = n {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow::anyhow!("configuring --threads: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Version and build features: whether CUDA kernels are compiled in, and the
 /// CPU features the backend uses.
 pub fn build_info() -> String {

@@ -49,11 +49,6 @@ impl Linear {
         };
         Ok(Linear { weight, bias, in_features: k, out_features: n })
     }
-
-    /// Same as [`Linear::new`]; kept for callers written before half weights existed.
-    pub fn f32(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Self::new(weight, bias)
-    }
 }
 
 /// Activation fused after a linear layer's bias.

@@ -88,10 +88,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
-    }
+    qc::set_threads(cli.threads)?;
     match cli.command {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),

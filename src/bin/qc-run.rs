@@ -255,10 +255,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring --threads")?;
-    }
+    qc::set_threads(cli.threads)?;
     match cli.command {
         Command::Forward(a) => forward(a),
         Command::Sample(a) => sample_cmd(a),

@@ -6,21 +6,13 @@ use super::super::CpuBackend;
 use crate::backend::conv::{ConvOps, ConvWeight, Pad3};
 use crate::backend::Activation;
 use crate::rng::Rng;
-use crate::tensor::{rel_l2, Tensor};
+use crate::tensor::Tensor;
 
 /// (input shape, output channels, kernel, padding, with bias)
 type Conv3dCase = ([usize; 5], usize, [usize; 3], Pad3, bool);
 type Conv2dCase = ([usize; 4], usize, [usize; 2], [usize; 2], bool);
 
-fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
-    Tensor::from_f32(shape, rng.normal_vec(shape.iter().product())).unwrap()
-}
-
-fn assert_close(got: &Tensor, want: &[f64], tol: f64, what: &str) {
-    let w: Vec<f32> = want.iter().map(|&x| x as f32).collect();
-    let e = rel_l2(got.f32().unwrap(), &w);
-    assert!(e < tol, "{what}: relative L2 error {e:.3e}");
-}
+use crate::backend::cpu::tests::{assert_close, rand};
 
 /// `F.pad` with zeros then `F.conv3d`, in f64.
 fn naive_conv3d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: Pad3) -> (Vec<f64>, [usize; 5]) {

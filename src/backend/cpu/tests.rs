@@ -6,11 +6,11 @@ use crate::backend::{Activation, Backend, Linear, ModRef, PatchGrid, Rope, RowGr
 use crate::rng::Rng;
 use crate::tensor::{rel_l2, Tensor};
 
-fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
+pub(crate) fn rand(rng: &mut Rng, shape: &[usize]) -> Tensor {
     Tensor::from_f32(shape, rng.normal_vec(shape.iter().product())).unwrap()
 }
 
-fn assert_close(got: &Tensor, want: &[f64], tol: f64, what: &str) {
+pub(crate) fn assert_close(got: &Tensor, want: &[f64], tol: f64, what: &str) {
     let w: Vec<f32> = want.iter().map(|&x| x as f32).collect();
     let e = rel_l2(got.f32().unwrap(), &w);
     assert!(e < tol, "{what}: relative L2 error {e:.3e}");

@@ -152,7 +152,7 @@ fn norm(src: &mut dyn Source, prefix: &str, c: usize) -> GroupNormWeights {
 fn linear(src: &mut dyn Source, prefix: &str, out: usize, inp: usize) -> Linear {
     let w = src.get(&format!("{prefix}.weight"), &[out, inp]);
     let b = src.get(&format!("{prefix}.bias"), &[out]);
-    Linear::f32(w, Some(b)).expect("shapes checked by the loader")
+    Linear::new(w, Some(b)).expect("shapes checked by the loader")
 }
 
 fn resnet2d(src: &mut dyn Source, prefix: &str, cin: usize, cout: usize) -> Resnet2d {
