@@ -55,6 +55,26 @@ pub struct ModelDefaults {
     pub steps: Option<usize>,
     pub cfg: Option<f32>,
     pub fps: Option<f32>,
+    /// Open-Sora's resolution/length timestep transform; models trained without it
+    /// (e.g. pixel-space ones with fewer than 17 frames, where it maps every step to 0) turn it off.
+    pub timestep_transform: Option<bool>,
+}
+
+impl ModelDefaults {
+    /// These defaults over Open-Sora 1.2's.
+    pub fn options(&self) -> GenerateOptions {
+        let o = GenerateOptions::default();
+        GenerateOptions {
+            frames: self.frames.unwrap_or(o.frames),
+            height: self.height.unwrap_or(o.height),
+            width: self.width.unwrap_or(o.width),
+            steps: self.steps.unwrap_or(o.steps),
+            cfg: self.cfg.unwrap_or(o.cfg),
+            fps: self.fps.unwrap_or(o.fps),
+            timestep_transform: self.timestep_transform.unwrap_or(o.timestep_transform),
+            ..o
+        }
+    }
 }
 
 impl ModelDefaults {
@@ -78,6 +98,8 @@ pub struct GenerateOptions {
     pub steps: usize,
     pub cfg: f32,
     pub fps: f32,
+    /// Open-Sora's resolution/length timestep transform.
+    pub timestep_transform: bool,
     /// Aesthetic score appended to each prompt; `None` appends nothing.
     pub aes: Option<f32>,
     /// Skip Open-Sora's caption cleaning.
@@ -89,7 +111,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None }
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None }
     }
 }
 
@@ -236,7 +258,7 @@ impl Plan {
         };
         let z = {
             let dit = Stdit3::load(&self.paths.dit)?;
-            let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, ..RflowConfig::default() };
+            let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };
             sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
         };

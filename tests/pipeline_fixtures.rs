@@ -168,7 +168,7 @@ fn encode_text_and_decode_subcommands_match_the_reference() {
 fn model_defaults_apply_unless_flags_override_them() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
-    std::fs::write(model.join("defaults.json"), r#"{"frames": 17, "height": 12, "width": 16, "steps": 2, "cfg": 3.0, "fps": 8}"#).unwrap();
+    std::fs::write(model.join("defaults.json"), r#"{"frames": 17, "height": 12, "width": 16, "steps": 2, "cfg": 3.0, "fps": 8, "timestep_transform": false}"#).unwrap();
     let out = dir.path().join("v.safetensors");
     let (ok, _, err) = qc_run(&["generate", "--model", s(&model), "--prompt", "a red ball", "--output", s(&out)]);
     assert!(ok, "{err}");

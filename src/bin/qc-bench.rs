@@ -214,7 +214,7 @@ fn cpu_name() -> String {
 }
 
 fn quality(a: &QualityArgs) -> Result<()> {
-    use qc::pipeline::{GenerateOptions, ModelDefaults, ModelPaths};
+    use qc::pipeline::{ModelDefaults, ModelPaths};
     use qc::quality::harness;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = a.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from)).unwrap_or_else(|| root.join("models/demo"));
@@ -224,17 +224,7 @@ fn quality(a: &QualityArgs) -> Result<()> {
     if let Some(n) = a.limit {
         cases.truncate(n);
     }
-    let d = ModelDefaults::from_dir(&dir)?;
-    let o = GenerateOptions::default();
-    let base = GenerateOptions {
-        frames: d.frames.unwrap_or(o.frames),
-        height: d.height.unwrap_or(o.height),
-        width: d.width.unwrap_or(o.width),
-        steps: d.steps.unwrap_or(o.steps),
-        cfg: d.cfg.unwrap_or(o.cfg),
-        fps: d.fps.unwrap_or(o.fps),
-        ..o
-    };
+    let base = ModelDefaults::from_dir(&dir)?.options();
     std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
     let be = CpuBackend::new();
     let paths = ModelPaths::in_dir(&dir);

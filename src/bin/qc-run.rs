@@ -141,6 +141,9 @@ struct GenerateArgs {
     /// Frames per second: conditions the DiT and sets the playback rate [default: defaults.json, else 24].
     #[arg(long)]
     fps: Option<f32>,
+    /// Open-Sora's resolution/length timestep transform, "on" or "off" [default: defaults.json, else on].
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    timestep_transform: Option<String>,
     /// Enlarge the written frames by this integer factor (nearest neighbour), for small models' videos.
     #[arg(long, default_value_t = 1, value_name = "N")]
     upscale: usize,
@@ -354,14 +357,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
         Some(p) => Some(Checkpoint::open_file(p).and_then(|c| c.load_f32("z0")).with_context(|| format!("--init-noise {}", p.display()))?),
         None => None,
     };
-    let official = GenerateOptions::default();
+    let base = defaults.options();
     let opts = GenerateOptions {
-        frames: a.frames.or(defaults.frames).unwrap_or(official.frames),
-        height: a.height.or(defaults.height).unwrap_or(official.height),
-        width: a.width.or(defaults.width).unwrap_or(official.width),
-        steps: a.steps.or(defaults.steps).unwrap_or(official.steps),
-        cfg: a.cfg.or(defaults.cfg).unwrap_or(official.cfg),
-        fps: a.fps.or(defaults.fps).unwrap_or(official.fps),
+        frames: a.frames.unwrap_or(base.frames),
+        height: a.height.unwrap_or(base.height),
+        width: a.width.unwrap_or(base.width),
+        steps: a.steps.unwrap_or(base.steps),
+        cfg: a.cfg.unwrap_or(base.cfg),
+        fps: a.fps.unwrap_or(base.fps),
+        timestep_transform: a.timestep_transform.as_deref().map_or(base.timestep_transform, |v| v == "on"),
         aes: a.aes.0,
         raw_prompt: a.raw_prompt,
         seed: a.seed,
