@@ -30,6 +30,31 @@ enum Command {
     /// Quality of accelerated modes against the full computation: PSNR, SSIM, MAE, temporal
     /// consistency, blocks computed, DiT time and prompt following; writes quality.md and strip.png.
     Quality(QualityArgs),
+    /// The same generation (prompt, noise, steps, threads) with the engine and with the demo
+    /// model's own PyTorch sampler (tools/train-demo/sample_torch.py): times per stage and their ratio.
+    Torch(TorchArgs),
+}
+
+#[derive(Args)]
+struct TorchArgs {
+    /// Model directory [default: $QC_MODEL_DIR, else the bundled demo model].
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long, default_value = "a red circle moving right")]
+    prompt: String,
+    /// Seed of the shared initial noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sampling steps [default: the model's defaults.json].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Python with torch, safetensors and tokenizers (tools/train-demo/setup.sh makes one).
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// Timed repetitions of each side (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(Args)]
@@ -92,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),
+        Some(Command::Torch(a)) => torch(&a),
         None => cpu(&CpuArgs::parse_from_defaults()),
     }
 }
@@ -243,5 +269,98 @@ fn quality(a: &QualityArgs) -> Result<()> {
     let summary: String = md.lines().take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
     println!("# qc-bench quality: {} prompts x {} seeds, {} steps, cfg {}, model {}\n\n{summary}", cases.len(), a.seeds.len(), base.steps, base.cfg, dir.display());
     println!("\nwrote {} and {}", a.out.join("quality.md").display(), a.out.join("strip.png").display());
+    Ok(())
+}
+
+/// Seconds of `text encoding`, `DiT loop` printed by sample_torch.py.
+fn parse_torch_times(out: &str) -> Option<(f64, f64)> {
+    let line = out.lines().rev().find(|l| l.starts_with("text encoding"))?;
+    let num = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.trim_start().split('s').next()?.trim().parse().ok()
+    };
+    Some((num("text encoding")?, num("DiT loop")?))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn torch(a: &TorchArgs) -> Result<()> {
+    use qc::checkpoint::Checkpoint;
+    use qc::model::stdit3::NoHooks;
+    use qc::pipeline::{plan, ModelDefaults, ModelPaths};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = a.model.clone().or_else(|| std::env::var_os("QC_MODEL_DIR").map(PathBuf::from)).unwrap_or_else(|| root.join("models/demo"));
+    anyhow::ensure!(dir.is_dir(), "model directory {} does not exist (pass --model)", dir.display());
+    let python = a.python.clone().unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/quantcache/train-venv/bin/python"));
+    anyhow::ensure!(python.is_file(), "no Python at {} (run tools/train-demo/setup.sh or pass --python)", python.display());
+    let script = root.join("tools/train-demo/sample_torch.py");
+    let mut opts = ModelDefaults::from_dir(&dir)?.options();
+    if let Some(s) = a.steps {
+        opts.steps = s;
+    }
+    let paths = ModelPaths::in_dir(&dir);
+    anyhow::ensure!(paths.vae.is_none(), "the PyTorch comparison covers pixel-space models (no vae/) only");
+    let tmp = std::env::temp_dir().join(format!("qc-bench-torch-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let noise_path = tmp.join("z0.safetensors");
+    let c = qc::model::stdit3::Stdit3Config::from_dir(&paths.dit)?.in_channels;
+    let n = c * opts.frames * opts.height * opts.width;
+    let z0 = Tensor::from_f32(&[1, c, opts.frames, opts.height, opts.width], Rng::new(a.seed).normal_vec(n))?;
+    qc::io::write_safetensors(&noise_path, &[("z0".into(), z0.clone())], None)?;
+    opts.init_noise = Some(z0);
+    let threads = rayon::current_num_threads();
+
+    let be = CpuBackend::new();
+    let (mut e_text, mut e_dit, mut video) = (Vec::new(), Vec::new(), None);
+    for _ in 0..a.reps.max(1) + 1 {
+        let p = plan(&paths, std::slice::from_ref(&a.prompt), &opts)?;
+        let (v, report) = p.run(&be, &opts, &mut NoHooks, &mut |_| {})?;
+        e_text.push(report.stages[0].1);
+        e_dit.push(report.stages[1].1);
+        video = Some(v);
+    }
+    // The first run warms caches and page mappings; drop it as the median's outlier guard.
+    e_text.remove(0);
+    e_dit.remove(0);
+
+    let out_path = tmp.join("torch.safetensors");
+    let (mut t_text, mut t_dit) = (Vec::new(), Vec::new());
+    for _ in 0..a.reps.max(1) + 1 {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["--model", dir.to_str().unwrap_or_default(), "--prompt", &a.prompt, "--steps", &opts.steps.to_string()])
+            .args(["--timestep-transform", if opts.timestep_transform { "on" } else { "off" }, "--threads", &threads.to_string()])
+            .arg("--init-noise")
+            .arg(&noise_path)
+            .arg("--output")
+            .arg(&out_path)
+            .output()
+            .map_err(|e| anyhow::anyhow!("running {}: {e}", python.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "sample_torch.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (tt, td) = parse_torch_times(&text).ok_or_else(|| anyhow::anyhow!("sample_torch.py printed no timings: {text}"))?;
+        t_text.push(tt);
+        t_dit.push(td);
+    }
+    t_text.remove(0);
+    t_dit.remove(0);
+    let torch_video = Checkpoint::open_file(&out_path)?.load_f32("video")?;
+    let err = qc::tensor::rel_l2(video.as_ref().expect("ran at least once").f32()?, torch_video.f32()?);
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let (et, ed, tt, td) = (median(e_text), median(e_dit), median(t_text), median(t_dit));
+    println!("# qc-bench torch: \"{}\", {} steps, {} threads, model {}", a.prompt, opts.steps, threads, dir.display());
+    println!();
+    println!("| stage | engine (s) | PyTorch (s) | engine speed-up |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!("| text encoder (tokenize + T5) | {et:.3} | {tt:.3} | {:.2}x |", tt / et);
+    println!("| DiT sampling loop | {ed:.3} | {td:.3} | {:.2}x |", td / ed);
+    println!("| whole generation | {:.3} | {:.3} | {:.2}x |", et + ed, tt + td, (tt + td) / (et + ed));
+    println!();
+    println!("Same noise and prompt: engine vs PyTorch video relative L2 {err:.2e} (pixel space, no decoder stage).");
+    println!("Engine stage times include loading that stage's model (memory-mapped); PyTorch's exclude it.");
     Ok(())
 }
