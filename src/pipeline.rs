@@ -10,7 +10,7 @@ use crate::model::vae::{VaeConfig, VideoVae};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use crate::tensor::Tensor;
-use crate::text::clean::prepare_prompt;
+use crate::text::clean::{append_score, prepare_prompt};
 use crate::text::tokenizer::T5Tokenizer;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
@@ -102,7 +102,7 @@ pub struct GenerateOptions {
     pub timestep_transform: bool,
     /// Aesthetic score appended to each prompt; `None` appends nothing.
     pub aes: Option<f32>,
-    /// Skip Open-Sora's caption cleaning.
+    /// Skip Open-Sora's caption cleaning (the score is still appended).
     pub raw_prompt: bool,
     pub seed: u64,
     /// `[B, C, T, h, w]` initial noise replacing the seeded noise.
@@ -199,7 +199,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
             bail!("initial noise z0 contains NaN or infinity (flat index {i})");
         }
     }
-    let prompts = prompts.iter().map(|p| if opts.raw_prompt { p.clone() } else { prepare_prompt(p, opts.aes) }).collect();
+    let prompts = prompts.iter().map(|p| if opts.raw_prompt { append_score(p, opts.aes) } else { prepare_prompt(p, opts.aes) }).collect();
     let decoded = vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
     Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), latent, prompts, decoded })
 }

@@ -135,6 +135,8 @@ fn clean_prompt_prints_one_line_per_prompt() {
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     let (ok, stdout, _) = qc_run(&["clean-prompt", "--prompt", "A Cat"]);
     assert!(ok && stdout.contains("aesthetic score: 6.5"), "{stdout}");
+    assert_eq!(qc::text::clean::append_score("A Cat!", Some(7.0)), "A Cat! aesthetic score: 7.0.");
+    assert_eq!(qc::text::clean::append_score("x aesthetic score: 5.0.", Some(7.0)), "x aesthetic score: 5.0.");
 }
 
 #[test]

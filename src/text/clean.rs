@@ -219,16 +219,19 @@ pub fn format_aes(aes: f32) -> String {
     }
 }
 
-/// The prompt exactly as Open-Sora 1.2's inference script hands it to the T5 tokenizer:
-/// `" aesthetic score: {aes:.1f}."` appended when `aes` is given and the prompt does not
-/// already contain `aesthetic score:`, then [`clean_caption_text`].
-pub fn prepare_prompt(prompt: &str, aes: Option<f32>) -> String {
+/// `append_score_to_prompts`: `" aesthetic score: {aes:.1f}."` appended when `aes` is
+/// given and the prompt does not already contain `aesthetic score:`.
+pub fn append_score(prompt: &str, aes: Option<f32>) -> String {
     match aes {
-        Some(a) if !prompt.contains("aesthetic score:") => {
-            clean_caption_text(&format!("{prompt} aesthetic score: {}.", format_aes(a)))
-        }
-        _ => clean_caption_text(prompt),
+        Some(a) if !prompt.contains("aesthetic score:") => format!("{prompt} aesthetic score: {}.", format_aes(a)),
+        _ => prompt.to_string(),
     }
+}
+
+/// The prompt exactly as Open-Sora 1.2's inference script hands it to the T5 tokenizer:
+/// [`append_score`], then [`clean_caption_text`].
+pub fn prepare_prompt(prompt: &str, aes: Option<f32>) -> String {
+    clean_caption_text(&append_score(prompt, aes))
 }
 
 #[cfg(test)]
