@@ -78,10 +78,11 @@ struct Gpu {
     stream: Arc<CudaStream>,
 }
 
+/// The GPU these (ignored by default) tests run on; they fail loudly without one,
+/// since running them means a GPU was expected (tools/gpu-check).
 fn gpu() -> Option<Gpu> {
     if let Err(e) = probe() {
-        eprintln!("skipping GPU kernel test: {e}");
-        return None;
+        panic!("no usable CUDA GPU: {e}");
     }
     let ctx = open_device(0).expect("probe succeeded");
     let module = KernelModule::load(&ctx).expect("probe succeeded");
@@ -213,10 +214,12 @@ fn layernorm<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn layernorm_mod_f32() {
     layernorm::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn layernorm_mod_bf16() {
     layernorm::<u16>();
 }
@@ -283,10 +286,12 @@ fn rmsnorm<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn rmsnorm_f32() {
     rmsnorm::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn rmsnorm_bf16() {
     rmsnorm::<u16>();
 }
@@ -348,18 +353,22 @@ fn unary<T: Elem>(kind: &str) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn silu_f32() {
     unary::<f32>("silu");
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn silu_bf16() {
     unary::<u16>("silu");
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn gelu_tanh_f32() {
     unary::<f32>("gelu_tanh");
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn gelu_tanh_bf16() {
     unary::<u16>("gelu_tanh");
 }
@@ -402,10 +411,12 @@ fn add<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn add_f32() {
     add::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn add_bf16() {
     add::<u16>();
 }
@@ -448,10 +459,12 @@ fn bias_add<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn bias_add_f32() {
     bias_add::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn bias_add_bf16() {
     bias_add::<u16>();
 }
@@ -497,10 +510,12 @@ fn gated_residual<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn gated_residual_f32() {
     gated_residual::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn gated_residual_bf16() {
     gated_residual::<u16>();
 }
@@ -566,10 +581,12 @@ fn rope<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn rope_f32() {
     rope::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn rope_bf16() {
     rope::<u16>();
 }
@@ -617,10 +634,12 @@ fn timestep_embed<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn timestep_embed_f32() {
     timestep_embed::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn timestep_embed_bf16() {
     timestep_embed::<u16>();
 }
@@ -688,15 +707,18 @@ fn mask_select<T: Elem>() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn mask_select_f32() {
     mask_select::<f32>();
 }
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn mask_select_bf16() {
     mask_select::<u16>();
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn launch_rejects_wrong_args_and_shapes() {
     let Some(g) = gpu() else { return };
     let args = QcUnaryArgs::default();
