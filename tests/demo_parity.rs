@@ -115,3 +115,14 @@ fn sampler_matches_pytorch() {
     eprintln!("sampler ({steps} steps, cfg {cfg_scale}) relative L2 {err:.3e}");
     assert!(err < 1e-4, "sampler relative L2 error {err:.3e}");
 }
+
+#[test]
+fn defaults_parse_and_disable_the_timestep_transform() {
+    let d = qc::pipeline::ModelDefaults::from_dir(&root().join("models/demo")).unwrap();
+    let o = d.options();
+    let meta = parity().metadata();
+    let x = parity().load_f32("x").unwrap();
+    assert_eq!([o.frames, o.height, o.width], [x.shape()[2], x.shape()[3], x.shape()[4]], "defaults.json geometry is not the trained one");
+    assert_eq!(o.fps, meta["fps"].parse::<f32>().unwrap());
+    assert!(!o.timestep_transform, "the demo model was trained without the timestep transform");
+}
