@@ -60,13 +60,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
                 None => row.iter_mut().for_each(|x| *x *= scale),
                 Some((bv, bl)) => row.iter_mut().zip(&bv[(hi * lq + i0 + r) * bl..][..lk]).for_each(|(x, b)| *x = *x * scale + b),
             }
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut s = 0f32;
-            for x in row.iter_mut() {
-                *x = math::exp(*x - m);
-                s += *x;
-            }
-            sums[r] = s;
+            sums[r] = math::softmax_numerators(row);
         }
         // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
         let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(q_off), (tq - 1) * c + d) };

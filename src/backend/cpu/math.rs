@@ -33,6 +33,30 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// In place `row = exp(row - max(row))`; returns the sum. Reductions run in
+/// 16 independent lanes and the exponentials in a separate pass, so both vectorize.
+pub fn softmax_numerators(row: &mut [f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            mx[i] = mx[i].max(c[i]);
+        }
+    }
+    let m = chunks.remainder().iter().chain(mx.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for x in row.iter_mut() {
+        *x = exp(*x - m);
+    }
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
 /// tanh through `1 - 2 / (e^{2x} + 1)`; absolute error ~1e-7.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {

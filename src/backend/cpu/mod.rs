@@ -68,15 +68,17 @@ impl CpuBackend {
         let n = w.out_features;
         let xs = x.f32()?;
         let mut out = vec![0f32; rows * n];
+        // Below ~4M multiply-adds the GEMM's own threading costs more than it saves.
+        let threads = if rows * n * k < (1 << 22) { 1 } else { rayon::current_num_threads() };
         match &w.weight {
             LinearWeight::F32(wt) => {
                 let ws = wt.f32()?;
-                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, rayon::current_num_threads());
+                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, threads);
             }
             LinearWeight::Half(wt) => {
                 let wide = wt.to_f32()?;
                 let ws = wide.f32()?;
-                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, rayon::current_num_threads());
+                sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, threads);
             }
         }
         if let Some(b) = &w.bias {
