@@ -251,14 +251,16 @@ struct SampleArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    // Everything runs on a pool worker, so each op's parallel loop splits work by
+    // stealing instead of waking the pool from outside (a futex round trip per op).
+    let result = qc::set_threads(cli.threads).and_then(|_| rayon::scope(|_| run(cli)));
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
-    qc::set_threads(cli.threads)?;
     match cli.command {
         Command::Forward(a) => forward(a),
         Command::Sample(a) => sample_cmd(a),

@@ -115,7 +115,7 @@ impl Backend for CpuBackend {
                 check_mod(&g, rows, n, "gated residual")?;
                 let table = g.table.f32()?;
                 let gs = g.groups.group_size;
-                r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().for_each(|(row, (a, b))| {
+                r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().with_min_len(chunk_rows(n)).for_each(|(row, (a, b))| {
                     let gv = mod_vec(&g, table, g.groups.index[row / gs], n);
                     for ((a, b), gg) in a.iter_mut().zip(b).zip(gv) {
                         *a += gg * b;
@@ -131,14 +131,14 @@ impl Backend for CpuBackend {
         let xs = x.f32()?;
         let mut out = vec![0f32; xs.len()];
         match modulation {
-            None => out.par_chunks_mut(c).zip(xs.par_chunks(c)).for_each(|(o, i)| norm::layer_norm_row(i, o, eps, None)),
+            None => out.par_chunks_mut(c).zip(xs.par_chunks(c)).with_min_len(chunk_rows(c)).for_each(|(o, i)| norm::layer_norm_row(i, o, eps, None)),
             Some((shift, scale)) => {
                 check_mod(&shift, rows, c, "modulate shift")?;
                 check_mod(&scale, rows, c, "modulate scale")?;
                 let (st, sc) = (shift.table.f32()?, scale.table.f32()?);
                 let gs = shift.groups.group_size;
                 ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
-                out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().for_each(|(row, (o, i))| {
+                out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, (o, i))| {
                     let e = shift.groups.index[row / gs];
                     norm::layer_norm_row(i, o, eps, Some((mod_vec(&shift, st, e, c), mod_vec(&scale, sc, e, c))));
                 });
@@ -161,7 +161,7 @@ impl Backend for CpuBackend {
         let table: Vec<(f32, f32)> = rope.map_or(Vec::new(), |r| {
             (0..r.seq_len).flat_map(|p| r.freqs.iter().map(move |&f| { let (s, c) = (p as f32 * f).sin_cos(); (c, s) })).collect()
         });
-        x.f32_mut()?.par_chunks_mut(c).enumerate().for_each(|(row, r)| {
+        x.f32_mut()?.par_chunks_mut(c).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, r)| {
             for h in r.chunks_mut(d) {
                 norm::rms_norm_in_place(h, w, eps);
                 if let Some(rp) = &rope {
@@ -182,7 +182,7 @@ impl Backend for CpuBackend {
         (0..parts)
             .map(|i| {
                 let mut v = vec![0f32; rows * p];
-                v.par_chunks_mut(p).zip(xs.par_chunks(c)).for_each(|(o, r)| o.copy_from_slice(&r[i * p..(i + 1) * p]));
+                v.par_chunks_mut(p).zip(xs.par_chunks(c)).with_min_len(chunk_rows(c)).for_each(|(o, r)| o.copy_from_slice(&r[i * p..(i + 1) * p]));
                 Tensor::from_f32(&shape, v)
             })
             .collect()
@@ -194,7 +194,7 @@ impl Backend for CpuBackend {
         let xs = x.f32()?;
         let mut out = vec![0f32; xs.len()];
         // Output row (ai, ci, bi) <- input row (ai, bi, ci).
-        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        out.par_chunks_mut(d).enumerate().with_min_len(chunk_rows(d)).for_each(|(row, o)| {
             let (ai, rest) = (row / (c * b), row % (c * b));
             let (ci, bi) = (rest / b, rest % b);
             let src = ((ai * b + bi) * c + ci) * d;
@@ -283,7 +283,7 @@ impl Backend for CpuBackend {
         ensure!(pick_a.len() * group_size == rows, "select_rows: {} groups of {group_size} rows for {rows} rows", pick_a.len());
         let (av, bv) = (a.f32()?, b.f32()?);
         let mut out = vec![0f32; av.len()];
-        out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        out.par_chunks_mut(c).enumerate().with_min_len(chunk_rows(c)).for_each(|(r, o)| {
             let src = if pick_a[r / group_size] { av } else { bv };
             o.copy_from_slice(&src[r * c..(r + 1) * c]);
         });
