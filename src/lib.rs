@@ -24,6 +24,16 @@ pub fn set_threads(n: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The binaries' `main`: sizes the worker pool, runs `f` on a pool worker (so each
+/// op's parallel loop splits work by stealing instead of waking the pool from
+/// outside, a futex round trip per op), prints an error and exits 1 on failure.
+pub fn run_main(threads: Option<usize>, f: impl FnOnce() -> anyhow::Result<()> + Send) {
+    if let Err(e) = set_threads(threads).and_then(|_| rayon::scope(|_| f())) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
 /// Version and build features: whether CUDA kernels are compiled in, and the
 /// CPU features the backend uses.
 pub fn build_info() -> String {

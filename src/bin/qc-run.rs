@@ -251,13 +251,7 @@ struct SampleArgs {
 
 fn main() {
     let cli = Cli::parse();
-    // Everything runs on a pool worker, so each op's parallel loop splits work by
-    // stealing instead of waking the pool from outside (a futex round trip per op).
-    let result = qc::set_threads(cli.threads).and_then(|_| rayon::scope(|_| run(cli)));
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    qc::run_main(cli.threads, || run(cli));
 }
 
 fn run(cli: Cli) -> Result<()> {
