@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "models/demo"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--parity", default=os.path.join(HERE, "parity.safetensors"), help="where the parity reference goes")
     a = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -106,7 +107,7 @@ def main():
                    sample_z0=z0, sample_y=y.clone(), sample_mask=mask.clone(), sample_out=s_out,
                    input_ids=ids, attention_mask=mask, last_hidden_state=hidden, x=x, timestep=timestep,
                    y=y.contiguous(), mask=mask.clone(), fps=fps, height=height, width=width, out=out)
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, os.path.join(HERE, "parity.safetensors"),
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, a.parity,
               metadata={"captions": json.dumps(PARITY_CAPTIONS), "heldout_captions": json.dumps(heldout),
                         "max_length": str(L), "sample_steps": str(s_steps), "sample_cfg": str(s_cfg),
                         "fps": str(float(meta["fps"]))})

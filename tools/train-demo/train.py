@@ -78,10 +78,16 @@ def configs(tok_vocab):
     return dit, t5
 
 
-def sample_t(n, gen, method):
+def sample_t(n, gen, method, shift, mean=0.0):
+    """Training timesteps in [0, 1000]. `shift` > 1 moves them towards pure noise with the
+    map of Open-Sora's timestep transform, t' = s t / (1 + (s - 1) t): the prompt decides the
+    background, the position and the direction only while they cannot be read from x_t."""
     if method == "logit-normal":
-        return torch.sigmoid(torch.randn(n, generator=gen)) * 1000.0
-    return torch.rand(n, generator=gen) * 1000.0
+        t = torch.sigmoid(torch.randn(n, generator=gen) + mean)
+    else:
+        t = torch.rand(n, generator=gen)
+    t = shift * t / (1 + (shift - 1) * t)
+    return t * 1000.0
 
 
 def main():
@@ -94,6 +100,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--t-sample", choices=["logit-normal", "uniform"], default="logit-normal")
+    ap.add_argument("--t-mean", type=float, default=0.0, help="location of the logit-normal (0 = centred on t = 500)")
+    ap.add_argument("--t-shift", type=float, default=1.0, help="timestep shift towards noise (1 = none)")
+    ap.add_argument("--resume", help="checkpoint to continue from (weights, EMA and optimizer state)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ckpt-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--max-steps", type=int, default=0)
@@ -116,6 +125,15 @@ def main():
     n_dit = sum(p.numel() for p in dit.parameters())
     n_t5 = sum(p.numel() for p in t5.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    resumed = 0
+    if a.resume:
+        ck = torch.load(a.resume, map_location="cpu", weights_only=False)
+        dit.load_state_dict(ck["dit"])
+        t5.load_state_dict(ck["t5"])
+        ema_dit.load_state_dict(ck["ema_dit"])
+        ema_t5.load_state_dict(ck["ema_t5"])
+        opt.load_state_dict(ck["opt"])
+        resumed = ck["step"]
     meta = dict(args=vars(a), dit=dit_cfg, t5=t5_cfg, params_dit=n_dit, params_t5=n_t5,
                 frames=data.FRAMES, height=data.HEIGHT, width=data.WIDTH, fps=data.FPS, max_len=MAX_LEN)
     json.dump(meta, open(os.path.join(a.out, "run.json"), "w"), indent=1)
@@ -127,7 +145,7 @@ def main():
     hw = torch.full((B,), float(data.HEIGHT)), torch.full((B,), float(data.WIDTH))
     start = time.time()
     last_ckpt = start
-    step, run_loss = 0, []
+    step, run_loss = resumed, []
 
     def save(tag):
         sd = dict(dit=dit.state_dict(), t5=t5.state_dict(), ema_dit=ema_dit.state_dict(), ema_t5=ema_t5.state_dict(),
@@ -147,7 +165,7 @@ def main():
         y = t5(ids, mask)[:, None]  # [B, 1, L, cc]
         drop = torch.rand(B, generator=gen) < 0.1
         y = torch.where(drop[:, None, None, None], dit.y_embedder.y_embedding[None, None].expand_as(y), y)
-        t = sample_t(B, gen, a.t_sample)
+        t = sample_t(B, gen, a.t_sample, a.t_shift, a.t_mean)
         noise = torch.randn(x0.shape, generator=gen)
         tp = (t / 1000.0)[:, None, None, None, None]
         xt = (1 - tp) * x0 + tp * noise

@@ -4,12 +4,28 @@
 
 use super::gemm::{sgemm, MatRef};
 use super::math;
+use super::simd::multiversion;
 use crate::backend::AttnSpec;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 const Q_TILE: usize = 64;
+/// Up to this many keys a tile is computed directly (vectorized over keys, then
+/// over the head dim); above it, by two GEMMs, whose packing pays off only then.
+const DIRECT_MAX_KEYS: usize = 128;
+
+/// One task's inputs: `tq` query rows and `lk` key/value rows of one head, rows `stride` apart.
+struct Tile<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+    tq: usize,
+    lk: usize,
+    d: usize,
+    scale: f32,
+}
 
 /// A raw output pointer shared by tasks that write disjoint regions.
 #[derive(Clone, Copy)]
@@ -39,7 +55,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
     let scale = spec.scale;
     let tiles = lq.div_ceil(Q_TILE);
     let ptr = OutPtr(out.as_mut_ptr());
-    (0..g * h * tiles).into_par_iter().for_each_init(Vec::new, |scores, task| {
+    (0..g * h * tiles).into_par_iter().for_each_init(Vec::new, |scratch, task| {
         let ptr = ptr;
         let (gi, rest) = (task / (h * tiles), task % (h * tiles));
         let (hi, ti) = (rest / tiles, rest % tiles);
@@ -52,25 +68,96 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         }
         let q_off = (gi * lq + i0) * c + hi * d;
         let kv_off = k0 * c + hi * d;
-        scores.resize(tq * lk, 0.0);
-        sgemm(tq, lk, d, MatRef { data: &qs[q_off..], rs: c, cs: 1 }, MatRef { data: &ks[kv_off..], rs: 1, cs: c }, scores, lk, false, 1);
-        let mut sums = [0f32; Q_TILE];
-        for (r, row) in scores.chunks_mut(lk).enumerate() {
-            match bias_v {
-                None => row.iter_mut().for_each(|x| *x *= scale),
-                Some((bv, bl)) => row.iter_mut().zip(&bv[(hi * lq + i0 + r) * bl..][..lk]).for_each(|(x, b)| *x = *x * scale + b),
-            }
-            sums[r] = math::softmax_numerators(row);
-        }
+        let tile = Tile { q: &qs[q_off..], k: &ks[kv_off..], v: &vs[kv_off..], stride: c, tq, lk, d, scale };
+        let bias_rows = bias_v.map(|(bv, bl)| (&bv[(hi * lq + i0) * bl..], bl));
         // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
         let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(q_off), (tq - 1) * c + d) };
-        sgemm(tq, d, lk, MatRef { data: scores, rs: lk, cs: 1 }, MatRef { data: &vs[kv_off..], rs: c, cs: 1 }, dst, c, false, 1);
-        for r in 0..tq {
-            let inv = 1.0 / sums[r];
-            dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= inv);
+        if lk <= DIRECT_MAX_KEYS {
+            attend_direct(&tile, bias_rows, dst, scratch);
+        } else {
+            attend_gemm(&tile, bias_rows, dst, scratch);
         }
     });
     Tensor::from_f32(&[g * lq, c], out)
+}
+
+/// Additive score bias rows for the tile's queries (`[tq, >= lk]`, rows `.1` apart).
+type BiasRows<'a> = Option<(&'a [f32], usize)>;
+
+/// `S = Q K^T` and `P V` through the GEMM, the softmax in between.
+fn attend_gemm(t: &Tile, bias: BiasRows, dst: &mut [f32], scores: &mut Vec<f32>) {
+    let (tq, lk, d, c) = (t.tq, t.lk, t.d, t.stride);
+    scores.resize(tq * lk, 0.0);
+    sgemm(tq, lk, d, MatRef { data: t.q, rs: c, cs: 1 }, MatRef { data: t.k, rs: 1, cs: c }, scores, lk, false, 1);
+    let mut sums = [0f32; Q_TILE];
+    for (r, row) in scores.chunks_mut(lk).enumerate() {
+        match bias {
+            None => row.iter_mut().for_each(|x| *x *= t.scale),
+            Some((bv, bl)) => row.iter_mut().zip(&bv[r * bl..][..lk]).for_each(|(x, b)| *x = *x * t.scale + b),
+        }
+        sums[r] = math::softmax_numerators(row);
+    }
+    sgemm(tq, d, lk, MatRef { data: scores, rs: lk, cs: 1 }, MatRef { data: t.v, rs: c, cs: 1 }, dst, c, false, 1);
+    for r in 0..tq {
+        let inv = 1.0 / sums[r];
+        dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+multiversion! {
+/// Few keys: `K` transposed once per tile; scores and outputs are accumulated
+/// 16 lanes at a time in registers (one vector FMA per key or head-dim element).
+fn attend_direct(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &mut Vec<f32>) {
+    const L: usize = 16;
+    let (lk, d, c) = (t.lk, t.d, t.stride);
+    // Keys padded to whole vectors with zero columns; their scores are computed and dropped.
+    let lkp = lk.div_ceil(L) * L;
+    scratch.clear();
+    scratch.resize(d * lkp + lkp, 0.0);
+    let (kt, s_pad) = scratch.split_at_mut(d * lkp);
+    for j in 0..lk {
+        for (dd, &kv) in t.k[j * c..][..d].iter().enumerate() {
+            kt[dd * lkp + j] = kv;
+        }
+    }
+    let full_d = d / L * L;
+    for r in 0..t.tq {
+        let q = &t.q[r * c..][..d];
+        for j0 in (0..lkp).step_by(L) {
+            let mut acc = [0f32; L];
+            for (dd, &qv) in q.iter().enumerate() {
+                let kr = &kt[dd * lkp + j0..][..L];
+                for i in 0..L {
+                    acc[i] += qv * kr[i];
+                }
+            }
+            s_pad[j0..j0 + L].copy_from_slice(&acc);
+        }
+        let s = &mut s_pad[..lk];
+        match bias {
+            None => s.iter_mut().for_each(|x| *x *= t.scale),
+            Some((bv, bl)) => s.iter_mut().zip(&bv[r * bl..][..lk]).for_each(|(x, b)| *x = *x * t.scale + b),
+        }
+        let inv = 1.0 / math::softmax_numerators_inline(s);
+        let s = &s_pad[..lk];
+        let o = &mut dst[r * c..][..d];
+        for d0 in (0..full_d).step_by(L) {
+            let mut acc = [0f32; L];
+            for (j, &p) in s.iter().enumerate() {
+                let vr = &t.v[j * c + d0..][..L];
+                for i in 0..L {
+                    acc[i] += p * vr[i];
+                }
+            }
+            for i in 0..L {
+                o[d0 + i] = acc[i] * inv;
+            }
+        }
+        for (dd, ov) in o.iter_mut().enumerate().skip(full_d) {
+            *ov = s.iter().enumerate().map(|(j, &p)| p * t.v[j * c + dd]).sum::<f32>() * inv;
+        }
+    }
+}
 }
 
 #[cfg(test)]
@@ -119,6 +206,8 @@ mod tests {
             (AttnSpec::ragged(67, 2, 12, AttnSpec::ranges_from_offsets(&[0, 5, 17, 18])), false),
             (t5_like.clone(), true),
             (AttnSpec::dense(2, 70, 70, 2, 16), true),
+            (AttnSpec::dense(2, 20, 150, 2, 8), true),
+            (AttnSpec::dense(1, 3, 1, 1, 72), false),
         ];
         for (spec, with_bias) in cases {
             let c = spec.heads * spec.head_dim;

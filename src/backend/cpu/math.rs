@@ -33,9 +33,19 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// In place `row = exp(row - max(row))`; returns the sum. Reductions run in
-/// 16 independent lanes and the exponentials in a separate pass, so both vectorize.
+use super::simd::multiversion;
+
+multiversion! {
+/// In place `row = exp(row - max(row))`; returns the sum.
 pub fn softmax_numerators(row: &mut [f32]) -> f32 {
+    softmax_numerators_inline(row)
+}
+}
+
+/// [`softmax_numerators`] for callers that are themselves multiversioned. Reductions
+/// run in 16 independent lanes and the exponentials in a separate pass, so both vectorize.
+#[inline(always)]
+pub fn softmax_numerators_inline(row: &mut [f32]) -> f32 {
     let mut mx = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {

@@ -6,6 +6,7 @@ mod embed;
 pub mod gemm;
 pub mod math;
 mod norm;
+pub(crate) mod simd;
 #[cfg(test)]
 mod tests;
 
@@ -52,12 +53,14 @@ fn check_mod(m: &ModRef, rows: usize, c: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+simd::multiversion! {
 fn act_in_place(v: &mut [f32], act: Activation) {
     match act {
         Activation::None => {}
         Activation::GeluTanh => v.iter_mut().for_each(|x| *x = math::gelu_tanh(*x)),
         Activation::Silu => v.iter_mut().for_each(|x| *x = math::silu(*x)),
     }
+}
 }
 
 impl CpuBackend {
