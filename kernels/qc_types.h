@@ -202,4 +202,113 @@ typedef struct QcMaskSelectArgs {
     int32_t _pad;
 } QcMaskSelectArgs;
 
+/* ------------------------------------------------------------------ gemm.cu */
+
+/* Epilogues fused into every GEMM (QcGemmArgs.epilogue / QcGemmI8Args.epilogue). */
+#define QC_EPI_NONE 0
+#define QC_EPI_GELU_TANH 1      /* out = gelu_tanh(y) */
+#define QC_EPI_GATED_RESIDUAL 2 /* out = residual + gate[e(m), :] * y */
+
+/*
+ * qc_gemm_bf16 (tensor cores, f32 accumulation), out = epilogue(y):
+ *   y[m, n] = sum_k a[m, k] * w[n, k]  (+ bias[n] when bias != 0)
+ *   a: bf16 [M, K], row m at a + m * lda; w: bf16 [N, K] (PyTorch's Linear
+ *   weight, row-major), row n at w + n * ldw; bias: f32 [N];
+ *   out: bf16, row m at out + m * ldo.
+ *   QC_EPI_GATED_RESIDUAL: out[m, n] = residual[m, n] + gate[e(m), n] * y[m, n]
+ *     with residual row m at residual + m * ldr (residual may equal out: the
+ *     in-place residual update of a DiT block), gate f32 with entry e at
+ *     gate + e * gate_stride (a chunk of the [E, 6, C] modulation table), and
+ *     e(m) = group_index ? group_index[m / group_size] : m / group_size
+ *     (group_index: int32 [ceil(M / group_size)]; the CPU backend's RowGroups).
+ *   Requirements: M, N, K >= 1; K, lda, ldw, ldo, ldr multiples of 8; a, w,
+ *   out, residual 16-byte aligned. Launch: see launch_cfg::gemm (1-D grid over
+ *   output tiles, dynamic shared memory).
+ */
+typedef struct QcGemmArgs {
+    qc_dptr a;
+    qc_dptr w;
+    qc_dptr bias;
+    qc_dptr out;
+    qc_dptr residual;
+    qc_dptr gate;
+    qc_dptr group_index;
+    int64_t m;
+    int64_t n;
+    int64_t k;
+    int64_t lda;
+    int64_t ldw;
+    int64_t ldo;
+    int64_t ldr;
+    int64_t gate_stride;
+    int64_t group_size; /* >= 1 */
+    int32_t epilogue;   /* QC_EPI_* */
+    int32_t _pad;
+} QcGemmArgs;
+
+/*
+ * Symmetric per-token activation quantization (A8: qmax = 127; A6: qmax = 31,
+ * values held in int8). The CPU backend (src/quant/int8.rs) implements the
+ * same formulas with the same f32 operations, so both produce the same int8
+ * values and scales from the same f32 inputs:
+ *   x'[k]  = inv_smooth ? x[k] * inv_smooth[k] : x[k]       (one f32 multiply)
+ *   amax   = max_k |x'[k]|
+ *   scale  = amax / qmax                                     (f32 division)
+ *   inv    = amax > 0 ? qmax / amax : 0                      (f32 division)
+ *   q[k]   = clamp(rint(x'[k] * inv), -qmax, qmax)           (round half to even)
+ * so x'[k] ~ q[k] * scale. inv_smooth is the inverse of the importance /
+ * smoothing vector s that was folded into the weights (W'[n, k] = W[n, k] * s[k]).
+ *
+ * qc_quantize_rows_{f32,bf16} (row kernel): row r of x (x + r * ldx, cols
+ *   elements) -> q (int8, q + r * ldq) and scale[r] (f32).
+ */
+typedef struct QcQuantizeArgs {
+    qc_dptr x;
+    qc_dptr inv_smooth; /* f32 [cols] or 0 */
+    qc_dptr q;
+    qc_dptr scale;
+    int64_t rows;
+    int64_t ldx;
+    int64_t ldq;
+    int32_t cols;
+    int32_t qmax; /* 127 or 31 */
+} QcQuantizeArgs;
+
+/*
+ * qc_gemm_w8a8 (int8 tensor cores, exact int32 accumulation):
+ *   acc[m, n] = sum_k (int32) a[m, k] * (int32) w[n, k]      (exact: K < 2^17)
+ *   y[m, n]   = ((float) acc * a_scale[m]) * w_scale[n]  (+ bias[n] when bias != 0)
+ *   out = epilogue(y) as in qc_gemm_bf16, out and residual bf16.
+ *   a: int8 [M, K] rows lda apart with a_scale f32 [M] (qc_quantize_rows or a
+ *   quantizing producer); w: int8 [N, K] rows ldw apart with w_scale f32 [N]
+ *   (per output channel, quantized offline). acc_out: when nonzero, int32
+ *   [M, N] (row m at acc_out + m * n) also receives acc, so tests can compare
+ *   the integer products with the CPU exactly.
+ *   Requirements: K, lda, ldw multiples of 16; ldo, ldr multiples of 8; a, w,
+ *   out, residual 16-byte aligned.
+ */
+typedef struct QcGemmI8Args {
+    qc_dptr a;
+    qc_dptr a_scale;
+    qc_dptr w;
+    qc_dptr w_scale;
+    qc_dptr bias;
+    qc_dptr out;
+    qc_dptr residual;
+    qc_dptr gate;
+    qc_dptr group_index;
+    qc_dptr acc_out;
+    int64_t m;
+    int64_t n;
+    int64_t k;
+    int64_t lda;
+    int64_t ldw;
+    int64_t ldo;
+    int64_t ldr;
+    int64_t gate_stride;
+    int64_t group_size; /* >= 1 */
+    int32_t epilogue;   /* QC_EPI_* */
+    int32_t _pad;
+} QcGemmI8Args;
+
 #endif /* QC_TYPES_H */
