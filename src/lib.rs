@@ -9,6 +9,7 @@ pub mod io;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod quant;
 pub mod quality;
 pub mod rng;
 pub mod sampler;

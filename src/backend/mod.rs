@@ -23,6 +23,9 @@ pub enum LinearWeight {
     /// Row-major `[n, k]` bf16 or f16 as the checkpoint stores it, widened to f32
     /// one layer at a time when used, so half-precision checkpoints stay half-size in memory.
     Half(Tensor),
+    /// Symmetric int8 per output channel (W8); activations are quantized per
+    /// token on the fly (A8 or A6) and multiplied in integers.
+    Int8(std::sync::Arc<crate::quant::int8::Int8Weight>),
 }
 
 #[derive(Clone, Debug)]
@@ -34,6 +37,18 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The same layer with its weight quantized to int8 (per output channel), the
+    /// optional smoothing vector folded in, activations quantized to `act_qmax`.
+    pub fn to_int8(&self, smooth: Option<&[f32]>, act_qmax: i32) -> Result<Self> {
+        let w = match &self.weight {
+            LinearWeight::F32(t) => t.f32()?.to_vec(),
+            LinearWeight::Half(t) => t.to_f32()?.f32()?.to_vec(),
+            LinearWeight::Int8(_) => anyhow::bail!("linear layer is already int8"),
+        };
+        let q = crate::quant::int8::Int8Weight::quantize(&w, self.out_features, self.in_features, smooth, act_qmax)?;
+        Ok(Linear { weight: LinearWeight::Int8(std::sync::Arc::new(q)), bias: self.bias.clone(), in_features: self.in_features, out_features: self.out_features })
+    }
+
     /// A linear layer over an f32, bf16 or f16 weight `[n, k]` and an optional f32 bias `[n]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         use crate::tensor::DType;

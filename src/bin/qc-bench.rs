@@ -180,6 +180,10 @@ fn cpu(a: &CpuArgs) -> Result<()> {
         let secs = time(a.reps, || be.linear(&x, &lin, Activation::None))?;
         let gf = 2.0 * (rows * k * nn) as f64 / secs / 1e9;
         println!("| linear {name} | {rows}x{k}x{nn} | {:.1} ms | {gf:.0} | {:.0} |", secs * 1e3, 100.0 * gf / peak);
+        let lin8 = lin.to_int8(None, qc::quant::int8::QMAX_A8)?;
+        let secs8 = time(a.reps, || be.linear(&x, &lin8, Activation::None))?;
+        let go = 2.0 * (rows * k * nn) as f64 / secs8 / 1e9;
+        println!("| linear {name} W8A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32 |", secs8 * 1e3, secs / secs8);
     }
 
     // One forward (batch 1) and one sampling step (CFG pair) at real width.

@@ -11,6 +11,7 @@ pub(crate) mod simd;
 mod tests;
 
 use super::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use crate::quant::int8;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use gemm::{sgemm, MatRef};
@@ -82,6 +83,14 @@ impl CpuBackend {
                 let wide = wt.to_f32()?;
                 let ws = wide.f32()?;
                 sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, threads);
+            }
+            LinearWeight::Int8(q) => {
+                // Bias added by the dequantization, in the documented order.
+                let a = int8::quantize_rows(xs, k, q.inv_smooth.as_deref(), q.act_qmax)?;
+                let acc = int8::gemm_i32(&a, q)?;
+                let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+                int8::dequantize(&acc, &a, q, bias, &mut out);
+                return Ok((out, rows));
             }
         }
         if let Some(b) = &w.bias {

@@ -44,7 +44,7 @@ fn linear_with_activations_and_gated_residual() {
         let lin = Linear::new(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
         let (wv, bv) = match &lin.weight {
             crate::backend::LinearWeight::F32(w) => (w.f32().unwrap().to_vec(), lin.bias.as_ref().unwrap().f32().unwrap().to_vec()),
-            crate::backend::LinearWeight::Half(_) => unreachable!("f32 weights"),
+            _ => unreachable!("f32 weights"),
         };
         let want = naive_linear(x.f32().unwrap(), &wv, &bv, rows, k, n);
         for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
@@ -68,6 +68,31 @@ fn linear_with_activations_and_gated_residual() {
         }
         be.linear_residual(&x, &lin, &mut res, Some(ModRef { table: &table, chunk: 2, groups: &groups })).unwrap();
         assert_close(&res, &want_res, 1e-5, "gated residual");
+    }
+}
+
+#[test]
+fn int8_linear_matches_the_integer_reference_and_approximates_f32() {
+    use crate::quant::int8::{self, QMAX_A6, QMAX_A8};
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(3);
+    for &(rows, k, n) in &[(1, 4, 5), (37, 64, 96), (130, 256, 64)] {
+        let x = rand(&mut rng, &[rows, k]);
+        let lin = Linear::new(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
+        let full = be.linear(&x, &lin, Activation::GeluTanh).unwrap();
+        for (qmax, tol) in [(QMAX_A8, 3e-2), (QMAX_A6, 1.2e-1)] {
+            let q = lin.to_int8(None, qmax).unwrap();
+            let got = be.linear(&x, &q, Activation::GeluTanh).unwrap();
+            // Exactly the integer pipeline: quantize, exact int32 product, dequantize, bias, GELU.
+            let crate::backend::LinearWeight::Int8(w) = &q.weight else { unreachable!() };
+            let a = int8::quantize_rows(x.f32().unwrap(), k, None, qmax).unwrap();
+            let mut want = vec![0f32; rows * n];
+            int8::dequantize(&int8::gemm_i32(&a, w).unwrap(), &a, w, Some(lin.bias.as_ref().unwrap().f32().unwrap()), &mut want);
+            want.iter_mut().for_each(|v| *v = crate::backend::cpu::math::gelu_tanh(*v));
+            assert_eq!(got.f32().unwrap(), &want[..], "int8 linear {rows}x{k}x{n} qmax {qmax}");
+            let err = crate::tensor::rel_l2(got.f32().unwrap(), full.f32().unwrap());
+            assert!(err < tol, "int8 linear vs f32: {err} (qmax {qmax}, {rows}x{k}x{n})");
+        }
     }
 }
 

@@ -1,0 +1,4 @@
+//! Quantization: integer weight and activation formats, and the CPU integer kernels.
+//! (The policies that choose a precision per layer build on these.)
+
+pub mod int8;
