@@ -69,15 +69,27 @@ def render(colour, shape, direction, background, cx, cy, radius, speed, frames=F
     return out * 2.0 - 1.0
 
 
-def sample_params(rng, colour, shape, direction, frames=FRAMES, height=HEIGHT, width=WIDTH):
+# Motion presets. "slow" (phase 1 of the exported model): radius 3-3.8 px, 0.9-1.25 px per frame,
+# half a patch. "fast" (phase 2, the default): radius 2.4-2.8 px, 1.5-1.7 px per frame, so that
+# consecutive frames put the shape on different 2x2 patches and the motion crosses most of the
+# frame: STDiT3 has no absolute frame position (only RoPE's relative one in temporal attention),
+# so the direction must be learned from how the shape shifts between frames.
+MOTION = {
+    "slow": dict(radius=(0.19, 0.24), travel=(0.4, 0.55), start=(0.2, 0.3), perp=(0.35, 0.65)),
+    "fast": dict(radius=(0.15, 0.175), travel=(0.66, 0.74), start=(0.155, 0.2), perp=(0.3, 0.7)),
+}
+
+
+def sample_params(rng, colour, shape, direction, frames=FRAMES, height=HEIGHT, width=WIDTH, motion="fast"):
+    m = MOTION[motion]
     background = rng.choice(list(BACKGROUNDS))
-    radius = rng.uniform(0.19, 0.24) * min(height, width)
-    travel = rng.uniform(0.4, 0.55)  # fraction of the frame crossed during the clip
+    radius = rng.uniform(*m["radius"]) * min(height, width)
+    travel = rng.uniform(*m["travel"])  # fraction of the frame crossed during the clip
     dx, dy = DIRECTIONS[direction]
     size = width if dx else height
     speed = travel * size / (frames - 1)
-    start_along = rng.uniform(0.2, 0.3) * size
-    perp = rng.uniform(0.35, 0.65)
+    start_along = rng.uniform(*m["start"]) * size
+    perp = rng.uniform(*m["perp"])
     if dx:
         cx = start_along if dx > 0 else size - start_along
         cy = perp * height
@@ -92,11 +104,11 @@ def training_combos():
     return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
 
 
-def make_sample(rng, combos=None):
+def make_sample(rng, combos=None, motion="fast"):
     """One training example: (video [3,T,H,W], caption)."""
     combos = combos or training_combos()
     colour, shape, direction = combos[rng.integers(len(combos))]
-    p = sample_params(rng, colour, shape, direction)
+    p = sample_params(rng, colour, shape, direction, motion=motion)
     video = render(colour, shape, direction, **p)
     cap = caption(colour, shape, direction, p["background"] if rng.random() < 0.5 else None)
     if rng.random() < 0.5:
@@ -104,8 +116,8 @@ def make_sample(rng, combos=None):
     return video, cap
 
 
-def make_batch(rng, n, combos=None):
-    vids, caps = zip(*(make_sample(rng, combos) for _ in range(n)))
+def make_batch(rng, n, combos=None, motion="fast"):
+    vids, caps = zip(*(make_sample(rng, combos, motion) for _ in range(n)))
     return np.stack(vids), list(caps)
 
 
