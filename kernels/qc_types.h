@@ -311,4 +311,80 @@ typedef struct QcGemmI8Args {
     int32_t _pad;
 } QcGemmI8Args;
 
+/* ------------------------------------------------------------- attention.cu */
+
+/*
+ * qc_attention_d{16,32,64,80,128}_bf16 (flash attention on tensor cores:
+ * bf16 q, k, v and out, f32 softmax state and accumulators, no score matrix
+ * in memory; the dNN kernel takes any head_dim <= NN, zero-padded to NN in
+ * shared memory only: launch the smallest that fits, launch_cfg::attention):
+ *   for every group g < groups, head h < heads and query i < q_len:
+ *     s_j = scale * q[g, i, h, :] . k[g, j, h, :]      for the keys j < kv_len(g)
+ *     out[g, i, h, :] = sum_j softmax(s)_j v[g, j, h, :]
+ *   computed as in flash attention: the unnormalised probabilities
+ *   exp(s_j - running max) enter P V rounded to bf16, their sum in f32, and
+ *   out is divided by that sum at the end; a group without keys
+ *   (kv_len(g) = 0) gets zero output rows.
+ *
+ *   Rows: element d < head_dim of head h in row r of q is at
+ *   q + r * ldq + h * head_dim + d (k: ldk, v: ldv, out: ldo), so q, k, v can
+ *   be column slices of one [rows, 3 * heads * head_dim] qkv buffer. Query i
+ *   of group g is row
+ *     R(g, i) = (g / groups_inner) * outer_stride + (g % groups_inner) * inner_stride
+ *               + i * seq_stride
+ *   of q, and its result goes to row R(g, i) of out.
+ *   Keys and values of group g:
+ *     kv_start == 0 (self-attention): kv_len = q_len, key/value j is row R(g, j)
+ *       of k / v (the same layout as the queries);
+ *     kv_start != 0 (then kv_end too; int32 device arrays [groups]): key/value j
+ *       is row kv_start[g] + j of k / v, kv_len(g) = max(0, kv_end[g] - kv_start[g]).
+ *   RoPE (rope_freqs != 0, f32 [head_dim / 2]): q and k are rotated as they are
+ *   loaded, exactly as qc_rope does in place (GPT-J interleaved pairs, products
+ *   and sum rounded separately, result rounded to bf16), with position i for
+ *   query i and j for key j (the index within the group's sequence).
+ *   With C = heads * head_dim, B samples of T frames of S tokens (rows
+ *   frame-major: row (b * T + t) * S + s) and a qkv buffer [B*T*S, 3C]
+ *   (q = qkv, k = qkv + C, v = qkv + 2C, ldq = ldk = ldv = 3C):
+ *     spatial:  groups = B*T, q_len = S, groups_inner = 1, outer_stride = S,
+ *               inner_stride = 0, seq_stride = 1;
+ *     temporal: groups = B*S, q_len = T, groups_inner = S, outer_stride = T*S,
+ *               inner_stride = 1, seq_stride = S (RoPE over t);
+ *     cross:    groups = B, q_len = T*S, groups_inner = 1, outer_stride = T*S,
+ *               inner_stride = 0, seq_stride = 1, kv_start/kv_end = each
+ *               sample's caption token rows of k, v [tokens, C].
+ *   Requirements: head_dim a multiple of 8 in [8, 128]; groups_inner >= 1;
+ *   ldq, ldk, ldv, ldo multiples of 8 and q, k, v, out 16-byte aligned; out
+ *   must not overlap k or v, and may coincide with q only exactly (same
+ *   addresses: each query row is read before its output row is written).
+ *   A launch that breaks a requirement the kernel can see (head_dim, the
+ *   alignments, groups_inner) traps.
+ *   Launch: blockDim.x = 128 exactly (4 warps, 64 query rows per block;
+ *   anything else traps), any gridDim.x >= 1: blocks loop over
+ *   ceil(q_len / 64) * heads * groups work items, item w = (tile, head, group)
+ *   with tile = w % tiles, head = (w / tiles) % heads, group = w / (tiles * heads).
+ *   Static shared memory only (at most 44 KiB: d80).
+ */
+typedef struct QcAttentionArgs {
+    qc_dptr q;
+    qc_dptr k;
+    qc_dptr v;
+    qc_dptr out;
+    qc_dptr kv_start;   /* int32 [groups], or 0 for self-attention */
+    qc_dptr kv_end;     /* int32 [groups], used when kv_start != 0 */
+    qc_dptr rope_freqs; /* f32 [head_dim / 2], or 0 for no RoPE */
+    int64_t ldq;
+    int64_t ldk;
+    int64_t ldv;
+    int64_t ldo;
+    int64_t outer_stride;
+    int64_t inner_stride;
+    int64_t seq_stride;
+    int32_t groups;
+    int32_t groups_inner; /* >= 1 */
+    int32_t q_len;
+    int32_t heads;
+    int32_t head_dim;
+    float scale;
+} QcAttentionArgs;
+
 #endif /* QC_TYPES_H */

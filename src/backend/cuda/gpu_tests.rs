@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use std::sync::Arc;
 
 /// A device element type: f32, or bf16 stored as its u16 bits.
-trait Elem: DeviceRepr + Copy + Unpin + 'static {
+pub(super) trait Elem: DeviceRepr + Copy + Unpin + 'static {
     const SUFFIX: &'static str;
     const BYTES: usize;
     const TOL: f64;
@@ -45,42 +45,42 @@ impl Elem for u16 {
 }
 
 /// Rounds through the element type (what the device actually sees).
-fn q<T: Elem>(v: &[f32]) -> Vec<f32> {
+pub(super) fn q<T: Elem>(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| T::enc(x).dec()).collect()
 }
 
-struct Rng(u64);
+pub(super) struct Rng(u64);
 impl Rng {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
         Rng(seed | 1)
     }
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     /// Uniform in [-1, 1).
-    fn unif(&mut self) -> f32 {
+    pub(super) fn unif(&mut self) -> f32 {
         ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.unif() * scale).collect()
     }
 }
 
-struct Gpu {
-    module: KernelModule,
-    stream: Arc<CudaStream>,
+pub(super) struct Gpu {
+    pub(super) module: KernelModule,
+    pub(super) stream: Arc<CudaStream>,
 }
 
 /// The GPU these (ignored by default) tests run on; they fail loudly without one,
 /// since running them means a GPU was expected (tools/gpu-check).
-fn gpu() -> Option<Gpu> {
+pub(super) fn gpu() -> Option<Gpu> {
     if let Err(e) = probe() {
         panic!("no usable CUDA GPU: {e}");
     }
@@ -93,17 +93,17 @@ fn gpu() -> Option<Gpu> {
 }
 
 impl Gpu {
-    fn up<T: Elem>(&self, v: &[f32]) -> CudaSlice<T> {
+    pub(super) fn up<T: Elem>(&self, v: &[f32]) -> CudaSlice<T> {
         let host: Vec<T> = v.iter().map(|&x| T::enc(x)).collect();
         self.stream.clone_htod(&host).unwrap()
     }
-    fn up_raw<T: DeviceRepr + Copy>(&self, v: &[T]) -> CudaSlice<T> {
+    pub(super) fn up_raw<T: DeviceRepr + Copy>(&self, v: &[T]) -> CudaSlice<T> {
         self.stream.clone_htod(v).unwrap()
     }
-    fn poisoned<T: Elem>(&self, n: usize) -> CudaSlice<T> {
+    pub(super) fn poisoned<T: Elem>(&self, n: usize) -> CudaSlice<T> {
         self.stream.clone_htod(&vec![T::poison(); n]).unwrap()
     }
-    fn down<T: Elem>(&self, s: &CudaSlice<T>) -> Vec<f32> {
+    pub(super) fn down<T: Elem>(&self, s: &CudaSlice<T>) -> Vec<f32> {
         self.stream
             .clone_dtoh(s)
             .unwrap()
@@ -112,18 +112,18 @@ impl Gpu {
             .collect()
     }
     /// Device address of element `offset` of `s`.
-    fn addr<T: DeviceRepr>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
+    pub(super) fn addr<T: DeviceRepr>(&self, s: &CudaSlice<T>, offset: usize) -> u64 {
         let (p, _sync) = s.device_ptr(&self.stream);
         p + (offset * std::mem::size_of::<T>()) as u64
     }
-    fn run<A: KernelArgs>(&self, name: &str, (grid, block): (u32, u32), args: A) {
+    pub(super) fn run<A: KernelArgs>(&self, name: &str, (grid, block): (u32, u32), args: A) {
         // SAFETY: every test sizes its buffers for the accesses its args describe.
         unsafe { self.module.launch(name, grid, block, &self.stream, &args) }.unwrap();
         self.stream.synchronize().unwrap();
     }
 }
 
-fn check(what: &str, out: &[f32], reference: &[f64], tol: f64) {
+pub(super) fn check(what: &str, out: &[f32], reference: &[f64], tol: f64) {
     assert_eq!(out.len(), reference.len(), "{what}: length");
     let mut num = 0.0f64;
     let mut den = 0.0f64;

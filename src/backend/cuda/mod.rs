@@ -26,6 +26,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
 mod buffer;
 #[cfg(all(test, qc_cuda_kernels))]
+mod attention_tests;
+#[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
 
 pub use buffer::DeviceBuffer;
@@ -104,6 +106,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_timestep_embed_bf16",
     "qc_mask_select_f32",
     "qc_mask_select_bf16",
+    // attention.cu
+    "qc_attention_d16_bf16",
+    "qc_attention_d32_bf16",
+    "qc_attention_d64_bf16",
+    "qc_attention_d80_bf16",
+    "qc_attention_d128_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -136,6 +144,13 @@ kernel_args! {
     QcRopeArgs => ["qc_rope_f32", "qc_rope_bf16"];
     QcTimestepEmbedArgs => ["qc_timestep_embed_f32", "qc_timestep_embed_bf16"];
     QcMaskSelectArgs => ["qc_mask_select_f32", "qc_mask_select_bf16"];
+    QcAttentionArgs => [
+        "qc_attention_d16_bf16",
+        "qc_attention_d32_bf16",
+        "qc_attention_d64_bf16",
+        "qc_attention_d80_bf16",
+        "qc_attention_d128_bf16",
+    ];
 }
 
 /// What [`probe`] found.
@@ -377,6 +392,50 @@ pub mod launch_cfg {
         let grid = ((threads + block - 1) / block).clamp(1, MAX_GRID);
         (grid as u32, block as u32)
     }
+
+    /// Threads per attention block: 4 warps of 16 query rows (the kernels trap on any other).
+    pub const ATTENTION_THREADS: u32 = 128;
+    /// Query rows per attention work item.
+    pub const ATTENTION_BLOCK_M: i64 = 64;
+    /// The padded head dims of the attention kernels, `qc_attention_d{N}_bf16`.
+    pub const ATTENTION_HEAD_DIMS: [usize; 5] = [16, 32, 64, 80, 128];
+
+    /// The attention kernel for `head_dim` (a multiple of 8 in [8, 128]): the one
+    /// with the smallest padded head dim that holds it, and that padded dim.
+    pub fn attention_kernel(head_dim: usize) -> Option<(&'static str, usize)> {
+        const NAMES: [&str; 5] = [
+            "qc_attention_d16_bf16",
+            "qc_attention_d32_bf16",
+            "qc_attention_d64_bf16",
+            "qc_attention_d80_bf16",
+            "qc_attention_d128_bf16",
+        ];
+        if head_dim == 0 || !head_dim.is_multiple_of(8) {
+            return None;
+        }
+        let i = ATTENTION_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
+        Some((NAMES[i], ATTENTION_HEAD_DIMS[i]))
+    }
+
+    /// Static shared memory of the attention kernel with padded head dim `hdp`
+    /// (attention.cu's Cfg: two stages of K and V tiles of 64 keys, 32 above
+    /// 80, rows `hdp + 8` bf16 apart).
+    pub const fn attention_shared_bytes(hdp: usize) -> usize {
+        let keys = if hdp > 80 { 32 } else { 64 };
+        4 * keys * (hdp + 8) * 2
+    }
+
+    /// Attention work items: `ceil(q_len / 64) * heads * groups`.
+    pub fn attention_work(q_len: i64, heads: i64, groups: i64) -> i64 {
+        (q_len.max(0) + ATTENTION_BLOCK_M - 1) / ATTENTION_BLOCK_M * heads.max(0) * groups.max(0)
+    }
+
+    /// qc_attention_*_bf16: `(grid, block)` for [`super::KernelModule::launch`],
+    /// one block per work item (capped: the kernels loop with a grid stride).
+    pub fn attention(q_len: i64, heads: i64, groups: i64) -> (u32, u32) {
+        let work = attention_work(q_len, heads, groups);
+        (work.clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
+    }
 }
 
 #[cfg(test)]
@@ -437,6 +496,7 @@ mod tests {
         covered.extend(QcRopeArgs::KERNELS);
         covered.extend(QcTimestepEmbedArgs::KERNELS);
         covered.extend(QcMaskSelectArgs::KERNELS);
+        covered.extend(QcAttentionArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -530,5 +590,79 @@ mod tests {
         assert_eq!(flat(1025, 4), (2, 256));
         assert_eq!(flat(0, 2), (1, 256));
         assert_eq!(per_row_threads(4, 16 * 36), (4, 576));
+    }
+
+    /// launch_cfg::attention: the grid covers every (query tile, head, group)
+    /// work item, each head dim gets a kernel that holds it, and the static
+    /// shared memory fits (and is what ptxas reports, with no spills).
+    #[test]
+    fn attention_launch_shapes() {
+        use launch_cfg::*;
+        assert_eq!(std::mem::size_of::<QcAttentionArgs>(), 7 * 8 + 7 * 8 + 6 * 4);
+        // (q_len, heads, groups): Open-Sora spatial / temporal / cross, the demo, tails.
+        for (q, h, g) in [(3600i64, 16i64, 120i64), (30, 16, 4 * 3600), (30 * 3600, 16, 4), (64, 4, 16), (1, 1, 1), (65, 3, 7), (129, 2, 1)] {
+            let (grid, block) = attention(q, h, g);
+            assert_eq!(block, ATTENTION_THREADS);
+            let work = attention_work(q, h, g);
+            assert_eq!(work, ((q + 63) / 64) * h * g);
+            assert!(work * ATTENTION_BLOCK_M >= q * h * g);
+            assert_eq!(grid as i64, work.min(MAX_GRID));
+            // Blocks b, b + grid, ... (the kernels' grid stride) reach every item.
+            assert!(grid >= 1 && (grid as i64) <= work);
+        }
+        assert_eq!(attention(0, 16, 2), (1, 128));
+        assert_eq!(attention(1 << 20, 16, 64).0 as i64, MAX_GRID);
+
+        assert_eq!(attention_kernel(72), Some(("qc_attention_d80_bf16", 80)));
+        assert_eq!(attention_kernel(16), Some(("qc_attention_d16_bf16", 16)));
+        assert_eq!(attention_kernel(8), Some(("qc_attention_d16_bf16", 16)));
+        assert_eq!(attention_kernel(64), Some(("qc_attention_d64_bf16", 64)));
+        assert_eq!(attention_kernel(88), Some(("qc_attention_d128_bf16", 128)));
+        assert_eq!(attention_kernel(128), Some(("qc_attention_d128_bf16", 128)));
+        for bad in [0usize, 4, 12, 136, 256] {
+            assert_eq!(attention_kernel(bad), None, "head_dim {bad}");
+        }
+        for hd in (8..=128).step_by(8) {
+            let (name, hdp) = attention_kernel(hd).unwrap();
+            assert!(hd <= hdp && hdp % 16 == 0 && KERNEL_NAMES.contains(&name));
+            assert!(QcAttentionArgs::KERNELS.contains(&name));
+        }
+        for hdp in ATTENTION_HEAD_DIMS {
+            // Static shared memory is limited to 48 KiB; 3 blocks per SM fit on sm_80 too.
+            assert!(attention_shared_bytes(hdp) <= 48 * 1024, "d{hdp}");
+            assert!(3 * (attention_shared_bytes(hdp) + 1024) <= 164 * 1024, "d{hdp}");
+        }
+        assert_eq!(attention_shared_bytes(80), 45056);
+    }
+
+    /// ptxas's report for the attention kernels: the shared memory launch_cfg
+    /// expects, and no spills, on every architecture.
+    #[cfg(qc_cuda_kernels)]
+    #[test]
+    fn attention_ptxas_report() {
+        let log = include_str!(concat!(env!("OUT_DIR"), "/ptxas.log"));
+        let mut current: Option<(String, String)> = None;
+        let mut seen = 0;
+        for line in log.lines() {
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                let name = rest.split('\'').next().unwrap().to_string();
+                let arch = rest.split("for '").nth(1).and_then(|s| s.split('\'').next()).unwrap_or("?").to_string();
+                current = Some((name, arch));
+                continue;
+            }
+            let Some((name, arch)) = &current else { continue };
+            let Some(hdp) = name.strip_prefix("qc_attention_d").and_then(|s| s.strip_suffix("_bf16")) else { continue };
+            let hdp: usize = hdp.parse().unwrap();
+            if line.contains("spill stores") {
+                assert!(line.contains(" 0 bytes spill stores, 0 bytes spill loads"), "{name} ({arch}) spills: {line}");
+            }
+            if let Some(head) = line.split(" bytes smem").next().filter(|_| line.contains(" bytes smem")) {
+                let smem: usize = head.rsplit(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+                assert_eq!(smem, launch_cfg::attention_shared_bytes(hdp), "{name} ({arch})");
+                seen += 1;
+            }
+        }
+        // Five kernels, sm_80 and sm_90a.
+        assert_eq!(seen, 2 * launch_cfg::ATTENTION_HEAD_DIMS.len(), "attention kernels in ptxas.log");
     }
 }

@@ -1,0 +1,437 @@
+// attention.cu: flash attention (online softmax) on bf16 tensor cores, with
+// strided groups (spatial / temporal self-attention on slices of a fused qkv
+// buffer), ragged key ranges (cross-attention) and RoPE fused on load.
+// Semantics and requirements: qc_types.h (QcAttentionArgs).
+//
+// Design (FlashAttention-2 style, mma.sync so it runs on sm_80 and sm_90):
+//   - one block of 4 warps per work item (64 query rows of one head of one
+//     group); each warp owns 16 query rows, holds their Q as m16n8k16 A
+//     fragments in registers, and keeps its O accumulator (16 x HDP f32), row
+//     max and row sum in registers for the whole key loop;
+//   - K and V tiles of BN keys go through shared memory with cp.async, two
+//     stages (the next tile loads while this one is computed); S = Q K^T with
+//     ldmatrix (K rows are the B operand's columns), P is rounded to bf16 in
+//     registers and reused as the A operand of O += P V (V through
+//     ldmatrix.trans);
+//   - the head dim is padded to HDP (a multiple of 16, the MMA k-size) inside
+//     shared memory only: columns [head_dim, HDP) of every tile row are zeroed
+//     once per block and never written again, so they add nothing to Q K^T
+//     and P V; rows past q_len / kv_len are zero-filled by cp.async and their
+//     scores masked to -inf;
+//   - shared rows are HDP + 8 elements apart (an odd multiple of 16 bytes),
+//     so every 8-row ldmatrix phase hits 8 distinct 16-byte bank groups;
+//   - the Q tile is staged in the second stage's buffers (it is copied to
+//     registers before the first prefetch into them), so shared memory is
+//     4 * BN * (HDP + 8) bf16: 44 KiB at HDP 80 (BN 64), static;
+//   - RoPE (optional) is applied in shared memory by the thread that loaded
+//     each 16-byte chunk, after its cp.async completes and before the barrier;
+//   - one entry point per HDP (qc_attention_d{16,32,64,80,128}_bf16): see the
+//     note above them. Blocks loop over work items with a grid stride.
+#include "common.cuh"
+
+namespace qc {
+namespace attn {
+
+constexpr int THREADS = 128;  // 4 warps
+constexpr int BM = 64;        // query rows per block, 16 per warp
+
+// Per padded head dim HDP: BN keys per K/V tile, SROW elements between shared rows.
+template <int HDP> struct Cfg {
+    static_assert(HDP % 16 == 0 && HDP >= 16 && HDP <= 128, "HDP: multiple of 16 in [16, 128]");
+    static constexpr int BN = HDP > 80 ? 32 : 64;
+    static constexpr int SROW = HDP + 8;
+    static constexpr int TILE = BN * SROW;  // elements of one K or V tile
+    static constexpr int SMEM_BYTES = 4 * TILE * 2;
+    static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
+    // The Q tile (BM rows) lives in the second stage's K and V tiles (contiguous).
+    static_assert(BM * SROW <= 2 * TILE, "Q tile does not fit the second stage");
+};
+
+
+// ------------------------------------------------------------ PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; bytes [src_bytes, 16) of the destination are zero-filled
+// (src_bytes = 0: nothing is read, the 16 bytes are zeroed).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+
+// d += a (16x16, row) * b (16x8, col), bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x (MUFU.EX2, ~2 ulp); 2^-inf = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats rounded to bf16 (round to nearest even), lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+}
+
+// ------------------------------------------------------------ tile loads
+
+// A sequence of rows in global memory: element d of item i (i < len) is at
+// base + (row0 + i * rstride) * ld + d, base already offset to the head.
+struct Seq {
+    const bf16* base;
+    int64_t ld;
+    int64_t row0;
+    int64_t rstride;
+    int len;
+};
+
+// Issues cp.async for tile rows r < ROWS holding items start + r of seq into
+// s (rows SROW apart), columns [0, head_dim) only; items >= len are zero-filled.
+// Thread tid handles chunks tid, tid + THREADS, ... (rope_tile walks the same ones).
+template <int HDP, int ROWS>
+__device__ __forceinline__ void load_tile(bf16* s, const Seq& q, int start, int head_dim) {
+    constexpr int CPR = HDP / 8;  // 16-byte chunks per padded row
+    constexpr int SROW = Cfg<HDP>::SROW;
+#pragma unroll
+    for (int k = 0; k < (ROWS * CPR + THREADS - 1) / THREADS; ++k) {
+        const int idx = threadIdx.x + k * THREADS;
+        const int r = idx / CPR;
+        const int c = idx - r * CPR;
+        if (idx < ROWS * CPR && c * 8 < head_dim) {
+            const int i = start + r;
+            const bool ok = i < q.len;
+            // Out-of-range rows read nothing; item 0 (always valid) keeps the address legal.
+            const bf16* src = q.base + (q.row0 + static_cast<int64_t>(ok ? i : 0) * q.rstride) * q.ld + c * 8;
+            cp_async16(s + r * SROW + c * 8, src, ok ? 16 : 0);
+        }
+    }
+}
+
+// RoPE in place on the chunks this thread loaded with load_tile (after
+// cp.async.wait_group, before the barrier): position = item index start + r.
+// Same arithmetic as qc_rope (kernels/rope.cu), rounded to bf16.
+template <int HDP, int ROWS>
+__device__ __forceinline__ void rope_tile(bf16* s, const float* __restrict__ freqs, int start, int len,
+                                          int head_dim) {
+    constexpr int CPR = HDP / 8;
+    constexpr int SROW = Cfg<HDP>::SROW;
+#pragma unroll 1  // sincosf is large: one copy per call site
+    for (int k = 0; k < (ROWS * CPR + THREADS - 1) / THREADS; ++k) {
+        const int idx = threadIdx.x + k * THREADS;
+        const int r = idx / CPR;
+        const int c = idx - r * CPR;
+        const int i = start + r;
+        if (idx < ROWS * CPR && c * 8 < head_dim && i < len) {
+            uint4* p = reinterpret_cast<uint4*>(s + r * SROW + c * 8);
+            uint4 raw = *p;
+            __nv_bfloat162 v[4];
+            memcpy(v, &raw, 16);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float angle = __fmul_rn(static_cast<float>(i), __ldg(freqs + c * 4 + j));
+                float sn, cs;
+                sincosf(angle, &sn, &cs);
+                const float x0 = __low2float(v[j]);
+                const float x1 = __high2float(v[j]);
+                const float o0 = __fadd_rn(__fmul_rn(x0, cs), __fmul_rn(-x1, sn));
+                const float o1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+                v[j] = __floats2bfloat162_rn(o0, o1);
+            }
+            memcpy(&raw, v, 16);
+            *p = raw;
+        }
+    }
+}
+
+// ------------------------------------------------------------ the kernel body
+
+template <int HDP>
+__device__ __forceinline__ void attention(const QcAttentionArgs& a, bf16* smem) {
+    constexpr int BN = Cfg<HDP>::BN;
+    constexpr int SROW = Cfg<HDP>::SROW;
+    constexpr int TILE = Cfg<HDP>::TILE;
+    constexpr int KB = HDP / 16;  // 16-wide head-dim blocks (k of Q K^T, pairs of n of P V)
+    constexpr int NB = BN / 8;    // 8-key score blocks per tile
+    constexpr int CPR = HDP / 8;
+
+    const int hd = a.head_dim;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const bf16* qg = dev_ptr<const bf16>(a.q);
+    const bf16* kg = dev_ptr<const bf16>(a.k);
+    const bf16* vg = dev_ptr<const bf16>(a.v);
+    bf16* og = dev_ptr<bf16>(a.out);
+    const int* kv_start = dev_ptr<const int>(a.kv_start);
+    const int* kv_end = dev_ptr<const int>(a.kv_end);
+    const float* freqs = dev_ptr<const float>(a.rope_freqs);
+    const float scale_log2 = a.scale * 1.4426950408889634f;  // scores in base 2
+    bf16* const q_s = smem + 2 * TILE;                       // second stage's K and V tiles
+
+    // Zero the padding columns [hd, HDP) of every shared row once: nothing writes them later.
+    if (hd < HDP) {
+        for (int idx = threadIdx.x; idx < 4 * BN * CPR; idx += THREADS) {
+            const int r = idx / CPR;
+            const int c = idx - r * CPR;
+            if (c * 8 >= hd) *reinterpret_cast<uint4*>(smem + r * SROW + c * 8) = make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    const int q_tiles = (a.q_len + BM - 1) / BM;
+    const int64_t work = static_cast<int64_t>(q_tiles) * a.heads * a.groups;
+    for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+        const int tile = static_cast<int>(w % q_tiles);
+        const int64_t rest = w / q_tiles;
+        const int h = static_cast<int>(rest % a.heads);
+        const int g = static_cast<int>(rest / a.heads);
+        const int q0 = tile * BM;
+        const int64_t grp_row = static_cast<int64_t>(g / a.groups_inner) * a.outer_stride +
+                                static_cast<int64_t>(g % a.groups_inner) * a.inner_stride;
+        const int64_t hoff = static_cast<int64_t>(h) * hd;
+        const Seq qs{qg + hoff, a.ldq, grp_row, a.seq_stride, a.q_len};
+        Seq ks, vs;
+        if (kv_start != nullptr) {
+            const int s0 = kv_start[g];
+            const int s1 = kv_end[g];
+            ks = Seq{kg + hoff, a.ldk, s0, 1, s1 > s0 ? s1 - s0 : 0};
+        } else {
+            ks = Seq{kg + hoff, a.ldk, grp_row, a.seq_stride, a.q_len};
+        }
+        vs = Seq{vg + hoff, a.ldv, ks.row0, ks.rstride, ks.len};
+        const int kv_len = ks.len;
+
+        // The previous work item is done with shared memory (and the padding is zeroed).
+        __syncthreads();
+
+        if (kv_len == 0) {  // block-uniform: zero output rows
+            for (int idx = threadIdx.x; idx < BM * CPR; idx += THREADS) {
+                const int r = idx / CPR;
+                const int c = idx - r * CPR;
+                const int i = q0 + r;
+                if (i < a.q_len && c * 8 < hd)
+                    *reinterpret_cast<uint4*>(og + (grp_row + static_cast<int64_t>(i) * a.seq_stride) * a.ldo +
+                                              hoff + c * 8) = make_uint4(0, 0, 0, 0);
+            }
+            continue;
+        }
+
+        // Prologue: Q tile and the first K/V tile.
+        load_tile<HDP, BM>(q_s, qs, q0, hd);
+        load_tile<HDP, BN>(smem, ks, 0, hd);
+        load_tile<HDP, BN>(smem + TILE, vs, 0, hd);
+        cp_async_commit();
+        cp_async_wait_all();
+        if (freqs != nullptr) {
+            rope_tile<HDP, BM>(q_s, freqs, q0, a.q_len, hd);
+            rope_tile<HDP, BN>(smem, freqs, 0, kv_len, hd);
+        }
+        __syncthreads();
+
+        // Warps whose 16 rows are all past q_len skip the arithmetic (not the loads and barriers).
+        const bool active = q0 + warp * 16 < a.q_len;
+        uint32_t qf[KB][4];
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb)
+            ldmatrix_x4(qf[kb], q_s + (warp * 16 + (lane & 15)) * SROW + kb * 16 + (lane >> 4) * 8);
+
+        float o[2 * KB][4];
+#pragma unroll
+        for (int n = 0; n < 2 * KB; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+        // Rows lane/4 (index 0) and lane/4 + 8 (index 1) of the warp's 16: running max
+        // (base-2 scaled scores) and this lane's part of the running sum.
+        float m_run[2] = {-INFINITY, -INFINITY};
+        float l_run[2] = {0.0f, 0.0f};
+
+        const int kv_tiles = (kv_len + BN - 1) / BN;
+        for (int t = 0; t < kv_tiles; ++t) {
+            const bf16* k_s = smem + (t & 1) * 2 * TILE;
+            const bf16* v_s = k_s + TILE;
+            if (t > 0) {
+                cp_async_wait_all();
+                if (freqs != nullptr) rope_tile<HDP, BN>(smem + (t & 1) * 2 * TILE, freqs, t * BN, kv_len, hd);
+            }
+            // Tile t is visible to all warps, and all are done with tile t - 1 (and with Q).
+            __syncthreads();
+            if (t + 1 < kv_tiles) {
+                bf16* nk = smem + ((t + 1) & 1) * 2 * TILE;
+                load_tile<HDP, BN>(nk, ks, (t + 1) * BN, hd);
+                load_tile<HDP, BN>(nk + TILE, vs, (t + 1) * BN, hd);
+                cp_async_commit();
+            }
+            if (!active) continue;
+
+            const int key0 = t * BN;
+            // S = Q K^T for the warp's 16 rows and the tile's BN keys.
+            float s[NB][4];
+#pragma unroll
+            for (int n = 0; n < NB; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kb = 0; kb < KB; ++kb) {
+                if (kb * 16 >= hd) continue;  // all-padding head-dim block
+#pragma unroll
+                for (int n2 = 0; n2 < NB / 2; ++n2) {
+                    if (key0 + n2 * 16 >= kv_len) continue;  // keys all masked below
+                    uint32_t b[4];
+                    ldmatrix_x4(b, k_s + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * SROW + kb * 16 +
+                                       ((lane >> 3) & 1) * 8);
+                    mma_bf16(s[2 * n2], qf[kb], b[0], b[1]);
+                    mma_bf16(s[2 * n2 + 1], qf[kb], b[2], b[3]);
+                }
+            }
+
+            // Scale to base 2; keys past kv_len -> -inf.
+            const bool partial = key0 + BN > kv_len;
+#pragma unroll
+            for (int n = 0; n < NB; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[n][e] * scale_log2;
+                    if (partial && key0 + n * 8 + (lane & 3) * 2 + (e & 1) >= kv_len) x = -INFINITY;
+                    s[n][e] = x;
+                }
+            }
+
+            // Online softmax. Every processed tile has a valid key (key0 < kv_len), so the
+            // new max is finite and m_run - m_new is never -inf - -inf.
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int n = 0; n < NB; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[hr], mx);
+                const float alpha = fast_exp2(m_run[hr] - m_new);  // 0 on the first tile
+                m_run[hr] = m_new;
+                float sum = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NB; ++n) {
+                    const float p0 = fast_exp2(s[n][2 * hr] - m_new);
+                    const float p1 = fast_exp2(s[n][2 * hr + 1] - m_new);
+                    s[n][2 * hr] = p0;
+                    s[n][2 * hr + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_run[hr] = l_run[hr] * alpha + sum;
+#pragma unroll
+                for (int n = 0; n < 2 * KB; ++n) {
+                    o[n][2 * hr] *= alpha;
+                    o[n][2 * hr + 1] *= alpha;
+                }
+            }
+
+            // O += P V: P (bf16) from the score accumulators as A fragments, V^T via ldmatrix.trans.
+#pragma unroll
+            for (int kk = 0; kk < NB / 2; ++kk) {
+                if (key0 + kk * 16 >= kv_len) continue;  // probabilities all 0
+                uint32_t p[4];
+                p[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+                p[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+                p[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                p[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int d2 = 0; d2 < KB; ++d2) {
+                    if (d2 * 16 >= hd) continue;  // all-padding output columns
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + d2 * 16 +
+                                             (lane >> 4) * 8);
+                    mma_bf16(o[2 * d2], p, b[0], b[1]);
+                    mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
+                }
+            }
+        }
+
+        // Epilogue: O / l, rounded to bf16, straight from the accumulators (4 bytes per lane and row).
+        if (active) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float l = l_run[hr];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                const float inv = 1.0f / l;
+                const int i = q0 + warp * 16 + (lane >> 2) + hr * 8;
+                if (i < a.q_len) {
+                    bf16* orow = og + (grp_row + static_cast<int64_t>(i) * a.seq_stride) * a.ldo + hoff + (lane & 3) * 2;
+#pragma unroll
+                    for (int n = 0; n < 2 * KB; ++n) {
+                        if (n * 8 < hd) {
+                            const uint32_t v = pack_bf16(o[n][2 * hr] * inv, o[n][2 * hr + 1] * inv);
+                            *reinterpret_cast<uint32_t*>(orow + n * 8) = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace attn
+}  // namespace qc
+
+namespace qc {
+namespace attn {
+// The body of every entry point: argument checks (a bad launch traps: a loud error, not
+// stale output), then the HDP variant on the kernel's static shared memory.
+template <int HDP>
+__device__ __forceinline__ void entry(const QcAttentionArgs& a) {
+    __shared__ __align__(128) uint4 smem_raw[Cfg<HDP>::SMEM_BYTES / 16];
+    const int hd = a.head_dim;
+    const bool aligned = ((a.q | a.k | a.v | a.out) & 15) == 0 && ((a.ldq | a.ldk | a.ldv | a.ldo) & 7) == 0;
+    if (blockDim.x != THREADS || hd < 8 || hd > HDP || hd % 8 != 0 || a.groups_inner < 1 || !aligned) __trap();
+    attention<HDP>(a, reinterpret_cast<bf16*>(smem_raw));
+}
+}  // namespace attn
+}  // namespace qc
+
+// One entry point per padded head dim NN, each taking any head_dim <= NN (multiple of 8):
+// one kernel dispatching to several variants gets the registers of the largest or worse
+// (ptxas gave 217-231 registers, or spills, to such combinations against 167 for d80
+// alone). __launch_bounds__(128, B) caps registers at 65536 / (128 * B).
+
+// Flash attention (QcAttentionArgs), head_dim <= 16 (the demo model).
+extern "C" __global__ void __launch_bounds__(128, 4) qc_attention_d16_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<16>(a);
+}
+// Flash attention (QcAttentionArgs), head_dim <= 32.
+extern "C" __global__ void __launch_bounds__(128, 4) qc_attention_d32_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<32>(a);
+}
+// Flash attention (QcAttentionArgs), head_dim <= 64.
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_d64_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<64>(a);
+}
+// Flash attention (QcAttentionArgs), head_dim <= 80 (Open-Sora 1.2: 72).
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_d80_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<80>(a);
+}
+// Flash attention (QcAttentionArgs), head_dim <= 128.
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_d128_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<128>(a);
+}
