@@ -224,7 +224,27 @@ typedef struct QcMaskSelectArgs {
  *   Requirements: M, N, K >= 1; K, lda, ldw, ldo, ldr multiples of 8; a, w,
  *   out, residual 16-byte aligned. Launch: see launch_cfg::gemm (1-D grid over
  *   output tiles, dynamic shared memory).
+ *   gate == 0 with QC_EPI_GATED_RESIDUAL means a gate of 1 (out = residual + y).
+ *   y is kept in f32 through the epilogue; out is rounded to bf16 once.
  */
+/*
+ * Tiling of qc_gemm_bf16 and qc_gemm_w8a8 (kernels/gemm.cu; the host's
+ * launch_cfg::gemm reads the same numbers): QC_GEMM_BM x QC_GEMM_BN output
+ * tiles, one per block of QC_GEMM_THREADS threads, numbered t = 0 ..
+ * tiles_m * tiles_n - 1 in groups of QC_GEMM_GROUP_M tile rows (tile row
+ * first_m + r % rows_in_group, tile column r / rows_in_group, r = t % (GROUP_M
+ * * tiles_n)), blocks looping over tiles with a grid stride. Each k-tile is
+ * 64 bytes of every row (32 bf16 or 64 int8), QC_GEMM_STAGES k-tiles in
+ * flight: QC_GEMM_SMEM_BYTES = STAGES * (BM + BN) * 64 bytes of dynamic
+ * shared memory.
+ */
+#define QC_GEMM_BM 128
+#define QC_GEMM_BN 128
+#define QC_GEMM_THREADS 256
+#define QC_GEMM_GROUP_M 8
+#define QC_GEMM_STAGES 3
+#define QC_GEMM_SMEM_BYTES 49152
+
 typedef struct QcGemmArgs {
     qc_dptr a;
     qc_dptr w;
@@ -310,6 +330,40 @@ typedef struct QcGemmI8Args {
     int32_t epilogue;   /* QC_EPI_* */
     int32_t _pad;
 } QcGemmI8Args;
+
+/*
+ * qc_layernorm_mod_q8_{f32,bf16} (row kernel): LayerNorm + modulate as
+ * qc_layernorm_mod_{f32,bf16} computes it (same roundings for bf16, the row's
+ * result rounded to T as that kernel stores it), quantized per row with the
+ * formulas above (optional inv_smooth, qmax 127 or 31) instead of stored:
+ *   y[r, :]  = LN(x[r, :]) * (1 + scale[e(r), :]) + shift[e(r), :]
+ *   q[r, :], q_scale[r] = quantize(y[r, :])
+ *   e(r) = group_index ? group_index[r / group_size] : r / group_size
+ *   (group_index: int32 [ceil(rows / group_size)], the CPU backend's RowGroups).
+ *   x[r, c] at x + r * x_row_stride + c (T); q[r, c] at q + r * q_row_stride + c
+ *   (int8); q_scale f32 [rows]; shift[e, c] at shift + e * shift_stride + c
+ *   (T, likewise scale; 0 skips the term as in QcLayerNormArgs); inv_smooth
+ *   f32 [cols] or 0.
+ */
+typedef struct QcLayerNormQ8Args {
+    qc_dptr x;
+    qc_dptr q;
+    qc_dptr q_scale;
+    qc_dptr shift;
+    qc_dptr scale;
+    qc_dptr group_index;
+    qc_dptr inv_smooth;
+    int64_t rows;
+    int64_t x_row_stride;
+    int64_t q_row_stride;
+    int64_t shift_stride;
+    int64_t scale_stride;
+    int64_t group_size; /* >= 1 */
+    int32_t cols;
+    float eps;
+    int32_t qmax; /* 127 or 31 */
+    int32_t _pad;
+} QcLayerNormQ8Args;
 
 /* ------------------------------------------------------------- attention.cu */
 

@@ -26,6 +26,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
 mod buffer;
 #[cfg(all(test, qc_cuda_kernels))]
+mod gemm_tests;
+#[cfg(all(test, qc_cuda_kernels))]
 mod attention_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
@@ -112,6 +114,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_d64_bf16",
     "qc_attention_d80_bf16",
     "qc_attention_d128_bf16",
+    // gemm.cu
+    "qc_gemm_bf16",
+    "qc_gemm_w8a8",
+    "qc_quantize_rows_f32",
+    "qc_quantize_rows_bf16",
+    "qc_layernorm_mod_q8_f32",
+    "qc_layernorm_mod_q8_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -151,6 +160,10 @@ kernel_args! {
         "qc_attention_d80_bf16",
         "qc_attention_d128_bf16",
     ];
+    QcGemmArgs => ["qc_gemm_bf16"];
+    QcGemmI8Args => ["qc_gemm_w8a8"];
+    QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
+    QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
 }
 
 /// What [`probe`] found.
@@ -335,6 +348,72 @@ impl KernelModule {
         )
         .map_err(|e| format!("launching {name} (grid {grid}, block {block}): {e}"))
     }
+
+    /// Launches kernel `name` with a 3-D `grid`, a 1-D block of `block`
+    /// threads and `shared_bytes` of dynamic shared memory (the GEMMs: see
+    /// [`launch_cfg::gemm`]). When `shared_bytes` > 0 it first raises the
+    /// kernel's dynamic shared memory limit to `shared_bytes` (needed above
+    /// 48 KiB). Same checks as [`KernelModule::launch`].
+    ///
+    /// # Safety
+    /// As for [`KernelModule::launch`].
+    pub unsafe fn launch_ext<A: KernelArgs>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        stream: &CudaStream,
+        args: &A,
+    ) -> Result<(), String> {
+        if !A::KERNELS.contains(&name) {
+            return Err(format!("kernel {name} does not take {}", type_name::<A>()));
+        }
+        if block == 0
+            || !block.is_multiple_of(32)
+            || block > 1024
+            || grid.0 == 0
+            || grid.1 == 0
+            || grid.2 == 0
+            || shared_bytes > i32::MAX as u32
+        {
+            return Err(format!(
+                "bad launch shape for {name}: grid {grid:?}, block {block}, shared {shared_bytes}"
+            ));
+        }
+        if **stream.context() != *self.ctx {
+            return Err(format!("{name}: the stream belongs to another context"));
+        }
+        let f = self
+            .function(name)
+            .ok_or_else(|| format!("kernel {name} is not loaded"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
+        if shared_bytes > 0 {
+            // SAFETY: f is a live function of this module's (bound) context.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| format!("{name}: cannot allow {shared_bytes} bytes of shared memory: {e}"))?;
+        }
+        let mut params = [args as *const A as *mut c_void];
+        result::launch_kernel(
+            f,
+            grid,
+            (block, 1, 1),
+            shared_bytes,
+            stream.cu_stream(),
+            &mut params,
+        )
+        .map_err(|e| {
+            format!("launching {name} (grid {grid:?}, block {block}, shared {shared_bytes}): {e}")
+        })
+    }
 }
 
 impl Drop for KernelModule {
@@ -436,6 +515,48 @@ pub mod launch_cfg {
         let work = attention_work(q_len, heads, groups);
         (work.clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
     }
+
+    /// Output rows per GEMM tile (`QC_GEMM_BM`).
+    pub const GEMM_BM: i64 = super::abi::QC_GEMM_BM as i64;
+    /// Output columns per GEMM tile (`QC_GEMM_BN`).
+    pub const GEMM_BN: i64 = super::abi::QC_GEMM_BN as i64;
+    /// Threads per GEMM block (`QC_GEMM_THREADS`).
+    pub const GEMM_THREADS: u32 = super::abi::QC_GEMM_THREADS;
+    /// Tile rows per group in the GEMM tile order (`QC_GEMM_GROUP_M`).
+    pub const GEMM_GROUP_M: i64 = super::abi::QC_GEMM_GROUP_M as i64;
+    /// Dynamic shared memory of a GEMM block (`QC_GEMM_SMEM_BYTES`).
+    pub const GEMM_SHARED_BYTES: u32 = super::abi::QC_GEMM_SMEM_BYTES;
+
+    /// Output tiles of an `m` x `n` GEMM: (tile rows, tile columns).
+    pub fn gemm_tiles(m: i64, n: i64) -> (i64, i64) {
+        (
+            (m.max(1) + GEMM_BM - 1) / GEMM_BM,
+            (n.max(1) + GEMM_BN - 1) / GEMM_BN,
+        )
+    }
+
+    /// qc_gemm_bf16 / qc_gemm_w8a8 on an `m` x `n` output: `(grid, block,
+    /// shared_bytes)` for [`super::KernelModule::launch_ext`], one block per
+    /// output tile (capped; the kernels loop over tiles with a grid stride).
+    pub fn gemm(m: i64, n: i64) -> ((u32, u32, u32), u32, u32) {
+        let (tm, tn) = gemm_tiles(m, n);
+        let grid = (tm * tn).clamp(1, MAX_GRID) as u32;
+        ((grid, 1, 1), GEMM_THREADS, GEMM_SHARED_BYTES)
+    }
+
+    /// The output tile `(tile row, tile column)` that GEMM tile number `t`
+    /// computes (the kernels' tile_coords): groups of [`GEMM_GROUP_M`] tile
+    /// rows, column-major inside a group, so that blocks running together
+    /// share rows of `a` and `w` in L2.
+    pub fn gemm_tile(t: i64, m: i64, n: i64) -> (i64, i64) {
+        let (tiles_m, tiles_n) = gemm_tiles(m, n);
+        let per_group = GEMM_GROUP_M * tiles_n;
+        let group = t / per_group;
+        let first_m = group * GEMM_GROUP_M;
+        let rows = (tiles_m - first_m).min(GEMM_GROUP_M);
+        let r = t - group * per_group;
+        (first_m + r % rows, r / rows)
+    }
 }
 
 #[cfg(test)]
@@ -497,6 +618,10 @@ mod tests {
         covered.extend(QcTimestepEmbedArgs::KERNELS);
         covered.extend(QcMaskSelectArgs::KERNELS);
         covered.extend(QcAttentionArgs::KERNELS);
+        covered.extend(QcGemmArgs::KERNELS);
+        covered.extend(QcGemmI8Args::KERNELS);
+        covered.extend(QcQuantizeArgs::KERNELS);
+        covered.extend(QcLayerNormQ8Args::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -664,5 +789,80 @@ mod tests {
         }
         // Five kernels, sm_80 and sm_90a.
         assert_eq!(seen, 2 * launch_cfg::ATTENTION_HEAD_DIMS.len(), "attention kernels in ptxas.log");
+    }
+
+    #[test]
+    fn gemm_abi_sizes() {
+        // No implicit padding: the sum of the fields.
+        assert_eq!(std::mem::size_of::<QcGemmArgs>(), 7 * 8 + 9 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<QcGemmI8Args>(), 10 * 8 + 9 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<QcQuantizeArgs>(), 4 * 8 + 3 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<QcLayerNormQ8Args>(), 7 * 8 + 6 * 8 + 4 * 4);
+        assert_eq!(QC_EPI_NONE, 0);
+        assert_eq!(QC_EPI_GELU_TANH, 1);
+        assert_eq!(QC_EPI_GATED_RESIDUAL, 2);
+    }
+
+    /// launch_cfg::gemm: every output tile is computed exactly once, the
+    /// tiling matches qc_types.h, and the shared memory fits sm_80 and sm_90.
+    #[test]
+    fn gemm_launch_and_tiling() {
+        use launch_cfg::*;
+        // 64 bytes per row per stage (32 bf16 / 64 int8), 8 warps of 64 x 32 outputs.
+        assert_eq!(
+            GEMM_SHARED_BYTES as i64,
+            QC_GEMM_STAGES as i64 * (GEMM_BM + GEMM_BN) * 64
+        );
+        assert_eq!((GEMM_BM, GEMM_BN, GEMM_THREADS), (128, 128, 256));
+        let max_sm80 = 163 * 1024;
+        let max_sm90 = 227 * 1024;
+        assert!(GEMM_SHARED_BYTES <= max_sm80 && GEMM_SHARED_BYTES <= max_sm90);
+        // Two blocks per SM (the kernels' __launch_bounds__(256, 2)) fit too.
+        assert!(2 * GEMM_SHARED_BYTES <= max_sm80);
+
+        let shapes = [
+            (1i64, 1i64),
+            (1, 24),
+            (77, 24),
+            (128, 128),
+            (129, 127),
+            (1024, 192),
+            (1024, 64),
+            (7200, 1152),
+            (7200, 3456),
+            (7200, 4608),
+            (9 * 128 + 5, 17 * 128),
+            (3 * 128, 1),
+        ];
+        for (m, n) in shapes {
+            let ((gx, gy, gz), block, shared) = gemm(m, n);
+            assert_eq!((gy, gz, block, shared), (1, 1, 256, GEMM_SHARED_BYTES));
+            let (tm, tn) = gemm_tiles(m, n);
+            assert_eq!(tm, (m + 127) / 128);
+            assert_eq!(tn, (n + 127) / 128);
+            assert!(tm * GEMM_BM >= m && (tm - 1) * GEMM_BM < m);
+            assert!(tn * GEMM_BN >= n && (tn - 1) * GEMM_BN < n);
+            let tiles = tm * tn;
+            assert_eq!(gx as i64, tiles.min(MAX_GRID));
+            // Blocks b, b + grid, ... cover tiles 0 .. tiles; each maps to a distinct tile.
+            let mut seen = vec![false; tiles as usize];
+            for t in 0..tiles {
+                let (r, c) = gemm_tile(t, m, n);
+                assert!((0..tm).contains(&r) && (0..tn).contains(&c), "{m}x{n}: tile {t} -> ({r}, {c})");
+                let k = (r * tn + c) as usize;
+                assert!(!seen[k], "{m}x{n}: tile ({r}, {c}) twice");
+                seen[k] = true;
+            }
+            assert!(seen.iter().all(|&s| s));
+        }
+        // Consecutive tiles walk down a group of GROUP_M tile rows first.
+        assert_eq!(gemm_tile(0, 7200, 1152), (0, 0));
+        assert_eq!(gemm_tile(1, 7200, 1152), (1, 0));
+        assert_eq!(gemm_tile(GEMM_GROUP_M, 7200, 1152), (0, 1));
+        // Last (partial) group: 57 tile rows = 7 groups of 8 + 1.
+        assert_eq!(gemm_tile(56 * 9, 7200, 1152), (56, 0));
+        assert_eq!(gemm_tile(56 * 9 + 8, 7200, 1152), (56, 8));
+        // Huge problems cap the grid; the grid stride covers the rest.
+        assert_eq!(gemm(1 << 24, 1 << 14).0 .0 as i64, MAX_GRID);
     }
 }
