@@ -202,6 +202,118 @@ typedef struct QcMaskSelectArgs {
     int32_t _pad;
 } QcMaskSelectArgs;
 
+/* ------------------------------------------------------------ tensor_ops.cu */
+
+/*
+ * qc_copy_rows_{f32,bf16} (row kernel): for r < rows,
+ *   s = index ? index[r] : (swap_b ? swap(r) : r)
+ *   y[r * ldy + y_col + j] = x[s * ldx + x_col + j]   for j < cols
+ *   swap(r): the row map of [a, b, c, d] -> [a, c, b, d] (rows = a*b*c, output
+ *   row r = (ai, ci, bi)): s = (ai * swap_b + bi) * swap_c + ci with
+ *   swap_b = b, swap_c = c. index: int32 [rows].
+ *   One kernel for split_last (x_col = i * part), narrow, concat (y_col or
+ *   row offsets in y), gather_rows (index) and swap_middle. y must not overlap x.
+ */
+typedef struct QcCopyRowsArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr index;
+    int64_t rows;
+    int64_t ldx;
+    int64_t ldy;
+    int64_t x_col;
+    int64_t y_col;
+    int64_t swap_b;
+    int64_t swap_c;
+    int32_t cols;
+    int32_t _pad;
+} QcCopyRowsArgs;
+
+/*
+ * qc_cast_f32_bf16 / qc_cast_bf16_f32 (QcUnaryArgs, flat): y[i] = x[i]
+ *   converted (to bf16: round to nearest even). y must not overlap x.
+ */
+
+/*
+ * qc_modulation_table_{f32,bf16} (flat over entries * chunks * c; the suffix
+ *   is emb's dtype, table and out are f32):
+ *   out[e, j, i] = table[j, i] + (emb_width == c ? emb[e, i] : emb[e, j * c + i])
+ *   table: [chunks, c] (scale_shift_table), emb: [entries, emb_width] with
+ *   emb_width = chunks * c (t_block output) or c (the final layer's t).
+ */
+typedef struct QcModulationTableArgs {
+    qc_dptr table;
+    qc_dptr emb;
+    qc_dptr out;
+    int64_t entries;
+    int32_t chunks;
+    int32_t c;
+    int64_t emb_width;
+} QcModulationTableArgs;
+
+/*
+ * qc_add_rows_broadcast_{f32,bf16} (row kernel): x[r, :] += table[r % table_rows, :]
+ *   for r < rows (the position embedding over every frame of every sample);
+ *   x: [rows, cols] of the suffix dtype, table: f32 [table_rows, cols].
+ */
+typedef struct QcAddRowsBroadcastArgs {
+    qc_dptr x;
+    qc_dptr table;
+    int64_t rows;
+    int64_t table_rows;
+    int32_t cols;
+    int32_t _pad;
+} QcAddRowsBroadcastArgs;
+
+/*
+ * qc_cfg_euler_f32 (flat over batch * per_sample): classifier-free guidance
+ *   and the Euler update of the rectified-flow sampler, fused, all f32:
+ *   c = pred[b * per_sample + i], u = pred[(batch + b) * per_sample + i]
+ *   v = u + scale * (c - u);  z[b * per_sample + i] += v * dt[b]
+ *   pred: [2 * batch, per_sample] (conditional half first), dt: [batch].
+ *   v_out, when nonzero, receives v ([batch, per_sample]; step reuse needs it).
+ */
+typedef struct QcCfgEulerArgs {
+    qc_dptr z;
+    qc_dptr pred;
+    qc_dptr dt;
+    qc_dptr v_out;
+    int64_t batch;
+    int64_t per_sample;
+    float scale;
+    int32_t _pad;
+} QcCfgEulerArgs;
+
+/*
+ * Patch geometry shared by qc_patchify_* and qc_unpatchify_*: a video
+ * [batch, channels, t, h, w] cut into pt x ph x pw patches, zero-padded at
+ * the end of each axis to nt = ceil(t / pt), nh, nw patches.
+ *
+ * qc_patchify_{f32,bf16} (flat over tokens * channels*pt*ph*pw; the suffix is
+ *   the output dtype, x is f32): token (bi, ti, hi, wi) = ((bi * nt + ti) * nh
+ *   + hi) * nw + wi, patch vector ordered (c, a, b, d) like a Conv3d weight:
+ *   y[tok, ((c * pt + a) * ph + b) * pw + d] = x[bi, c, ti*pt + a, hi*ph + b, wi*pw + d]
+ *   or 0 outside the video.
+ * qc_unpatchify_{f32,bf16} (flat over batch * keep_channels * t * h * w; the
+ *   suffix is the input dtype, y is f32): the inverse for token vectors of
+ *   pt*ph*pw*channels laid out (a, b, d, c), cropped to t x h x w, writing
+ *   only channels c < keep_channels (pred_sigma's velocity half):
+ *   y[bi, c, tt, hh, ww] = x[tok, ((a * ph + b) * pw + d) * channels + c]
+ */
+typedef struct QcPatchArgs {
+    qc_dptr x;
+    qc_dptr y;
+    int64_t batch;
+    int32_t channels;
+    int32_t keep_channels;
+    int32_t t;
+    int32_t h;
+    int32_t w;
+    int32_t pt;
+    int32_t ph;
+    int32_t pw;
+} QcPatchArgs;
+
 /* ------------------------------------------------------------------ gemm.cu */
 
 /* Epilogues fused into every GEMM (QcGemmArgs.epilogue / QcGemmI8Args.epilogue). */

@@ -31,6 +31,8 @@ mod gemm_tests;
 mod attention_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
+#[cfg(all(test, qc_cuda_kernels))]
+mod tensor_ops_tests;
 
 pub use buffer::DeviceBuffer;
 
@@ -108,6 +110,20 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_timestep_embed_bf16",
     "qc_mask_select_f32",
     "qc_mask_select_bf16",
+    // tensor_ops.cu
+    "qc_copy_rows_f32",
+    "qc_copy_rows_bf16",
+    "qc_cast_f32_bf16",
+    "qc_cast_bf16_f32",
+    "qc_modulation_table_f32",
+    "qc_modulation_table_bf16",
+    "qc_add_rows_broadcast_f32",
+    "qc_add_rows_broadcast_bf16",
+    "qc_cfg_euler_f32",
+    "qc_patchify_f32",
+    "qc_patchify_bf16",
+    "qc_unpatchify_f32",
+    "qc_unpatchify_bf16",
     // attention.cu
     "qc_attention_d16_bf16",
     "qc_attention_d32_bf16",
@@ -146,13 +162,18 @@ macro_rules! kernel_args {
 kernel_args! {
     QcLayerNormArgs => ["qc_layernorm_mod_f32", "qc_layernorm_mod_bf16"];
     QcRmsNormArgs => ["qc_rmsnorm_f32", "qc_rmsnorm_bf16"];
-    QcUnaryArgs => ["qc_silu_f32", "qc_silu_bf16", "qc_gelu_tanh_f32", "qc_gelu_tanh_bf16"];
+    QcUnaryArgs => ["qc_silu_f32", "qc_silu_bf16", "qc_gelu_tanh_f32", "qc_gelu_tanh_bf16", "qc_cast_f32_bf16", "qc_cast_bf16_f32"];
     QcBinaryArgs => ["qc_add_f32", "qc_add_bf16"];
     QcBiasAddArgs => ["qc_bias_add_f32", "qc_bias_add_bf16"];
     QcGatedResidualArgs => ["qc_gated_residual_f32", "qc_gated_residual_bf16"];
     QcRopeArgs => ["qc_rope_f32", "qc_rope_bf16"];
     QcTimestepEmbedArgs => ["qc_timestep_embed_f32", "qc_timestep_embed_bf16"];
     QcMaskSelectArgs => ["qc_mask_select_f32", "qc_mask_select_bf16"];
+    QcCopyRowsArgs => ["qc_copy_rows_f32", "qc_copy_rows_bf16"];
+    QcModulationTableArgs => ["qc_modulation_table_f32", "qc_modulation_table_bf16"];
+    QcAddRowsBroadcastArgs => ["qc_add_rows_broadcast_f32", "qc_add_rows_broadcast_bf16"];
+    QcCfgEulerArgs => ["qc_cfg_euler_f32"];
+    QcPatchArgs => ["qc_patchify_f32", "qc_patchify_bf16", "qc_unpatchify_f32", "qc_unpatchify_bf16"];
     QcAttentionArgs => [
         "qc_attention_d16_bf16",
         "qc_attention_d32_bf16",
@@ -617,6 +638,11 @@ mod tests {
         covered.extend(QcRopeArgs::KERNELS);
         covered.extend(QcTimestepEmbedArgs::KERNELS);
         covered.extend(QcMaskSelectArgs::KERNELS);
+        covered.extend(QcCopyRowsArgs::KERNELS);
+        covered.extend(QcModulationTableArgs::KERNELS);
+        covered.extend(QcAddRowsBroadcastArgs::KERNELS);
+        covered.extend(QcCfgEulerArgs::KERNELS);
+        covered.extend(QcPatchArgs::KERNELS);
         covered.extend(QcAttentionArgs::KERNELS);
         covered.extend(QcGemmArgs::KERNELS);
         covered.extend(QcGemmI8Args::KERNELS);
