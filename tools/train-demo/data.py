@@ -104,20 +104,38 @@ def training_combos():
     return [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS if (c, s, d) not in held]
 
 
-def make_sample(rng, combos=None, motion="fast"):
+def varied_caption(rng, colour, shape, direction, background=None):
+    """Phase 2's captions: 60% complete, 25% only "moving {direction}", 15% without the
+    colour. A model trained on complete captions alone learnt to read the colour and
+    ignore the direction word; captions in which the direction is the only content
+    make it attend to that word."""
+    u = rng.random()
+    if u < 0.25:
+        s = f"moving {direction}"
+    elif u < 0.4:
+        s = f"a {shape} moving {direction}"
+    else:
+        return caption(colour, shape, direction, background)
+    if background is not None:
+        s += f" on a {background} background"
+    return s
+
+
+def make_sample(rng, combos=None, motion="fast", captions="varied"):
     """One training example: (video [3,T,H,W], caption)."""
     combos = combos or training_combos()
     colour, shape, direction = combos[rng.integers(len(combos))]
     p = sample_params(rng, colour, shape, direction, motion=motion)
     video = render(colour, shape, direction, **p)
-    cap = caption(colour, shape, direction, p["background"] if rng.random() < 0.5 else None)
+    bg = p["background"] if rng.random() < 0.5 else None
+    cap = caption(colour, shape, direction, bg) if captions == "plain" else varied_caption(rng, colour, shape, direction, bg)
     if rng.random() < 0.5:
         cap += AES_SUFFIX  # the engine appends this by default (--aes 6.5)
     return video, cap
 
 
-def make_batch(rng, n, combos=None, motion="fast"):
-    vids, caps = zip(*(make_sample(rng, combos, motion) for _ in range(n)))
+def make_batch(rng, n, combos=None, motion="fast", captions="varied"):
+    vids, caps = zip(*(make_sample(rng, combos, motion, captions) for _ in range(n)))
     return np.stack(vids), list(caps)
 
 

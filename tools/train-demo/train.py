@@ -101,6 +101,7 @@ def main():
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--t-sample", choices=["logit-normal", "uniform"], default="logit-normal")
     ap.add_argument("--motion", choices=list(data.MOTION), default="fast", help="motion preset of the clips (data.MOTION)")
+    ap.add_argument("--captions", choices=["plain", "varied"], default="varied", help="caption variants (data.varied_caption)")
     ap.add_argument("--t-mean", type=float, default=0.0, help="location of the logit-normal (0 = centred on t = 500)")
     ap.add_argument("--t-shift", type=float, default=1.0, help="timestep shift towards noise (1 = none)")
     ap.add_argument("--resume", help="checkpoint to continue from (weights, EMA and optimizer state)")
@@ -159,7 +160,7 @@ def main():
         elapsed = time.time() - start
         if elapsed > a.minutes * 60 or (a.max_steps and step >= a.max_steps):
             break
-        x0, caps = data.make_batch(rng, B, motion=a.motion)
+        x0, caps = data.make_batch(rng, B, motion=a.motion, captions=a.captions)
         x0 = torch.from_numpy(x0)
         ids, mask = tk.encode(tok, caps, MAX_LEN)
         ids, mask = torch.tensor(ids), torch.tensor(mask)
