@@ -314,6 +314,44 @@ typedef struct QcPatchArgs {
     int32_t pw;
 } QcPatchArgs;
 
+/* -------------------------------------------------------- executor_ops.cu */
+
+/*
+ * Small elementwise ops of the CUDA backend (src/backend/cuda/executor_ops.rs)
+ * that the kernels above do not cover. Flat, grid-stride, one element per
+ * thread-iteration (launch_cfg::flat_scalar), no alignment requirements;
+ * every f32 operation is rounded on its own (no FMA contraction), in the CPU
+ * backend's order, so the f32 variants match it bit for bit.
+ *
+ * qc_mul_{f32,bf16} (QcBinaryArgs): y[i] = a[i] * b[i] for i < n.
+ *   y may equal a and/or b.
+ *
+ * qc_guidance_{f32,bf16}: classifier-free guidance,
+ *   y[i] = uncond[i] + scale * (cond[i] - uncond[i])   for i < n.
+ *   y may equal cond and/or uncond.
+ */
+typedef struct QcGuidanceArgs {
+    qc_dptr cond;
+    qc_dptr uncond;
+    qc_dptr y;
+    int64_t n;
+    float scale;
+    int32_t _pad;
+} QcGuidanceArgs;
+
+/*
+ * qc_euler_f32: the sampler's Euler step, all f32:
+ *   z[i] += v[i] * dt[i / per_sample]   for i < n (z, v: [n]; dt: [n / per_sample]).
+ *   z must not overlap v or dt.
+ */
+typedef struct QcEulerArgs {
+    qc_dptr z;
+    qc_dptr v;
+    qc_dptr dt;
+    int64_t n;
+    int64_t per_sample; /* >= 1 */
+} QcEulerArgs;
+
 /* ------------------------------------------------------------------ gemm.cu */
 
 /* Epilogues fused into every GEMM (QcGemmArgs.epilogue / QcGemmI8Args.epilogue). */

@@ -3,13 +3,14 @@
 //! decode with the video VAE. Each model is loaded for its stage and dropped
 //! after it, so at most one model's weights are in memory at a time.
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::vae::{VaeConfig, VideoVae};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::text::clean::{append_score, prepare_prompt};
 use crate::text::tokenizer::T5Tokenizer;
 use anyhow::{bail, ensure, Context, Result};
@@ -240,7 +241,8 @@ impl Plan {
         let refs: Vec<&str> = self.prompts.iter().map(|s| s.as_str()).collect();
         let (ids, mask) = self.tokenizer.encode_batch(&refs, l)?;
         let y = {
-            let t5 = T5Encoder::load(&self.paths.t5)?;
+            let mut t5 = T5Encoder::load(&self.paths.t5)?;
+            t5.prepare(be)?;
             t5.encode(be, &ids, &mask, b)?
         };
         let y = y.reshape(&[b, 1, l, self.dit_cfg.caption_channels])?;
@@ -257,11 +259,17 @@ impl Plan {
             }
         };
         let z = {
-            let dit = Stdit3::load(&self.paths.dit)?;
+            let mut dit = Stdit3::load(&self.paths.dit)?;
+            dit.prepare(be)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };
             sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
         };
+        // A latent on the GPU comes back to the host here (which also waits for the
+        // GPU, so the stage's time is complete): the VAE then runs on the CPU backend
+        // (the CUDA backend's convolutions would be a per-op host fallback).
+        let on_gpu = z.device() == Device::Cuda;
+        let z = if on_gpu { z.to_cpu()? } else { z };
         timed("denoising (STDiT3)", &mut report, t);
 
         let video = match &self.paths.vae {
@@ -269,7 +277,9 @@ impl Plan {
                 progress(Event::Stage("VAE decode"));
                 let t = Instant::now();
                 let vae = VideoVae::load(dir)?;
-                let video = vae.decode(be, &z, opts.frames)?;
+                let cpu = CpuBackend::new();
+                let vae_be: &dyn Backend = if on_gpu { &cpu } else { be };
+                let video = vae.decode(vae_be, &z, opts.frames)?;
                 timed("VAE decode", &mut report, t);
                 video
             }

@@ -153,8 +153,8 @@ impl Tensor {
             Storage::U8(v) => v.len(),
             Storage::Cuda(d) => {
                 let want = byte_len(d.dtype, n);
-                if d.bytes.len() != want {
-                    bail!("device tensor of shape {shape:?} ({}) needs {want} bytes, got {}", d.dtype.name(), d.bytes.len());
+                if d.len_bytes() != want {
+                    bail!("device tensor of shape {shape:?} ({}) needs {want} bytes, got {}", d.dtype.name(), d.len_bytes());
                 }
                 n
             }
@@ -246,6 +246,13 @@ impl Tensor {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// Replaces the data by `storage` holding as many elements (the CUDA backend's
+    /// in-place ops move a host tensor to the device, or copy a shared buffer, this way).
+    pub fn set_storage(&mut self, storage: Storage) -> Result<()> {
+        *self = Tensor::new(&self.shape, storage)?;
+        Ok(())
     }
 
     /// Size of dimension `i`, counting from the end when negative.

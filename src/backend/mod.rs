@@ -172,6 +172,18 @@ impl PatchGrid {
 pub trait Backend: ConvOps + Send + Sync {
     fn name(&self) -> String;
 
+    /// Moves a loaded layer's weights to where this backend computes, once, before
+    /// the layer is used (the CUDA backend uploads them as bf16); the default keeps
+    /// them as they are. Models call it from their `prepare`.
+    fn prepare_linear(&self, _w: &mut Linear) -> Result<()> {
+        Ok(())
+    }
+
+    /// Likewise for a weight tensor that ops read directly (norm weights, tables).
+    fn prepare_tensor(&self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+
     /// `act(x W^T + b)` for `x` of shape `[.., k]`.
     fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor>;
 

@@ -5,6 +5,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use qc::backend::cpu::CpuBackend;
+use qc::backend::cuda::{self as qcuda, CudaBackend};
+use qc::backend::Backend;
 use qc::io::write_safetensors;
 use qc::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Trace};
@@ -113,6 +115,84 @@ impl ModelArgs {
     }
 }
 
+/// `--device`: where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceChoice {
+    /// The CPU backend (the reference).
+    Cpu,
+    /// The CUDA backend on GPU 0 (bf16 activations); an error when no GPU is usable.
+    Cuda,
+    /// The GPU when one is usable, else the CPU with a one-line notice.
+    Auto,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Where to compute: cpu, cuda (GPU 0, bf16 activations; its memory arena is sized from the
+    /// model and video, or QC_CUDA_ARENA_MB) or auto (cuda when a GPU is usable, else cpu).
+    #[arg(long, value_enum, default_value = "cpu", value_name = "cpu|cuda|auto")]
+    device: DeviceChoice,
+}
+
+/// The backend `--device` chose.
+enum Be {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+impl Be {
+    /// The backend for `choice`; `arena_bytes` sizes the CUDA arena (unless QC_CUDA_ARENA_MB is set).
+    fn new(choice: DeviceChoice, arena_bytes: impl FnOnce() -> u64) -> Result<Self> {
+        let cuda = |arena_bytes: u64| -> Result<Self> {
+            let bytes = qcuda::arena_bytes_from_env()?.unwrap_or(arena_bytes);
+            let be = CudaBackend::with_arena_bytes(bytes)?;
+            eprintln!("device: {} (arena {:.0} MiB)", be.gpu(), bytes as f64 / (1u64 << 20) as f64);
+            Ok(Be::Cuda(Box::new(be)))
+        };
+        match choice {
+            DeviceChoice::Cpu => Ok(Be::Cpu(CpuBackend::new())),
+            DeviceChoice::Cuda => {
+                qcuda::probe().map_err(|why| anyhow::anyhow!("--device cuda: no usable CUDA GPU ({why}); use --device cpu or --device auto"))?;
+                cuda(arena_bytes())
+            }
+            DeviceChoice::Auto => match qcuda::probe() {
+                Ok(_) => cuda(arena_bytes()),
+                Err(why) => {
+                    eprintln!("note: no usable CUDA GPU ({why}): running on the CPU");
+                    Ok(Be::Cpu(CpuBackend::new()))
+                }
+            },
+        }
+    }
+
+    fn get(&self) -> &dyn Backend {
+        match self {
+            Be::Cpu(b) => b,
+            Be::Cuda(b) => b.as_ref(),
+        }
+    }
+
+    fn is_cuda(&self) -> bool {
+        matches!(self, Be::Cuda(_))
+    }
+
+    /// Prints the GPU arena's peak use (CUDA only).
+    fn report(&self) {
+        if let Be::Cuda(b) = self {
+            eprintln!("GPU arena: {}", b.arena_stats());
+        }
+    }
+}
+
+/// A result tensor on the host as f32 (GPU activations are bf16 on the device).
+fn host_f32(t: Tensor) -> Result<Tensor> {
+    if t.device() == qc::tensor::Device::Cuda || t.dtype() != qc::tensor::DType::F32 {
+        t.to_cpu()?.to_f32()
+    } else {
+        Ok(t)
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     /// A prompt; repeat for a batch of videos.
@@ -163,6 +243,8 @@ struct GenerateArgs {
     /// or a directory of PNG frames (any other name). Several prompts give NAME-0.gif, NAME-1.gif, ...
     #[arg(long, value_name = "PATH")]
     output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -192,6 +274,8 @@ struct EncodeTextArgs {
     /// Where to write the tensors (safetensors); written atomically.
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -223,6 +307,8 @@ struct ForwardArgs {
     /// `act.spatial.N`, `act.temporal.N`, `act.final_layer`.
     #[arg(long)]
     trace: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -247,6 +333,8 @@ struct SampleArgs {
     /// also off when the file's `use_timestep_transform` metadata is "false").
     #[arg(long)]
     no_timestep_transform: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn main() {
@@ -279,26 +367,46 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    let be = CpuBackend::new();
-    let model = Stdit3::load(&a.dit)?;
+    let mut model = Stdit3::load(&a.dit)?;
     let inp = ForwardInputs::read(&a.inputs)?;
+    let xs = inp.x.shape().to_vec();
+    let dev = Be::new(a.device.device, || {
+        let mut bytes = qcuda::estimate_arena_bytes(&model.cfg, xs[0], [xs[2], xs[3], xs[4]], inp.y.shape()[2]);
+        if a.trace {
+            // Every block's output is kept for the trace: one residual stream each.
+            let [pt, ph, pw] = model.cfg.patch();
+            let rows = xs[0] * xs[2].div_ceil(pt) * xs[3].div_ceil(ph) * xs[4].div_ceil(pw);
+            bytes += ((2 * model.cfg.depth + 4) * rows * model.cfg.hidden_size * 2) as u64;
+        }
+        bytes
+    })?;
+    let be = dev.get();
+    model.prepare(be)?;
     let mut trace = Trace::default();
     let mut none = NoHooks;
     let hooks: &mut dyn qc::model::stdit3::ForwardHooks = if a.trace { &mut trace } else { &mut none };
-    let text = model.encode_text(&be, &inp.y, inp.mask.as_deref(), hooks).with_context(|| format!("{}", a.inputs.display()))?;
+    let text = model.encode_text(be, &inp.y, inp.mask.as_deref(), hooks).with_context(|| format!("{}", a.inputs.display()))?;
     let d = DitInput { x: &inp.x, timestep: &inp.timestep, fps: &inp.fps, height: inp.height[0], width: inp.width[0], x_mask: inp.x_mask.as_deref() };
-    let out = model.forward(&be, &d, &text, hooks).with_context(|| format!("{}", a.inputs.display()))?;
+    let out = model.forward(be, &d, &text, hooks).with_context(|| format!("{}", a.inputs.display()))?;
     let mut tensors = vec![("out".to_string(), out)];
     tensors.extend(trace.tensors);
+    if dev.is_cuda() {
+        tensors = tensors.into_iter().map(|(n, t)| host_f32(t).map(|t| (n, t))).collect::<Result<_>>()?;
+    }
+    dev.report();
     write_safetensors(&a.output, &tensors, None)?;
     eprintln!("wrote {} ({} tensors)", a.output.display(), tensors.len());
     Ok(())
 }
 
 fn sample_cmd(a: SampleArgs) -> Result<()> {
-    let be = CpuBackend::new();
-    let model = Stdit3::load(&a.dit)?;
+    let mut model = Stdit3::load(&a.dit)?;
     let inp = SampleInputs::read(&a.inputs)?;
+    let zs = inp.z0.shape().to_vec();
+    // Classifier-free guidance runs the DiT on twice the samples.
+    let dev = Be::new(a.device.device, || qcuda::estimate_arena_bytes(&model.cfg, 2 * zs[0], [zs[2], zs[3], zs[4]], inp.y.shape()[2]))?;
+    let be = dev.get();
+    model.prepare(be)?;
     let meta = |k: &str| inp.metadata.get(k).cloned();
     let parse = |k: &str| -> Result<Option<f64>> {
         meta(k).map(|v| v.parse::<f64>().with_context(|| format!("{}: metadata {k}={v:?} is not a number", a.inputs.display()))).transpose()
@@ -320,9 +428,11 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
 
     let bar = ProgressBar::new(cfg.num_steps as u64);
     bar.set_style(ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let (z, ts) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |i, _| bar.set_position(i as u64))
+    let (z, ts) = sample(be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |i, _| bar.set_position(i as u64))
         .with_context(|| format!("{}", a.inputs.display()))?;
+    let z = host_f32(z)?;
     bar.finish_and_clear();
+    dev.report();
     let b = inp.z0.shape()[0];
     let ts_t = Tensor::from_f32(&[ts.len(), b], ts.concat())?;
     let meta_out = HashMap::from([
@@ -375,10 +485,21 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let (h, w) = plan.decoded_size();
         eprintln!("note: the VAE decodes whole latent pixels: the video will be {h}x{w}");
     }
-    let be = CpuBackend::new();
+    let dev = Be::new(a.device.device, || {
+        let dit = qc::model::stdit3::Stdit3Config::from_dir(&paths.dit);
+        let t5 = qc::model::t5::T5Config::from_dir(&paths.t5);
+        match (dit, t5) {
+            (Ok(dit), Ok(t5)) => {
+                let rows = prompts.len() * dit.model_max_length;
+                qcuda::estimate_arena_bytes(&dit, 2 * prompts.len(), plan.latent(), dit.model_max_length) + qcuda::estimate_t5_arena_bytes(t5.d_model, t5.d_ff, rows)
+            }
+            _ => qcuda::DEFAULT_ARENA_BYTES,
+        }
+    })?;
+    let be = dev.get();
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let (video, report) = plan.run(&be, &opts, &mut NoHooks, &mut |e| match e {
+    let (video, report) = plan.run(be, &opts, &mut NoHooks, &mut |e| match e {
         Event::Stage(name) => {
             bar.set_message(name.to_string());
             bar.tick();
@@ -386,6 +507,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         Event::Step(i, _) => bar.set_position(i as u64),
     })?;
     bar.finish_and_clear();
+    dev.report();
     let t = std::time::Instant::now();
     let video = if a.upscale > 1 { qc::output::upscale_nearest(&video, a.upscale)? } else { video };
     let written = qc::output::write_video(&a.output, &video, opts.fps)?;
@@ -406,15 +528,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn encode_text(a: EncodeTextArgs) -> Result<()> {
-    let be = CpuBackend::new();
     let tok = T5Tokenizer::from_dir(&a.tokenizer)?;
-    let t5 = T5Encoder::load(&a.t5)?;
+    let mut t5 = T5Encoder::load(&a.t5)?;
+    let dev = Be::new(a.device.device, || qcuda::estimate_t5_arena_bytes(t5.cfg.d_model, t5.cfg.d_ff, a.prompt.len() * a.max_length))?;
+    let be = dev.get();
+    t5.prepare(be)?;
     anyhow::ensure!(tok.vocab_size() <= t5.cfg.vocab_size, "tokenizer has {} tokens but the T5 encoder embeds only {}", tok.vocab_size(), t5.cfg.vocab_size);
     anyhow::ensure!(a.max_length > 0, "--max-length must be at least 1");
     let refs: Vec<&str> = a.prompt.iter().map(|s| s.as_str()).collect();
     let (ids, mask) = tok.encode_batch(&refs, a.max_length)?;
     let b = refs.len();
-    let hidden = t5.encode(&be, &ids, &mask, b)?;
+    let hidden = host_f32(t5.encode(be, &ids, &mask, b)?)?;
+    dev.report();
     let shape = [b, a.max_length];
     write_safetensors(
         &a.output,

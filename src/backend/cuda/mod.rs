@@ -24,7 +24,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
+mod arena;
 mod buffer;
+mod executor;
+mod executor_ops;
+#[cfg(all(test, qc_cuda_kernels))]
+mod executor_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod gemm_tests;
 #[cfg(all(test, qc_cuda_kernels))]
@@ -34,7 +39,9 @@ mod gpu_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod tensor_ops_tests;
 
+pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
+pub use executor::{arena_bytes_from_env, CudaBackend, DEFAULT_ARENA_BYTES};
 
 /// Structs shared with the kernels (bindgen output of `kernels/qc_types.h`).
 ///
@@ -124,6 +131,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_patchify_bf16",
     "qc_unpatchify_f32",
     "qc_unpatchify_bf16",
+    // executor_ops.cu
+    "qc_mul_f32",
+    "qc_mul_bf16",
+    "qc_guidance_f32",
+    "qc_guidance_bf16",
+    "qc_euler_f32",
     // attention.cu
     "qc_attention_d16_bf16",
     "qc_attention_d32_bf16",
@@ -163,7 +176,7 @@ kernel_args! {
     QcLayerNormArgs => ["qc_layernorm_mod_f32", "qc_layernorm_mod_bf16"];
     QcRmsNormArgs => ["qc_rmsnorm_f32", "qc_rmsnorm_bf16"];
     QcUnaryArgs => ["qc_silu_f32", "qc_silu_bf16", "qc_gelu_tanh_f32", "qc_gelu_tanh_bf16", "qc_cast_f32_bf16", "qc_cast_bf16_f32"];
-    QcBinaryArgs => ["qc_add_f32", "qc_add_bf16"];
+    QcBinaryArgs => ["qc_add_f32", "qc_add_bf16", "qc_mul_f32", "qc_mul_bf16"];
     QcBiasAddArgs => ["qc_bias_add_f32", "qc_bias_add_bf16"];
     QcGatedResidualArgs => ["qc_gated_residual_f32", "qc_gated_residual_bf16"];
     QcRopeArgs => ["qc_rope_f32", "qc_rope_bf16"];
@@ -174,6 +187,8 @@ kernel_args! {
     QcAddRowsBroadcastArgs => ["qc_add_rows_broadcast_f32", "qc_add_rows_broadcast_bf16"];
     QcCfgEulerArgs => ["qc_cfg_euler_f32"];
     QcPatchArgs => ["qc_patchify_f32", "qc_patchify_bf16", "qc_unpatchify_f32", "qc_unpatchify_bf16"];
+    QcGuidanceArgs => ["qc_guidance_f32", "qc_guidance_bf16"];
+    QcEulerArgs => ["qc_euler_f32"];
     QcAttentionArgs => [
         "qc_attention_d16_bf16",
         "qc_attention_d32_bf16",
@@ -643,6 +658,8 @@ mod tests {
         covered.extend(QcAddRowsBroadcastArgs::KERNELS);
         covered.extend(QcCfgEulerArgs::KERNELS);
         covered.extend(QcPatchArgs::KERNELS);
+        covered.extend(QcGuidanceArgs::KERNELS);
+        covered.extend(QcEulerArgs::KERNELS);
         covered.extend(QcAttentionArgs::KERNELS);
         covered.extend(QcGemmArgs::KERNELS);
         covered.extend(QcGemmI8Args::KERNELS);

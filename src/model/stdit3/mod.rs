@@ -124,6 +124,11 @@ impl Stdit3 {
         Ok(Stdit3 { cfg, w })
     }
 
+    /// Moves the weights to where `be` computes, once after loading (see [`Backend::prepare_linear`]).
+    pub fn prepare(&mut self, be: &dyn Backend) -> Result<()> {
+        self.w.prepare(be)
+    }
+
     pub fn blocks(&self) -> impl Iterator<Item = (BlockId, &BlockWeights)> {
         let s = self.w.spatial.iter().enumerate().map(|(i, b)| (BlockId { kind: BlockKind::Spatial, index: i }, b));
         let t = self.w.temporal.iter().enumerate().map(|(i, b)| (BlockId { kind: BlockKind::Temporal, index: i }, b));

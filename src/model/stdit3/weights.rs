@@ -112,7 +112,37 @@ fn build(src: &mut dyn Source, cfg: &Stdit3Config) -> Result<Stdit3Weights> {
     })
 }
 
+impl BlockWeights {
+    fn prepare(&mut self, be: &dyn crate::backend::Backend) -> Result<()> {
+        for l in [&mut self.qkv, &mut self.proj, &mut self.cross_q, &mut self.cross_kv, &mut self.cross_proj, &mut self.fc1, &mut self.fc2] {
+            be.prepare_linear(l)?;
+        }
+        for t in [&mut self.scale_shift_table, &mut self.q_norm, &mut self.k_norm] {
+            be.prepare_tensor(t)?;
+        }
+        Ok(())
+    }
+}
+
 impl Stdit3Weights {
+    /// Moves every weight to where `be` computes, once after loading (a no-op on the CPU;
+    /// the CUDA backend uploads them, linear layers as bf16).
+    pub fn prepare(&mut self, be: &dyn crate::backend::Backend) -> Result<()> {
+        let [t0, t1] = &mut self.t_mlp;
+        let [f0, f1] = &mut self.fps_mlp;
+        let [y0, y1] = &mut self.y_proj;
+        for l in [&mut self.x_embedder, t0, t1, f0, f1, &mut self.t_block, y0, y1, &mut self.final_linear] {
+            be.prepare_linear(l)?;
+        }
+        for t in [&mut self.y_embedding, &mut self.final_scale_shift] {
+            be.prepare_tensor(t)?;
+        }
+        for b in self.spatial.iter_mut().chain(self.temporal.iter_mut()) {
+            b.prepare(be)?;
+        }
+        Ok(())
+    }
+
     /// Every expected tensor, checked for presence and shape; one error lists all problems.
     pub fn load(ck: &Checkpoint, cfg: &Stdit3Config) -> Result<Self> {
         let mut loader = WeightLoader::new(ck);

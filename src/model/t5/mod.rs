@@ -124,6 +124,20 @@ impl T5Encoder {
         Ok(T5Encoder { cfg, embed, rel_bias, blocks, final_norm })
     }
 
+    /// Moves the layers' weights to where `be` computes, once after loading (see
+    /// [`Backend::prepare_linear`]). The token embedding and the position-bias table
+    /// stay on the host: only the rows a prompt uses are gathered and moved.
+    pub fn prepare(&mut self, be: &dyn Backend) -> Result<()> {
+        for b in &mut self.blocks {
+            for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.wi_0, &mut b.wi_1, &mut b.wo] {
+                be.prepare_linear(l)?;
+            }
+            be.prepare_tensor(&mut b.attn_norm)?;
+            be.prepare_tensor(&mut b.ff_norm)?;
+        }
+        be.prepare_tensor(&mut self.final_norm)
+    }
+
     /// T5's RMS layer norm (weight, no mean subtraction, no bias).
     fn norm(&self, be: &dyn Backend, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let mut y = x.clone();
