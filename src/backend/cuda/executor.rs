@@ -153,7 +153,7 @@ pub(crate) fn rows_of(x: &Tensor) -> (usize, usize) {
 }
 
 /// The bytes of a host tensor, without copying.
-fn host_slice(t: &Tensor) -> Option<&[u8]> {
+pub(crate) fn host_slice(t: &Tensor) -> Option<&[u8]> {
     Some(match t.storage() {
         Storage::F32(v) => bytemuck::cast_slice(&v[..]),
         Storage::F16(v) => bytemuck::cast_slice(v),

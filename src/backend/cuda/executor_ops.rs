@@ -4,7 +4,7 @@
 
 use super::abi::*;
 use super::buffer::DeviceBuffer;
-use super::executor::{float_dtype, rows_of, CudaBackend};
+use super::executor::{float_dtype, host_slice, rows_of, CudaBackend};
 use super::launch_cfg;
 use crate::backend::conv::{ConvWeight, Pad3};
 use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope};
@@ -558,14 +558,18 @@ impl Backend for CudaBackend {
         if let Some(&bad) = indices.iter().find(|&&i| i >= rows) {
             bail!("gather_rows: index {bad} out of {rows} rows");
         }
-        if x.device() == crate::tensor::Device::Cpu {
-            // A host table (T5's token embedding, relative position buckets): gather on the
-            // host, upload only the gathered rows.
-            let xh = self.host_f32(x)?;
-            let g = self.cpu.gather_rows(&xh, indices)?;
-            return self.upload_f32_result(g);
-        }
         let dt = x.dtype();
+        if let (Some(bytes), false) = (host_slice(x), dt == DType::I4) {
+            // A host table (T5's token embedding, relative position buckets): gather the
+            // rows' bytes on the host and upload only them, in the table's dtype.
+            let row = byte_len(dt, c);
+            let mut g = Vec::with_capacity(indices.len() * row);
+            for &i in indices {
+                g.extend_from_slice(&bytes[i * row..(i + 1) * row]);
+            }
+            let b = self.upload_slice(dt, &g)?;
+            return self.tensor(&[indices.len(), c], b);
+        }
         let out = self.alloc(dt, indices.len() * c)?;
         if !indices.is_empty() && c > 0 {
             ensure!(rows <= i32::MAX as usize, "gather_rows: {rows} rows are too many for int32 indices");
