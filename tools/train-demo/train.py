@@ -23,7 +23,7 @@ from models import STDiT3, T5Encoder  # noqa: E402
 MAX_LEN = 20
 
 
-def configs(tok_vocab):
+def configs(tok_vocab, patch_t=2):
     dit = {
         "architectures": ["STDiT3"],
         "model_type": "STDiT3",
@@ -43,7 +43,7 @@ def configs(tok_vocab):
         "model_max_length": MAX_LEN,
         "num_heads": 4,
         "only_train_temporal": False,
-        "patch_size": [1, 2, 2],
+        "patch_size": [patch_t, 2, 2],
         "pred_sigma": True,
         "qk_norm": True,
         "skip_y_embedder": False,
@@ -102,6 +102,9 @@ def main():
     ap.add_argument("--t-sample", choices=["logit-normal", "uniform"], default="logit-normal")
     ap.add_argument("--motion", choices=list(data.MOTION), default="fast", help="motion preset of the clips (data.MOTION)")
     ap.add_argument("--captions", choices=["plain", "varied"], default="varied", help="caption variants (data.varied_caption)")
+    ap.add_argument("--patch-t", type=int, default=2,
+                    help="temporal patch size: with 2, every token holds two consecutive frames, so the direction "
+                         "of motion is visible inside one token (STDiT3 has no absolute frame position)")
     ap.add_argument("--t-mean", type=float, default=0.0, help="location of the logit-normal (0 = centred on t = 500)")
     ap.add_argument("--t-shift", type=float, default=1.0, help="timestep shift towards noise (1 = none)")
     ap.add_argument("--resume", help="checkpoint to continue from (weights, EMA and optimizer state)")
@@ -117,7 +120,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
 
     tok = tk.build()
-    dit_cfg, t5_cfg = configs(tok.get_vocab_size())
+    dit_cfg, t5_cfg = configs(tok.get_vocab_size(), a.patch_t)
     dit = STDiT3(dit_cfg)
     t5 = T5Encoder(t5_cfg)
     ema_dit, ema_t5 = copy.deepcopy(dit).eval(), copy.deepcopy(t5).eval()

@@ -92,8 +92,9 @@ impl Stdit3Config {
         if !self.qk_norm {
             bail!("qk_norm=false is not supported (Open-Sora 1.2 uses qk_norm=true)");
         }
-        if self.patch_size != [1, 2, 2] {
-            bail!("patch_size {:?} is not supported; only [1, 2, 2]", self.patch_size);
+        // Open-Sora 1.2 uses [1, 2, 2]; other sizes (e.g. the demo model's [2, 2, 2]) follow the same code.
+        if self.patch_size.len() != 3 || self.patch_size.contains(&0) {
+            bail!("patch_size {:?} must be three positive sizes [t, h, w]", self.patch_size);
         }
         if self.skip_y_embedder {
             bail!("skip_y_embedder=true is not supported");
