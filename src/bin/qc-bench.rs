@@ -13,8 +13,11 @@ use qc::tensor::Tensor;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[path = "qc_bench/gpu.rs"]
+mod gpu;
+
 #[derive(Parser)]
-#[command(name = "qc-bench", version, about = "Benchmarks of the quantcache engine (CPU backend)")]
+#[command(name = "qc-bench", version, about = "Benchmarks of the quantcache engine (CPU backend; `gpu`: the CUDA kernels)")]
 struct Cli {
     /// Worker threads (default: one per core).
     #[arg(long, global = true, value_name = "N")]
@@ -33,6 +36,20 @@ enum Command {
     /// The same generation (prompt, noise, steps, threads) with the engine and with the demo
     /// model's own PyTorch sampler (tools/train-demo/sample_torch.py): times per stage and their ratio.
     Torch(TorchArgs),
+    /// CUDA GPU 0: copy bandwidth and bf16 GEMM ceilings, qc_gemm_bf16 / qc_gemm_w8a8 at the
+    /// DiT's shapes, spatial attention, one denoising step of the full-size DiT (random weights)
+    /// in bf16 and W8A8. Without a usable GPU it says so and exits 0.
+    Gpu(GpuArgs),
+}
+
+#[derive(Args)]
+struct GpuArgs {
+    /// Timed launches per kernel measurement (the median is reported; use at least 20).
+    #[arg(long, default_value_t = 25)]
+    reps: usize,
+    /// Shorter run: M = 54,000 only, and a depth-4 DiT for the denoising step.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -114,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),
         Some(Command::Torch(a)) => torch(&a),
+        Some(Command::Gpu(a)) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick }),
         None => cpu(&CpuArgs::parse_from_defaults()),
     }
 }
