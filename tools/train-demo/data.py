@@ -69,8 +69,8 @@ def render(colour, shape, direction, background, cx, cy, radius, speed, frames=F
     return out * 2.0 - 1.0
 
 
-# Motion presets. "slow" (phase 1 of the exported model): radius 3-3.8 px, 0.9-1.25 px per frame,
-# half a patch. "fast" (phase 2, the default): radius 2.4-2.8 px, 1.5-1.7 px per frame, so that
+# Motion presets. "slow" (the exported model): radius 3-3.8 px, 0.9-1.25 px per frame, half a
+# patch. "fast" (an experiment, README): radius 2.4-2.8 px, 1.5-1.7 px per frame, so that
 # consecutive frames put the shape on different 2x2 patches and the motion crosses most of the
 # frame: STDiT3 has no absolute frame position (only RoPE's relative one in temporal attention),
 # so the direction must be learned from how the shape shifts between frames.
@@ -80,7 +80,7 @@ MOTION = {
 }
 
 
-def sample_params(rng, colour, shape, direction, frames=FRAMES, height=HEIGHT, width=WIDTH, motion="fast"):
+def sample_params(rng, colour, shape, direction, frames=FRAMES, height=HEIGHT, width=WIDTH, motion="slow"):
     m = MOTION[motion]
     background = rng.choice(list(BACKGROUNDS))
     radius = rng.uniform(*m["radius"]) * min(height, width)
@@ -105,7 +105,7 @@ def training_combos():
 
 
 def varied_caption(rng, colour, shape, direction, background=None):
-    """Phase 2's captions: 60% complete, 25% only "moving {direction}", 15% without the
+    """Experimental captions: 60% complete, 25% only "moving {direction}", 15% without the
     colour. A model trained on complete captions alone learnt to read the colour and
     ignore the direction word; captions in which the direction is the only content
     make it attend to that word."""
@@ -121,7 +121,7 @@ def varied_caption(rng, colour, shape, direction, background=None):
     return s
 
 
-def make_sample(rng, combos=None, motion="fast", captions="varied"):
+def make_sample(rng, combos=None, motion="slow", captions="plain"):
     """One training example: (video [3,T,H,W], caption)."""
     combos = combos or training_combos()
     colour, shape, direction = combos[rng.integers(len(combos))]
@@ -134,7 +134,7 @@ def make_sample(rng, combos=None, motion="fast", captions="varied"):
     return video, cap
 
 
-def make_batch(rng, n, combos=None, motion="fast", captions="varied"):
+def make_batch(rng, n, combos=None, motion="slow", captions="plain"):
     vids, caps = zip(*(make_sample(rng, combos, motion, captions) for _ in range(n)))
     return np.stack(vids), list(caps)
 

@@ -100,11 +100,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--t-sample", choices=["logit-normal", "uniform"], default="logit-normal")
-    ap.add_argument("--motion", choices=list(data.MOTION), default="fast", help="motion preset of the clips (data.MOTION)")
-    ap.add_argument("--captions", choices=["plain", "varied"], default="varied", help="caption variants (data.varied_caption)")
-    ap.add_argument("--patch-t", type=int, default=2,
-                    help="temporal patch size: with 2, every token holds two consecutive frames, so the direction "
-                         "of motion is visible inside one token (STDiT3 has no absolute frame position)")
+    ap.add_argument("--motion", choices=list(data.MOTION), default="slow", help="motion preset of the clips (data.MOTION)")
+    ap.add_argument("--captions", choices=["plain", "varied"], default="plain", help="caption variants (data.varied_caption)")
+    ap.add_argument("--patch-t", type=int, default=1,
+                    help="temporal patch size (Open-Sora: 1); with 2 every token holds two consecutive frames")
     ap.add_argument("--t-mean", type=float, default=0.0, help="location of the logit-normal (0 = centred on t = 500)")
     ap.add_argument("--t-shift", type=float, default=1.0, help="timestep shift towards noise (1 = none)")
     ap.add_argument("--resume", help="checkpoint to continue from (weights, EMA and optimizer state)")
