@@ -18,21 +18,54 @@ pub const QMAX_A8: i32 = 127;
 /// Activation range of the paper's A6 setting (values in [-31, 31], stored as int8).
 pub const QMAX_A6: i32 = 31;
 
+crate::backend::cpu::simd::multiversion! {
 /// Quantizes one row: writes `q` and returns its scale (`x'[k] ~ q[k] * scale`).
+/// Compiled per instruction set: baseline x86-64 has no rounding instruction, so
+/// `round_ties_even` would be a libm call per element.
 pub fn quantize_row(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8]) -> f32 {
     debug_assert_eq!(x.len(), q.len());
-    let xs = |k: usize| match inv_smooth {
-        Some(s) => x[k] * s[k],
-        None => x[k],
-    };
-    let amax = (0..x.len()).fold(0f32, |m, k| m.max(xs(k).abs()));
+    // max |x'| in 16 lanes (max is exact in any order, so this equals a sequential fold).
+    let mut lanes = [0f32; 16];
+    let mut tail = 0f32;
+    match inv_smooth {
+        None => {
+            let mut c = x.chunks_exact(16);
+            for ch in &mut c {
+                for i in 0..16 {
+                    lanes[i] = lanes[i].max(ch[i].abs());
+                }
+            }
+            tail = c.remainder().iter().fold(tail, |m, v| m.max(v.abs()));
+        }
+        Some(s) => {
+            let (mut c, mut cs) = (x.chunks_exact(16), s.chunks_exact(16));
+            for (ch, sh) in (&mut c).zip(&mut cs) {
+                for i in 0..16 {
+                    lanes[i] = lanes[i].max((ch[i] * sh[i]).abs());
+                }
+            }
+            tail = c.remainder().iter().zip(cs.remainder()).fold(tail, |m, (v, sv)| m.max((v * sv).abs()));
+        }
+    }
+    lanes[0] = lanes[0].max(tail);
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let qm = qmax as f32;
     let scale = amax / qm;
     let inv = if amax > 0.0 { qm / amax } else { 0.0 };
-    for (k, qk) in q.iter_mut().enumerate() {
-        *qk = (xs(k) * inv).round_ties_even().clamp(-qm, qm) as i8;
+    match inv_smooth {
+        None => {
+            for (qk, &v) in q.iter_mut().zip(x) {
+                *qk = (v * inv).round_ties_even().clamp(-qm, qm) as i8;
+            }
+        }
+        Some(s) => {
+            for ((qk, &v), &sv) in q.iter_mut().zip(x).zip(s) {
+                *qk = ((v * sv) * inv).round_ties_even().clamp(-qm, qm) as i8;
+            }
+        }
     }
     scale
+}
 }
 
 /// Row-quantized activations `[rows, cols]` with one scale per row.
@@ -125,11 +158,31 @@ pub fn gemm_i32(a: &QuantRows, w: &Int8Weight) -> Result<Vec<i32>> {
     let mut acc = vec![0i32; a.rows * w.n];
     #[cfg(target_arch = "x86_64")]
     if vnni::available() {
-        vnni::gemm(a, w, &mut acc);
+        vnni::gemm(a, w, vnni::Out::I32(acc.as_mut_ptr()));
         return Ok(acc);
     }
     gemm_portable(a, w, &mut acc);
     Ok(acc)
+}
+
+/// `y = dequantize(gemm_i32(a, w)) (+ bias)`, `[rows, n]`: the same numbers as
+/// [`gemm_i32`] then [`dequantize`], fused on VNNI (no int32 intermediate in memory).
+pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
+    ensure!(a.cols == w.k, "int8 gemm: activations have {} columns, weight expects {}", a.cols, w.k);
+    ensure!(w.k < 1 << 17, "int8 gemm: k = {} could overflow int32 accumulators", w.k);
+    ensure!(y.len() == a.rows * w.n, "int8 linear: output has {} values for [{}, {}]", y.len(), a.rows, w.n);
+    if let Some(b) = bias {
+        ensure!(b.len() == w.n, "int8 linear: bias has {} values for {} outputs", b.len(), w.n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vnni::available() {
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        vnni::gemm(a, w, vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias });
+        return Ok(());
+    }
+    let acc = gemm_i32(a, w)?;
+    dequantize(&acc, a, w, bias, y);
+    Ok(())
 }
 
 /// The reference: plain integer loops (vectorized by the compiler).
@@ -174,12 +227,18 @@ mod vnni {
         std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni")
     }
 
+    /// Where a tile's results go: exact int32 accumulators, or dequantized f32
+    /// (`((float) acc * a_scale[m]) * w_scale[n] + bias[n]`, the documented order).
     #[derive(Clone, Copy)]
-    struct Ptr(*mut i32);
-    unsafe impl Send for Ptr {}
-    unsafe impl Sync for Ptr {}
+    pub enum Out {
+        I32(*mut i32),
+        F32 { y: *mut f32, a_scale: *const f32, bias: *const f32 },
+    }
+    // SAFETY: tasks write disjoint regions (see `gemm`); the scale/bias pointers are read-only.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
 
-    pub fn gemm(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
+    pub fn gemm(a: &QuantRows, w: &Int8Weight, out: Out) {
         let (m, n, k) = (a.rows, w.n, w.k);
         let k4 = k.div_ceil(4);
         // Activations shifted to unsigned (`a + 128`), rows padded to whole 4-byte groups.
@@ -192,7 +251,6 @@ mod vnni {
         let blocks = n.div_ceil(NB);
         let row_tasks = m.div_ceil(TASK_ROWS);
         let col_tasks = blocks.div_ceil(TASK_BLOCKS);
-        let out = Ptr(acc.as_mut_ptr());
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
             let out = out;
             let (rt, ct) = (t / col_tasks, t % col_tasks);
@@ -200,13 +258,13 @@ mod vnni {
             let (b0, b1) = (ct * TASK_BLOCKS, ((ct + 1) * TASK_BLOCKS).min(blocks));
             // SAFETY: VNNI presence checked by the caller; the task writes only rows
             // r0..r1 x channels of blocks b0..b1, disjoint from every other task.
-            unsafe { tile(&au, k4, w, r0, r1, b0, b1, out.0, n) };
+            unsafe { tile(&au, k4, w, r0, r1, b0, b1, out, n) };
         });
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(au: &[u8], k4: usize, w: &Int8Weight, r0: usize, r1: usize, b0: usize, b1: usize, out: *mut i32, n: usize) {
+    unsafe fn tile(au: &[u8], k4: usize, w: &Int8Weight, r0: usize, r1: usize, b0: usize, b1: usize, out: Out, n: usize) {
         let mut r = r0;
         while r < r1 {
             let mr = MR.min(r1 - r);
@@ -227,7 +285,7 @@ mod vnni {
     /// `R` rows x `C` blocks of 16 channels, accumulated over all of k in registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn micro<const R: usize, const C: usize>(au: &[u8], k4: usize, w: &Int8Weight, r: usize, b: usize, out: *mut i32, n: usize) {
+    unsafe fn micro<const R: usize, const C: usize>(au: &[u8], k4: usize, w: &Int8Weight, r: usize, b: usize, out: Out, n: usize) {
         let mut acc = [[_mm512_setzero_si512(); C]; R];
         let wp = w.packed.as_ptr();
         let ap = au.as_ptr();
@@ -248,9 +306,16 @@ mod vnni {
                 let ch0 = (b + c) * NB;
                 let mut lanes = [0i32; NB];
                 _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *a);
-                let dst = out.add((r + ri) * n);
+                let row = r + ri;
                 for (l, &v) in lanes.iter().enumerate().take(n.saturating_sub(ch0).min(NB)) {
-                    *dst.add(ch0 + l) = v - 128 * w.col_sum[ch0 + l];
+                    let (ch, acc) = (ch0 + l, v - 128 * w.col_sum[ch0 + l]);
+                    match out {
+                        Out::I32(p) => *p.add(row * n + ch) = acc,
+                        Out::F32 { y, a_scale, bias } => {
+                            let v = (acc as f32 * *a_scale.add(row)) * w.scale[ch];
+                            *y.add(row * n + ch) = if bias.is_null() { v } else { v + *bias.add(ch) };
+                        }
+                    }
                 }
             }
         }
@@ -341,6 +406,9 @@ mod tests {
                     (0..k).map(|j| x[r * k + j] as f64 * wf[c * k + j] as f64).sum::<f64>() as f32 + bias[c]
                 })
                 .collect();
+            let mut fused = vec![0f32; m * n];
+            linear_f32(&a, &w, Some(&bias), &mut fused).unwrap();
+            assert_eq!(fused, y, "fused dequantization differs from gemm_i32 + dequantize");
             let err = crate::tensor::rel_l2(&y, &want);
             assert!(err < 2e-2, "W8A8 relative error {err} (smoothing {})", sm.is_some());
         }

@@ -87,9 +87,8 @@ impl CpuBackend {
             LinearWeight::Int8(q) => {
                 // Bias added by the dequantization, in the documented order.
                 let a = int8::quantize_rows(xs, k, q.inv_smooth.as_deref(), q.act_qmax)?;
-                let acc = int8::gemm_i32(&a, q)?;
                 let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-                int8::dequantize(&acc, &a, q, bias, &mut out);
+                int8::linear_f32(&a, q, bias, &mut out)?;
                 return Ok((out, rows));
             }
         }
