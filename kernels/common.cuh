@@ -129,4 +129,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// ------------------------------------------------------------- row norms
+
+// LayerNorm statistics of one row of `cols` elements (V per vector access,
+// cols a multiple of V): mean, then rstd = rsqrt(var + eps) from an exact
+// second pass over the (cache-resident) row. Whole block; block-uniform;
+// every thread gets both values. scratch: __shared__ float[32].
+template <typename T, int V>
+__device__ __forceinline__ void row_mean_rstd(const T* __restrict__ x, int cols, float eps,
+                                              float* scratch, float& mean, float& rstd) {
+    const int nv = cols / V;
+    const float inv_cols = 1.0f / static_cast<float>(cols);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float v[V];
+        load_f32<V>(x, i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) sum += v[j];
+    }
+    mean = block_sum(sum, scratch) * inv_cols;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float v[V];
+        load_f32<V>(x, i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float d = v[j] - mean;
+            sq += d * d;
+        }
+    }
+    rstd = rsqrtf(block_sum(sq, scratch) * inv_cols + eps);
+}
+
 }  // namespace qc

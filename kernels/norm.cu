@@ -12,29 +12,8 @@ __device__ __forceinline__ void layernorm_row(const T* __restrict__ x, T* __rest
                                               const T* __restrict__ scale, int cols, float eps,
                                               float* scratch) {
     const int nv = cols / V;
-    const float inv_cols = 1.0f / static_cast<float>(cols);
-
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        float v[V];
-        load_f32<V>(x, i, v);
-#pragma unroll
-        for (int j = 0; j < V; ++j) sum += v[j];
-    }
-    const float mean = block_sum(sum, scratch) * inv_cols;
-
-    // Second pass over the (cache-resident) row: exact two-pass variance.
-    float sq = 0.0f;
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-        float v[V];
-        load_f32<V>(x, i, v);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const float d = v[j] - mean;
-            sq += d * d;
-        }
-    }
-    const float rstd = rsqrtf(block_sum(sq, scratch) * inv_cols + eps);
+    float mean, rstd;
+    row_mean_rstd<T, V>(x, cols, eps, scratch, mean, rstd);
 
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
         float v[V];
