@@ -482,6 +482,27 @@ typedef struct QcGemmI8Args {
 } QcGemmI8Args;
 
 /*
+ * W4 weights (packed int4, the 4-bit AIGQ format; CPU kernels in
+ * src/quant/int4.rs, which reads QC_W4_GROUP and QC_W4_QMAX from here):
+ *   q[n, k] in [-7, 7] (-8 unused: symmetric), stored as q + 8 in one nibble,
+ *   two per byte: byte j of row n (rows ceil(K / 2) bytes apart) holds
+ *   k = 2j in bits 0-3 and k = 2j + 1 in bits 4-7; an odd K pads the last
+ *   high nibble with 8 (zero).
+ *   w_scale: f32 [N, ceil(K / QC_W4_GROUP)], one per output channel and group
+ *   of QC_W4_GROUP consecutive inputs (one int8 k-tile of qc_gemm_w8a8):
+ *     W'[n, k] ~ q[n, k] * w_scale[n, k / QC_W4_GROUP]
+ *   with W' = W * s when an importance / smoothing vector s is folded in; the
+ *   activations are quantized with inv_smooth = 1 / s exactly as for W8A8
+ *   (QcQuantizeArgs, A8 or A6).
+ *   Product: exact int32 per group, then f32 across groups in group order:
+ *     acc[m, n, g] = sum_{k in group g} (int32) a[m, k] * (int32) q[n, k]
+ *     sum = 0; for g = 0, 1, ...: sum = fmaf((float) acc[m, n, g], w_scale[n, g], sum)
+ *     y[m, n] = sum * a_scale[m]  (+ bias[n])
+ */
+#define QC_W4_GROUP 64
+#define QC_W4_QMAX 7
+
+/*
  * qc_layernorm_mod_q8_{f32,bf16} (row kernel): LayerNorm + modulate as
  * qc_layernorm_mod_{f32,bf16} computes it (same roundings for bf16, the row's
  * result rounded to T as that kernel stores it), quantized per row with the

@@ -26,6 +26,8 @@ pub enum LinearWeight {
     /// Symmetric int8 per output channel (W8); activations are quantized per
     /// token on the fly (A8 or A6) and multiplied in integers.
     Int8(std::sync::Arc<crate::quant::int8::Int8Weight>),
+    /// Packed int4 with per-output-channel, per-group scales (W4); activations as for `Int8`.
+    Int4(std::sync::Arc<crate::quant::int4::Int4Weight>),
 }
 
 #[derive(Clone, Debug)]
@@ -40,13 +42,27 @@ impl Linear {
     /// The same layer with its weight quantized to int8 (per output channel), the
     /// optional smoothing vector folded in, activations quantized to `act_qmax`.
     pub fn to_int8(&self, smooth: Option<&[f32]>, act_qmax: i32) -> Result<Self> {
-        let w = match &self.weight {
+        let q = crate::quant::int8::Int8Weight::quantize(&self.float_weight()?, self.out_features, self.in_features, smooth, act_qmax)?;
+        Ok(self.with_weight(LinearWeight::Int8(std::sync::Arc::new(q))))
+    }
+
+    /// The same layer with its weight quantized to packed int4 (per output channel and
+    /// group of `W4_GROUP` inputs), the optional smoothing vector folded in.
+    pub fn to_int4(&self, smooth: Option<&[f32]>, act_qmax: i32) -> Result<Self> {
+        let q = crate::quant::int4::Int4Weight::quantize(&self.float_weight()?, self.out_features, self.in_features, smooth, act_qmax)?;
+        Ok(self.with_weight(LinearWeight::Int4(std::sync::Arc::new(q))))
+    }
+
+    fn float_weight(&self) -> Result<Vec<f32>> {
+        Ok(match &self.weight {
             LinearWeight::F32(t) => t.f32()?.to_vec(),
             LinearWeight::Half(t) => t.to_f32()?.f32()?.to_vec(),
-            LinearWeight::Int8(_) => anyhow::bail!("linear layer is already int8"),
-        };
-        let q = crate::quant::int8::Int8Weight::quantize(&w, self.out_features, self.in_features, smooth, act_qmax)?;
-        Ok(Linear { weight: LinearWeight::Int8(std::sync::Arc::new(q)), bias: self.bias.clone(), in_features: self.in_features, out_features: self.out_features })
+            LinearWeight::Int8(_) | LinearWeight::Int4(_) => anyhow::bail!("linear layer is already quantized"),
+        })
+    }
+
+    fn with_weight(&self, weight: LinearWeight) -> Self {
+        Linear { weight, bias: self.bias.clone(), in_features: self.in_features, out_features: self.out_features }
     }
 
     /// A linear layer over an f32, bf16 or f16 weight `[n, k]` and an optional f32 bias `[n]`.

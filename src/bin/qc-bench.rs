@@ -202,6 +202,10 @@ fn cpu(a: &CpuArgs) -> Result<()> {
         let secs8 = time(a.reps, || be.linear(&x, &lin8, Activation::None))?;
         let go = 2.0 * (rows * k * nn) as f64 / secs8 / 1e9;
         println!("| linear {name} W8A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32 |", secs8 * 1e3, secs / secs8);
+        let lin4 = lin.to_int4(None, qc::quant::int8::QMAX_A8)?;
+        let secs4 = time(a.reps, || be.linear(&x, &lin4, Activation::None))?;
+        let go = 2.0 * (rows * k * nn) as f64 / secs4 / 1e9;
+        println!("| linear {name} W4A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32, {:.2}x W8A8 |", secs4 * 1e3, secs / secs4, secs8 / secs4);
     }
 
     // One forward (batch 1) and one sampling step (CFG pair) at real width.

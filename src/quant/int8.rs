@@ -151,13 +151,19 @@ impl Int8Weight {
     }
 }
 
+/// Whether this CPU has the AVX-512 VNNI int8 dot products the integer GEMMs use.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn vnni_available() -> bool {
+    vnni::available()
+}
+
 /// `acc[m, n] = sum_k a[m, k] * w[n, k]` in exact int32 (`[rows, n]`).
 pub fn gemm_i32(a: &QuantRows, w: &Int8Weight) -> Result<Vec<i32>> {
     ensure!(a.cols == w.k, "int8 gemm: activations have {} columns, weight expects {}", a.cols, w.k);
     ensure!(w.k < 1 << 17, "int8 gemm: k = {} could overflow int32 accumulators", w.k);
     let mut acc = vec![0i32; a.rows * w.n];
     #[cfg(target_arch = "x86_64")]
-    if vnni::available() {
+    if vnni_available() {
         vnni::gemm(a, w, vnni::Out::I32(acc.as_mut_ptr()));
         return Ok(acc);
     }
@@ -175,7 +181,7 @@ pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [
         ensure!(b.len() == w.n, "int8 linear: bias has {} values for {} outputs", b.len(), w.n);
     }
     #[cfg(target_arch = "x86_64")]
-    if vnni::available() {
+    if vnni_available() {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
         vnni::gemm(a, w, vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias });
         return Ok(());

@@ -1,4 +1,5 @@
 //! Quantization: integer weight and activation formats, and the CPU integer kernels.
 //! (The policies that choose a precision per layer build on these.)
 
+pub mod int4;
 pub mod int8;

@@ -91,6 +91,12 @@ impl CpuBackend {
                 int8::linear_f32(&a, q, bias, &mut out)?;
                 return Ok((out, rows));
             }
+            LinearWeight::Int4(q) => {
+                let a = int8::quantize_rows(xs, k, q.inv_smooth.as_deref(), q.act_qmax)?;
+                let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+                crate::quant::int4::linear_f32(&a, q, bias, &mut out)?;
+                return Ok((out, rows));
+            }
         }
         if let Some(b) = &w.bias {
             let b = b.f32()?;

@@ -147,6 +147,9 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 /// `(rows, cols)` of a tensor viewed as rows of its last dimension.
+/// Int4 weights run on the CPU backend only until the W4A8 kernel exists.
+pub(crate) const INT4_ON_GPU: &str = "int4 weights are not supported on the CUDA backend yet (no W4A8 kernel): use --device cpu";
+
 pub(crate) fn rows_of(x: &Tensor) -> (usize, usize) {
     let c = *x.shape().last().unwrap_or(&1);
     (if c == 0 { 0 } else { x.numel() / c }, c)
@@ -561,7 +564,7 @@ impl CudaBackend {
     pub(crate) fn weight_bf16(&self, w: &Linear) -> Result<DeviceBuffer> {
         let t = match &w.weight {
             LinearWeight::F32(t) | LinearWeight::Half(t) => t,
-            LinearWeight::Int8(_) => bail!("int8 weight where a bf16 one was expected"),
+            LinearWeight::Int8(_) | LinearWeight::Int4(_) => bail!("quantized weight where a bf16 one was expected"),
         };
         ensure!(t.numel() == w.out_features * w.in_features, "linear weight {:?} is not [{}, {}]", t.shape(), w.out_features, w.in_features);
         if t.device() == crate::tensor::Device::Cpu {
@@ -604,6 +607,7 @@ impl CudaBackend {
             LinearWeight::Int8(q) => {
                 self.weight_int8(q)?;
             }
+            LinearWeight::Int4(_) => bail!("{INT4_ON_GPU}"),
             LinearWeight::F32(t) | LinearWeight::Half(t) => {
                 let on_device_bf16 = matches!(t.storage(), Storage::Cuda(b) if b.dtype == DType::BF16);
                 if !on_device_bf16 {

@@ -91,6 +91,7 @@ impl CudaBackend {
                 };
                 self.run_ext("qc_gemm_w8a8", launch_cfg::gemm(rows as i64, n as i64), args)
             }
+            LinearWeight::Int4(_) => bail!("{}", super::executor::INT4_ON_GPU),
             LinearWeight::F32(_) | LinearWeight::Half(_) => {
                 let wb = self.weight_bf16(w)?;
                 let (a, wt, kk, _keep) = if k % 8 == 0 {

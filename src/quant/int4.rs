@@ -1,0 +1,711 @@
+//! Packed int4 weights (W4) with per-output-channel, per-group scales, and the
+//! CPU W4A8 / W4A6 GEMM. The format and formulas are those of
+//! `kernels/qc_types.h` ("W4 weights"):
+//!
+//! - `q[n, k]` in [-7, 7], stored two per byte as `q + 8`: byte `j` of row `n`
+//!   holds `k = 2j` in its low nibble and `k = 2j + 1` in its high nibble (an
+//!   odd `k` leaves the last high nibble 8, i.e. zero).
+//! - One f32 scale per output channel and group of [`W4_GROUP`] consecutive
+//!   inputs: `W'[n, k] ~ q[n, k] * scale[n, k / W4_GROUP]`, with `W' = W * s`
+//!   when an importance / smoothing vector `s` is folded in (as for int8).
+//! - Activations are quantized per token exactly as for W8A8
+//!   ([`quantize_rows`](super::int8::quantize_rows), A8 or A6).
+//! - Product: exact int32 per group, `acc[m, n, g] = sum_{k in g} a[m, k] q[n, k]`,
+//!   then `y[m, n] = (fma over g = 0, 1, ... of acc * scale[n, g]) * a_scale[m] (+ bias[n])`.
+
+use super::int8::{quantize_row, QuantRows, QMAX_A6, QMAX_A8};
+use crate::backend::cuda::abi;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// Inputs per weight scale (`QC_W4_GROUP`: one int8 k-tile of the GPU GEMM; it
+/// divides every Open-Sora input width, 1152 and 4608, and the demo model's 64 and 256).
+pub const W4_GROUP: usize = abi::QC_W4_GROUP as usize;
+/// Weight range (`QC_W4_QMAX`): symmetric, -8 unused.
+pub const QMAX_W4: i32 = abi::QC_W4_QMAX as i32;
+/// Output channels per VNNI block (one 512-bit register of int32).
+const NB: usize = 16;
+
+/// An int4 linear weight `[n, k]`; see the module documentation for the format.
+#[derive(Clone, Debug)]
+pub struct Int4Weight {
+    /// `[n, k.div_ceil(2)]` bytes, nibbles `q + 8` (the CUDA kernels' layout).
+    pub packed: Vec<u8>,
+    /// `[n, groups]` f32.
+    pub scale: Vec<f32>,
+    pub n: usize,
+    pub k: usize,
+    pub groups: usize,
+    /// Inverse of the folded smoothing vector, applied to activations (`[k]`).
+    pub inv_smooth: Option<Vec<f32>>,
+    /// Activation range: [`QMAX_A8`] or [`QMAX_A6`].
+    pub act_qmax: i32,
+    /// The VNNI kernel's layout: per block of 16 channels and 8 inputs, 64 bytes;
+    /// byte `4c + j` holds input `8i + j` (low nibble) and `8i + 4 + j` (high
+    /// nibble) of channel `c`, so the low nibbles are one `vpdpbusd` operand
+    /// for inputs `8i .. 8i+3` and the high ones for `8i+4 .. 8i+7`. Padding is 8 (zero).
+    vnni: Vec<u8>,
+    /// `scale` transposed to `[groups, n padded to 16]`, for 16-channel vector loads.
+    scale_gn: Vec<f32>,
+}
+
+impl Int4Weight {
+    /// Quantizes an f32 weight `[n, k]` per output channel and group, folding `smooth` (`[k]`) in first.
+    pub fn quantize(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        smooth: Option<&[f32]>,
+        act_qmax: i32,
+    ) -> Result<Self> {
+        ensure!(
+            n > 0 && k > 0 && w.len() == n * k,
+            "int4 weight: {} values for [{n}, {k}]",
+            w.len()
+        );
+        if let Some(s) = smooth {
+            ensure!(
+                s.len() == k,
+                "int4 weight: smoothing vector has {} entries for {k} inputs",
+                s.len()
+            );
+            ensure!(
+                s.iter().all(|v| v.is_finite() && *v > 0.0),
+                "int4 weight: smoothing factors must be positive and finite"
+            );
+        }
+        let groups = k.div_ceil(W4_GROUP);
+        let mut q = vec![0i8; n * k];
+        let mut scale = vec![0f32; n * groups];
+        q.par_chunks_mut(k)
+            .zip(w.par_chunks(k))
+            .zip(scale.par_chunks_mut(groups))
+            .for_each(|((qr, wr), sr)| {
+                for (g, s) in sr.iter_mut().enumerate() {
+                    let r = g * W4_GROUP..((g + 1) * W4_GROUP).min(k);
+                    *s = quantize_row(
+                        &wr[r.clone()],
+                        smooth.map(|s| &s[r.clone()]),
+                        QMAX_W4,
+                        &mut qr[r],
+                    );
+                }
+            });
+        let inv_smooth = smooth.map(|s| s.iter().map(|v| 1.0 / v).collect());
+        Self::from_parts(pack(&q, n, k), scale, n, k, inv_smooth, act_qmax)
+    }
+
+    /// An already quantized weight (e.g. read from a quantized checkpoint).
+    pub fn from_parts(
+        packed: Vec<u8>,
+        scale: Vec<f32>,
+        n: usize,
+        k: usize,
+        inv_smooth: Option<Vec<f32>>,
+        act_qmax: i32,
+    ) -> Result<Self> {
+        let (kb, groups) = (k.div_ceil(2), k.div_ceil(W4_GROUP));
+        ensure!(
+            packed.len() == n * kb && scale.len() == n * groups,
+            "int4 weight: parts do not describe [{n}, {k}] (groups of {W4_GROUP})"
+        );
+        ensure!(
+            packed.iter().all(|&b| b & 0x0F != 0 && b >> 4 != 0),
+            "int4 weight: nibble 0 (q = -8) is outside the symmetric range"
+        );
+        ensure!(
+            k % 2 == 0 || packed.chunks(kb).all(|r| r[kb - 1] >> 4 == 8),
+            "int4 weight: the padding nibble of an odd row must be 8 (zero)"
+        );
+        ensure!(
+            scale.iter().all(|s| s.is_finite() && *s >= 0.0),
+            "int4 weight: scales must be finite and non-negative"
+        );
+        ensure!(
+            act_qmax == QMAX_A8 || act_qmax == QMAX_A6,
+            "int4 weight: activation qmax must be {QMAX_A8} or {QMAX_A6}"
+        );
+        if let Some(s) = &inv_smooth {
+            ensure!(
+                s.len() == k,
+                "int4 weight: smoothing vector has {} entries for {k} inputs",
+                s.len()
+            );
+        }
+        let mut w = Int4Weight {
+            packed,
+            scale,
+            n,
+            k,
+            groups,
+            inv_smooth,
+            act_qmax,
+            vnni: Vec::new(),
+            scale_gn: Vec::new(),
+        };
+        let (blocks, k8) = (n.div_ceil(NB), groups * W4_GROUP / 8);
+        let mut vnni = vec![0x88u8; blocks * k8 * 64];
+        for ch in 0..n {
+            let (b, c) = (ch / NB, ch % NB);
+            for kk in 0..k {
+                let nib = w.nibble(ch, kk);
+                let (i, r) = (kk / 8, kk % 8);
+                let byte = &mut vnni[(b * k8 + i) * 64 + 4 * c + r % 4];
+                *byte = if r < 4 {
+                    (*byte & 0xF0) | nib
+                } else {
+                    (*byte & 0x0F) | nib << 4
+                };
+            }
+        }
+        let npad = blocks * NB;
+        let mut scale_gn = vec![0f32; groups * npad];
+        for ch in 0..n {
+            for g in 0..groups {
+                scale_gn[g * npad + ch] = w.scale[ch * groups + g];
+            }
+        }
+        w.vnni = vnni;
+        w.scale_gn = scale_gn;
+        Ok(w)
+    }
+
+    fn nibble(&self, ch: usize, kk: usize) -> u8 {
+        let b = self.packed[ch * self.k.div_ceil(2) + kk / 2];
+        if kk % 2 == 0 {
+            b & 0x0F
+        } else {
+            b >> 4
+        }
+    }
+
+    /// The signed values `q[n, k]`, row-major (the exact reference's operand).
+    pub fn unpack(&self) -> Vec<i8> {
+        (0..self.n * self.k)
+            .map(|i| self.nibble(i / self.k, i % self.k) as i8 - 8)
+            .collect()
+    }
+
+    /// The dequantized weight `q * scale` (`[n, k]`, smoothing still folded in).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.unpack()
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                q as f32 * self.scale[(i / self.k) * self.groups + (i % self.k) / W4_GROUP]
+            })
+            .collect()
+    }
+}
+
+/// Packs signed values `[n, k]` in [-7, 7] two per byte (the documented layout).
+pub fn pack(q: &[i8], n: usize, k: usize) -> Vec<u8> {
+    let kb = k.div_ceil(2);
+    let mut out = vec![0x88u8; n * kb];
+    for (orow, qrow) in out.chunks_mut(kb).zip(q.chunks(k)) {
+        for (kk, &v) in qrow.iter().enumerate() {
+            let nib = (v + 8) as u8;
+            let b = &mut orow[kk / 2];
+            *b = if kk % 2 == 0 {
+                (*b & 0xF0) | nib
+            } else {
+                (*b & 0x0F) | nib << 4
+            };
+        }
+    }
+    out
+}
+
+fn check(a: &QuantRows, w: &Int4Weight) -> Result<()> {
+    ensure!(
+        a.cols == w.k,
+        "int4 gemm: activations have {} columns, weight expects {}",
+        a.cols,
+        w.k
+    );
+    Ok(())
+}
+
+/// Exact per-group int32 products `acc[m, n, g]` (`[rows, n, groups]`).
+pub fn gemm_groups_i32(a: &QuantRows, w: &Int4Weight) -> Result<Vec<i32>> {
+    check(a, w)?;
+    let mut acc = vec![0i32; a.rows * w.n * w.groups];
+    #[cfg(target_arch = "x86_64")]
+    if super::int8::vnni_available() {
+        vnni::gemm(a, w, vnni::Out::I32(acc.as_mut_ptr()));
+        return Ok(acc);
+    }
+    gemm_portable(a, w, &mut acc);
+    Ok(acc)
+}
+
+/// `y = dequantize(gemm_groups_i32(a, w)) (+ bias)`, `[rows, n]`, fused on VNNI.
+pub fn linear_f32(
+    a: &QuantRows,
+    w: &Int4Weight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    check(a, w)?;
+    ensure!(
+        y.len() == a.rows * w.n,
+        "int4 linear: output has {} values for [{}, {}]",
+        y.len(),
+        a.rows,
+        w.n
+    );
+    if let Some(b) = bias {
+        ensure!(
+            b.len() == w.n,
+            "int4 linear: bias has {} values for {} outputs",
+            b.len(),
+            w.n
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::int8::vnni_available() {
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        vnni::gemm(
+            a,
+            w,
+            vnni::Out::F32 {
+                y: y.as_mut_ptr(),
+                a_scale: a.scale.as_ptr(),
+                bias,
+            },
+        );
+        return Ok(());
+    }
+    let mut acc = vec![0i32; a.rows * w.n * w.groups];
+    gemm_portable(a, w, &mut acc);
+    dequantize(&acc, a, w, bias, y);
+    Ok(())
+}
+
+/// The reference: plain integer loops over the unpacked weight.
+pub fn gemm_portable(a: &QuantRows, w: &Int4Weight, acc: &mut [i32]) {
+    let (k, n, g) = (w.k, w.n, w.groups);
+    let q = w.unpack();
+    acc.par_chunks_mut(n * g)
+        .zip(a.q.par_chunks(k))
+        .for_each(|(out, ar)| {
+            for (o, wr) in out.chunks_mut(g).zip(q.chunks(k)) {
+                for (gi, og) in o.iter_mut().enumerate() {
+                    let r = gi * W4_GROUP..((gi + 1) * W4_GROUP).min(k);
+                    *og = ar[r.clone()]
+                        .iter()
+                        .zip(&wr[r])
+                        .map(|(&x, &y)| x as i32 * y as i32)
+                        .sum();
+                }
+            }
+        });
+}
+
+/// `y[m, n] = (fma over g of acc[m, n, g] * scale[n, g]) * a_scale[m] (+ bias[n])`,
+/// the documented order.
+pub fn dequantize(
+    acc: &[i32],
+    a: &QuantRows,
+    w: &Int4Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, g) = (w.n, w.groups);
+    out.par_chunks_mut(n)
+        .zip(acc.par_chunks(n * g))
+        .zip(a.scale.par_iter())
+        .for_each(|((o, accr), &sa)| {
+            for (j, (o, accg)) in o.iter_mut().zip(accr.chunks(g)).enumerate() {
+                let s = accg
+                    .iter()
+                    .zip(&w.scale[j * g..(j + 1) * g])
+                    .fold(0f32, |s, (&v, &ws)| (v as f32).mul_add(ws, s));
+                let y = s * sa;
+                *o = bias.map_or(y, |b| y + b[j]);
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Int4Weight, QuantRows, NB, W4_GROUP};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Rows per micro-tile and 16-channel blocks per micro-tile.
+    const MR: usize = 6;
+    const NC: usize = 3;
+    /// Rows and channels handed to one task.
+    const TASK_ROWS: usize = 48;
+    const TASK_BLOCKS: usize = 9;
+
+    /// Where results go: per-group int32 (`[rows, n, groups]`) or dequantized f32.
+    #[derive(Clone, Copy)]
+    pub enum Out {
+        I32(*mut i32),
+        F32 {
+            y: *mut f32,
+            a_scale: *const f32,
+            bias: *const f32,
+        },
+    }
+    // SAFETY: tasks write disjoint regions (see `gemm`); the scale/bias pointers are read-only.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+
+    /// Activations padded to whole groups (zeros), and `8 * sum` of each row's
+    /// group: `vpdpbusd` multiplies the unsigned nibbles `q + 8`, so each group's
+    /// sum carries `8 * sum_k a[m, k]` too much.
+    struct Prepared {
+        a: Vec<i8>,
+        sum8: Vec<i32>,
+        kpad: usize,
+    }
+
+    fn prepare(a: &QuantRows, groups: usize) -> Prepared {
+        let kpad = groups * W4_GROUP;
+        let mut ap = vec![0i8; a.rows * kpad];
+        let mut sum8 = vec![0i32; a.rows * groups];
+        ap.par_chunks_mut(kpad)
+            .zip(sum8.par_chunks_mut(groups))
+            .zip(a.q.par_chunks(a.cols))
+            .for_each(|((d, s), src)| {
+                d[..src.len()].copy_from_slice(src);
+                for (sg, chunk) in s.iter_mut().zip(d.chunks(W4_GROUP)) {
+                    *sg = 8 * chunk.iter().map(|&v| v as i32).sum::<i32>();
+                }
+            });
+        Prepared { a: ap, sum8, kpad }
+    }
+
+    pub fn gemm(a: &QuantRows, w: &Int4Weight, out: Out) {
+        let m = a.rows;
+        let p = prepare(a, w.groups);
+        let blocks = w.n.div_ceil(NB);
+        let row_tasks = m.div_ceil(TASK_ROWS);
+        let col_tasks = blocks.div_ceil(TASK_BLOCKS);
+        (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
+            let out = out;
+            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let (r0, r1) = (rt * TASK_ROWS, ((rt + 1) * TASK_ROWS).min(m));
+            let (b0, b1) = (ct * TASK_BLOCKS, ((ct + 1) * TASK_BLOCKS).min(blocks));
+            // SAFETY: VNNI presence checked by the caller; the task writes only rows
+            // r0..r1 x channels of blocks b0..b1, disjoint from every other task.
+            unsafe { tile(&p, w, r0, r1, b0, b1, out) };
+        });
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile(
+        p: &Prepared,
+        w: &Int4Weight,
+        r0: usize,
+        r1: usize,
+        b0: usize,
+        b1: usize,
+        out: Out,
+    ) {
+        let mut r = r0;
+        while r < r1 {
+            let mr = MR.min(r1 - r);
+            let mut b = b0;
+            while b < b1 {
+                let nc = NC.min(b1 - b);
+                match (mr, nc) {
+                    (MR, NC) => micro::<MR, NC>(p, w, r, b, out),
+                    (MR, c) => (0..c).for_each(|i| micro::<MR, 1>(p, w, r, b + i, out)),
+                    (rows, c) => (0..rows).for_each(|ri| {
+                        (0..c).for_each(|i| micro::<1, 1>(p, w, r + ri, b + i, out))
+                    }),
+                }
+                b += nc;
+            }
+            r += mr;
+        }
+    }
+
+    /// `R` rows x `C` blocks of 16 channels: int32 per group in registers,
+    /// folded into f32 sums (one fma per group) as each group ends.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn micro<const R: usize, const C: usize>(
+        p: &Prepared,
+        w: &Int4Weight,
+        r: usize,
+        b: usize,
+        out: Out,
+    ) {
+        let (n, groups) = (w.n, w.groups);
+        let k8 = p.kpad / 8;
+        let npad = n.div_ceil(NB) * NB;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut sum = [[_mm512_setzero_ps(); C]; R];
+        let wp = w.vnni.as_ptr();
+        let ap = p.a.as_ptr();
+        for g in 0..groups {
+            let mut acc = [[_mm512_setzero_si512(); C]; R];
+            for i in g * (W4_GROUP / 8)..(g + 1) * (W4_GROUP / 8) {
+                let mut v = [_mm512_setzero_si512(); C];
+                for (c, vc) in v.iter_mut().enumerate() {
+                    *vc = _mm512_loadu_si512(wp.add(((b + c) * k8 + i) * 64) as *const _);
+                }
+                for half in 0..2 {
+                    let mut wv = [_mm512_setzero_si512(); C];
+                    for (c, wc) in wv.iter_mut().enumerate() {
+                        *wc = if half == 0 {
+                            _mm512_and_si512(v[c], low)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(v[c]), low)
+                        };
+                    }
+                    for (ri, row) in acc.iter_mut().enumerate() {
+                        let x = _mm512_set1_epi32(
+                            (ap.add((r + ri) * p.kpad + i * 8 + half * 4) as *const i32)
+                                .read_unaligned(),
+                        );
+                        for (c, a) in row.iter_mut().enumerate() {
+                            *a = _mm512_dpbusd_epi32(*a, wv[c], x);
+                        }
+                    }
+                }
+            }
+            for (ri, row) in acc.iter_mut().enumerate() {
+                let corr = _mm512_set1_epi32(p.sum8[(r + ri) * groups + g]);
+                for (c, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_sub_epi32(*a, corr);
+                    match out {
+                        Out::I32(o) => {
+                            let mut lanes = [0i32; NB];
+                            _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *a);
+                            let ch0 = (b + c) * NB;
+                            for (l, &v) in
+                                lanes.iter().enumerate().take(n.saturating_sub(ch0).min(NB))
+                            {
+                                *o.add(((r + ri) * n + ch0 + l) * groups + g) = v;
+                            }
+                        }
+                        Out::F32 { .. } => {
+                            let s =
+                                _mm512_loadu_ps(w.scale_gn.as_ptr().add(g * npad + (b + c) * NB));
+                            sum[ri][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), s, sum[ri][c]);
+                        }
+                    }
+                }
+            }
+        }
+        if let Out::F32 { y, a_scale, bias } = out {
+            for (ri, row) in sum.iter().enumerate() {
+                let row_i = r + ri;
+                let sa = _mm512_set1_ps(*a_scale.add(row_i));
+                for (c, s) in row.iter().enumerate() {
+                    let ch0 = (b + c) * NB;
+                    let live = n.saturating_sub(ch0).min(NB);
+                    let mask: __mmask16 = if live == NB {
+                        0xFFFF
+                    } else {
+                        (1u16 << live) - 1
+                    };
+                    let mut v = _mm512_mul_ps(*s, sa);
+                    if !bias.is_null() {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.add(ch0)));
+                    }
+                    _mm512_mask_storeu_ps(y.add(row_i * n + ch0), mask, v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::int8::quantize_rows;
+    use crate::rng::Rng;
+
+    fn scalar_reference(a: &QuantRows, w: &Int4Weight) -> Vec<i32> {
+        let q = w.unpack();
+        let mut acc = vec![0i32; a.rows * w.n * w.groups];
+        for m in 0..a.rows {
+            for n in 0..w.n {
+                for kk in 0..w.k {
+                    acc[(m * w.n + n) * w.groups + kk / W4_GROUP] +=
+                        a.q[m * w.k + kk] as i32 * q[n * w.k + kk] as i32;
+                }
+            }
+        }
+        acc
+    }
+
+    fn random_case(
+        rng: &mut Rng,
+        m: usize,
+        n: usize,
+        k: usize,
+        qmax: i32,
+        smooth: bool,
+    ) -> (QuantRows, Int4Weight, Vec<f32>, Vec<f32>) {
+        let x = rng.normal_vec(m * k);
+        let wf: Vec<f32> = rng.normal_vec(n * k).iter().map(|v| v * 0.05).collect();
+        let s: Option<Vec<f32>> =
+            smooth.then(|| (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect());
+        let w = Int4Weight::quantize(&wf, n, k, s.as_deref(), qmax).unwrap();
+        let a = quantize_rows(&x, k, w.inv_smooth.as_deref(), qmax).unwrap();
+        (a, w, x, wf)
+    }
+
+    #[test]
+    fn packing_follows_the_documented_layout() {
+        let q: Vec<i8> = vec![-7, 7, 0, 3, -1];
+        let p = pack(&q, 1, 5);
+        assert_eq!(p, vec![0x01 | 0xF0, 0x08 | 0xB0, 0x07 | 0x80]);
+        let w = Int4Weight::from_parts(p, vec![0.5], 1, 5, None, QMAX_A8).unwrap();
+        assert_eq!(w.unpack(), q);
+        assert_eq!(w.dequantize(), vec![-3.5, 3.5, 0.0, 1.5, -0.5]);
+    }
+
+    #[test]
+    fn weight_quantization_is_per_channel_and_group() {
+        let mut rng = Rng::new(3);
+        let (n, k) = (5, 150);
+        let wf = rng.normal_vec(n * k);
+        let w = Int4Weight::quantize(&wf, n, k, None, QMAX_A8).unwrap();
+        assert_eq!(w.groups, 3);
+        let q = w.unpack();
+        for ch in 0..n {
+            for g in 0..3 {
+                let r = g * 64..((g + 1) * 64).min(k);
+                let amax = wf[ch * k..][r.clone()]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(w.scale[ch * 3 + g], amax / 7.0);
+                // The largest magnitude maps to +-7; every value is within half a step.
+                assert!(r.clone().any(|kk| q[ch * k + kk].abs() == 7));
+                for kk in r {
+                    let err = (q[ch * k + kk] as f32 * w.scale[ch * 3 + g] - wf[ch * k + kk]).abs();
+                    assert!(
+                        err <= w.scale[ch * 3 + g] * 0.5 + 1e-6,
+                        "ch {ch} k {kk}: error {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_products_are_exact() {
+        let mut rng = Rng::new(11);
+        for &(m, n, k, qmax, smooth) in &[
+            (1, 1, 1, QMAX_A8, false),
+            (7, 17, 63, QMAX_A8, true),
+            (13, 35, 130, QMAX_A6, false),
+            (50, 48, 256, QMAX_A8, true),
+            (9, 64, 1152, QMAX_A8, false),
+        ] {
+            let (a, w, _, _) = random_case(&mut rng, m, n, k, qmax, smooth);
+            let want = scalar_reference(&a, &w);
+            assert_eq!(
+                gemm_groups_i32(&a, &w).unwrap(),
+                want,
+                "VNNI/dispatched {m}x{n}x{k}"
+            );
+            let mut portable = vec![0; want.len()];
+            gemm_portable(&a, &w, &mut portable);
+            assert_eq!(portable, want, "portable {m}x{n}x{k}");
+        }
+    }
+
+    #[test]
+    fn fused_linear_matches_the_documented_dequantization() {
+        let mut rng = Rng::new(12);
+        for &(m, n, k) in &[(5, 3, 64), (19, 40, 200), (64, 96, 1152)] {
+            let (a, w, _, _) = random_case(&mut rng, m, n, k, QMAX_A8, false);
+            let bias = rng.normal_vec(n);
+            let acc = scalar_reference(&a, &w);
+            let mut want = vec![0f32; m * n];
+            dequantize(&acc, &a, &w, Some(&bias), &mut want);
+            let mut got = vec![0f32; m * n];
+            linear_f32(&a, &w, Some(&bias), &mut got).unwrap();
+            assert_eq!(
+                got, want,
+                "{m}x{n}x{k}: the fused path must round exactly like the reference"
+            );
+            let mut nob = vec![0f32; m * n];
+            linear_f32(&a, &w, None, &mut nob).unwrap();
+            for ((g, nb), j) in got.iter().zip(&nob).zip((0..m * n).map(|i| i % n)) {
+                assert_eq!(*g, nb + bias[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn product_equals_the_dequantized_operands_and_is_close_to_float() {
+        let mut rng = Rng::new(13);
+        let (m, n, k) = (16, 32, 512);
+        for smooth in [false, true] {
+            let (a, w, x, wf) = random_case(&mut rng, m, n, k, QMAX_A8, smooth);
+            let mut y = vec![0f32; m * n];
+            linear_f32(&a, &w, None, &mut y).unwrap();
+            let wd = w.dequantize();
+            let (mut num, mut den, mut num_q) = (0f64, 0f64, 0f64);
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f64 = (0..k)
+                        .map(|kk| x[i * k + kk] as f64 * wf[j * k + kk] as f64)
+                        .sum();
+                    let rq: f64 = (0..k)
+                        .map(|kk| {
+                            a.q[i * k + kk] as f64 * a.scale[i] as f64 * wd[j * k + kk] as f64
+                        })
+                        .sum();
+                    num += (y[i * n + j] as f64 - r).powi(2);
+                    num_q += (y[i * n + j] as f64 - rq).powi(2);
+                    den += r * r;
+                }
+            }
+            // Against the dequantized operands: only f32 rounding.
+            assert!(
+                (num_q / den).sqrt() < 1e-5,
+                "smooth {smooth}: {} vs dequantized operands",
+                (num_q / den).sqrt()
+            );
+            // Against the float product: 4-bit weights (7 levels a side per group of 64
+            // normals) lose about 10%; the test's uneven smoothing vector costs more.
+            let rel = (num / den).sqrt();
+            let bound = if smooth { 0.3 } else { 0.15 };
+            assert!(
+                rel < bound && rel > 0.02,
+                "smooth {smooth}: relative L2 error {rel}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_parts_are_rejected() {
+        assert!(
+            Int4Weight::from_parts(vec![0x80], vec![1.0], 1, 2, None, QMAX_A8).is_err(),
+            "nibble 0"
+        );
+        assert!(
+            Int4Weight::from_parts(vec![0x88], vec![1.0, 1.0], 1, 2, None, QMAX_A8).is_err(),
+            "scale count"
+        );
+        assert!(
+            Int4Weight::from_parts(vec![0x98], vec![1.0], 1, 1, None, QMAX_A8).is_err(),
+            "odd padding"
+        );
+        assert!(
+            Int4Weight::from_parts(vec![0x88], vec![f32::NAN], 1, 2, None, QMAX_A8).is_err(),
+            "NaN scale"
+        );
+        assert!(
+            Int4Weight::quantize(&[1.0, 2.0], 1, 2, None, 5).is_err(),
+            "qmax"
+        );
+        let mut rng = Rng::new(1);
+        let (a, w, _, _) = random_case(&mut rng, 2, 3, 64, QMAX_A8, false);
+        let (b, _, _, _) = random_case(&mut rng, 2, 3, 32, QMAX_A8, false);
+        assert!(gemm_groups_i32(&b, &w).is_err());
+        assert!(linear_f32(&a, &w, Some(&[0.0]), &mut [0.0; 6]).is_err());
+    }
+}
