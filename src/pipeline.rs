@@ -8,6 +8,7 @@ use crate::backend::Backend;
 use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::vae::{VaeConfig, VideoVae};
+use crate::quant::preset::{quantize_blocks, QuantPreset, WeightStats};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use crate::tensor::{Device, Tensor};
@@ -108,11 +109,13 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// `[B, C, T, h, w]` initial noise replacing the seeded noise.
     pub init_noise: Option<Tensor>,
+    /// Precision of the DiT blocks' linear layers (quantized on load).
+    pub quant: QuantPreset,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None }
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None }
     }
 }
 
@@ -129,6 +132,8 @@ pub struct Report {
     pub peak_rss_bytes: Option<u64>,
     pub prompts: Vec<String>,
     pub latent: [usize; 3],
+    /// Storage of the DiT blocks' linear weights as run (after `--quant`).
+    pub dit_weights: WeightStats,
 }
 
 /// The process's peak resident memory (Linux `VmHWM`).
@@ -260,6 +265,7 @@ impl Plan {
         };
         let z = {
             let mut dit = Stdit3::load(&self.paths.dit)?;
+            report.dit_weights = quantize_blocks(&mut dit, opts.quant)?;
             dit.prepare(be)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };

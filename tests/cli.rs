@@ -152,3 +152,14 @@ fn unknown_flags_are_rejected() {
     let (ok, err) = qc_run(&["forward", "--dit", "x", "--inputs", "y", "--output", "z", "--frobnicate"]);
     assert!(!ok && err.contains("--frobnicate"), "{err}");
 }
+
+#[test]
+fn quantization_flag_is_checked() {
+    let out = tempfile::tempdir().unwrap();
+    let gif = out.path().join("v.gif");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--quant", "w3a3", "--output", s(&gif)]);
+    assert!(!ok && err.contains("--quant") && err.contains("w8a8, w4a8, w4a6"), "{err}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--quant", "aigq", "--output", s(&gif)]);
+    assert!(!ok && err.contains("calibrat"), "{err}");
+    assert!(!gif.exists());
+}

@@ -5,23 +5,60 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn harness_reports_every_mode_and_writes_a_strip() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("model");
+/// The tiny fixture models as a model directory, and a two-prompt set.
+fn fixture_model(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let m = dir.join("model");
     std::fs::create_dir(&m).unwrap();
     for (sub, fx) in [("stdit3", "stdit3-tiny"), ("t5", "t5-tiny"), ("tokenizer", "t5-tokenizer"), ("vae", "vae-tiny")] {
         std::os::unix::fs::symlink(common::fixture(fx), m.join(sub)).unwrap();
     }
     std::fs::write(m.join("defaults.json"), r#"{"frames": 17, "height": 12, "width": 16, "steps": 4}"#).unwrap();
-    let prompts = dir.path().join("prompts.json");
+    let prompts = dir.join("prompts.json");
     std::fs::write(&prompts, r#"[{"prompt": "a red ball", "colour": "red", "direction": "right"}, {"prompt": "clouds", "colour": "blue", "direction": "left"}]"#).unwrap();
-    let out = dir.path().join("report");
+    (m, prompts)
+}
+
+fn quality(model: &Path, prompts: &Path, modes: &str, seeds: &str, out: &Path) -> std::process::Output {
     let p = |x: &Path| x.to_str().unwrap().to_string();
-    let res = Command::new(env!("CARGO_BIN_EXE_qc-bench"))
-        .args(["quality", "--model", &p(&m), "--prompts", &p(&prompts), "--modes", "static:2,static:4", "--seeds", "0,1", "--out", &p(&out)])
-        .output()
-        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_qc-bench")).args(["quality", "--model", &p(model), "--prompts", &p(prompts), "--modes", modes, "--seeds", seeds, "--out", &p(out)]).output().unwrap()
+}
+
+fn cell(row: &str, i: usize) -> f64 {
+    let c = row.split('|').map(str::trim).nth(i + 1).unwrap();
+    c.trim_end_matches(['%', 'x']).parse().unwrap_or_else(|_| panic!("column {i} of {row}"))
+}
+
+#[test]
+fn quantized_modes_are_compared_with_full_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, prompts) = fixture_model(dir.path());
+    let out = dir.path().join("report");
+    let res = quality(&m, &prompts, "w8a8,w4a8,w4a6,w8a8+static:2", "0", &out);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let md = std::fs::read_to_string(out.join("quality.md")).unwrap();
+    let row = |mode: &str| md.lines().find(|l| l.starts_with(&format!("| {mode} |"))).unwrap_or_else(|| panic!("no {mode} row in {md}")).to_string();
+    // Columns: mode, videos, PSNR, SSIM, MAE, temporal, blocks, weight bits, time, speed-up, following.
+    assert_eq!(cell(&row("reference"), 7), 32.0);
+    let (w8, w4, w4a6) = (row("w8a8"), row("w4a8"), row("w4a6"));
+    // int8: 8 bits plus one f32 scale per output channel; int4: 4 bits plus one per 64 inputs.
+    assert!((8.0..9.0).contains(&cell(&w8, 7)) && (4.0..5.0).contains(&cell(&w4, 7)), "{w8}\n{w4}");
+    // W8A8 stays close to full precision; 4-bit weights lose more; A6 more than A8.
+    let (p8, p4, p46) = (cell(&w8, 2), cell(&w4, 2), cell(&w4a6, 2));
+    assert!(p8 > 30.0 && p8 > p4 + 5.0 && p4 > p46 && p46 > 5.0, "PSNR w8a8 {p8}, w4a8 {p4}, w4a6 {p46}");
+    assert_eq!(cell(&row("w8a8+static:2"), 6), 75.0);
+    assert!(cell(&row("w8a8+static:2"), 2) < p8);
+
+    let res = quality(&m, &prompts, "aigq", "0", &out);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("calibrat"), "{err}");
+}
+
+#[test]
+fn harness_reports_every_mode_and_writes_a_strip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, prompts) = fixture_model(dir.path());
+    let out = dir.path().join("report");
+    let res = quality(&m, &prompts, "static:2,static:4", "0,1", &out);
     let stdout = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let md = std::fs::read_to_string(out.join("quality.md")).unwrap();

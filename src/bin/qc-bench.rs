@@ -82,7 +82,8 @@ struct QualityArgs {
     /// JSON list of {prompt, colour, direction} [default: tools/train-demo/heldout_prompts.json].
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// Accelerated modes to compare with the reference, comma-separated (reference, static:K).
+    /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, static:K),
+    /// a quantization preset (w8a8, w4a8, w4a6), or both joined by + (w8a8+static:2).
     #[arg(long, default_value = "static:2", value_delimiter = ',')]
     modes: Vec<String>,
     /// Seeds, comma-separated.

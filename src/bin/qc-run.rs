@@ -15,6 +15,7 @@ use qc::checkpoint::Checkpoint;
 use qc::model::t5::T5Encoder;
 use qc::model::vae::VideoVae;
 use qc::pipeline::{plan, Event, GenerateOptions, ModelDefaults, ModelPaths};
+use qc::quant::preset::QuantPreset;
 use qc::tensor::{Storage, Tensor};
 use qc::text::clean::prepare_prompt;
 use qc::text::tokenizer::T5Tokenizer;
@@ -239,6 +240,13 @@ struct GenerateArgs {
     /// Safetensors file whose `z0` [B,4,T,h,w] replaces the seeded noise, to reproduce a reference run exactly.
     #[arg(long, value_name = "FILE")]
     init_noise: Option<PathBuf>,
+    /// Precision of the DiT blocks' linear layers, quantized on load from the float checkpoint:
+    /// none (full precision), w8a8 (int8 weights per output channel, int8 activations per token),
+    /// w4a8 (int4 weights per output channel and group of 64 inputs, int8 activations),
+    /// w4a6 (int4 weights, activations in [-31, 31]); aigq (a calibrated per-layer plan) is not available yet.
+    /// Embedders and the final layer stay in full precision. int4 runs on the CPU backend only so far.
+    #[arg(long, default_value = "none", value_name = "none|w8a8|w4a8|w4a6|aigq", value_parser = parse_quant)]
+    quant: QuantPreset,
     /// Output: NAME.mp4 (needs ffmpeg on PATH), NAME.gif, NAME.safetensors (`video` float and `frames_u8`),
     /// or a directory of PNG frames (any other name). Several prompts give NAME-0.gif, NAME-1.gif, ...
     #[arg(long, value_name = "PATH")]
@@ -476,6 +484,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         raw_prompt: a.raw_prompt,
         seed: a.seed,
         init_noise,
+        quant: a.quant,
     };
     let plan = plan(&paths, &prompts, &opts)?;
     for p in plan.prompts() {
@@ -521,10 +530,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(b) = report.peak_rss_bytes {
         eprintln!("  peak memory            {:>8.2} GiB", b as f64 / (1u64 << 30) as f64);
     }
+    let w = report.dit_weights;
+    eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight)", w.bytes as f64 / (1u64 << 20) as f64, opts.quant.name(), w.bits());
     for p in written {
         println!("{}", p.display());
     }
     Ok(())
+}
+
+fn parse_quant(s: &str) -> Result<QuantPreset> {
+    QuantPreset::parse(s)
 }
 
 fn encode_text(a: EncodeTextArgs) -> Result<()> {

@@ -7,7 +7,9 @@ use super::{compare, VideoMetrics};
 use crate::backend::Backend;
 use crate::cache::{policy, Counting};
 use crate::io::write_atomic;
+use crate::model::stdit3::ForwardHooks;
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
+use crate::quant::preset::{QuantPreset, PRESET_NAMES};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
@@ -36,6 +38,8 @@ pub struct Run {
     pub follows_prompt: bool,
     pub blocks_computed: f64,
     pub dit_seconds: f64,
+    /// Average bits per weight of the DiT blocks' linear layers.
+    pub weight_bits: f64,
 }
 
 pub struct Summary {
@@ -47,6 +51,7 @@ pub struct Summary {
     pub temporal_ratio: f64,
     pub blocks_computed: f64,
     pub dit_seconds: f64,
+    pub weight_bits: f64,
     pub prompt_following: f64,
 }
 
@@ -57,6 +62,18 @@ fn follows(video: &Tensor, case: &PromptCase) -> Result<bool> {
         Some(d) => d.colour == case.colour && d.direction == Some(case.direction.as_str()),
         None => false,
     })
+}
+
+/// A mode: a cache policy (`reference`, `static:K`), a quantization preset
+/// (`w8a8`, `w4a8`, `w4a6`), or a preset and a policy joined by `+` (`w8a8+static:2`).
+pub fn parse_mode(name: &str) -> Result<(QuantPreset, Box<dyn ForwardHooks>)> {
+    let is_quant = |q: &str| PRESET_NAMES.contains(&q);
+    let (q, cache) = match name.split_once('+') {
+        Some((q, c)) if is_quant(q) => (q, c),
+        _ if is_quant(name) => (name, "reference"),
+        _ => ("none", name),
+    };
+    Ok((QuantPreset::parse(q)?, policy(cache)?))
 }
 
 /// Generates every case with the reference and each mode; returns all runs
@@ -73,7 +90,7 @@ pub fn run_all(
 ) -> Result<(Vec<Run>, Vec<Vec<Tensor>>)> {
     ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set and the seed list must not be empty");
     for m in modes {
-        policy(m)?;
+        parse_mode(m)?;
     }
     let mut runs = Vec::new();
     let mut strips = Vec::new();
@@ -84,9 +101,9 @@ pub fn run_all(
             let mut row = Vec::new();
             for mode in &all_modes {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
-                let opts = GenerateOptions { seed, ..base.clone() };
+                let (quant, mut pol) = parse_mode(mode)?;
+                let opts = GenerateOptions { seed, quant, ..base.clone() };
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
-                let mut pol = policy(mode)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;
                 let dit_seconds = report.stages.iter().find(|(n, _)| n.starts_with("denoising")).map_or(0.0, |s| s.1);
@@ -96,7 +113,7 @@ pub fn run_all(
                     None => compare(video.f32()?, video.f32()?, shape),
                     Some(r) => compare(r.f32()?, video.f32()?, shape),
                 };
-                runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(), dit_seconds });
+                runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(), dit_seconds, weight_bits: report.dit_weights.bits() });
                 if ci < strip && seed == seeds[0] {
                     row.push(video.clone());
                 }
@@ -136,6 +153,7 @@ pub fn summarize(runs: &[Run]) -> Vec<Summary> {
                 temporal_ratio: mean(&|r| r.metrics.temporal_ratio),
                 blocks_computed: mean(&|r| r.blocks_computed),
                 dit_seconds: mean(&|r| r.dit_seconds),
+                weight_bits: mean(&|r| r.weight_bits),
                 prompt_following: rs.iter().filter(|r| r.follows_prompt).count() as f64 / n,
             }
         })
@@ -147,20 +165,21 @@ pub fn markdown(runs: &[Run], cases: &[PromptCase]) -> String {
     let sums = summarize(runs);
     let ref_time = sums.first().map_or(0.0, |s| s.dit_seconds);
     let mut out = String::new();
-    let _ = writeln!(out, "| mode | videos | PSNR (dB) | SSIM | MAE | temporal ratio | blocks computed | DiT time (s) | speed-up | prompt following |");
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| mode | videos | PSNR (dB) | SSIM | MAE | temporal ratio | blocks computed | DiT weight bits | DiT time (s) | speed-up | prompt following |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for s in &sums {
         let psnr = if s.psnr.is_finite() { format!("{:.2}", s.psnr) } else { "inf".into() };
         let speed = if s.dit_seconds > 0.0 { ref_time / s.dit_seconds } else { f64::NAN };
         let _ = writeln!(
             out,
-            "| {} | {} | {psnr} | {:.4} | {:.4} | {:.3} | {:.1}% | {:.3} | {speed:.2}x | {:.0}% |",
+            "| {} | {} | {psnr} | {:.4} | {:.4} | {:.3} | {:.1}% | {:.2} | {:.3} | {speed:.2}x | {:.0}% |",
             s.mode,
             s.runs,
             s.ssim,
             s.mae,
             s.temporal_ratio,
             100.0 * s.blocks_computed,
+            s.weight_bits,
             s.dit_seconds,
             100.0 * s.prompt_following
         );

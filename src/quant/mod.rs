@@ -3,3 +3,4 @@
 
 pub mod int4;
 pub mod int8;
+pub mod preset;

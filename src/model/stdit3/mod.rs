@@ -5,7 +5,7 @@ pub mod inputs;
 mod weights;
 
 pub use config::Stdit3Config;
-pub use weights::{BlockWeights, Stdit3Weights};
+pub use weights::{BlockWeights, Stdit3Weights, SubModule};
 
 use crate::backend::{Activation, AttnSpec, Backend, ModRef, PatchGrid, Rope, RowGroups};
 use crate::checkpoint::Checkpoint;

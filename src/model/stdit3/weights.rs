@@ -21,6 +21,29 @@ pub struct BlockWeights {
     pub fc2: Linear,
 }
 
+/// The three sub-modules of a block (the granularity of AIGQ's precision plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SubModule {
+    SelfAttention,
+    CrossAttention,
+    Mlp,
+}
+
+impl BlockWeights {
+    /// The block's linear layers with the sub-module each belongs to.
+    pub fn linears_mut(&mut self) -> [(SubModule, &mut Linear); 7] {
+        [
+            (SubModule::SelfAttention, &mut self.qkv),
+            (SubModule::SelfAttention, &mut self.proj),
+            (SubModule::CrossAttention, &mut self.cross_q),
+            (SubModule::CrossAttention, &mut self.cross_kv),
+            (SubModule::CrossAttention, &mut self.cross_proj),
+            (SubModule::Mlp, &mut self.fc1),
+            (SubModule::Mlp, &mut self.fc2),
+        ]
+    }
+}
+
 pub struct Stdit3Weights {
     /// Conv3d kernel as a linear map of each flattened patch `(c, pt, ph, pw)`.
     pub x_embedder: Linear,

@@ -1,0 +1,97 @@
+//! Uniform precision presets (`--quant none|w8a8|w4a8|w4a6`): every linear
+//! layer of every DiT block quantized the same way, on the fly from a float
+//! checkpoint. The embedders, the timestep MLPs and the final layer stay in
+//! full precision (they are a small share of the work and sensitive).
+
+use super::int8::{QMAX_A6, QMAX_A8};
+use crate::backend::{Linear, LinearWeight};
+use crate::model::stdit3::Stdit3;
+use anyhow::{bail, Result};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantPreset {
+    /// Full precision (the checkpoint's weights).
+    #[default]
+    None,
+    /// int8 weights per output channel, int8 activations per token.
+    W8A8,
+    /// int4 weights per output channel and group of 64 inputs, int8 activations.
+    W4A8,
+    /// int4 weights, activations in [-31, 31] (the paper's W4A6).
+    W4A6,
+}
+
+/// The names `--quant` accepts, in order.
+pub const PRESET_NAMES: [&str; 5] = ["none", "w8a8", "w4a8", "w4a6", "aigq"];
+
+impl QuantPreset {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "none" => QuantPreset::None,
+            "w8a8" => QuantPreset::W8A8,
+            "w4a8" => QuantPreset::W4A8,
+            "w4a6" => QuantPreset::W4A6,
+            "aigq" => bail!("--quant aigq reads the per-layer plan of a calibrated quantized checkpoint (quant.json); calibration (`qc-run calibrate`) is not implemented yet, so no model has one"),
+            _ => bail!("unknown --quant {name:?}; known: {}", PRESET_NAMES.join(", ")),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantPreset::None => "none",
+            QuantPreset::W8A8 => "w8a8",
+            QuantPreset::W4A8 => "w4a8",
+            QuantPreset::W4A6 => "w4a6",
+        }
+    }
+
+    /// The layer at this preset (a float layer is returned unchanged by `None`).
+    pub fn apply(self, l: &Linear) -> Result<Linear> {
+        match self {
+            QuantPreset::None => Ok(l.clone()),
+            QuantPreset::W8A8 => l.to_int8(None, QMAX_A8),
+            QuantPreset::W4A8 => l.to_int4(None, QMAX_A8),
+            QuantPreset::W4A6 => l.to_int4(None, QMAX_A6),
+        }
+    }
+}
+
+/// Weight storage of the DiT blocks' linear layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WeightStats {
+    pub values: usize,
+    pub bytes: usize,
+}
+
+impl WeightStats {
+    pub fn add(&mut self, l: &Linear) {
+        let (n, k) = (l.out_features, l.in_features);
+        self.values += n * k;
+        self.bytes += match &l.weight {
+            LinearWeight::F32(_) => 4 * n * k,
+            LinearWeight::Half(_) => 2 * n * k,
+            LinearWeight::Int8(q) => q.q.len() + 4 * q.scale.len(),
+            LinearWeight::Int4(q) => q.packed.len() + 4 * q.scale.len(),
+        };
+    }
+
+    /// Average bits per weight value, scales included.
+    pub fn bits(&self) -> f64 {
+        8.0 * self.bytes as f64 / self.values.max(1) as f64
+    }
+}
+
+/// Quantizes every block linear of `model` with `preset`; returns the blocks'
+/// weight storage afterwards.
+pub fn quantize_blocks(model: &mut Stdit3, preset: QuantPreset) -> Result<WeightStats> {
+    let mut stats = WeightStats::default();
+    for block in model.w.spatial.iter_mut().chain(model.w.temporal.iter_mut()) {
+        for (_, l) in block.linears_mut() {
+            if preset != QuantPreset::None {
+                *l = preset.apply(l)?;
+            }
+            stats.add(l);
+        }
+    }
+    Ok(stats)
+}
