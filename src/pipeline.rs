@@ -8,6 +8,7 @@ use crate::backend::Backend;
 use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::vae::{VaeConfig, VideoVae};
+use crate::quant::calibrate::Importance;
 use crate::quant::preset::{quantize_blocks, QuantPreset, WeightStats};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
@@ -111,11 +112,13 @@ pub struct GenerateOptions {
     pub init_noise: Option<Tensor>,
     /// Precision of the DiT blocks' linear layers (quantized on load).
     pub quant: QuantPreset,
+    /// Importance vectors folded into the quantized weights (`qc-run calibrate`).
+    pub importance: Option<std::sync::Arc<Importance>>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None }
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None, importance: None }
     }
 }
 
@@ -234,23 +237,32 @@ impl Plan {
         2 * self.dit_cfg.depth
     }
 
+    /// The prompts through the tokenizer and T5: the DiT's caption input `[B, 1, L, C]`
+    /// and the token mask (`[B * L]`, 1 for real tokens).
+    pub fn encode_text(&self, be: &dyn Backend) -> Result<(Tensor, Vec<i64>)> {
+        let (b, l) = (self.prompts.len(), self.dit_cfg.model_max_length);
+        let refs: Vec<&str> = self.prompts.iter().map(|s| s.as_str()).collect();
+        let (ids, mask) = self.tokenizer.encode_batch(&refs, l)?;
+        let mut t5 = T5Encoder::load(&self.paths.t5)?;
+        t5.prepare(be)?;
+        let y = t5.encode(be, &ids, &mask, b)?;
+        Ok((y.reshape(&[b, 1, l, self.dit_cfg.caption_channels])?, mask))
+    }
+
+    /// The DiT directory this plan loads.
+    pub fn dit_dir(&self) -> &Path {
+        &self.paths.dit
+    }
+
     /// Runs every stage, sampling under `hooks` (a caching policy, or none); returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
     pub fn run(self, be: &dyn Backend, opts: &GenerateOptions, hooks: &mut dyn ForwardHooks, progress: &mut dyn FnMut(Event)) -> Result<(Tensor, Report)> {
         let mut report = Report { prompts: self.prompts.clone(), latent: self.latent, ..Report::default() };
         let b = self.prompts.len();
-        let l = self.dit_cfg.model_max_length;
         let timed = |name: &str, report: &mut Report, t: Instant| report.stages.push((name.to_string(), t.elapsed().as_secs_f64()));
 
         progress(Event::Stage("text encoder"));
         let t = Instant::now();
-        let refs: Vec<&str> = self.prompts.iter().map(|s| s.as_str()).collect();
-        let (ids, mask) = self.tokenizer.encode_batch(&refs, l)?;
-        let y = {
-            let mut t5 = T5Encoder::load(&self.paths.t5)?;
-            t5.prepare(be)?;
-            t5.encode(be, &ids, &mask, b)?
-        };
-        let y = y.reshape(&[b, 1, l, self.dit_cfg.caption_channels])?;
+        let (y, mask) = self.encode_text(be)?;
         timed("text encoder (T5)", &mut report, t);
 
         progress(Event::Stage("denoising"));
@@ -265,7 +277,7 @@ impl Plan {
         };
         let z = {
             let mut dit = Stdit3::load(&self.paths.dit)?;
-            report.dit_weights = quantize_blocks(&mut dit, opts.quant)?;
+            report.dit_weights = quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?;
             dit.prepare(be)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };

@@ -83,9 +83,13 @@ struct QualityArgs {
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, static:K),
-    /// a quantization preset (w8a8, w4a8, w4a6), or both joined by + (w8a8+static:2).
+    /// a quantization preset (w8a8, w4a8, w4a6; add -is to fold in the importance vectors of --calibration,
+    /// e.g. w4a6-is), or both joined by + (w8a8+static:2).
     #[arg(long, default_value = "static:2", value_delimiter = ',')]
     modes: Vec<String>,
+    /// Calibration directory (qc-run calibrate) whose importance vectors the -is modes fold in.
+    #[arg(long, value_name = "DIR")]
+    calibration: Option<PathBuf>,
     /// Seeds, comma-separated.
     #[arg(long, default_value = "0", value_delimiter = ',')]
     seeds: Vec<u64>,
@@ -273,7 +277,10 @@ fn quality(a: &QualityArgs) -> Result<()> {
     if let Some(n) = a.limit {
         cases.truncate(n);
     }
-    let base = ModelDefaults::from_dir(&dir)?.options();
+    let mut base = ModelDefaults::from_dir(&dir)?.options();
+    if let Some(c) = &a.calibration {
+        base.importance = Some(std::sync::Arc::new(qc::quant::calibrate::Importance::from_dir(c)?));
+    }
     std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
     let be = CpuBackend::new();
     let paths = ModelPaths::in_dir(&dir);

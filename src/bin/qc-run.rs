@@ -15,6 +15,7 @@ use qc::checkpoint::Checkpoint;
 use qc::model::t5::T5Encoder;
 use qc::model::vae::VideoVae;
 use qc::pipeline::{plan, Event, GenerateOptions, ModelDefaults, ModelPaths};
+use qc::quant::calibrate::Importance;
 use qc::quant::preset::QuantPreset;
 use qc::tensor::{Storage, Tensor};
 use qc::text::clean::prepare_prompt;
@@ -40,6 +41,10 @@ enum Command {
     Sample(SampleArgs),
     /// Prompt to video: clean, tokenize, T5-encode, sample STDiT3 with rectified flow, VAE-decode, write.
     Generate(GenerateArgs),
+    /// Calibrate quantization: run the full-precision model over whole sampling trajectories of a
+    /// prompt set, record every DiT block linear's per-input-channel activation maxima per timestep
+    /// range, and write the importance vectors (quant.json, importance.safetensors) to a directory.
+    Calibrate(CalibrateArgs),
     /// Print prompts as Open-Sora 1.2 cleans them (aesthetic score appended, caption cleaning), one per line.
     CleanPrompt(CleanPromptArgs),
     /// Tokenize and T5-encode prompts as given (no cleaning); writes `input_ids`, `attention_mask`, `last_hidden_state`.
@@ -247,6 +252,10 @@ struct GenerateArgs {
     /// Embedders and the final layer stay in full precision. int4 runs on the CPU backend only so far.
     #[arg(long, default_value = "none", value_name = "none|w8a8|w4a8|w4a6|aigq", value_parser = parse_quant)]
     quant: QuantPreset,
+    /// Calibration directory (from `qc-run calibrate`) whose per-input-channel importance vectors are
+    /// folded into the --quant weights (activations divided by them as they are quantized).
+    #[arg(long, value_name = "DIR")]
+    calibration: Option<PathBuf>,
     /// Output: NAME.mp4 (needs ffmpeg on PATH), NAME.gif, NAME.safetensors (`video` float and `frames_u8`),
     /// or a directory of PNG frames (any other name). Several prompts give NAME-0.gif, NAME-1.gif, ...
     #[arg(long, value_name = "PATH")]
@@ -355,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward(a),
         Command::Sample(a) => sample_cmd(a),
         Command::Generate(a) => generate(a),
+        Command::Calibrate(a) => calibrate(a),
         Command::CleanPrompt(a) => {
             for p in &a.prompt {
                 println!("{}", prepare_prompt(p, a.aes.0));
@@ -485,7 +495,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         init_noise,
         quant: a.quant,
+        importance: a.calibration.as_deref().map(Importance::from_dir).transpose()?.map(std::sync::Arc::new),
     };
+    anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6)");
     let plan = plan(&paths, &prompts, &opts)?;
     for p in plan.prompts() {
         eprintln!("prompt: {p}");
@@ -535,6 +547,68 @@ fn generate(a: GenerateArgs) -> Result<()> {
     for p in written {
         println!("{}", p.display());
     }
+    Ok(())
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Calibration prompts, one per line (blank lines ignored).
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    /// Output directory (written to a temporary name, then renamed; an earlier calibration there is replaced).
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// Sampling steps of each trajectory [default: the model's defaults.json, else 30].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Noise seeds per prompt, comma-separated.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Timestep ranges the statistics are kept for (equal parts of the trajectory).
+    #[arg(long, default_value_t = 3)]
+    ranges: usize,
+}
+
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    use qc::quant::calibrate::{collect_stats, FORMAT};
+    let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading --prompts {}", a.prompts.display()))?;
+    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    anyhow::ensure!(!prompts.is_empty(), "--prompts {}: no prompt in the file", a.prompts.display());
+    let (model_dir, paths) = a.models.paths()?;
+    let defaults = match &model_dir {
+        Some(d) => ModelDefaults::from_dir(d)?,
+        None => ModelDefaults::default(),
+    };
+    let mut opts = defaults.options();
+    opts.steps = a.steps.unwrap_or(opts.steps);
+    let total = (prompts.len() * a.seeds.len()) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let t = std::time::Instant::now();
+    let stats = collect_stats(&paths, &prompts, &opts, &a.seeds, a.ranges, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    let mut dit = Stdit3::load(&paths.dit)?;
+    let meta = serde_json::json!({
+        "format": FORMAT,
+        "version": 1,
+        "model": paths.dit.display().to_string(),
+        "prompts": prompts,
+        "seeds": a.seeds,
+        "steps": opts.steps,
+        "cfg": opts.cfg,
+        "ranges": a.ranges,
+        "importance": "s[k] = max|x_k|^alpha / max|w_k|^(1 - alpha) (x over every token, step and range); per layer and preset the alpha (or none) with the least relative L2 output error on the sampled rows",
+        "alphas": qc::quant::calibrate::ALPHAS,
+    });
+    let bar = ProgressBar::new(stats.len() as u64);
+    bar.set_style(ProgressStyle::with_template("choosing importance vectors {bar:30} {pos}/{len} layers [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let imp = Importance::choose(&mut dit, &stats, meta, &mut |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    imp.write_dir(&stats, &a.output)?;
+    eprintln!("calibrated {} block linears over {total} trajectories of {} steps in {:.1} s", stats.len(), opts.steps, t.elapsed().as_secs_f64());
+    println!("{}", a.output.display());
     Ok(())
 }
 

@@ -64,16 +64,31 @@ fn follows(video: &Tensor, case: &PromptCase) -> Result<bool> {
     })
 }
 
+/// A parsed mode: precision, whether the calibration's importance vectors are folded in, cache policy.
+pub struct Mode {
+    pub quant: QuantPreset,
+    pub importance: bool,
+    pub hooks: Box<dyn ForwardHooks>,
+}
+
 /// A mode: a cache policy (`reference`, `static:K`), a quantization preset
-/// (`w8a8`, `w4a8`, `w4a6`), or a preset and a policy joined by `+` (`w8a8+static:2`).
-pub fn parse_mode(name: &str) -> Result<(QuantPreset, Box<dyn ForwardHooks>)> {
-    let is_quant = |q: &str| PRESET_NAMES.contains(&q);
+/// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
+/// calibration are folded in, e.g. `w4a6-is`), or a preset and a policy joined
+/// by `+` (`w8a8+static:2`).
+pub fn parse_mode(name: &str) -> Result<Mode> {
+    let is_quant = |q: &str| PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q));
     let (q, cache) = match name.split_once('+') {
         Some((q, c)) if is_quant(q) => (q, c),
         _ if is_quant(name) => (name, "reference"),
         _ => ("none", name),
     };
-    Ok((QuantPreset::parse(q)?, policy(cache)?))
+    let (q, importance) = match q.strip_suffix("-is") {
+        Some(q) => (q, true),
+        None => (q, false),
+    };
+    let quant = QuantPreset::parse(q)?;
+    ensure!(!importance || quant != QuantPreset::None, "mode {name:?}: -is (importance vectors) needs a quantized preset");
+    Ok(Mode { quant, importance, hooks: policy(cache)? })
 }
 
 /// Generates every case with the reference and each mode; returns all runs
@@ -90,7 +105,7 @@ pub fn run_all(
 ) -> Result<(Vec<Run>, Vec<Vec<Tensor>>)> {
     ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set and the seed list must not be empty");
     for m in modes {
-        parse_mode(m)?;
+        ensure!(!parse_mode(m)?.importance || base.importance.is_some(), "mode {m:?} folds in importance vectors: pass --calibration DIR (written by qc-run calibrate)");
     }
     let mut runs = Vec::new();
     let mut strips = Vec::new();
@@ -101,8 +116,9 @@ pub fn run_all(
             let mut row = Vec::new();
             for mode in &all_modes {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
-                let (quant, mut pol) = parse_mode(mode)?;
-                let opts = GenerateOptions { seed, quant, ..base.clone() };
+                let Mode { quant, importance, hooks: mut pol } = parse_mode(mode)?;
+                let importance = if importance { base.importance.clone() } else { None };
+                let opts = GenerateOptions { seed, quant, importance, ..base.clone() };
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;

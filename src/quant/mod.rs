@@ -1,6 +1,7 @@
 //! Quantization: integer weight and activation formats, and the CPU integer kernels.
 //! (The policies that choose a precision per layer build on these.)
 
+pub mod calibrate;
 pub mod int4;
 pub mod int8;
 pub mod preset;

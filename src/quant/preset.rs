@@ -5,8 +5,9 @@
 
 use super::int8::{QMAX_A6, QMAX_A8};
 use crate::backend::{Linear, LinearWeight};
-use crate::model::stdit3::Stdit3;
-use anyhow::{bail, Result};
+use super::calibrate::Importance;
+use crate::model::stdit3::{BlockKind, Stdit3};
+use anyhow::{bail, ensure, Result};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantPreset {
@@ -45,13 +46,14 @@ impl QuantPreset {
         }
     }
 
-    /// The layer at this preset (a float layer is returned unchanged by `None`).
-    pub fn apply(self, l: &Linear) -> Result<Linear> {
+    /// The layer at this preset, with the importance vector `smooth` folded in
+    /// (a float layer is returned unchanged by `None`).
+    pub fn apply(self, l: &Linear, smooth: Option<&[f32]>) -> Result<Linear> {
         match self {
             QuantPreset::None => Ok(l.clone()),
-            QuantPreset::W8A8 => l.to_int8(None, QMAX_A8),
-            QuantPreset::W4A8 => l.to_int4(None, QMAX_A8),
-            QuantPreset::W4A6 => l.to_int4(None, QMAX_A6),
+            QuantPreset::W8A8 => l.to_int8(smooth, QMAX_A8),
+            QuantPreset::W4A8 => l.to_int4(smooth, QMAX_A8),
+            QuantPreset::W4A6 => l.to_int4(smooth, QMAX_A6),
         }
     }
 }
@@ -81,17 +83,40 @@ impl WeightStats {
     }
 }
 
-/// Quantizes every block linear of `model` with `preset`; returns the blocks'
+/// Quantizes every block linear of `model` with `preset`, folding in the
+/// layer's importance vector when `importance` is given; returns the blocks'
 /// weight storage afterwards.
-pub fn quantize_blocks(model: &mut Stdit3, preset: QuantPreset) -> Result<WeightStats> {
+pub fn quantize_blocks(model: &mut Stdit3, preset: QuantPreset, importance: Option<&Importance>) -> Result<WeightStats> {
+    ensure!(importance.is_none() || preset != QuantPreset::None, "importance vectors apply to a quantized preset (w8a8, w4a8, w4a6), not to full precision");
     let mut stats = WeightStats::default();
-    for block in model.w.spatial.iter_mut().chain(model.w.temporal.iter_mut()) {
-        for (_, l) in block.linears_mut() {
-            if preset != QuantPreset::None {
-                *l = preset.apply(l)?;
+    for (name, l) in block_linears(model) {
+        if preset != QuantPreset::None {
+            let smooth = importance.and_then(|imp| imp.get(&name, preset));
+            if let Some(v) = smooth {
+                ensure!(v.len() == l.in_features, "the importance vector of {name} has {} entries for {} inputs: the calibration belongs to another model", v.len(), l.in_features);
             }
-            stats.add(l);
+            *l = preset.apply(l, smooth)?;
         }
+        stats.add(l);
     }
     Ok(stats)
 }
+
+/// The official name of each block linear (`spatial_blocks.3.mlp.fc1`) with the layer.
+pub fn block_linears(model: &mut Stdit3) -> Vec<(String, &mut Linear)> {
+    const SLOTS: [&str; 7] = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "mlp.fc1", "mlp.fc2"];
+    let mut out = Vec::new();
+    for (kind, blocks) in [(BlockKind::Spatial, &mut model.w.spatial), (BlockKind::Temporal, &mut model.w.temporal)] {
+        let prefix = match kind {
+            BlockKind::Spatial => "spatial_blocks",
+            BlockKind::Temporal => "temporal_blocks",
+        };
+        for (i, b) in blocks.iter_mut().enumerate() {
+            for ((_, l), slot) in b.linears_mut().into_iter().zip(SLOTS) {
+                out.push((format!("{prefix}.{i}.{slot}"), l));
+            }
+        }
+    }
+    out
+}
+

@@ -1,0 +1,425 @@
+//! Calibration, first part: activation statistics of every DiT block linear
+//! over whole sampling trajectories of a prompt set, and the per-input-channel
+//! importance (smoothing) vectors derived from them.
+//!
+//! A [`RecordingBackend`] runs the full-precision model on the CPU backend and
+//! records, for every linear layer it is handed, the largest |x| of each input
+//! channel, separately for each timestep range (`ranges` equal parts of the
+//! trajectory: early high-noise steps see other activations than late ones).
+//!
+//! It also keeps a sample of input rows of every layer (a few rows of every
+//! call, spread over the trajectory), on which the importance vectors are chosen
+//! by measurement.
+//!
+//! Importance vector (SmoothQuant's migration): `s[k] = max|X[:, k]|^alpha /
+//! max|W[:, k]|^(1 - alpha)` over all ranges. The weight is quantized as `W * s`
+//! and the activations as `X / s`: input channels with outliers hand part of
+//! their range to the weights, so per-token activation scales (8 or 6 bits)
+//! keep precision for the other channels; but 4-bit weights have less range
+//! to spare than 8-bit ones. So for every layer and every preset, `alpha` is
+//! chosen among [`ALPHAS`] and "no vector" by the relative L2 error of the
+//! quantized layer's output on the sampled rows against full precision.
+
+use crate::backend::conv::{ConvWeight, Pad3};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use super::preset::{block_linears, QuantPreset};
+use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, Stdit3};
+use crate::pipeline::{plan, GenerateOptions, ModelPaths};
+use crate::rng::Rng;
+use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use crate::checkpoint::Checkpoint;
+use crate::io::write_safetensors;
+use crate::tensor::Tensor;
+use anyhow::{anyhow, ensure, Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Migration strengths tried for every layer and preset.
+pub const ALPHAS: [f32; 4] = [0.15, 0.3, 0.5, 0.7];
+/// Input rows kept from each call of a layer, and at most in all.
+const ROWS_PER_CALL: usize = 4;
+const MAX_ROWS: usize = 1024;
+
+/// Statistics of one linear layer's input.
+#[derive(Clone, Debug)]
+pub struct LinearStats {
+    /// Official parameter name without `.weight`, e.g. `spatial_blocks.0.attn.qkv`.
+    pub name: String,
+    /// Per-input-channel max |x|, `[ranges][in_features]`.
+    pub absmax: Vec<Vec<f32>>,
+    /// Sampled input rows, `[rows * in_features]`.
+    pub rows: Vec<f32>,
+}
+
+#[derive(Default)]
+struct Seen {
+    absmax: Vec<Vec<f32>>,
+    rows: Vec<f32>,
+    calls: usize,
+}
+
+/// Runs `inner` and records every linear layer's per-channel input maxima,
+/// keyed by the layer's address (stable while the model is borrowed).
+pub struct RecordingBackend<'a> {
+    inner: &'a CpuBackend,
+    range: AtomicUsize,
+    ranges: usize,
+    seen: Mutex<HashMap<usize, Seen>>,
+}
+
+impl<'a> RecordingBackend<'a> {
+    pub fn new(inner: &'a CpuBackend, ranges: usize) -> Self {
+        RecordingBackend { inner, range: AtomicUsize::new(0), ranges, seen: Mutex::new(HashMap::new()) }
+    }
+
+    fn record(&self, x: &Tensor, w: &Linear) -> Result<()> {
+        let k = w.in_features;
+        let xs = x.f32()?;
+        let mut m = vec![0f32; k];
+        for row in xs.chunks(k) {
+            for (mm, v) in m.iter_mut().zip(row) {
+                *mm = mm.max(v.abs());
+            }
+        }
+        let range = self.range.load(Ordering::Relaxed);
+        let mut seen = self.seen.lock().map_err(|_| anyhow!("calibration statistics lock poisoned"))?;
+        let e = seen.entry(w as *const Linear as usize).or_insert_with(|| Seen { absmax: vec![vec![0f32; k]; self.ranges], ..Seen::default() });
+        for (a, b) in e.absmax[range].iter_mut().zip(&m) {
+            *a = a.max(*b);
+        }
+        // Evenly spaced rows, the offset moving from call to call.
+        let n = xs.len() / k;
+        let stride = (n / ROWS_PER_CALL).max(1);
+        for i in 0..ROWS_PER_CALL.min(n) {
+            if e.rows.len() / k < MAX_ROWS {
+                let r = (i * stride + e.calls % stride) % n;
+                e.rows.extend_from_slice(&xs[r * k..(r + 1) * k]);
+            }
+        }
+        e.calls += 1;
+        Ok(())
+    }
+}
+
+/// Sets the recording backend's timestep range at every step, and otherwise
+/// computes everything (the full-precision trajectory).
+struct RangeHooks<'a, 'b> {
+    be: &'a RecordingBackend<'b>,
+}
+
+impl ForwardHooks for RangeHooks<'_, '_> {
+    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+        self.be.range.store(step * self.be.ranges / steps, Ordering::Relaxed);
+        StepAction::Compute
+    }
+    fn block_action(&mut self, _id: BlockId) -> BlockAction {
+        BlockAction::Compute
+    }
+}
+
+impl ConvOps for RecordingBackend<'_> {
+    fn conv2d(&self, x: &Tensor, w: &ConvWeight, pad: [usize; 2]) -> Result<Tensor> {
+        self.inner.conv2d(x, w, pad)
+    }
+    fn conv3d(&self, x: &Tensor, w: &ConvWeight, pad: Pad3) -> Result<Tensor> {
+        self.inner.conv3d(x, w, pad)
+    }
+    fn group_norm(&self, x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, act: Activation) -> Result<Tensor> {
+        self.inner.group_norm(x, groups, weight, bias, eps, act)
+    }
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.upsample_nearest2x(x)
+    }
+    fn depth_to_time(&self, x: &Tensor, s: usize) -> Result<Tensor> {
+        self.inner.depth_to_time(x, s)
+    }
+    fn channel_affine(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        self.inner.channel_affine(x, scale, shift)
+    }
+}
+
+impl Backend for RecordingBackend<'_> {
+    fn name(&self) -> String {
+        format!("{} recording activation statistics", self.inner.name())
+    }
+    fn prepare_linear(&self, w: &mut Linear) -> Result<()> {
+        self.inner.prepare_linear(w)
+    }
+    fn prepare_tensor(&self, t: &mut Tensor) -> Result<()> {
+        self.inner.prepare_tensor(t)
+    }
+    fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
+        self.record(x, w)?;
+        self.inner.linear(x, w, act)
+    }
+    fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
+        self.record(x, w)?;
+        self.inner.linear_residual(x, w, residual, gate)
+    }
+    fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {
+        self.inner.layer_norm_modulate(x, eps, modulation)
+    }
+    fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {
+        self.inner.qk_norm_rope(x, heads, weight, eps, rope)
+    }
+    fn split_last(&self, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+        self.inner.split_last(x, parts)
+    }
+    fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor> {
+        self.inner.swap_middle(x, dims)
+    }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.inner.attention(q, k, v, spec, bias)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.inner.mul(a, b)
+    }
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.silu(x)
+    }
+    fn modulation_table(&self, table: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        self.inner.modulation_table(table, emb)
+    }
+    fn concat(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        self.inner.concat(parts)
+    }
+    fn narrow(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        self.inner.narrow(x, dim, start, len)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.inner.add(a, b)
+    }
+    fn add_rows_broadcast(&self, x: &mut Tensor, rows_table: &Tensor) -> Result<()> {
+        self.inner.add_rows_broadcast(x, rows_table)
+    }
+    fn select_rows(&self, pick_a: &[bool], group_size: usize, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.inner.select_rows(pick_a, group_size, a, b)
+    }
+    fn gather_rows(&self, x: &Tensor, indices: &[usize]) -> Result<Tensor> {
+        self.inner.gather_rows(x, indices)
+    }
+    fn timestep_embedding(&self, t: &[f32], dim: usize) -> Result<Tensor> {
+        self.inner.timestep_embedding(t, dim)
+    }
+    fn pos_embed_2d(&self, h: usize, w: usize, dim: usize, scale: f32, base_size: f32) -> Result<Tensor> {
+        self.inner.pos_embed_2d(h, w, dim, scale, base_size)
+    }
+    fn patchify(&self, x: &Tensor, grid: &PatchGrid) -> Result<Tensor> {
+        self.inner.patchify(x, grid)
+    }
+    fn unpatchify(&self, x: &Tensor, grid: &PatchGrid, out_channels: usize) -> Result<Tensor> {
+        self.inner.unpatchify(x, grid, out_channels)
+    }
+    fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
+        self.inner.guidance(cond, uncond, scale)
+    }
+    fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()> {
+        self.inner.euler_step(z, v, dt)
+    }
+}
+
+/// Runs the full-precision model over the whole sampling trajectory of every
+/// prompt (one at a time, `seeds` noises each) and returns the statistics of
+/// every block linear, in [`block_linears`] order.
+pub fn collect_stats(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seeds: &[u64], ranges: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearStats>> {
+    ensure!(!prompts.is_empty(), "calibration needs at least one prompt");
+    ensure!(!seeds.is_empty(), "calibration needs at least one seed");
+    ensure!(ranges >= 1 && ranges <= opts.steps, "timestep ranges must be between 1 and the number of steps ({}), got {ranges}", opts.steps);
+    let cpu = CpuBackend::new();
+    let rec = RecordingBackend::new(&cpu, ranges);
+    let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
+    dit.prepare(&cpu)?;
+    let total = prompts.len() * seeds.len();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let p = plan(paths, std::slice::from_ref(prompt), opts)?;
+        let (y, mask) = p.encode_text(&cpu)?;
+        let [lt, lh, lw] = p.latent();
+        let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
+        let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+        for (j, &seed) in seeds.iter().enumerate() {
+            let c = dit.cfg.in_channels;
+            let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
+            sample(&rec, &dit, &rf, &z0, &y, Some(&mask), &geo, &mut RangeHooks { be: &rec }, &mut |_, _| {}).with_context(|| format!("calibration prompt {prompt:?}"))?;
+            progress(i * seeds.len() + j + 1, total);
+        }
+    }
+    let mut seen = rec.seen.into_inner().map_err(|_| anyhow!("calibration statistics lock poisoned"))?;
+    block_linears(&mut dit)
+        .into_iter()
+        .map(|(name, l)| {
+            let e = seen.remove(&(l as *const Linear as usize)).ok_or_else(|| anyhow!("calibration: {name} was never run"))?;
+            Ok(LinearStats { name, absmax: e.absmax, rows: e.rows })
+        })
+        .collect()
+}
+
+/// The importance vector of one linear layer from its input maxima (over all
+/// ranges) and its float weight `[n, k]`: `max|X_k|^alpha / max|W_k|^(1 - alpha)`,
+/// with both maxima floored at 1e-5 so that dead channels stay finite.
+pub fn importance_vector(stats: &LinearStats, w: &[f32], k: usize, alpha: f32) -> Vec<f32> {
+    let mut wmax = vec![0f32; k];
+    for row in w.chunks(k) {
+        for (m, v) in wmax.iter_mut().zip(row) {
+            *m = m.max(v.abs());
+        }
+    }
+    (0..k)
+        .map(|kk| {
+            let xmax = stats.absmax.iter().fold(0f32, |m, r| m.max(r[kk])).max(1e-5);
+            xmax.powf(alpha) / wmax[kk].max(1e-5).powf(1.0 - alpha)
+        })
+        .collect()
+}
+
+/// Relative L2 error of `layer` at `preset` (with `smooth` folded in) against
+/// the float layer, on the sampled rows `x` (`[rows, k]`).
+fn output_error(be: &CpuBackend, layer: &Linear, x: &Tensor, reference: &[f32], preset: QuantPreset, smooth: Option<&[f32]>) -> Result<f64> {
+    let q = preset.apply(layer, smooth)?;
+    let y = be.linear(x, &q, Activation::None)?;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in y.f32()?.iter().zip(reference) {
+        num += (*a as f64 - *b as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+/// The choice made for one layer at one preset.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Choice {
+    /// `None`: no importance vector (it did not lower the error).
+    pub alpha: Option<f32>,
+    pub rel_error: f64,
+    pub rel_error_plain: f64,
+}
+
+/// The importance vectors of every block linear for each quantized preset, by
+/// `NAME.importance.PRESET`, with the calibration's description (`quant.json`).
+#[derive(Clone, Debug)]
+pub struct Importance {
+    pub vectors: HashMap<String, Vec<f32>>,
+    pub meta: serde_json::Value,
+}
+
+/// File names inside a calibration directory.
+pub const QUANT_JSON: &str = "quant.json";
+pub const IMPORTANCE_FILE: &str = "importance.safetensors";
+/// `quant.json`'s format tag.
+pub const FORMAT: &str = "quantcache-calibration";
+/// The presets importance vectors are chosen for.
+pub const PRESETS: [QuantPreset; 3] = [QuantPreset::W8A8, QuantPreset::W4A8, QuantPreset::W4A6];
+
+impl Importance {
+    pub fn key(name: &str, preset: QuantPreset) -> String {
+        format!("{name}.importance.{}", preset.name())
+    }
+
+    /// For every block linear and preset, the importance vector (or none) with the
+    /// least output error on the sampled rows; `meta` gains the choices (`"layers"`).
+    pub fn choose(model: &mut Stdit3, stats: &[LinearStats], mut meta: serde_json::Value, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        let be = CpuBackend::new();
+        let mut vectors = HashMap::new();
+        let mut layers = serde_json::Map::new();
+        let linears = block_linears(model);
+        let total = linears.len();
+        for (li, (name, l)) in linears.into_iter().enumerate() {
+            let st = stats.iter().find(|s| s.name == name).ok_or_else(|| anyhow!("calibration statistics lack {name}"))?;
+            let k = l.in_features;
+            ensure!(st.absmax.iter().all(|r| r.len() == k) && st.rows.len() % k == 0 && !st.rows.is_empty(), "calibration statistics of {name} do not fit [{}, {k}]", l.out_features);
+            let w = match &l.weight {
+                LinearWeight::F32(t) => t.f32()?.to_vec(),
+                LinearWeight::Half(t) => t.to_f32()?.f32()?.to_vec(),
+                LinearWeight::Int8(_) | LinearWeight::Int4(_) => anyhow::bail!("calibration: {name} is already quantized"),
+            };
+            let x = Tensor::from_f32(&[st.rows.len() / k, k], st.rows.clone())?;
+            let reference = be.linear(&x, l, Activation::None)?.f32()?.to_vec();
+            let candidates: Vec<(f32, Vec<f32>)> = ALPHAS.iter().map(|&a| (a, importance_vector(st, &w, k, a))).collect();
+            let mut per_preset = serde_json::Map::new();
+            for preset in PRESETS {
+                let plain = output_error(&be, l, &x, &reference, preset, None)?;
+                let mut best = Choice { alpha: None, rel_error: plain, rel_error_plain: plain };
+                for (a, v) in &candidates {
+                    let e = output_error(&be, l, &x, &reference, preset, Some(v))?;
+                    if e < best.rel_error {
+                        best = Choice { alpha: Some(*a), rel_error: e, rel_error_plain: plain };
+                    }
+                }
+                if let Some(a) = best.alpha {
+                    let v = &candidates.iter().find(|c| c.0 == a).expect("chosen among the candidates").1;
+                    vectors.insert(Self::key(&name, preset), v.clone());
+                }
+                per_preset.insert(preset.name().to_string(), serde_json::to_value(&best)?);
+            }
+            layers.insert(name, serde_json::Value::Object(per_preset));
+            progress(li + 1, total);
+        }
+        meta["layers"] = serde_json::Value::Object(layers);
+        Ok(Importance { vectors, meta })
+    }
+
+    /// The vector for `name` at `preset`, if the calibration chose one.
+    pub fn get(&self, name: &str, preset: QuantPreset) -> Option<&[f32]> {
+        self.vectors.get(&Self::key(name, preset)).map(|v| v.as_slice())
+    }
+
+    /// Writes `dir` (`quant.json`, and `importance.safetensors` with
+    /// `NAME.importance.PRESET` `[k]` and `NAME.act_absmax` `[ranges, k]`) through a
+    /// temporary directory renamed at the end, so a failure leaves no half-written
+    /// directory. An earlier calibration directory is replaced; any other existing
+    /// path is refused.
+    pub fn write_dir(&self, stats: &[LinearStats], dir: &Path) -> Result<()> {
+        if dir.exists() {
+            ensure!(dir.join(QUANT_JSON).is_file(), "{} exists and is not a calibration directory (no {QUANT_JSON}): refusing to overwrite it", dir.display());
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = dir.file_name().with_context(|| format!("{} is not a directory path", dir.display()))?.to_string_lossy().to_string();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let result = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut tensors = Vec::new();
+            for st in stats {
+                let k = st.absmax.first().map_or(0, |r| r.len());
+                tensors.push((format!("{}.act_absmax", st.name), Tensor::from_f32(&[st.absmax.len(), k], st.absmax.concat())?));
+            }
+            let mut keys: Vec<&String> = self.vectors.keys().collect();
+            keys.sort();
+            for key in keys {
+                let v = &self.vectors[key];
+                tensors.push((key.clone(), Tensor::from_f32(&[v.len()], v.clone())?));
+            }
+            write_safetensors(&tmp.join(IMPORTANCE_FILE), &tensors, None)?;
+            std::fs::write(tmp.join(QUANT_JSON), serde_json::to_string_pretty(&self.meta)? + "\n")?;
+            if dir.exists() {
+                std::fs::rename(dir, &old)?;
+            }
+            std::fs::rename(&tmp, dir)?;
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result.with_context(|| format!("writing calibration directory {}", dir.display()))
+    }
+
+    /// Reads a calibration directory written by [`Importance::write_dir`].
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let qj = dir.join(QUANT_JSON);
+        let text = std::fs::read_to_string(&qj).with_context(|| format!("{} is not a calibration directory: cannot read {}", dir.display(), qj.display()))?;
+        let meta: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", qj.display()))?;
+        ensure!(meta.get("format").and_then(|f| f.as_str()) == Some(FORMAT), "{}: field \"format\" must be {FORMAT:?}", qj.display());
+        let file = dir.join(IMPORTANCE_FILE);
+        let ck = Checkpoint::open_file(&file)?;
+        let mut vectors = HashMap::new();
+        for key in ck.names().filter(|n| n.contains(".importance.")).map(String::from).collect::<Vec<_>>() {
+            let v = ck.load_f32(&key)?.f32()?.to_vec();
+            ensure!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{}: {key} must be positive and finite", file.display());
+            vectors.insert(key, v);
+        }
+        Ok(Importance { vectors, meta })
+    }
+}

@@ -1,0 +1,119 @@
+//! Calibration (`qc-run calibrate`) on the tiny fixture models: statistics,
+//! importance vectors chosen by measured output error, the directory format.
+
+mod common;
+
+use qc::pipeline::{ModelDefaults, ModelPaths};
+use qc::quant::calibrate::{collect_stats, Importance, FORMAT, PRESETS};
+use qc::quant::preset::{block_linears, quantize_blocks, QuantPreset};
+use qc::model::stdit3::Stdit3;
+use std::path::Path;
+use std::process::Command;
+
+fn fixture_model(dir: &Path) -> std::path::PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir(&m).unwrap();
+    for (sub, fx) in [("stdit3", "stdit3-tiny"), ("t5", "t5-tiny"), ("tokenizer", "t5-tokenizer"), ("vae", "vae-tiny")] {
+        std::os::unix::fs::symlink(common::fixture(fx), m.join(sub)).unwrap();
+    }
+    std::fs::write(m.join("defaults.json"), r#"{"frames": 17, "height": 12, "width": 16, "steps": 4}"#).unwrap();
+    m
+}
+
+#[test]
+fn statistics_and_importance_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = fixture_model(dir.path());
+    let paths = ModelPaths::in_dir(&m);
+    let opts = ModelDefaults::from_dir(&m).unwrap().options();
+    let prompts = vec!["a red ball".to_string(), "clouds over the sea".to_string()];
+    let mut calls = 0;
+    let stats = collect_stats(&paths, &prompts, &opts, &[0, 1], 2, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(calls, 4, "2 prompts x 2 seeds");
+    let mut dit = Stdit3::load(&paths.dit).unwrap();
+    let names: Vec<String> = block_linears(&mut dit).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(stats.iter().map(|s| s.name.clone()).collect::<Vec<_>>(), names);
+    assert!(names.contains(&"temporal_blocks.0.mlp.fc2".to_string()));
+    for st in &stats {
+        let k = st.absmax[0].len();
+        assert_eq!(st.absmax.len(), 2);
+        assert!(!st.rows.is_empty() && st.rows.len() % k == 0, "{}", st.name);
+        // Every sampled row is bounded by the recorded maxima, and some row reaches them (up to the sampling).
+        let amax: Vec<f32> = (0..k).map(|c| st.absmax.iter().fold(0f32, |m, r| m.max(r[c]))).collect();
+        for row in st.rows.chunks(k) {
+            assert!(row.iter().zip(&amax).all(|(v, m)| v.abs() <= *m), "{}", st.name);
+        }
+        assert!(amax.iter().all(|v| v.is_finite()) && amax.iter().any(|v| *v > 0.0), "{}", st.name);
+    }
+
+    let imp = Importance::choose(&mut dit, &stats, serde_json::json!({"format": FORMAT}), &mut |_, _| {}).unwrap();
+    let layers = imp.meta["layers"].as_object().unwrap();
+    assert_eq!(layers.len(), names.len());
+    for (name, per) in layers {
+        for p in PRESETS {
+            let c = &per[p.name()];
+            let (e, plain) = (c["rel_error"].as_f64().unwrap(), c["rel_error_plain"].as_f64().unwrap());
+            assert!(e <= plain && e > 0.0, "{name} {}: {e} vs {plain}", p.name());
+            assert_eq!(c["alpha"].is_null(), imp.get(name, p).is_none(), "{name}");
+        }
+    }
+    // Some layer gains from a vector at 8 bits (the fixture's activations have uneven channels).
+    assert!(names.iter().any(|n| imp.get(n, QuantPreset::W8A8).is_some()));
+
+    // The directory round-trips; the vectors are used by quantize_blocks.
+    let out = dir.path().join("calib");
+    imp.write_dir(&stats, &out).unwrap();
+    let back = Importance::from_dir(&out).unwrap();
+    assert_eq!(back.vectors, imp.vectors);
+    imp.write_dir(&stats, &out).unwrap(); // replacing an earlier calibration is fine
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "temporary directories left behind");
+    let mut a = Stdit3::load(&paths.dit).unwrap();
+    let mut b = Stdit3::load(&paths.dit).unwrap();
+    let wa = quantize_blocks(&mut a, QuantPreset::W8A8, None).unwrap();
+    let wb = quantize_blocks(&mut b, QuantPreset::W8A8, Some(&back)).unwrap();
+    assert_eq!(wa, wb, "same storage with and without vectors");
+    assert!(quantize_blocks(&mut Stdit3::load(&paths.dit).unwrap(), QuantPreset::None, Some(&back)).is_err());
+
+    // Not a calibration directory: refused, and left alone.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "x").unwrap();
+    let err = imp.write_dir(&stats, &other).unwrap_err().to_string();
+    assert!(err.contains("not a calibration directory"), "{err}");
+    assert!(other.join("keep.txt").exists());
+    let err = Importance::from_dir(&other).unwrap_err().to_string();
+    assert!(err.contains("quant.json"), "{err}");
+}
+
+#[test]
+fn calibrate_command_checks_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = fixture_model(dir.path());
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.success(), err)
+    };
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let out = dir.path().join("calib");
+    let (ok, err) = run(&["calibrate", "--model", m.to_str().unwrap(), "--prompts", empty.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("empty.txt") && err.contains("no prompt"), "{err}");
+    assert!(!out.exists());
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a red ball\n").unwrap();
+    let (ok, err) = run(&["calibrate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap(), "--ranges", "9"]);
+    assert!(!ok && err.contains("ranges"), "{err}");
+    let (ok, err) = run(&["calibrate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quant.json")).unwrap()).unwrap();
+    assert_eq!(meta["format"], FORMAT);
+    assert_eq!(meta["prompts"][0], "a red ball");
+    // generate with the calibration at w8a8; without a quantized preset it is refused.
+    let gif = dir.path().join("v.gif");
+    let (ok, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", "a red ball", "--quant", "w8a8", "--calibration", out.to_str().unwrap(), "--output", gif.to_str().unwrap()]);
+    assert!(ok && gif.exists(), "{err}");
+    let (ok, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", "a red ball", "--calibration", out.to_str().unwrap(), "--output", gif.to_str().unwrap()]);
+    assert!(!ok && err.contains("--calibration"), "{err}");
+}
