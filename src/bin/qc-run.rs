@@ -248,7 +248,8 @@ struct GenerateArgs {
     /// Precision of the DiT blocks' linear layers, quantized on load from the float checkpoint:
     /// none (full precision), w8a8 (int8 weights per output channel, int8 activations per token),
     /// w4a8 (int4 weights per output channel and group of 64 inputs, int8 activations),
-    /// w4a6 (int4 weights, activations in [-31, 31]); aigq (a calibrated per-layer plan) is not available yet.
+    /// w4a6 (int4 weights, activations in [-31, 31]); aigq (each block sub-module at the precision of the
+    /// plan in --calibration, from `qc-run calibrate --budget`).
     /// Embedders and the final layer stay in full precision. int4 runs on the CPU backend only so far.
     #[arg(long, default_value = "none", value_name = "none|w8a8|w4a8|w4a6|aigq", value_parser = parse_quant)]
     quant: QuantPreset,
@@ -497,7 +498,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         quant: a.quant,
         importance: a.calibration.as_deref().map(Importance::from_dir).transpose()?.map(std::sync::Arc::new),
     };
-    anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6)");
+    anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
+    if opts.quant == QuantPreset::Aigq {
+        let imp = opts.importance.as_ref().ok_or_else(|| anyhow::anyhow!("--quant aigq needs --calibration DIR (written by `qc-run calibrate --budget BITS`)"))?;
+        anyhow::ensure!(imp.plan.is_some(), "--calibration {}: no aigq plan in its quant.json (calibrate with --budget BITS)", imp.source);
+    }
     let plan = plan(&paths, &prompts, &opts)?;
     for p in plan.prompts() {
         eprintln!("prompt: {p}");
@@ -569,6 +574,14 @@ struct CalibrateArgs {
     /// Timestep ranges the statistics are kept for (equal parts of the trajectory).
     #[arg(long, default_value_t = 3)]
     ranges: usize,
+    /// Also plan aigq: measure every block sub-module's sensitivity at w8a8 and w4a8 and choose a
+    /// precision per sub-module (bf16 = 16, w8a8 = 8, w4a8 = 4 bits) so that the average weight
+    /// bits are at most BITS at the least total sensitivity. Without it only importance vectors are written.
+    #[arg(long, value_name = "BITS")]
+    budget: Option<f64>,
+    /// Prompts (the first N of --prompts) whose trajectories measure the sensitivities.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    sensitivity_prompts: usize,
 }
 
 fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -604,8 +617,37 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     });
     let bar = ProgressBar::new(stats.len() as u64);
     bar.set_style(ProgressStyle::with_template("choosing importance vectors {bar:30} {pos}/{len} layers [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let imp = Importance::choose(&mut dit, &stats, meta, &mut |i, _| bar.set_position(i as u64))?;
+    let mut imp = Importance::choose(&mut dit, &stats, meta, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
+    if let Some(budget) = a.budget {
+        use qc::quant::calibrate::{allocate, measure_sensitivity, PLAN_CHOICES};
+        anyhow::ensure!(a.sensitivity_prompts >= 1, "--sensitivity-prompts must be at least 1");
+        let (lo, hi) = (PLAN_CHOICES[PLAN_CHOICES.len() - 1].1, PLAN_CHOICES[0].1);
+        anyhow::ensure!(budget >= lo, "--budget {budget}: no allocation can meet it; reachable average weight bits are {lo} to {hi}");
+        let sp = &prompts[..a.sensitivity_prompts.min(prompts.len())];
+        let bar = ProgressBar::new(0);
+        bar.set_style(ProgressStyle::with_template("measuring sensitivity {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+        let sens = measure_sensitivity(&paths, sp, &opts, a.seeds[0], &imp, &mut |i, n| {
+            bar.set_length((n * sp.len()) as u64);
+            bar.set_position((i * sp.len()) as u64)
+        })?;
+        bar.finish_and_clear();
+        let (plan, bits) = allocate(&sens, budget)?;
+        let mut units = serde_json::Map::new();
+        for (u, w, s) in &sens {
+            units.insert(u.clone(), serde_json::json!({"weights": w, "w8a8": s[0], "w4a8": s[1]}));
+        }
+        let mut names: Vec<&String> = plan.keys().collect();
+        names.sort();
+        let plan_json: serde_json::Map<String, serde_json::Value> = names.iter().map(|u| (u.to_string(), serde_json::Value::from(plan[*u].name()))).collect();
+        imp.meta["budget"] = serde_json::json!(budget);
+        imp.meta["plan_bits"] = serde_json::json!(bits);
+        imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized", "prompts": sp, "units": units});
+        imp.meta["plan"] = serde_json::Value::Object(plan_json);
+        let count = |p: QuantPreset| plan.values().filter(|v| **v == p).count();
+        eprintln!("aigq plan: {bits:.2} average weight bits (budget {budget}): {} sub-modules bf16, {} w8a8, {} w4a8", count(QuantPreset::None), count(QuantPreset::W8A8), count(QuantPreset::W4A8));
+        imp.plan = Some(plan);
+    }
     imp.write_dir(&stats, &a.output)?;
     eprintln!("calibrated {} block linears over {total} trajectories of {} steps in {:.1} s", stats.len(), opts.steps, t.elapsed().as_secs_f64());
     println!("{}", a.output.display());

@@ -73,7 +73,7 @@ pub struct Mode {
 
 /// A mode: a cache policy (`reference`, `static:K`), a quantization preset
 /// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
-/// calibration are folded in, e.g. `w4a6-is`), or a preset and a policy joined
+/// calibration are folded in, e.g. `w4a6-is`; `aigq`: the calibration's plan), or a preset and a policy joined
 /// by `+` (`w8a8+static:2`).
 pub fn parse_mode(name: &str) -> Result<Mode> {
     let is_quant = |q: &str| PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q));
@@ -87,6 +87,8 @@ pub fn parse_mode(name: &str) -> Result<Mode> {
         None => (q, false),
     };
     let quant = QuantPreset::parse(q)?;
+    // aigq always reads the calibration (its plan and vectors).
+    let importance = importance || quant == QuantPreset::Aigq;
     ensure!(!importance || quant != QuantPreset::None, "mode {name:?}: -is (importance vectors) needs a quantized preset");
     Ok(Mode { quant, importance, hooks: policy(cache)? })
 }

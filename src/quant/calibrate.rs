@@ -20,16 +20,16 @@
 //! chosen among [`ALPHAS`] and "no vector" by the relative L2 error of the
 //! quantized layer's output on the sampled rows against full precision.
 
+use super::preset::{block_linears, unit_of, QuantPreset};
 use crate::backend::conv::{ConvWeight, Pad3};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope};
-use super::preset::{block_linears, QuantPreset};
+use crate::checkpoint::Checkpoint;
+use crate::io::write_safetensors;
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, Stdit3};
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
-use crate::checkpoint::Checkpoint;
-use crate::io::write_safetensors;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::HashMap;
@@ -302,6 +302,10 @@ pub struct Choice {
 pub struct Importance {
     pub vectors: HashMap<String, Vec<f32>>,
     pub meta: serde_json::Value,
+    /// The aigq plan (`quant.json` `"plan"`): a precision per block sub-module.
+    pub plan: Option<HashMap<String, QuantPreset>>,
+    /// Where it was read from (for messages).
+    pub source: String,
 }
 
 /// File names inside a calibration directory.
@@ -357,7 +361,7 @@ impl Importance {
             progress(li + 1, total);
         }
         meta["layers"] = serde_json::Value::Object(layers);
-        Ok(Importance { vectors, meta })
+        Ok(Importance { vectors, meta, plan: None, source: "this calibration".into() })
     }
 
     /// The vector for `name` at `preset`, if the calibration chose one.
@@ -420,6 +424,115 @@ impl Importance {
             ensure!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{}: {key} must be positive and finite", file.display());
             vectors.insert(key, v);
         }
-        Ok(Importance { vectors, meta })
+        let plan = match meta.get("plan") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(p) => {
+                let obj = p.as_object().ok_or_else(|| anyhow!("{}: field \"plan\" must be an object of sub-module -> precision", qj.display()))?;
+                let mut plan = HashMap::new();
+                for (unit, v) in obj {
+                    let name = v.as_str().ok_or_else(|| anyhow!("{}: plan entry {unit} must be a string", qj.display()))?;
+                    let preset = QuantPreset::parse(name).with_context(|| format!("{}: plan entry {unit}", qj.display()))?;
+                    ensure!(preset != QuantPreset::Aigq, "{}: plan entry {unit} must be one precision, not aigq", qj.display());
+                    plan.insert(unit.clone(), preset);
+                }
+                Some(plan)
+            }
+        };
+        Ok(Importance { vectors, meta, plan, source: dir.display().to_string() })
     }
+}
+
+/// Precisions the aigq plan chooses from, with the weight bits the budget counts
+/// for each (the stored format's bits per value; scales are not counted).
+pub const PLAN_CHOICES: [(QuantPreset, f64); 3] = [(QuantPreset::None, 16.0), (QuantPreset::W8A8, 8.0), (QuantPreset::W4A8, 4.0)];
+
+/// One full-precision-weights trajectory's final latent for `prompt` and `seed`.
+fn trajectory(be: &dyn Backend, dit: &Stdit3, paths: &ModelPaths, prompt: &str, opts: &GenerateOptions, seed: u64) -> Result<Tensor> {
+    let p = plan(paths, &[prompt.to_string()], opts)?;
+    let (y, mask) = p.encode_text(be)?;
+    let [lt, lh, lw] = p.latent();
+    let c = dit.cfg.in_channels;
+    let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
+    let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
+    let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+    Ok(sample(be, dit, &rf, &z0, &y, Some(&mask), &geo, &mut crate::model::stdit3::NoHooks, &mut |_, _| {})?.0)
+}
+
+/// Sensitivity of every block sub-module at every quantized choice of
+/// [`PLAN_CHOICES`]: the relative L2 change of the whole trajectory's final
+/// latent when only that sub-module is quantized (with its importance vectors),
+/// averaged over `prompts` (seed `seed`). No gradients: one trajectory per
+/// sub-module, precision and prompt.
+pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, usize, Vec<f64>)>> {
+    ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
+    let be = CpuBackend::new();
+    let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
+    dit.prepare(&be)?;
+    let references: Vec<Tensor> = prompts.iter().map(|p| trajectory(&be, &dit, paths, p, opts, seed)).collect::<Result<_>>()?;
+    let mut units: Vec<(String, usize)> = Vec::new();
+    for (name, l) in block_linears(&mut dit) {
+        let u = unit_of(&name).to_string();
+        match units.iter_mut().find(|(n, _)| *n == u) {
+            Some(e) => e.1 += l.in_features * l.out_features,
+            None => units.push((u, l.in_features * l.out_features)),
+        }
+    }
+    let quantized: Vec<QuantPreset> = PLAN_CHOICES.iter().map(|c| c.0).filter(|p| *p != QuantPreset::None).collect();
+    let total = units.len() * quantized.len();
+    let mut out = Vec::new();
+    for (ui, (unit, weights)) in units.iter().enumerate() {
+        let mut sens = Vec::new();
+        for (pi, &preset) in quantized.iter().enumerate() {
+            let originals: Vec<(String, Linear)> = block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).map(|(n, l)| (n, l.clone())).collect();
+            for (name, l) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit) {
+                *l = preset.apply(l, importance.get(&name, preset))?;
+            }
+            let mut sum = 0f64;
+            for (p, r) in prompts.iter().zip(&references) {
+                let z = trajectory(&be, &dit, paths, p, opts, seed)?;
+                let (mut num, mut den) = (0f64, 0f64);
+                for (a, b) in z.f32()?.iter().zip(r.f32()?) {
+                    num += (*a as f64 - *b as f64).powi(2);
+                    den += (*b as f64).powi(2);
+                }
+                sum += (num / den.max(1e-30)).sqrt();
+            }
+            for ((_, l), (_, orig)) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).zip(originals) {
+                *l = orig;
+            }
+            sens.push(sum / prompts.len() as f64);
+            progress(ui * quantized.len() + pi + 1, total);
+        }
+        out.push((unit.clone(), *weights, sens));
+    }
+    Ok(out)
+}
+
+/// The aigq allocation: every sub-module starts at full precision; while the
+/// average weight bits exceed `budget`, the sub-module whose next step down
+/// [`PLAN_CHOICES`] costs the least sensitivity per bit saved steps down.
+/// `sensitivity` holds, per unit, its weight count and the sensitivity of each
+/// quantized choice in order. Returns the plan and the bits it reaches.
+pub fn allocate(sensitivity: &[(String, usize, Vec<f64>)], budget: f64) -> Result<(HashMap<String, QuantPreset>, f64)> {
+    let total: f64 = sensitivity.iter().map(|u| u.1 as f64).sum();
+    let (lo, hi) = (PLAN_CHOICES[PLAN_CHOICES.len() - 1].1, PLAN_CHOICES[0].1);
+    ensure!(budget >= lo && budget.is_finite(), "--budget {budget}: no allocation can meet it; reachable average weight bits are {lo} to {hi}");
+    let mut level = vec![0usize; sensitivity.len()];
+    let sens = |u: usize, l: usize| if l == 0 { 0.0 } else { sensitivity[u].2[l - 1] };
+    let bits = |level: &[usize]| sensitivity.iter().zip(level).map(|(u, &l)| u.1 as f64 * PLAN_CHOICES[l].1).sum::<f64>() / total;
+    while bits(&level) > budget + 1e-9 {
+        let best = (0..sensitivity.len())
+            .filter(|&u| level[u] + 1 < PLAN_CHOICES.len())
+            .map(|u| {
+                let saved = (PLAN_CHOICES[level[u]].1 - PLAN_CHOICES[level[u] + 1].1) * sensitivity[u].1 as f64;
+                (u, (sens(u, level[u] + 1) - sens(u, level[u])).max(0.0) / saved)
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        match best {
+            Some((u, _)) => level[u] += 1,
+            None => break,
+        }
+    }
+    let plan = sensitivity.iter().zip(&level).map(|(u, &l)| (u.0.clone(), PLAN_CHOICES[l].0)).collect();
+    Ok((plan, bits(&level)))
 }

@@ -7,7 +7,7 @@ use super::int8::{QMAX_A6, QMAX_A8};
 use crate::backend::{Linear, LinearWeight};
 use super::calibrate::Importance;
 use crate::model::stdit3::{BlockKind, Stdit3};
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantPreset {
@@ -20,6 +20,8 @@ pub enum QuantPreset {
     W4A8,
     /// int4 weights, activations in [-31, 31] (the paper's W4A6).
     W4A6,
+    /// Each block sub-module at the precision of a calibrated plan (`qc-run calibrate --budget`).
+    Aigq,
 }
 
 /// The names `--quant` accepts, in order.
@@ -32,7 +34,7 @@ impl QuantPreset {
             "w8a8" => QuantPreset::W8A8,
             "w4a8" => QuantPreset::W4A8,
             "w4a6" => QuantPreset::W4A6,
-            "aigq" => bail!("--quant aigq reads the per-layer plan of a calibrated quantized checkpoint (quant.json); calibration (`qc-run calibrate`) is not implemented yet, so no model has one"),
+            "aigq" => QuantPreset::Aigq,
             _ => bail!("unknown --quant {name:?}; known: {}", PRESET_NAMES.join(", ")),
         })
     }
@@ -43,6 +45,7 @@ impl QuantPreset {
             QuantPreset::W8A8 => "w8a8",
             QuantPreset::W4A8 => "w4a8",
             QuantPreset::W4A6 => "w4a6",
+            QuantPreset::Aigq => "aigq",
         }
     }
 
@@ -54,6 +57,7 @@ impl QuantPreset {
             QuantPreset::W8A8 => l.to_int8(smooth, QMAX_A8),
             QuantPreset::W4A8 => l.to_int4(smooth, QMAX_A8),
             QuantPreset::W4A6 => l.to_int4(smooth, QMAX_A6),
+            QuantPreset::Aigq => bail!("aigq is a per-sub-module plan, not one precision"),
         }
     }
 }
@@ -83,13 +87,24 @@ impl WeightStats {
     }
 }
 
-/// Quantizes every block linear of `model` with `preset`, folding in the
-/// layer's importance vector when `importance` is given; returns the blocks'
-/// weight storage afterwards.
+/// Quantizes every block linear of `model` with `preset` (for `aigq`, the
+/// calibration's plan), folding in the layer's importance vector when
+/// `importance` is given; returns the blocks' weight storage afterwards.
 pub fn quantize_blocks(model: &mut Stdit3, preset: QuantPreset, importance: Option<&Importance>) -> Result<WeightStats> {
-    ensure!(importance.is_none() || preset != QuantPreset::None, "importance vectors apply to a quantized preset (w8a8, w4a8, w4a6), not to full precision");
+    ensure!(importance.is_none() || preset != QuantPreset::None, "importance vectors apply to a quantized preset (w8a8, w4a8, w4a6, aigq), not to full precision");
+    if preset == QuantPreset::Aigq {
+        let imp = importance.ok_or_else(|| anyhow!("--quant aigq needs --calibration DIR: a directory written by `qc-run calibrate --budget BITS`"))?;
+        let plan = imp.plan.as_ref().ok_or_else(|| anyhow!("the calibration in {} has no aigq plan: run `qc-run calibrate --budget BITS`", imp.source))?;
+        return quantize_planned(model, &|name| plan.get(unit_of(name)).copied().ok_or_else(|| anyhow!("the aigq plan has no entry for {}: it belongs to another model", unit_of(name))), importance);
+    }
+    quantize_planned(model, &|_| Ok(preset), importance)
+}
+
+/// Quantizes each block linear at the precision `choose` gives for its name.
+pub fn quantize_planned(model: &mut Stdit3, choose: &dyn Fn(&str) -> Result<QuantPreset>, importance: Option<&Importance>) -> Result<WeightStats> {
     let mut stats = WeightStats::default();
     for (name, l) in block_linears(model) {
+        let preset = choose(&name)?;
         if preset != QuantPreset::None {
             let smooth = importance.and_then(|imp| imp.get(&name, preset));
             if let Some(v) = smooth {
@@ -120,3 +135,9 @@ pub fn block_linears(model: &mut Stdit3) -> Vec<(String, &mut Linear)> {
     out
 }
 
+
+/// The sub-module a block linear belongs to: `spatial_blocks.3.attn.qkv` ->
+/// `spatial_blocks.3.attn` (likewise `.cross_attn`, `.mlp`): the unit of the aigq plan.
+pub fn unit_of(linear: &str) -> &str {
+    linear.rsplit_once('.').map_or(linear, |(u, _)| u)
+}
