@@ -152,3 +152,12 @@ fn unknown_flags_are_rejected() {
     let (ok, err) = qc_run(&["forward", "--dit", "x", "--inputs", "y", "--output", "z", "--frobnicate"]);
     assert!(!ok && err.contains("--frobnicate"), "{err}");
 }
+
+#[test]
+fn cuda_graphs_flag_is_documented_and_checked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(["generate", "--help"]).output().expect("qc-run starts");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && help.contains("--cuda-graphs <on|off>") && help.contains("QC_CUDA_GRAPHS=0"), "{help}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", "x.gif", "--cuda-graphs", "maybe"]);
+    assert!(!ok && err.contains("--cuda-graphs"), "{err}");
+}
