@@ -187,3 +187,72 @@ fn run_with_graphs(session: &mut dyn StepGraphSession, planner: &mut GraphPlanne
     planner.ran(key, mode);
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session that records what the sampler asked of it; the step it captures
+    /// runs at once (standing for the graph's first launch).
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<&'static str>,
+        fail_capture: bool,
+        refuse_replay: bool,
+    }
+
+    impl StepGraphSession for Recorder {
+        fn run_bound(&mut self, _inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<Tensor> {
+            self.calls.push("bound");
+            step(z)
+        }
+        fn capture(&mut self, _inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<std::result::Result<Tensor, String>> {
+            self.calls.push("capture");
+            if self.fail_capture {
+                return Ok(Err("not capturable".into()));
+            }
+            step(z).map(Ok)
+        }
+        fn replay(&mut self, _inputs: &StepInputs, z: &mut Tensor) -> Result<Option<Tensor>> {
+            self.calls.push("replay");
+            Ok((!self.refuse_replay).then(|| z.clone()))
+        }
+    }
+
+    /// Runs `steps` computing steps of one key; returns the session's calls and how often the step ran on the host side.
+    fn run(steps: usize, session: &mut Recorder) -> (Vec<&'static str>, usize) {
+        let mut planner = GraphPlanner::default();
+        let mut z = Tensor::from_f32(&[1], vec![0.0]).unwrap();
+        let mut ran = 0;
+        for i in 0..steps {
+            let mut step = |z: &mut Tensor| -> Result<Tensor> {
+                ran += 1;
+                Ok(z.clone())
+            };
+            let inputs = StepInputs { timesteps: &[1.0], step_sizes: &[0.1] };
+            run_with_graphs(session, &mut planner, 0, steps - 1 - i, &inputs, &mut z, &mut step).unwrap();
+        }
+        (std::mem::take(&mut session.calls), ran)
+    }
+
+    #[test]
+    fn steps_warm_up_capture_and_replay() {
+        let (calls, ran) = run(5, &mut Recorder::default());
+        assert_eq!(calls, ["bound", "capture", "replay", "replay", "replay"]);
+        assert_eq!(ran, 2, "replayed steps do not run the step's host code");
+    }
+
+    #[test]
+    fn a_failed_capture_runs_the_step_eagerly_once_and_turns_graphs_off() {
+        let (calls, ran) = run(4, &mut Recorder { fail_capture: true, ..Recorder::default() });
+        assert_eq!(calls, ["bound", "capture"]);
+        assert_eq!(ran, 4, "every step ran exactly once");
+    }
+
+    #[test]
+    fn a_refused_replay_is_captured_again() {
+        let (calls, ran) = run(4, &mut Recorder { refuse_replay: true, ..Recorder::default() });
+        assert_eq!(calls, ["bound", "capture", "replay", "capture", "replay", "bound"]);
+        assert_eq!(ran, 4);
+    }
+}
