@@ -163,3 +163,12 @@ fn quantization_flag_is_checked() {
     assert!(!ok && err.contains("calibrat"), "{err}");
     assert!(!gif.exists());
 }
+
+#[test]
+fn cuda_graphs_flag_is_documented_and_checked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(["generate", "--help"]).output().expect("qc-run starts");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && help.contains("--cuda-graphs <on|off>") && help.contains("QC_CUDA_GRAPHS=0"), "{help}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", "x.gif", "--cuda-graphs", "maybe"]);
+    assert!(!ok && err.contains("--cuda-graphs"), "{err}");
+}

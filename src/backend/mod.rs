@@ -269,4 +269,49 @@ pub trait Backend: ConvOps + Send + Sync {
 
     /// `z[b] += dt[b] * v[b]` over the leading (batch) dim.
     fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()>;
+
+    /// A session that captures one denoising step's device work and replays it
+    /// (the CUDA backend's graphs), for one sampling run; `None` when this
+    /// backend has none or it is turned off. See [`StepGraphSession`].
+    fn step_graphs(&self) -> Option<Box<dyn StepGraphSession + '_>> {
+        None
+    }
+}
+
+/// The host values of a denoising step that change from step to step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    /// The DiT's timesteps, exactly as the step passes them to
+    /// [`Backend::timestep_embedding`] (empty when the step runs no forward).
+    pub timesteps: &'a [f32],
+    /// The Euler step sizes, exactly as the step passes them to [`Backend::euler_step`].
+    pub step_sizes: &'a [f32],
+}
+
+/// One denoising step, run on the latent `z` (updated in place): returns the
+/// guided velocity it used.
+pub type StepFn<'a> = dyn FnMut(&mut Tensor) -> Result<Tensor> + 'a;
+
+/// Capture of a denoising step as a device graph and its replay, for one
+/// sampling run (the sampler decides when: `sampler::graphs`). While a step runs
+/// through the session, the backend reads the [`StepInputs`] from fixed device
+/// buffers that the session rewrites before every step, so a captured step
+/// reads the current step's values when replayed.
+pub trait StepGraphSession {
+    /// Runs `step` now (eagerly) with `inputs` in the session's buffers: the
+    /// warm-up before a capture (it fills the backend's caches), or a step that
+    /// must not disturb a captured graph's memory.
+    fn run_bound(&mut self, inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<Tensor>;
+
+    /// Captures `step` into a graph (dropping any earlier one) and launches it;
+    /// returns the velocity. `Ok(Err(why))` when the step cannot be captured (an
+    /// upload, a download or a synchronization inside it, a driver error): the
+    /// step has then not run and `z` is unchanged, so the caller runs it eagerly.
+    /// `step` must update `z` in place (as `euler_step` does).
+    fn capture(&mut self, inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<std::result::Result<Tensor, String>>;
+
+    /// Replays the captured graph with `inputs`; `Ok(None)` when there is no
+    /// graph or replaying it would be unsafe (the backend's memory changed since
+    /// the capture, `z` moved or is shared, or the inputs' lengths differ).
+    fn replay(&mut self, inputs: &StepInputs, z: &mut Tensor) -> Result<Option<Tensor>>;
 }

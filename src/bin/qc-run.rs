@@ -140,6 +140,15 @@ struct DeviceArgs {
     device: DeviceChoice,
 }
 
+#[derive(Args)]
+struct GraphArgs {
+    /// With --device cuda: "on" captures one denoising step as a CUDA graph and replays it
+    /// for the other steps (same result, bit for bit; less launch overhead), "off" launches
+    /// every kernel of every step [default: on; the environment variable QC_CUDA_GRAPHS=0 turns it off].
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    cuda_graphs: Option<String>,
+}
+
 /// The backend `--device` chose.
 enum Be {
     Cpu(CpuBackend),
@@ -182,10 +191,21 @@ impl Be {
         matches!(self, Be::Cuda(_))
     }
 
-    /// Prints the GPU arena's peak use (CUDA only).
+    /// Applies `--cuda-graphs` (CUDA only; without the flag the backend follows QC_CUDA_GRAPHS).
+    fn set_graphs(&self, g: &GraphArgs) {
+        if let (Be::Cuda(b), Some(v)) = (self, &g.cuda_graphs) {
+            b.set_cuda_graphs(v == "on");
+        }
+    }
+
+    /// Prints the GPU arena's peak use and what CUDA graphs did (CUDA only).
     fn report(&self) {
         if let Be::Cuda(b) = self {
             eprintln!("GPU arena: {}", b.arena_stats());
+            let g = b.graph_stats();
+            if g != Default::default() {
+                eprintln!("CUDA graphs: {g}");
+            }
         }
     }
 }
@@ -263,6 +283,8 @@ struct GenerateArgs {
     output: PathBuf,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    graphs: GraphArgs,
 }
 
 #[derive(Args)]
@@ -353,6 +375,8 @@ struct SampleArgs {
     no_timestep_transform: bool,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    graphs: GraphArgs,
 }
 
 fn main() {
@@ -424,6 +448,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     let zs = inp.z0.shape().to_vec();
     // Classifier-free guidance runs the DiT on twice the samples.
     let dev = Be::new(a.device.device, || qcuda::estimate_arena_bytes(&model.cfg, 2 * zs[0], [zs[2], zs[3], zs[4]], inp.y.shape()[2]))?;
+    dev.set_graphs(&a.graphs);
     let be = dev.get();
     model.prepare(be)?;
     let meta = |k: &str| inp.metadata.get(k).cloned();
@@ -522,6 +547,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             _ => qcuda::DEFAULT_ARENA_BYTES,
         }
     })?;
+    dev.set_graphs(&a.graphs);
     let be = dev.get();
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));

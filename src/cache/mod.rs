@@ -21,11 +21,19 @@ impl ForwardHooks for StaticK {
             StepAction::ReusePrevious
         }
     }
+    /// Every computed step is the full forward.
+    fn graph_key(&mut self, _step: usize, _steps: usize) -> Option<u64> {
+        Some(0)
+    }
 }
 
 /// The full computation (the reference every accelerated mode is judged against).
 pub struct Reference;
-impl ForwardHooks for Reference {}
+impl ForwardHooks for Reference {
+    fn graph_key(&mut self, _step: usize, _steps: usize) -> Option<u64> {
+        Some(0)
+    }
+}
 
 /// An acceleration mode by name: `reference` or `static:K`.
 pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
@@ -82,6 +90,7 @@ impl ForwardHooks for Counting<'_> {
     fn wants_trace(&self) -> bool {
         self.inner.wants_trace()
     }
+    // graph_key stays None: a replayed step would not call block_action, so the count would miss it.
 }
 
 #[cfg(test)]

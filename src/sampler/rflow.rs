@@ -2,8 +2,9 @@
 //! with classifier-free guidance. Scalar schedule math follows the reference's
 //! float32 order of operations so timesteps agree to the last bits.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepFn, StepGraphSession, StepInputs};
 use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3, StepAction};
+use crate::sampler::graphs::{GraphPlanner, StepMode};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
@@ -65,6 +66,11 @@ pub fn timesteps(cfg: &RflowConfig, geo: &VideoGeometry) -> Result<Vec<Vec<f32>>
 /// Runs the sampler from `z0` (`[B, C, T, H, W]` noise) with captions `y`
 /// (`[B, 1, L, C_caption]`) and their `mask` (`[B, L]`). Returns the final
 /// latent and the timesteps used. `progress(step, steps)` is called after each step.
+///
+/// On a backend with step graphs ([`Backend::step_graphs`], the CUDA backend
+/// unless turned off) the computing steps whose hooks give a
+/// [`graph_key`](ForwardHooks::graph_key) are captured once and replayed (see
+/// `sampler::graphs`); the result is the same, bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
@@ -101,26 +107,152 @@ pub fn sample(
     let out_c = model.cfg.in_channels;
     let mut z = z0.clone();
     let mut last_v: Option<Tensor> = None;
+    let mut graphs = be.step_graphs().map(|session| (session, GraphPlanner::default()));
     for (i, t) in ts.iter().enumerate() {
-        let v = match (hooks.step_action(i, ts.len()), last_v.take()) {
-            (StepAction::ReusePrevious, Some(v)) => v,
-            _ => {
-                let z_in = be.concat(&[&z, &z])?;
-                let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
-                let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
-                let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
-                be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?
-            }
-        };
         let dt: Vec<f32> = (0..b)
             .map(|s| {
                 let d = if i + 1 < ts.len() { t[s] - ts[i + 1][s] } else { t[s] };
                 d / cfg.num_timesteps
             })
             .collect();
-        be.euler_step(&mut z, &v, &dt)?;
+        // The previous velocity is dropped before a computing step (nothing else holds it).
+        let reuse = match (hooks.step_action(i, ts.len()), last_v.take()) {
+            (StepAction::ReusePrevious, Some(v)) => Some(v),
+            _ => None,
+        };
+        let v = match reuse {
+            Some(v) => {
+                let mut euler = |z: &mut Tensor| -> Result<Tensor> {
+                    be.euler_step(z, &v, &dt)?;
+                    Ok(v.clone())
+                };
+                match &mut graphs {
+                    // Bound, the step's upload goes to the session's buffer and leaves
+                    // a captured graph's memory as it was.
+                    Some((session, planner)) if planner.active() => session.run_bound(&StepInputs { timesteps: &[], step_sizes: &dt }, &mut z, &mut euler)?,
+                    _ => euler(&mut z)?,
+                }
+            }
+            None => {
+                let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
+                let key = match &graphs {
+                    Some((_, planner)) if planner.active() => hooks.graph_key(i, ts.len()),
+                    _ => None,
+                };
+                let mut compute = |z: &mut Tensor| -> Result<Tensor> {
+                    let z_in = be.concat(&[z, z])?;
+                    let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
+                    let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
+                    let v = be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?;
+                    be.euler_step(z, &v, &dt)?;
+                    Ok(v)
+                };
+                match (&mut graphs, key) {
+                    (Some((session, planner)), Some(key)) => {
+                        let inputs = StepInputs { timesteps: &t_in, step_sizes: &dt };
+                        run_with_graphs(session.as_mut(), planner, key, ts.len() - 1 - i, &inputs, &mut z, &mut compute)?
+                    }
+                    _ => compute(&mut z)?,
+                }
+            }
+        };
         last_v = Some(v);
         progress(i + 1, ts.len());
     }
     Ok((z, ts))
+}
+
+/// One computing step of graph key `key` as the planner decides (see `sampler::graphs`).
+fn run_with_graphs(session: &mut dyn StepGraphSession, planner: &mut GraphPlanner, key: u64, steps_left: usize, inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<Tensor> {
+    let mut mode = planner.mode(Some(key), steps_left);
+    if mode == StepMode::Replay {
+        if let Some(v) = session.replay(inputs, z)? {
+            return Ok(v);
+        }
+        planner.replay_refused();
+        mode = planner.mode(Some(key), steps_left);
+    }
+    let v = match mode {
+        StepMode::Capture => match session.capture(inputs, z, step)? {
+            Ok(v) => v,
+            Err(why) => {
+                eprintln!("note: the denoising step could not be captured as a device graph ({why}); the remaining steps run eagerly");
+                planner.capture_failed();
+                return step(z);
+            }
+        },
+        StepMode::WarmUp => session.run_bound(inputs, z, step)?,
+        StepMode::Eager | StepMode::Replay => step(z)?,
+    };
+    planner.ran(key, mode);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session that records what the sampler asked of it; the step it captures
+    /// runs at once (standing for the graph's first launch).
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<&'static str>,
+        fail_capture: bool,
+        refuse_replay: bool,
+    }
+
+    impl StepGraphSession for Recorder {
+        fn run_bound(&mut self, _inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<Tensor> {
+            self.calls.push("bound");
+            step(z)
+        }
+        fn capture(&mut self, _inputs: &StepInputs, z: &mut Tensor, step: &mut StepFn) -> Result<std::result::Result<Tensor, String>> {
+            self.calls.push("capture");
+            if self.fail_capture {
+                return Ok(Err("not capturable".into()));
+            }
+            step(z).map(Ok)
+        }
+        fn replay(&mut self, _inputs: &StepInputs, z: &mut Tensor) -> Result<Option<Tensor>> {
+            self.calls.push("replay");
+            Ok((!self.refuse_replay).then(|| z.clone()))
+        }
+    }
+
+    /// Runs `steps` computing steps of one key; returns the session's calls and how often the step ran on the host side.
+    fn run(steps: usize, session: &mut Recorder) -> (Vec<&'static str>, usize) {
+        let mut planner = GraphPlanner::default();
+        let mut z = Tensor::from_f32(&[1], vec![0.0]).unwrap();
+        let mut ran = 0;
+        for i in 0..steps {
+            let mut step = |z: &mut Tensor| -> Result<Tensor> {
+                ran += 1;
+                Ok(z.clone())
+            };
+            let inputs = StepInputs { timesteps: &[1.0], step_sizes: &[0.1] };
+            run_with_graphs(session, &mut planner, 0, steps - 1 - i, &inputs, &mut z, &mut step).unwrap();
+        }
+        (std::mem::take(&mut session.calls), ran)
+    }
+
+    #[test]
+    fn steps_warm_up_capture_and_replay() {
+        let (calls, ran) = run(5, &mut Recorder::default());
+        assert_eq!(calls, ["bound", "capture", "replay", "replay", "replay"]);
+        assert_eq!(ran, 2, "replayed steps do not run the step's host code");
+    }
+
+    #[test]
+    fn a_failed_capture_runs_the_step_eagerly_once_and_turns_graphs_off() {
+        let (calls, ran) = run(4, &mut Recorder { fail_capture: true, ..Recorder::default() });
+        assert_eq!(calls, ["bound", "capture"]);
+        assert_eq!(ran, 4, "every step ran exactly once");
+    }
+
+    #[test]
+    fn a_refused_replay_is_captured_again() {
+        let (calls, ran) = run(4, &mut Recorder { refuse_replay: true, ..Recorder::default() });
+        assert_eq!(calls, ["bound", "capture", "replay", "capture", "replay", "bound"]);
+        assert_eq!(ran, 4);
+    }
 }

@@ -93,6 +93,8 @@ pub struct ArenaAllocator {
     peak: u64,
     live: usize,
     allocations: u64,
+    /// Allocations plus frees so far: unchanged means the same blocks are live.
+    changes: u64,
 }
 
 impl ArenaAllocator {
@@ -103,7 +105,7 @@ impl ArenaAllocator {
         if capacity > 0 {
             free.insert(0, capacity);
         }
-        ArenaAllocator { capacity, free, in_use: 0, peak: 0, live: 0, allocations: 0 }
+        ArenaAllocator { capacity, free, in_use: 0, peak: 0, live: 0, allocations: 0, changes: 0 }
     }
 
     /// The size a request of `bytes` occupies (at least one granule, so every block has its own address).
@@ -135,6 +137,7 @@ impl ArenaAllocator {
         self.peak = self.peak.max(self.in_use);
         self.live += 1;
         self.allocations += 1;
+        self.changes += 1;
         Ok(offset)
     }
 
@@ -157,6 +160,13 @@ impl ArenaAllocator {
         self.free.insert(start, end - start);
         self.in_use -= size;
         self.live -= 1;
+        self.changes += 1;
+    }
+
+    /// Counts every allocation and free: while it stays the same, exactly the same
+    /// blocks are live (with the same owners), which a replayed CUDA graph relies on.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     pub fn stats(&self) -> ArenaStats {
@@ -225,6 +235,11 @@ impl Arena {
 
     pub fn reset_peak(&self) {
         self.lock().reset_peak();
+    }
+
+    /// See [`ArenaAllocator::changes`].
+    pub fn changes(&self) -> u64 {
+        self.lock().changes()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ArenaAllocator> {
@@ -335,6 +350,10 @@ mod tests {
         assert_eq!((st.in_use, st.live_blocks, st.largest_free), (0, 0, 1 << 20));
         assert_eq!(st.peak, used);
         assert_eq!(st.allocations, 6);
+        // 6 allocations and 6 frees; a failed allocation changes nothing.
+        assert_eq!(a.changes(), 12);
+        assert!(a.alloc(2 << 20).is_err());
+        assert_eq!(a.changes(), 12);
         a.reset_peak();
         assert_eq!(a.stats().peak, 0);
     }

@@ -57,25 +57,45 @@
 //!   VAE's 512): download q, k, v, CPU attention in f32, upload as bf16.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
 //!
-//! # TODO: CUDA graphs
-//! A denoising step is not captured as a CUDA graph yet. To add it: capture
-//! one `Stdit3::forward` + guidance + Euler step on this backend's stream
-//! (`cuStreamBeginCapture` on it; it is a non-blocking stream, not the
-//! legacy default stream, so capture is allowed) and replay it per step. That
-//! needs (1) stable addresses: the arena hands out the same offsets for the
-//! same allocation sequence, but the step's inputs (timesteps, `dt`, the
-//! latent) must be written into fixed device buffers instead of fresh uploads;
-//! (2) no host reads or uploads inside the step: the per-call uploads of
-//! `timestep_embedding`'s `t`, `euler_step`'s `dt`, `gather_rows`' indices and
-//! unprepared weights must move to preallocated buffers updated with
-//! `cuMemcpyHtoDAsync` before each replay, the small-array caches must be
-//! filled during a warm-up step, and no op may synchronize (downloads and the
-//! host fallbacks above are outside the DiT step, T5 aside); (3) a warm-up
-//! forward before capture so every cache entry and weight upload exists.
+//! # CUDA graphs
+//! The sampler runs each denoising step (the DiT forward on the CFG batch,
+//! guidance, the Euler update) through a [`CudaStepGraphs`](super::CudaStepGraphs)
+//! session (`Backend::step_graphs`; on unless `QC_CUDA_GRAPHS=0`,
+//! [`CudaBackend::set_cuda_graphs`] or `qc-run --cuda-graphs off`; off under
+//! `QC_CUDA_SYNC=1`). For each structure of step (the hooks' `graph_key`; a
+//! step without one runs eagerly) the first step runs eagerly as the warm-up,
+//! the second is captured on this backend's stream (`cuStreamBeginCapture_v2`,
+//! thread-local mode; it is a non-blocking stream, so capture is allowed),
+//! instantiated and launched, and later steps replay it (`cuGraphLaunch`):
+//! `sampler::graphs` decides, [`GraphStats`](super::GraphStats) counts.
+//! - Step inputs: while a step runs through the session, `timestep_embedding`
+//!   and `euler_step` read values equal to the step's timesteps and step sizes
+//!   from two fixed device buffers (outside the arena) that the session writes
+//!   by `cuMemcpyHtoDAsync` before each step; other values they get (the fps)
+//!   come from the small-array cache, which the warm-up filled. The latent is
+//!   updated in place in its own arena block, the velocity written to the block
+//!   the capture allocated for it (the session holds it).
+//! - Nothing from the host inside a capture: host-to-device copies, device
+//!   allocations, downloads (host fallbacks) and synchronizations are refused
+//!   with an error, as are unprepared weights (uploaded at every use); the
+//!   capture then fails, the step runs eagerly and so do the remaining steps
+//!   (one line says why). The captured step has not run, so nothing is lost.
+//! - Stable addresses: the arena hands out the same blocks for the same
+//!   sequence of allocations, and a graph replays only while the arena has seen
+//!   no allocation or free since its capture ([`Arena::changes`]): its
+//!   temporaries are then still free and every block it reads still holds what
+//!   it held. The latent and the velocity must also be unshared. Otherwise the
+//!   step is captured again (or runs eagerly on the last step). Steps that only
+//!   reuse the velocity run bound too, so they leave the arena as it was. A
+//!   graph takes no arena memory: the arena's peak is that of the eager steps.
+//! - Same kernels, same arguments: a replayed step gives the eager result bit
+//!   for bit. The graph handles are destroyed with the session (RAII), at the
+//!   end of the sampling run.
 
 use super::abi::*;
 use super::arena::{device_oom_message, Arena, ArenaStats};
 use super::buffer::{DeviceBuffer, DeviceMem};
+use super::graph::{graphs_from_env, GraphStats, StepBinding};
 use super::{launch_cfg, open_device, probe, GpuInfo, KernelArgs, KernelModule};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Linear, LinearWeight, ModRef, RowGroups};
@@ -136,8 +156,15 @@ pub struct CudaBackend {
     int8: Mutex<HashMap<usize, (Arc<Int8Weight>, Arc<DevInt8>)>>,
     small: Mutex<SmallCache>,
     notes: Mutex<HashSet<&'static str>>,
-    sync_each_launch: bool,
+    pub(crate) sync_each_launch: bool,
     poison: std::sync::atomic::AtomicBool,
+    /// CUDA graphs for the denoising step on or off.
+    pub(crate) graphs_on: std::sync::atomic::AtomicBool,
+    pub(crate) graph_stats: Mutex<GraphStats>,
+    /// The step inputs of a step running through a graph session.
+    pub(crate) binding: Mutex<Option<StepBinding>>,
+    /// A stream capture is under way: host transfers and synchronizations are refused.
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -203,6 +230,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
         let arena = Arena::new(&ctx, bytes).map_err(anyhow::Error::msg)?;
         let sync_each_launch = std::env::var("QC_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let graphs_on = graphs_from_env()?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -215,6 +243,10 @@ impl CudaBackend {
             notes: Mutex::new(HashSet::new()),
             sync_each_launch,
             poison: std::sync::atomic::AtomicBool::new(std::env::var("QC_CUDA_POISON").is_ok_and(|v| v == "1")),
+            graphs_on: std::sync::atomic::AtomicBool::new(graphs_on),
+            graph_stats: Mutex::new(GraphStats::default()),
+            binding: Mutex::new(None),
+            capturing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -245,6 +277,7 @@ impl CudaBackend {
 
     /// Waits for every queued op; reports a fault of any of them.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("a synchronization")?;
         self.stream.synchronize().map_err(|e| anyhow!("a CUDA kernel failed: {e}"))
     }
 
@@ -263,9 +296,24 @@ impl CudaBackend {
         }
     }
 
+    /// Marks a stream capture as under way (or over).
+    pub(crate) fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An error while a step is being captured: `what` (a host transfer or a
+    /// synchronization) cannot be part of a graph, so the capture fails and the
+    /// step runs eagerly instead.
+    pub(crate) fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("{what} inside the captured step");
+        }
+        Ok(())
+    }
+
     // ------------------------------------------------------------ memory
 
-    fn bind(&self) -> Result<()> {
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| anyhow!("cannot bind the CUDA context: {e}"))
     }
 
@@ -320,6 +368,7 @@ impl CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        self.refuse_in_capture("a host-to-device copy")?;
         self.bind()?;
         // SAFETY: dst has room for data (callers allocate it so); ordered on the stream.
         unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(|e| anyhow!("copy of {} bytes to the GPU: {e}", std::mem::size_of_val(data)))
@@ -337,6 +386,7 @@ impl CudaBackend {
     /// A `cuMemAlloc`ed copy of host data outside the arena (weights).
     pub(crate) fn upload_raw<T: bytemuck::Pod>(&self, dtype: DType, data: &[T], what: &str) -> Result<DeviceBuffer> {
         let bytes = std::mem::size_of_val(data);
+        self.refuse_in_capture("a device allocation")?;
         self.bind()?;
         let ptr = if bytes == 0 {
             0
@@ -362,6 +412,7 @@ impl CudaBackend {
     /// `Tensor::to_cuda` on another stream) before this backend's stream reads it.
     pub(crate) fn sync_foreign(&self, b: &DeviceBuffer) -> Result<()> {
         if b.cu_stream() != self.stream.cu_stream() {
+            self.refuse_in_capture("waiting for another stream")?;
             b.stream.synchronize().map_err(|e| anyhow!("waiting for another CUDA stream: {e}"))?;
         }
         Ok(())
@@ -411,6 +462,7 @@ impl CudaBackend {
                 Ok(out)
             }
             _ => {
+                self.refuse_in_capture("a device-to-host copy (dtype conversion)")?;
                 let host = t.to_cpu()?;
                 self.upload_host(&host, want)
             }
@@ -514,7 +566,7 @@ impl CudaBackend {
         self.after_launch(name)
     }
 
-    fn after_launch(&self, name: &str) -> Result<()> {
+    pub(crate) fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each_launch {
             self.stream.synchronize().map_err(|e| anyhow!("{name} failed on the GPU: {e}"))?;
         }
@@ -651,6 +703,7 @@ impl CudaBackend {
         match t.storage() {
             Storage::F32(_) => Ok(std::borrow::Cow::Borrowed(t)),
             Storage::Cuda(b) => {
+                self.refuse_in_capture("a device-to-host copy (host fallback)")?;
                 self.sync_foreign(b)?;
                 Ok(std::borrow::Cow::Owned(t.to_cpu()?.to_f32()?))
             }

@@ -5,9 +5,10 @@
 use super::abi::*;
 use super::buffer::DeviceBuffer;
 use super::executor::{float_dtype, host_slice, rows_of, CudaBackend};
+use super::graph::StepValues;
 use super::launch_cfg;
 use crate::backend::conv::{ConvWeight, Pad3};
-use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope, StepGraphSession};
 use crate::tensor::{byte_len, DType, Storage, Tensor};
 use anyhow::{anyhow, bail, ensure, Result};
 
@@ -194,6 +195,10 @@ impl Backend for CudaBackend {
 
     fn prepare_tensor(&self, t: &mut Tensor) -> Result<()> {
         self.prepare_tensor_impl(t)
+    }
+
+    fn step_graphs(&self) -> Option<Box<dyn StepGraphSession + '_>> {
+        self.step_graph_session()
     }
 
     fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
@@ -587,7 +592,7 @@ impl Backend for CudaBackend {
         ensure!(dim <= i32::MAX as usize, "timestep embedding dim {dim} too large");
         let out = self.alloc(DType::F32, t.len() * dim)?;
         if !t.is_empty() {
-            let tb = self.upload_slice(DType::F32, t)?;
+            let tb = self.step_values(StepValues::Timesteps, t)?;
             let args = QcTimestepEmbedArgs { t: tb.address(), out: out.address(), n: t.len() as i64, dim: dim as i32, max_period: 10000.0 };
             self.flat_kernel("qc_timestep_embed", DType::F32, t.len() * dim, false, args)?;
         }
@@ -662,7 +667,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let vb = self.dev(v, DType::F32)?;
-        let db = self.upload_slice(DType::F32, dt)?;
+        let db = self.step_values(StepValues::StepSizes, dt)?;
         let args = QcEulerArgs { z: zb.address(), v: vb.address(), dt: db.address(), n: n as i64, per_sample: (n / b) as i64 };
         self.flat_kernel("qc_euler", DType::F32, n, false, args)
     }

@@ -488,13 +488,15 @@ fn stdit3_forward_matches_fixtures() {
     }
 }
 
-/// RFLOW sampling with CFG against the official f32 result (the fixture's 6 steps).
-#[test]
-#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
-fn rflow_sampling_matches_fixture() {
-    let be = gpu();
-    let mut model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
-    model.prepare(&be).unwrap();
+/// The RFLOW fixture's inputs and settings (its metadata, else the official 6 steps at cfg 7).
+struct FixtureSampling {
+    inp: SampleInputs,
+    cfg: RflowConfig,
+    geo: VideoGeometry,
+    want: Tensor,
+}
+
+fn fixture_sampling() -> FixtureSampling {
     let path = fixture("rflow-tiny-video.safetensors");
     let inp = SampleInputs::read(&path).unwrap();
     let meta = |k: &str| inp.metadata.get(k).and_then(|v| v.parse::<f64>().ok());
@@ -505,14 +507,124 @@ fn rflow_sampling_matches_fixture() {
         ..RflowConfig::default()
     };
     let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
-    let (z, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
     let want = Checkpoint::open_file(&path).unwrap().load_f32("z").unwrap();
-    check("rflow-tiny-video: GPU sampling vs the official reference", &z, &want, 5e-2);
+    FixtureSampling { inp, cfg, geo, want }
+}
+
+impl FixtureSampling {
+    /// Samples on `be` under `hooks`; returns the final latent on the host and the arena's peak during the run.
+    fn run(&self, be: &CudaBackend, model: &Stdit3, hooks: &mut dyn crate::model::stdit3::ForwardHooks) -> (Tensor, u64) {
+        be.reset_arena_peak();
+        let (z, _) = sample(be, model, &self.cfg, &self.inp.z0, &self.inp.y, self.inp.mask.as_deref(), &self.geo, hooks, &mut |_, _| {}).unwrap();
+        let peak = be.arena_stats().peak;
+        assert_eq!(z.device(), Device::Cuda, "the sampler's latent should stay on the GPU");
+        (Tensor::from_f32(z.shape(), host(&z)).unwrap(), peak)
+    }
+}
+
+/// RFLOW sampling with CFG against the official f32 result (the fixture's 6 steps).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn rflow_sampling_matches_fixture() {
+    let be = gpu();
+    let mut model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    model.prepare(&be).unwrap();
+    let f = fixture_sampling();
+    let (z, _) = f.run(&be, &model, &mut NoHooks);
+    check("rflow-tiny-video: GPU sampling vs the official reference", &be.upload(&z).unwrap(), &f.want, 5e-2);
+}
+
+/// CUDA graphs: sampling the fixture with the step captured once and replayed
+/// gives exactly the eager result on the same backend (same kernels, same
+/// arguments), within the fixture's tolerance of the official result; the
+/// replays really happen (steps - 2: one warm-up, one capture) and need no
+/// more arena than eager steps. Poisoned outputs stay on (memsets become graph nodes).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn sampling_with_cuda_graphs_matches_eager_bit_for_bit() {
+    let be = gpu();
+    let mut model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    model.prepare(&be).unwrap();
+    let f = fixture_sampling();
+    let steps = f.cfg.num_steps as u64;
+    assert!(steps >= 3, "the fixture has too few steps to replay");
+    // A first run fills the backend's caches, so both measured runs start alike.
+    be.set_cuda_graphs(true);
+    f.run(&be, &model, &mut NoHooks);
+    be.set_cuda_graphs(false);
+    let before = be.graph_stats();
+    let (eager, eager_peak) = f.run(&be, &model, &mut NoHooks);
+    assert_eq!(be.graph_stats(), before, "graphs off: nothing captured or replayed");
+    be.set_cuda_graphs(true);
+    let (graphs, graph_peak) = f.run(&be, &model, &mut NoHooks);
+    let after = be.graph_stats();
+    eprintln!("graphs: {after}; arena peak eager {eager_peak} B, with graphs {graph_peak} B");
+    assert_eq!(after.captures - before.captures, 1, "one capture per run");
+    assert_eq!(after.replays - before.replays, steps - 2, "every step after the warm-up and the capture replays");
+    assert_eq!((after.failed_captures, after.refused_replays), (before.failed_captures, before.refused_replays), "no failure, no refusal");
+    same("fixture sampling: graphs vs eager", &be.upload(&graphs).unwrap(), &eager);
+    check("fixture sampling with graphs vs the official reference", &be.upload(&graphs).unwrap(), &f.want, 5e-2);
+    assert!(graph_peak <= eager_peak, "graphs raised the arena peak from {eager_peak} to {graph_peak} bytes");
+}
+
+/// Graphs under caching hooks: `static:3` reuses the velocity between computed
+/// steps (those Euler steps run bound, leaving the graph's memory as it was, so the
+/// next computed step replays); a policy without a graph key (`Counting`, which
+/// must see every block) runs eagerly. Both bit-identical to eager.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn cuda_graphs_follow_the_step_hooks() {
+    use crate::cache::{Counting, StaticK};
+    let be = gpu();
+    let mut model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    model.prepare(&be).unwrap();
+    let mut f = fixture_sampling();
+    f.cfg.num_steps = 10;
+    f.run(&be, &model, &mut StaticK { k: 3 });
+    be.set_cuda_graphs(false);
+    let (eager, _) = f.run(&be, &model, &mut StaticK { k: 3 });
+    be.set_cuda_graphs(true);
+    let before = be.graph_stats();
+    let (graphs, _) = f.run(&be, &model, &mut StaticK { k: 3 });
+    let after = be.graph_stats();
+    // Computed steps 0, 3, 6, 9: warm-up, capture, replay, replay.
+    assert_eq!((after.captures - before.captures, after.replays - before.replays), (1, 2), "static:3 over 10 steps: {after}");
+    same("static:3: graphs vs eager", &be.upload(&graphs).unwrap(), &eager);
+
+    let mut inner = StaticK { k: 1 };
+    let mut counting = Counting::new(&mut inner, model.cfg.depth * 2);
+    let before = be.graph_stats();
+    let (counted, _) = f.run(&be, &model, &mut counting);
+    assert_eq!(be.graph_stats(), before, "hooks without a graph key run eagerly");
+    assert_eq!(counting.blocks_computed, counting.blocks_total, "every block seen");
+    be.set_cuda_graphs(false);
+    let (eager_all, _) = f.run(&be, &model, &mut NoHooks);
+    same("no graph key: same as eager", &be.upload(&counted).unwrap(), &eager_all);
+}
+
+/// A step that cannot be captured (an unprepared model uploads its weights at every
+/// use, a host transfer inside the capture) falls back to eager execution: one
+/// failed capture, the same result as with graphs off.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn a_failed_capture_falls_back_to_eager() {
+    let be = gpu();
+    let model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    let f = fixture_sampling();
+    be.set_cuda_graphs(false);
+    let (eager, _) = f.run(&be, &model, &mut NoHooks);
+    be.set_cuda_graphs(true);
+    let before = be.graph_stats();
+    let (fallback, _) = f.run(&be, &model, &mut NoHooks);
+    let after = be.graph_stats();
+    assert_eq!((after.failed_captures - before.failed_captures, after.captures - before.captures, after.replays - before.replays), (1, 0, 0), "{after}");
+    same("failed capture: eager fallback vs eager", &be.upload(&fallback).unwrap(), &eager);
 }
 
 /// 30 RFLOW steps (cfg 6, the demo's defaults) on the bundled demo model, GPU
 /// against CPU from the same noise and captions (the demo T5's, on the CPU), and
-/// the loop's memory: after the first step neither the device's free memory nor the
+/// the loop's memory: after the first step (the second with CUDA graphs, whose
+/// capture instantiates the graph) neither the device's free memory nor the
 /// arena's use changes (no cuMemAlloc and no leak inside the loop).
 ///
 /// Tolerance 5e-2: each forward carries ~1e-2 of bf16 rounding in the velocity
@@ -549,11 +661,17 @@ fn demo_sampling_matches_cpu() {
     .unwrap();
     let (zc, _) = sample(&cpu, &host_model, &cfg, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
     check(&format!("demo model, {steps} steps: GPU vs CPU"), &z, &zc, 5e-2);
-    eprintln!("demo sampling: arena {}", be.arena_stats());
-    for (i, m) in mem.iter().enumerate().skip(1) {
-        assert_eq!(m.0, mem[0].0, "step {}: device free memory changed ({} -> {} bytes): an allocation inside the loop", i + 1, mem[0].0, m.0);
-        assert_eq!(m.1, mem[0].1, "step {}: arena use changed ({} -> {} bytes): a leak inside the loop", i + 1, mem[0].1, m.1);
+    eprintln!("demo sampling: arena {}; CUDA graphs: {}", be.arena_stats(), be.graph_stats());
+    let settled = if be.cuda_graphs() { 1 } else { 0 };
+    for (i, m) in mem.iter().enumerate().skip(settled + 1) {
+        let m0 = mem[settled];
+        assert_eq!(m.0, m0.0, "step {}: device free memory changed ({} -> {} bytes): an allocation inside the loop", i + 1, m0.0, m.0);
+        assert_eq!(m.1, m0.1, "step {}: arena use changed ({} -> {} bytes): a leak inside the loop", i + 1, m0.1, m.1);
     }
+    // The same run with graphs off: the same latent, bit for bit.
+    be.set_cuda_graphs(!be.cuda_graphs());
+    let (z2, _) = sample(&be, &model, &cfg, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
+    same("demo sampling: graphs on vs off", &z2, &Tensor::from_f32(z.shape(), host(&z)).unwrap());
 }
 
 /// The whole pipeline (tokenizer, T5 with its host-fallback attention, DiT, pixel space)

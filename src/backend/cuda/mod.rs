@@ -28,6 +28,7 @@ mod arena;
 mod buffer;
 mod executor;
 mod executor_ops;
+mod graph;
 #[cfg(all(test, qc_cuda_kernels))]
 mod executor_tests;
 #[cfg(all(test, qc_cuda_kernels))]
@@ -42,6 +43,7 @@ mod tensor_ops_tests;
 pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
 pub use executor::{arena_bytes_from_env, CudaBackend, DEFAULT_ARENA_BYTES};
+pub use graph::{graphs_from_env, CudaStepGraphs, GraphStats};
 
 /// Structs shared with the kernels (bindgen output of `kernels/qc_types.h`).
 ///

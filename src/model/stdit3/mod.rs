@@ -59,10 +59,27 @@ pub trait ForwardHooks {
     fn wants_trace(&self) -> bool {
         false
     }
+    /// Whether a computing step may be replayed from a device graph (CUDA
+    /// graphs) captured at an earlier step: steps with the same `Some(key)`
+    /// must run the same ops in the same order on the same shapes, i.e. the same
+    /// `block_action` answers and no tracing, because a replayed step calls no
+    /// hook inside the forward. `None` (the default, always safe) runs the step
+    /// eagerly. Called after `step_action`, for steps that run the DiT, on
+    /// backends with graphs; a policy whose block actions vary gives each
+    /// pattern its own key. When a capture fails, that step's forward (and its
+    /// hooks) runs a second time, eagerly.
+    fn graph_key(&mut self, _step: usize, _steps: usize) -> Option<u64> {
+        None
+    }
 }
 
+/// The full computation: every step and block, no tracing.
 pub struct NoHooks;
-impl ForwardHooks for NoHooks {}
+impl ForwardHooks for NoHooks {
+    fn graph_key(&mut self, _step: usize, _steps: usize) -> Option<u64> {
+        Some(0)
+    }
+}
 
 /// Collects the intermediates under the fixtures' names (`act.*`).
 #[derive(Default)]
