@@ -670,6 +670,7 @@ mod tests {
         covered.extend(QcGemmI8Args::KERNELS);
         covered.extend(QcQuantizeArgs::KERNELS);
         covered.extend(QcLayerNormQ8Args::KERNELS);
+        covered.extend(QcSoftmaxArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
