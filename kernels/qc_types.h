@@ -612,4 +612,28 @@ typedef struct QcAttentionArgs {
     float scale;
 } QcAttentionArgs;
 
+/* ------------------------------------------------------------ baseline.cu */
+
+/*
+ * The straightforward attention that qc-bench times the attention kernels
+ * against: S = scale * Q K^T and O = P V as cuBLASLt batched GEMMs (not part
+ * of the engine), with this row softmax in between.
+ *
+ * qc_softmax_rows_bf16 (QcSoftmaxArgs): for r < rows, j < cols,
+ *   y[r * ld + j] = exp(x[r * ld + j] - max_r) / sum_r,
+ *   max_r and sum_r = sum_j exp(x[r * ld + j] - max_r) over the row's cols
+ *   elements, in f32; bf16 in and out. Elements at j >= cols are not touched.
+ *   y may equal x (in place). cols >= 1, ld >= cols.
+ *   Launch: one block per row, grid-stride over rows (any gridDim.x >= 1),
+ *   blockDim.x a multiple of 32 in [32, 1024] (launch_cfg::per_row_threads).
+ */
+typedef struct QcSoftmaxArgs {
+    qc_dptr x;
+    qc_dptr y;
+    int64_t rows;
+    int64_t ld;
+    int32_t cols;
+    int32_t _pad;
+} QcSoftmaxArgs;
+
 #endif /* QC_TYPES_H */

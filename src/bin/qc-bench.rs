@@ -13,6 +13,8 @@ use qc::tensor::Tensor;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[path = "qc_bench/cublaslt.rs"]
+mod cublaslt;
 #[path = "qc_bench/gpu.rs"]
 mod gpu;
 
@@ -36,9 +38,11 @@ enum Command {
     /// The same generation (prompt, noise, steps, threads) with the engine and with the demo
     /// model's own PyTorch sampler (tools/train-demo/sample_torch.py): times per stage and their ratio.
     Torch(TorchArgs),
-    /// CUDA GPU 0: copy bandwidth and bf16 GEMM ceilings, qc_gemm_bf16 / qc_gemm_w8a8 at the
-    /// DiT's shapes, spatial attention, one denoising step of the full-size DiT (random weights)
-    /// in bf16 and W8A8. Without a usable GPU it says so and exits 0.
+    /// CUDA GPU 0: qc_gemm_bf16 / qc_gemm_w8a8 at the DiT's shapes next to cuBLASLt bf16 / int8,
+    /// spatial and temporal attention next to a straightforward one, the copy bandwidth and
+    /// tensor-core peaks measured in the same run; one step and the 30-step loop of the
+    /// full-size DiT (random weights) at 240p and 720p in bf16 and W8A8. Without a usable GPU
+    /// it says so and exits 1.
     Gpu(GpuArgs),
 }
 
@@ -47,9 +51,12 @@ struct GpuArgs {
     /// Timed launches per kernel measurement (the median is reported; use at least 20).
     #[arg(long, default_value_t = 25)]
     reps: usize,
-    /// Shorter run: M = 54,000 only, and a depth-4 DiT for the denoising step.
+    /// Shorter run: M = 54,000 only, and a depth-4 DiT end to end.
     #[arg(long)]
     quick: bool,
+    /// Also measure the whole 30-step loop at 720p (otherwise 30 x the measured step).
+    #[arg(long)]
+    full: bool,
 }
 
 #[derive(Args)]
@@ -136,7 +143,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),
         Some(Command::Torch(a)) => torch(&a),
-        Some(Command::Gpu(a)) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick }),
+        Some(Command::Gpu(a)) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick, full: a.full }),
         None => cpu(&CpuArgs::parse_from_defaults()),
     }
 }

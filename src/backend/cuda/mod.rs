@@ -39,6 +39,8 @@ mod attention_tests;
 mod gpu_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod tensor_ops_tests;
+#[cfg(all(test, qc_cuda_kernels))]
+mod baseline_tests;
 
 pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
@@ -152,6 +154,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_quantize_rows_bf16",
     "qc_layernorm_mod_q8_f32",
     "qc_layernorm_mod_q8_bf16",
+    // baseline.cu
+    "qc_softmax_rows_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -202,6 +206,7 @@ kernel_args! {
     QcGemmI8Args => ["qc_gemm_w8a8"];
     QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
     QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
+    QcSoftmaxArgs => ["qc_softmax_rows_bf16"];
 }
 
 /// What [`probe`] found.
@@ -667,6 +672,7 @@ mod tests {
         covered.extend(QcGemmI8Args::KERNELS);
         covered.extend(QcQuantizeArgs::KERNELS);
         covered.extend(QcLayerNormQ8Args::KERNELS);
+        covered.extend(QcSoftmaxArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
