@@ -259,8 +259,8 @@ impl CudaBackend {
         Tensor::new(t.shape(), Storage::Cuda(b))
     }
 
-    /// The keys noted so far (host fallbacks, unprepared weights), sorted.
-    #[cfg(test)]
+    /// The keys noted so far (host fallbacks, unprepared weights), sorted (for the GPU tests).
+    #[cfg(all(test, qc_cuda_kernels))]
     pub(crate) fn notes(&self) -> Vec<&'static str> {
         let mut v: Vec<_> = self.notes.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
         v.sort_unstable();

@@ -167,7 +167,8 @@ impl CudaBackend {
         }
     }
 
-    /// Attention on the host (f32), for a head dim the kernels do not cover.
+    /// Attention on the host (f32), for what the kernels do not cover: a head dim
+    /// outside them, or a score bias with scale 0.
     fn attention_on_host(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>, why: &'static str) -> Result<Tensor> {
         self.note_once(why, || format!("attention {why}: computed on the CPU (host fallback)"));
         let (qh, kh, vh) = (self.host_f32(q)?, self.host_f32(k)?, self.host_f32(v)?);
