@@ -26,7 +26,14 @@
 //   - RoPE (optional) is applied in shared memory by the thread that loaded
 //     each 16-byte chunk, after its cp.async completes and before the barrier;
 //   - one entry point per HDP (qc_attention_d{16,32,64,80,128}_bf16): see the
-//     note above them. Blocks loop over work items with a grid stride.
+//     note above them. Blocks loop over work items with a grid stride;
+//   - an additive score bias (T5's relative positions) is a template flag,
+//     with its own entry points (qc_attention_bias_d*_bf16) taking
+//     QcAttentionBiasArgs: the unbiased instantiations carry none of its work.
+//     Each lane reads the f32 bias of its own score elements straight from
+//     global memory into its Q K^T accumulators (as bias / scale, so the
+//     scaling gives scale * q.k + bias): the bias is read once per block, so
+//     staging it in shared memory would only add a barrier.
 #include "common.cuh"
 
 namespace qc {
@@ -173,8 +180,15 @@ __device__ __forceinline__ void rope_tile(bf16* s, const float* __restrict__ fre
 
 // ------------------------------------------------------------ the kernel body
 
-template <int HDP>
-__device__ __forceinline__ void attention(const QcAttentionArgs& a, bf16* smem) {
+// The additive score bias of QcAttentionBiasArgs (p = nullptr in the unbiased kernels).
+struct ScoreBias {
+    const float* p;
+    int64_t ld;
+    int64_t head_stride;
+};
+
+template <int HDP, bool BIAS>
+__device__ __forceinline__ void attention(const QcAttentionArgs& a, const ScoreBias& bias, bf16* smem) {
     constexpr int BN = Cfg<HDP>::BN;
     constexpr int SROW = Cfg<HDP>::SROW;
     constexpr int TILE = Cfg<HDP>::TILE;
@@ -193,6 +207,7 @@ __device__ __forceinline__ void attention(const QcAttentionArgs& a, bf16* smem) 
     const int* kv_end = dev_ptr<const int>(a.kv_end);
     const float* freqs = dev_ptr<const float>(a.rope_freqs);
     const float scale_log2 = a.scale * 1.4426950408889634f;  // scores in base 2
+    const float inv_scale = BIAS ? 1.0f / a.scale : 0.0f;    // bias / scale: see the key loop
     bf16* const q_s = smem + 2 * TILE;                       // second stage's K and V tiles
 
     // Zero the padding columns [hd, HDP) of every shared row once: nothing writes them later.
@@ -226,6 +241,16 @@ __device__ __forceinline__ void attention(const QcAttentionArgs& a, bf16* smem) 
         }
         vs = Seq{vg + hoff, a.ldv, ks.row0, ks.rstride, ks.len};
         const int kv_len = ks.len;
+        // Bias rows of this lane's two query rows (lane/4 and lane/4 + 8 of the warp's 16);
+        // row 0 stands in for rows past q_len, whose results are never stored.
+        const float* bias_row[2] = {nullptr, nullptr};
+        if constexpr (BIAS) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int i = q0 + warp * 16 + (lane >> 2) + hr * 8;
+                bias_row[hr] = bias.p + h * bias.head_stride + static_cast<int64_t>(i < a.q_len ? i : 0) * bias.ld;
+            }
+        }
 
         // The previous work item is done with shared memory (and the padding is zeroed).
         __syncthreads();
@@ -288,10 +313,23 @@ __device__ __forceinline__ void attention(const QcAttentionArgs& a, bf16* smem) 
             if (!active) continue;
 
             const int key0 = t * BN;
-            // S = Q K^T for the warp's 16 rows and the tile's BN keys.
+            // S = Q K^T (+ bias / scale) for the warp's 16 rows and the tile's BN keys. The
+            // bias enters as the accumulators' initial value: no registers beyond S (keeping
+            // it apart spilled), and the scaling below makes it bias. Keys past kv_len read nothing.
             float s[NB][4];
+            if constexpr (BIAS) {
 #pragma unroll
-            for (int n = 0; n < NB; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+                for (int n = 0; n < NB; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = key0 + n * 8 + (lane & 3) * 2 + (e & 1);
+                        s[n][e] = j < kv_len ? __ldg(bias_row[e >> 1] + j) * inv_scale : 0.0f;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int n = 0; n < NB; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            }
 #pragma unroll
             for (int kb = 0; kb < KB; ++kb) {
                 if (kb * 16 >= hd) continue;  // all-padding head-dim block
@@ -399,13 +437,24 @@ namespace qc {
 namespace attn {
 // The body of every entry point: argument checks (a bad launch traps: a loud error, not
 // stale output), then the HDP variant on the kernel's static shared memory.
-template <int HDP>
-__device__ __forceinline__ void entry(const QcAttentionArgs& a) {
+template <int HDP, bool BIAS>
+__device__ __forceinline__ void entry(const QcAttentionArgs& a, const ScoreBias& bias) {
     __shared__ __align__(128) uint4 smem_raw[Cfg<HDP>::SMEM_BYTES / 16];
     const int hd = a.head_dim;
     const bool aligned = ((a.q | a.k | a.v | a.out) & 15) == 0 && ((a.ldq | a.ldk | a.ldv | a.ldo) & 7) == 0;
     if (blockDim.x != THREADS || hd < 8 || hd > HDP || hd % 8 != 0 || a.groups_inner < 1 || !aligned) __trap();
-    attention<HDP>(a, reinterpret_cast<bf16*>(smem_raw));
+    if (BIAS && (bias.p == nullptr || (reinterpret_cast<uintptr_t>(bias.p) & 3) != 0 || a.scale == 0.0f)) __trap();
+    attention<HDP, BIAS>(a, bias, reinterpret_cast<bf16*>(smem_raw));
+}
+
+template <int HDP>
+__device__ __forceinline__ void entry(const QcAttentionArgs& a) {
+    entry<HDP, false>(a, ScoreBias{nullptr, 0, 0});
+}
+
+template <int HDP>
+__device__ __forceinline__ void entry(const QcAttentionBiasArgs& b) {
+    entry<HDP, true>(b.attn, ScoreBias{dev_ptr<const float>(b.bias), b.bias_ld, b.bias_head_stride});
 }
 }  // namespace attn
 }  // namespace qc
@@ -433,5 +482,26 @@ extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_d80_bf16(const
 }
 // Flash attention (QcAttentionArgs), head_dim <= 128.
 extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_d128_bf16(const QcAttentionArgs a) {
+    qc::attn::entry<128>(a);
+}
+
+// The same with an additive f32 score bias (QcAttentionBiasArgs; T5's relative
+// positions): head_dim <= 16 (the tiny T5 fixture: 8), 32, 64 (T5: 64), 80, 128.
+// The bias loads and their addresses take ~35 registers more than the unbiased
+// kernels: d16 and d32 run 3 blocks per SM and d128 2 (ptxas spilled at 4 and 3),
+// a small loss where they serve (T5's attention is ~1% of its encoder time).
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_bias_d16_bf16(const QcAttentionBiasArgs a) {
+    qc::attn::entry<16>(a);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_bias_d32_bf16(const QcAttentionBiasArgs a) {
+    qc::attn::entry<32>(a);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_bias_d64_bf16(const QcAttentionBiasArgs a) {
+    qc::attn::entry<64>(a);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) qc_attention_bias_d80_bf16(const QcAttentionBiasArgs a) {
+    qc::attn::entry<80>(a);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) qc_attention_bias_d128_bf16(const QcAttentionBiasArgs a) {
     qc::attn::entry<128>(a);
 }

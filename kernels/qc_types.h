@@ -612,6 +612,32 @@ typedef struct QcAttentionArgs {
     float scale;
 } QcAttentionArgs;
 
+/*
+ * qc_attention_bias_d{16,32,64,80,128}_bf16: qc_attention_dNN_bf16 (same
+ * kernel body, every QcAttentionArgs rule above holds for `attn`) with an
+ * additive score bias, T5's relative position bias:
+ *     s_j = scale * q[g, i, h, :] . k[g, j, h, :] + bias[h * bias_head_stride + i * bias_ld + j]
+ *   for query i < q_len and key j < kv_len(g) (j counts the group's keys from 0,
+ *   whatever rows of k they are), shared by all groups (broadcast over the
+ *   batch). T5 passes scale 1 (its scores are unscaled) and a [heads, L, L]
+ *   table (bias_ld = L, bias_head_stride = L * L); keys past a prompt's length
+ *   are left out through kv_start / kv_end, as without a bias.
+ *   bias: f32 (the model adds it in f32; bf16 would round T5's biases of
+ *   magnitude ~10 by up to 0.03, a few percent of a probability, while the
+ *   table is small: 23 MB at 64 heads x 300 x 300, read once per block),
+ *   4-byte aligned, finite; any bias_ld >= max kv_len(g) and bias_head_stride.
+ *   Only entries with i < q_len and j < kv_len(g) are read. The kernel
+ *   starts the q.k accumulation at bias / scale (exact for scale 1, two f32
+ *   roundings otherwise), so scale must be nonzero. A null or misaligned bias,
+ *   or scale 0, traps.
+ */
+typedef struct QcAttentionBiasArgs {
+    QcAttentionArgs attn;
+    qc_dptr bias;              /* f32, see above */
+    int64_t bias_ld;           /* elements between query rows */
+    int64_t bias_head_stride;  /* elements between heads */
+} QcAttentionBiasArgs;
+
 /* ------------------------------------------------------------ baseline.cu */
 
 /*

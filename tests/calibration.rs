@@ -4,7 +4,7 @@
 mod common;
 
 use qc::pipeline::{ModelDefaults, ModelPaths};
-use qc::quant::calibrate::{collect_stats, Importance, FORMAT, PRESETS};
+use qc::quant::calibrate::{allocate, collect_stats, Importance, FORMAT, PRESETS};
 use qc::quant::preset::{block_linears, quantize_blocks, QuantPreset};
 use qc::model::stdit3::Stdit3;
 use std::path::Path;
@@ -116,4 +116,67 @@ fn calibrate_command_checks_its_inputs() {
     assert!(ok && gif.exists(), "{err}");
     let (ok, err) = run(&["generate", "--model", m.to_str().unwrap(), "--prompt", "a red ball", "--calibration", out.to_str().unwrap(), "--output", gif.to_str().unwrap()]);
     assert!(!ok && err.contains("--calibration"), "{err}");
+}
+
+#[test]
+fn allocation_meets_the_budget_at_the_least_sensitivity() {
+    // Three units of equal size: b is cheap to quantize, c is sensitive.
+    let sens = vec![("a".to_string(), 100, vec![0.01, 0.2]), ("b".to_string(), 100, vec![0.001, 0.01]), ("c".to_string(), 100, vec![0.5, 0.9])];
+    let (plan, bits) = allocate(&sens, 16.0).unwrap();
+    assert_eq!(bits, 16.0);
+    assert!(plan.values().all(|p| *p == QuantPreset::None));
+    // 12 bits on average: b steps down first (least sensitivity per bit), then a; c keeps 16 bits.
+    let (plan, bits) = allocate(&sens, 12.0).unwrap();
+    assert!((bits - 32.0 / 3.0).abs() < 1e-9, "{bits}");
+    assert_eq!(plan["c"], QuantPreset::None, "the sensitive unit keeps full precision while the budget allows");
+    assert_eq!((plan["a"], plan["b"]), (QuantPreset::W8A8, QuantPreset::W8A8));
+    // 8 bits: b goes on to 4 bits (0.009 more over 400 bits) before c leaves bf16 (0.5 over 800).
+    let (plan, bits) = allocate(&sens, 8.0).unwrap();
+    assert!(bits <= 8.0);
+    assert_eq!((plan["a"], plan["b"], plan["c"]), (QuantPreset::W4A8, QuantPreset::W4A8, QuantPreset::W8A8), "{bits}");
+    let (plan, bits) = allocate(&sens, 4.0).unwrap();
+    assert_eq!(bits, 4.0);
+    assert!(plan.values().all(|p| *p == QuantPreset::W4A8));
+    let err = allocate(&sens, 3.0).unwrap_err().to_string();
+    assert!(err.contains("4") && err.contains("16"), "{err}");
+}
+
+#[test]
+fn aigq_plan_is_written_and_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = fixture_model(dir.path());
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a red ball\nclouds\n").unwrap();
+    let out = dir.path().join("calib");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_qc-run")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        (o.status.success(), err)
+    };
+    let (ms, ps, os) = (m.to_str().unwrap(), prompts.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, err) = run(&["calibrate", "--model", ms, "--prompts", ps, "--output", os, "--budget", "2"]);
+    assert!(!ok && err.contains("reachable average weight bits are 4 to 16"), "{err}");
+    let (ok, err) = run(&["calibrate", "--model", ms, "--prompts", ps, "--output", os, "--budget", "6", "--sensitivity-prompts", "1"]);
+    assert!(ok && err.contains("aigq plan"), "{err}");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quant.json")).unwrap()).unwrap();
+    let plan = meta["plan"].as_object().unwrap();
+    assert_eq!(plan.len(), 2 * 2 * 3, "the fixture has 2 spatial + 2 temporal blocks of 3 sub-modules: {plan:?}");
+    assert!(meta["plan_bits"].as_f64().unwrap() <= 6.0);
+    let units = meta["sensitivity"]["units"].as_object().unwrap();
+    assert!(units.values().all(|u| u["w4a8"].as_f64().unwrap() > 0.0 && u["w8a8"].as_f64().unwrap() > 0.0));
+    let imp = Importance::from_dir(&out).unwrap();
+    assert_eq!(imp.plan.as_ref().unwrap().len(), 12);
+    let mut dit = Stdit3::load(&m.join("stdit3")).unwrap();
+    let w = quantize_blocks(&mut dit, QuantPreset::Aigq, Some(&imp)).unwrap();
+    assert!(w.bits() > 4.0 && w.bits() < 7.5, "{}", w.bits());
+    let gif = dir.path().join("v.gif");
+    let (ok, err) = run(&["generate", "--model", ms, "--prompt", "a red ball", "--quant", "aigq", "--calibration", os, "--output", gif.to_str().unwrap()]);
+    assert!(ok && gif.exists(), "{err}");
+    // A calibration without a plan is refused for aigq.
+    let plain = dir.path().join("plain");
+    let (ok, err) = run(&["calibrate", "--model", ms, "--prompts", ps, "--output", plain.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, err) = run(&["generate", "--model", ms, "--prompt", "a red ball", "--quant", "aigq", "--calibration", plain.to_str().unwrap(), "--output", gif.to_str().unwrap()]);
+    assert!(!ok && err.contains("no aigq plan"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! GPU tests of `kernels/attention.cu` (qc_attention_d*_bf16). Conventions as in
+//! GPU tests of `kernels/attention.cu` (qc_attention_d*_bf16 and, with a score
+//! bias, qc_attention_bias_d*_bf16). Conventions as in
 //! `gpu_tests.rs`: ignored by default (run by tools/gpu-check), fresh random
 //! inputs, NaN-poisoned outputs, rel-L2 <= 1e-2 against an f64 reference
 //! computed from the bf16-rounded inputs.
@@ -55,6 +56,16 @@ struct Problem {
     ranges: Option<Vec<(usize, usize)>>,
     rope: Option<Vec<f32>>,
     scale: f32,
+    /// Additive f32 score bias (the qc_attention_bias kernels), or None.
+    bias: Option<ScoreBias>,
+}
+
+/// `v[h * head_stride + i * ld + j]` is added to the score of query i and key j of head h.
+#[derive(Clone, Debug)]
+struct ScoreBias {
+    v: Vec<f32>,
+    ld: usize,
+    head_stride: usize,
 }
 
 impl Problem {
@@ -120,8 +131,12 @@ fn reference(p: &Problem, bufs: &[Vec<f32>], keep: &(dyn Fn(usize) -> bool + Syn
                 if let Some(f) = &p.rope {
                     rotate(&mut qv, i, f);
                 }
-                let s: Vec<f64> =
-                    keys.iter().map(|k| k.iter().zip(&qv).map(|(a, b)| a * b).sum::<f64>() * p.scale as f64).collect();
+                let bias = |j: usize| p.bias.as_ref().map_or(0.0, |b| b.v[h * b.head_stride + i * b.ld + j] as f64);
+                let s: Vec<f64> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| k.iter().zip(&qv).map(|(a, b)| a * b).sum::<f64>() * p.scale as f64 + bias(j))
+                    .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -188,10 +203,28 @@ fn launch(g: &Gpu, p: &Problem, bufs: &[Vec<f32>], grid: Option<u32>, in_place: 
         head_dim: p.hd as i32,
         scale: p.scale,
     };
-    let (name, _) = launch_cfg::attention_kernel(p.hd).expect("head dim has a kernel");
     let (auto_grid, block) = launch_cfg::attention(p.q_len as i64, p.heads as i64, p.groups as i64);
-    g.run(name, (grid.unwrap_or(auto_grid), block), args);
+    let cfg = (grid.unwrap_or(auto_grid), block);
+    match &p.bias {
+        None => g.run(kernel_name(p), cfg, args),
+        Some(b) => {
+            let dbias = g.up_raw(&b.v);
+            let bias_args = QcAttentionBiasArgs {
+                attn: args,
+                bias: g.addr(&dbias, 0),
+                bias_ld: b.ld as i64,
+                bias_head_stride: b.head_stride as i64,
+            };
+            g.run(kernel_name(p), cfg, bias_args);
+        }
+    }
     g.down(out_slice)
+}
+
+/// The kernel that runs `p`.
+fn kernel_name(p: &Problem) -> &'static str {
+    let k = if p.bias.is_some() { launch_cfg::attention_bias_kernel(p.hd) } else { launch_cfg::attention_kernel(p.hd) };
+    k.expect("head dim has a kernel").0
 }
 
 /// Runs `p` and checks it: rel-L2 over the query rows with `keep(i)`, and the
@@ -211,7 +244,7 @@ fn run_case(
         p.q_len,
         p.heads,
         p.hd,
-        launch_cfg::attention_kernel(p.hd).unwrap().0
+        kernel_name(p)
     );
     let cov = covered(p);
     for (i, (&o, &c)) in out.iter().zip(&cov).enumerate() {
@@ -266,6 +299,7 @@ fn spatial(rng: &mut Rng, groups: usize, q_len: usize, heads: usize, hd: usize, 
         ranges: None,
         rope: None,
         scale: 1.0 / (hd as f32).sqrt(),
+        bias: None,
     };
     (p, bufs)
 }
@@ -294,6 +328,7 @@ fn temporal(rng: &mut Rng, b: usize, t: usize, s: usize, heads: usize, hd: usize
         ranges: None,
         rope: Some(rope_freqs(hd)),
         scale: 1.0 / (hd as f32).sqrt(),
+        bias: None,
     };
     (p, vec![buf])
 }
@@ -323,6 +358,7 @@ fn cross(rng: &mut Rng, q_len: usize, heads: usize, hd: usize, ranges: Vec<(usiz
         ranges: Some(ranges),
         rope: None,
         scale: 1.0 / (hd as f32).sqrt(),
+        bias: None,
     };
     (p, vec![qb, kv])
 }
@@ -546,4 +582,122 @@ fn attention_matches_cpu_backend() {
         .unwrap();
     let want: Vec<f64> = cpu_out.f32().unwrap().iter().map(|&x| x as f64).collect();
     check("vs CPU backend, ragged", &gpu_out, &want, TOL);
+}
+
+// ------------------------------------------------------------------ score bias (T5)
+
+/// `p` with an f32 score bias of `amp`-uniform values, rows `ld = max kv len + ld_pad`
+/// apart and heads `q_len * ld + head_pad` apart (padding that must never be read
+/// into a score: it holds huge values), and scale `scale`.
+fn with_bias(rng: &mut Rng, p: &Problem, amp: f32, ld_pad: usize, head_pad: usize, scale: f32) -> Problem {
+    let max_kv = (0..p.groups).map(|g| p.kv_rows(g).len()).max().unwrap_or(0);
+    let ld = max_kv + ld_pad;
+    let head_stride = p.q_len * ld + head_pad;
+    let mut v = vec![1e30f32; p.heads * head_stride];
+    for h in 0..p.heads {
+        for i in 0..p.q_len {
+            let row = h * head_stride + i * ld;
+            v[row..row + max_kv].copy_from_slice(&rng.vec(max_kv, amp));
+        }
+    }
+    Problem { bias: Some(ScoreBias { v, ld, head_stride }), scale, ..p.clone() }
+}
+
+/// T5's layout: B prompts padded to L tokens, rows b*L.. of separate q, k, v
+/// `[B*L, C]` buffers, each prompt attending to its first `lens[b]` keys (the
+/// padding left out through the key ranges, every query row still computed).
+fn t5_layout(rng: &mut Rng, l: usize, lens: &[usize], heads: usize, hd: usize, amp: f32) -> (Problem, Vec<Vec<f32>>) {
+    let ranges: Vec<(usize, usize)> = lens.iter().enumerate().map(|(b, &n)| (b * l, b * l + n)).collect();
+    let c = heads * hd;
+    let rows = lens.len() * l;
+    let bufs: Vec<Vec<f32>> = (0..3).map(|_| q::<Bf16>(&rng.vec(rows * c, amp))).collect();
+    let pl = |i| Place { buf: i, off: 0, ld: c };
+    let p = Problem {
+        heads,
+        hd,
+        groups: lens.len(),
+        groups_inner: 1,
+        q_len: l,
+        outer: l,
+        inner: 0,
+        seq: 1,
+        q: pl(0),
+        k: pl(1),
+        v: pl(2),
+        o: Place { buf: 0, off: 0, ld: c },
+        out_len: rows * c,
+        ranges: Some(ranges),
+        rope: None,
+        scale: 1.0,
+        bias: None,
+    };
+    (p, bufs)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_bias_t5_xxl() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // T5-XXL: 64 heads of 64, 300 tokens, unscaled scores plus a position bias of
+    // T5's magnitude; one full prompt and one of 123 tokens padded to 300.
+    let heads = if small_run() { 8 } else { 64 };
+    let (p, bufs) = t5_layout(&mut rng, 300, &[300, 123], heads, 64, 0.5);
+    let p = with_bias(&mut rng, &p, 8.0, 0, 0, 1.0);
+    run_case(&g, "t5-xxl bias", &p, &bufs, &all, None);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_bias_shapes() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // The tiny T5 fixture (4 heads of 8, 12 tokens, prompts of 5 and 12), the demo
+    // T5 (16), and every other kernel; prompt lengths around the key tiles, an empty
+    // one; bias rows and heads with padding that must not be read.
+    let cases: [(usize, &[usize], usize, usize); 7] = [
+        (12, &[5, 12], 4, 8),
+        (12, &[12, 1, 7], 4, 16),
+        (77, &[77, 0, 33], 3, 32),
+        (130, &[64, 130, 65], 2, 64),
+        (129, &[129, 100], 2, 72),
+        (40, &[33, 40], 2, 128),
+        (1, &[1], 3, 40),
+    ];
+    for (k, (l, lens, heads, hd)) in cases.into_iter().enumerate() {
+        let (p, bufs) = t5_layout(&mut rng, l, lens, heads, hd, 1.0);
+        let p = with_bias(&mut rng, &p, 4.0, k % 3, 5 * (k % 2), if k % 2 == 0 { 1.0 } else { 1.0 / (hd as f32).sqrt() });
+        let out = run_case(&g, "bias", &p, &bufs, &all, None);
+        if let Some(e) = lens.iter().position(|&n| n == 0) {
+            let c = heads * hd;
+            assert!(out[e * l * c..(e + 1) * l * c].iter().all(|&x| x == 0.0), "empty kv range: output not zero");
+        }
+    }
+    // Self-attention layout (no key ranges) with a bias, separate and fused qkv, and
+    // fewer blocks than work items.
+    let (p, bufs) = spatial(&mut rng, 3, 100, 2, 64, true, 8, 1.0);
+    let p = with_bias(&mut rng, &p, 4.0, 2, 0, 1.0);
+    run_case(&g, "bias self-attention", &p, &bufs, &all, None);
+    run_case(&g, "bias grid stride 5", &p, &bufs, &all, Some(5));
+    let (p, bufs) = temporal(&mut rng, 2, 30, 5, 2, 16);
+    let p = with_bias(&mut rng, &p, 4.0, 0, 3, 0.25);
+    run_case(&g, "bias with rope", &p, &bufs, &all, None);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_zero_bias_matches_unbiased_kernel() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // A zero bias adds exactly nothing: the biased kernels' outputs are bit-identical.
+    for hd in [8usize, 64, 72, 128] {
+        let (p, bufs) = t5_layout(&mut rng, 90, &[90, 31], 2, hd, 1.0);
+        let plain = launch(&g, &p, &bufs, None, false);
+        let mut biased = with_bias(&mut rng, &p, 0.0, 1, 0, 1.0);
+        biased.bias.as_mut().unwrap().v.iter_mut().for_each(|x| *x = 0.0);
+        let out = launch(&g, &biased, &bufs, None, false);
+        for (i, (a, b)) in out.iter().zip(&plain).enumerate() {
+            assert!(a.to_bits() == b.to_bits(), "hd {hd}: element {i}: zero bias {a}, no bias {b}");
+        }
+    }
 }

@@ -52,10 +52,17 @@
 //! - [`ConvOps`](crate::backend::ConvOps) (the VAE's convolutions, group norm,
 //!   upsampling): download, run on the CPU backend in f32, upload the f32
 //!   result. The pipeline runs the whole VAE on the CPU backend instead.
-//! - Attention with an additive score bias (T5's relative positions) or a head
-//!   dim the kernels do not cover (not a multiple of 8 in 8..=128, e.g. the
-//!   VAE's 512): download q, k, v, CPU attention in f32, upload as bf16.
+//! - Attention with a head dim the kernels do not cover (not a multiple of 8
+//!   in 8..=128, e.g. the VAE's 512), with or without a score bias: download
+//!   q, k, v (and the bias), CPU attention in f32, upload as bf16. Attention
+//!   with an additive score bias (T5's relative positions) runs on the
+//!   qc_attention_bias kernels for every head dim the plain ones cover; only
+//!   a biased one with scale 0 (which those kernels cannot express) falls back.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
+//! - Not fallbacks, but host work by design: T5's `[heads, L, L]` position bias
+//!   is built on the host once per encode and uploaded once (`T5Encoder::encode`
+//!   through `prepare_tensor`); token embeddings are gathered from the host
+//!   table (`gather_rows`), only the prompt's rows uploaded.
 //!
 //! # CUDA graphs
 //! The sampler runs each denoising step (the DiT forward on the CFG batch,
@@ -286,6 +293,14 @@ impl CudaBackend {
         let b = self.dev(t, t.dtype())?;
         let b = if matches!(t.storage(), Storage::Cuda(_)) { self.copy_buf(&b)? } else { b };
         Tensor::new(t.shape(), Storage::Cuda(b))
+    }
+
+    /// The keys noted so far (host fallbacks, unprepared weights), sorted (for the GPU tests).
+    #[cfg(all(test, qc_cuda_kernels))]
+    pub(crate) fn notes(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.notes.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Prints `msg` to stderr the first time `key` is noted.

@@ -169,7 +169,8 @@ impl CudaBackend {
         }
     }
 
-    /// Attention on the host (f32), for a score bias or an unsupported head dim.
+    /// Attention on the host (f32), for what the kernels do not cover: a head dim
+    /// outside them, or a score bias with scale 0.
     fn attention_on_host(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>, why: &'static str) -> Result<Tensor> {
         self.note_once(why, || format!("attention {why}: computed on the CPU (host fallback)"));
         let (qh, kh, vh) = (self.host_f32(q)?, self.host_f32(k)?, self.host_f32(v)?);
@@ -393,12 +394,19 @@ impl Backend for CudaBackend {
         ensure!(spec.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
         let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
         ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
-        if bias.is_some() {
-            return self.attention_on_host(q, k, v, spec, bias, "with a score bias (T5)");
+        let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
+        if let Some(b) = bias {
+            let s = b.shape();
+            ensure!(s.len() == 3 && s[0] == h && s[1] == lq && s[2] >= max_len, "attention: bias {s:?} is not [{h}, {lq}, >= {max_len}]");
         }
-        let Some((name, _)) = launch_cfg::attention_kernel(d) else {
-            return self.attention_on_host(q, k, v, spec, None, "with a head dim the kernels do not cover");
+        let kernel = if bias.is_some() { launch_cfg::attention_bias_kernel(d) } else { launch_cfg::attention_kernel(d) };
+        let Some((name, _)) = kernel else {
+            return self.attention_on_host(q, k, v, spec, bias, "with a head dim the kernels do not cover");
         };
+        if bias.is_some() && spec.scale == 0.0 {
+            // The biased kernels start the dot products at bias / scale (qc_types.h).
+            return self.attention_on_host(q, k, v, spec, bias, "with a score bias and scale 0");
+        }
         let fits = |v: usize| v <= i32::MAX as usize;
         ensure!(fits(g) && fits(lq) && fits(h) && fits(max_end), "attention of {g} groups of {lq} queries is too large for the kernel");
         let out = self.alloc(DType::BF16, g * lq * c)?;
@@ -437,7 +445,17 @@ impl Backend for CudaBackend {
             head_dim: d as i32,
             scale: spec.scale,
         };
-        self.run(name, launch_cfg::attention(lq as i64, h as i64, g as i64), args)?;
+        let grid = launch_cfg::attention(lq as i64, h as i64, g as i64);
+        match bias {
+            None => self.run(name, grid, args)?,
+            Some(b) => {
+                // f32 as the model computes it (T5's table is prepared on the device once per encode).
+                let bb = self.dev(b, DType::F32)?;
+                let ld = b.shape()[2];
+                let bias_args = QcAttentionBiasArgs { attn: args, bias: bb.address(), bias_ld: ld as i64, bias_head_stride: (lq * ld) as i64 };
+                self.run(name, grid, bias_args)?;
+            }
+        }
         self.tensor(&[g * lq, c], out)
     }
 

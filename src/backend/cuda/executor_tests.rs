@@ -263,16 +263,26 @@ fn qk_norm_rope_matches_cpu() {
 #[ignore = "needs a CUDA GPU: run tools/gpu-check"]
 fn attention_matches_cpu() {
     let (be, cpu, mut rng) = (gpu(), CpuBackend::new(), rng("attention"));
-    let mut t5_like = AttnSpec::ragged(12, 3, 16, vec![(0, 7), (12, 24)]);
-    t5_like.scale = 1.0;
+    let unscaled = |mut s: AttnSpec| {
+        s.scale = 1.0;
+        s
+    };
+    let t5_like = unscaled(AttnSpec::ragged(12, 3, 16, vec![(0, 7), (12, 24)]));
+    // The tiny T5 fixture: 4 heads of 8, prompts of 5 and 12 tokens padded to 12.
+    let t5_tiny = unscaled(AttnSpec::ragged(12, 4, 8, vec![(0, 5), (12, 24)]));
     let mut cases = vec![
         (AttnSpec::dense(6, 16, 16, 4, 16), false),                                  // spatial-like
         (AttnSpec::dense(16, 5, 5, 4, 16), false),                                   // temporal-like
         (AttnSpec::ragged(70, 2, 72, AttnSpec::ranges_from_offsets(&[0, 5, 17, 17, 30])), false), // cross, an empty range
         (AttnSpec::dense(2, 20, 150, 2, 32), false),                                 // keys != queries
-        (t5_like, true),                                                             // score bias: host fallback
+        (t5_like, true),                                                             // score bias (T5), a padded prompt
+        (t5_tiny, true),                                                             // score bias, head dim 8
+        (AttnSpec::dense(3, 33, 33, 2, 72), true),                                   // score bias, self-attention layout
         (AttnSpec::dense(2, 9, 9, 2, 12), false),                                    // head dim 12: host fallback
+        (AttnSpec::dense(2, 9, 9, 2, 12), true),                                     // head dim 12 with a bias: host fallback
     ];
+    // T5-XXL: 64 heads of 64, 300 tokens, prompts of 300 and 123 tokens (8 heads under the sanitizers).
+    cases.push((unscaled(AttnSpec::ragged(300, if small() { 8 } else { 64 }, 64, vec![(0, 300), (300, 423)])), true));
     if !small() {
         cases.push((AttnSpec::dense(4, 405, 405, 16, 72), false));
         cases.push((AttnSpec::ragged(2 * 405, 16, 72, AttnSpec::ranges_from_offsets(&[0, 120, 420])), false));
@@ -284,10 +294,16 @@ fn attention_matches_cpu() {
         let qt = rnd(&mut rng, &[spec.groups * spec.q_len, c], 1.0);
         let kt = rnd(&mut rng, &[nk, c], 1.0);
         let vt = rnd(&mut rng, &[nk, c], 1.0);
-        let bias = with_bias.then(|| rnd(&mut rng, &[spec.heads, spec.q_len, bl], 1.0));
+        // T5's biases are of order 1-10; a host f32 tensor here, a device one below.
+        let bias = with_bias.then(|| rnd(&mut rng, &[spec.heads, spec.q_len, bl], 3.0));
         let want = cpu.attention(&qt, &kt, &vt, &spec, bias.as_ref()).unwrap();
+        let what = format!("attention g{} q{} h{} d{} ranges {:?} bias {with_bias}", spec.groups, spec.q_len, spec.heads, spec.head_dim, &spec.kv_ranges[..spec.kv_ranges.len().min(4)]);
         let got = be.attention(&dev_bf16(&be, &qt), &dev_bf16(&be, &kt), &dev_bf16(&be, &vt), &spec, bias.as_ref()).unwrap();
-        check(&format!("attention g{} q{} h{} d{} ranges {:?} bias {with_bias}", spec.groups, spec.q_len, spec.heads, spec.head_dim, &spec.kv_ranges[..spec.kv_ranges.len().min(4)]), &got, &want, 1e-2);
+        check(&what, &got, &want, 1e-2);
+        if let Some(b) = &bias {
+            let got = be.attention(&dev_bf16(&be, &qt), &dev_bf16(&be, &kt), &dev_bf16(&be, &vt), &spec, Some(&dev_f32(&be, b))).unwrap();
+            check(&format!("{what} (device bias)"), &got, &want, 1e-2);
+        }
     }
 }
 
@@ -674,7 +690,7 @@ fn demo_sampling_matches_cpu() {
     same("demo sampling: graphs on vs off", &z2, &Tensor::from_f32(z.shape(), host(&z)).unwrap());
 }
 
-/// The whole pipeline (tokenizer, T5 with its host-fallback attention, DiT, pixel space)
+/// The whole pipeline (tokenizer, T5, DiT, pixel space)
 /// on the demo model, GPU against CPU.
 #[test]
 #[ignore = "needs a CUDA GPU: run tools/gpu-check"]
@@ -691,4 +707,30 @@ fn demo_pipeline_matches_cpu() {
     let err = rel_l2(gv.f32().unwrap(), cv.f32().unwrap());
     eprintln!("demo pipeline, {} steps: GPU vs CPU rel err {err:.2e}", opts.steps);
     assert!(err < 5e-2, "demo pipeline: relative L2 error {err:.3e}");
+}
+
+/// The tiny T5 encoder (prompts padded to 12 tokens) on the GPU against
+/// transformers' f32 output and the CPU backend: bf16 activations and weights,
+/// so the forward tolerance (2e-2), and nothing on the host (no fallback notes).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn t5_encoder_matches_fixture() {
+    use crate::model::t5::T5Encoder;
+    let (be, cpu) = (gpu(), CpuBackend::new());
+    let host_model = T5Encoder::load(&fixture("t5-tiny")).unwrap();
+    let mut model = T5Encoder::load(&fixture("t5-tiny")).unwrap();
+    model.prepare(&be).unwrap();
+    let io = Checkpoint::open_file(&fixture("t5-tiny-io.safetensors")).unwrap();
+    let ids = io.load_any("input_ids").unwrap();
+    let mask = io.load_any("attention_mask").unwrap().to_i64().unwrap();
+    let ids_v = ids.to_i64().unwrap();
+    let b = ids.shape()[0];
+    assert!(mask.iter().any(|&m| m == 0), "the fixture should hold a padded prompt");
+    let out = model.encode(&be, &ids_v, &mask, b).unwrap();
+    let reference = io.load_f32("last_hidden_state").unwrap();
+    check("t5-tiny: GPU vs transformers", &out, &reference, 2e-2);
+    let cpu_out = host_model.encode(&cpu, &ids_v, &mask, b).unwrap();
+    check("t5-tiny: GPU vs the CPU backend", &out, &cpu_out, 2e-2);
+    assert_eq!(be.notes(), Vec::<&str>::new(), "T5 on the GPU used a host fallback or an unprepared weight");
+    eprintln!("t5-tiny: arena {}", be.arena_stats());
 }

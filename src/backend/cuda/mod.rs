@@ -156,6 +156,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_layernorm_mod_q8_bf16",
     // baseline.cu
     "qc_softmax_rows_bf16",
+    // attention.cu: with a score bias (T5)
+    "qc_attention_bias_d16_bf16",
+    "qc_attention_bias_d32_bf16",
+    "qc_attention_bias_d64_bf16",
+    "qc_attention_bias_d80_bf16",
+    "qc_attention_bias_d128_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -201,6 +207,13 @@ kernel_args! {
         "qc_attention_d64_bf16",
         "qc_attention_d80_bf16",
         "qc_attention_d128_bf16",
+    ];
+    QcAttentionBiasArgs => [
+        "qc_attention_bias_d16_bf16",
+        "qc_attention_bias_d32_bf16",
+        "qc_attention_bias_d64_bf16",
+        "qc_attention_bias_d80_bf16",
+        "qc_attention_bias_d128_bf16",
     ];
     QcGemmArgs => ["qc_gemm_bf16"];
     QcGemmI8Args => ["qc_gemm_w8a8"];
@@ -532,11 +545,28 @@ pub mod launch_cfg {
             "qc_attention_d80_bf16",
             "qc_attention_d128_bf16",
         ];
+        attention_variant(head_dim, &NAMES)
+    }
+
+    /// As [`attention_kernel`], the variant with an additive score bias
+    /// (`qc_attention_bias_d{N}_bf16`, [`QcAttentionBiasArgs`](super::abi::QcAttentionBiasArgs)).
+    pub fn attention_bias_kernel(head_dim: usize) -> Option<(&'static str, usize)> {
+        const NAMES: [&str; 5] = [
+            "qc_attention_bias_d16_bf16",
+            "qc_attention_bias_d32_bf16",
+            "qc_attention_bias_d64_bf16",
+            "qc_attention_bias_d80_bf16",
+            "qc_attention_bias_d128_bf16",
+        ];
+        attention_variant(head_dim, &NAMES)
+    }
+
+    fn attention_variant(head_dim: usize, names: &[&'static str; 5]) -> Option<(&'static str, usize)> {
         if head_dim == 0 || !head_dim.is_multiple_of(8) {
             return None;
         }
         let i = ATTENTION_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
-        Some((NAMES[i], ATTENTION_HEAD_DIMS[i]))
+        Some((names[i], ATTENTION_HEAD_DIMS[i]))
     }
 
     /// Static shared memory of the attention kernel with padded head dim `hdp`
@@ -668,6 +698,7 @@ mod tests {
         covered.extend(QcGuidanceArgs::KERNELS);
         covered.extend(QcEulerArgs::KERNELS);
         covered.extend(QcAttentionArgs::KERNELS);
+        covered.extend(QcAttentionBiasArgs::KERNELS);
         covered.extend(QcGemmArgs::KERNELS);
         covered.extend(QcGemmI8Args::KERNELS);
         covered.extend(QcQuantizeArgs::KERNELS);
@@ -775,6 +806,7 @@ mod tests {
     fn attention_launch_shapes() {
         use launch_cfg::*;
         assert_eq!(std::mem::size_of::<QcAttentionArgs>(), 7 * 8 + 7 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<QcAttentionBiasArgs>(), std::mem::size_of::<QcAttentionArgs>() + 3 * 8);
         // (q_len, heads, groups): Open-Sora spatial / temporal / cross, the demo, tails.
         for (q, h, g) in [(3600i64, 16i64, 120i64), (30, 16, 4 * 3600), (30 * 3600, 16, 4), (64, 4, 16), (1, 1, 1), (65, 3, 7), (129, 2, 1)] {
             let (grid, block) = attention(q, h, g);
@@ -802,6 +834,13 @@ mod tests {
             let (name, hdp) = attention_kernel(hd).unwrap();
             assert!(hd <= hdp && hdp % 16 == 0 && KERNEL_NAMES.contains(&name));
             assert!(QcAttentionArgs::KERNELS.contains(&name));
+            let (bias_name, bias_hdp) = attention_bias_kernel(hd).unwrap();
+            assert_eq!(bias_hdp, hdp);
+            assert_eq!(bias_name, name.replace("qc_attention_d", "qc_attention_bias_d"));
+            assert!(KERNEL_NAMES.contains(&bias_name) && QcAttentionBiasArgs::KERNELS.contains(&bias_name));
+        }
+        for bad in [0usize, 4, 12, 136, 256] {
+            assert_eq!(attention_bias_kernel(bad), None, "head_dim {bad}");
         }
         for hdp in ATTENTION_HEAD_DIMS {
             // Static shared memory is limited to 48 KiB; 3 blocks per SM fit on sm_80 too.
@@ -827,7 +866,8 @@ mod tests {
                 continue;
             }
             let Some((name, arch)) = &current else { continue };
-            let Some(hdp) = name.strip_prefix("qc_attention_d").and_then(|s| s.strip_suffix("_bf16")) else { continue };
+            let dims = name.strip_prefix("qc_attention_d").or_else(|| name.strip_prefix("qc_attention_bias_d"));
+            let Some(hdp) = dims.and_then(|s| s.strip_suffix("_bf16")) else { continue };
             let hdp: usize = hdp.parse().unwrap();
             if line.contains("spill stores") {
                 assert!(line.contains(" 0 bytes spill stores, 0 bytes spill loads"), "{name} ({arch}) spills: {line}");
@@ -838,8 +878,8 @@ mod tests {
                 seen += 1;
             }
         }
-        // Five kernels, sm_80 and sm_90a.
-        assert_eq!(seen, 2 * launch_cfg::ATTENTION_HEAD_DIMS.len(), "attention kernels in ptxas.log");
+        // Five kernels without and five with a score bias, sm_80 and sm_90a.
+        assert_eq!(seen, 2 * 2 * launch_cfg::ATTENTION_HEAD_DIMS.len(), "attention kernels in ptxas.log");
     }
 
     #[test]
