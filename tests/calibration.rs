@@ -4,7 +4,7 @@
 mod common;
 
 use qc::pipeline::{ModelDefaults, ModelPaths};
-use qc::quant::calibrate::{allocate, collect_stats, Importance, FORMAT, PRESETS};
+use qc::quant::calibrate::{allocate, collect_stats, Importance, UnitSensitivity, FORMAT, PRESETS};
 use qc::quant::preset::{block_linears, quantize_blocks, QuantPreset};
 use qc::model::stdit3::Stdit3;
 use std::path::Path;
@@ -120,25 +120,26 @@ fn calibrate_command_checks_its_inputs() {
 
 #[test]
 fn allocation_meets_the_budget_at_the_least_sensitivity() {
-    // Three units of equal size: b is cheap to quantize, c is sensitive.
-    let sens = vec![("a".to_string(), 100, vec![0.01, 0.2]), ("b".to_string(), 100, vec![0.001, 0.01]), ("c".to_string(), 100, vec![0.5, 0.9])];
+    // Three units of 100 values (bits per value 16 / 8 / 4 for simplicity): b is cheap to quantize, c is sensitive.
+    let unit = |name: &str, s8: f64, s4: f64| UnitSensitivity { unit: name.into(), values: 100, bits: [1600.0, 800.0, 400.0], sensitivity: [0.0, s8, s4] };
+    let sens = vec![unit("a", 0.01, 0.2), unit("b", 0.001, 0.01), unit("c", 0.5, 0.9)];
     let (plan, bits) = allocate(&sens, 16.0).unwrap();
     assert_eq!(bits, 16.0);
     assert!(plan.values().all(|p| *p == QuantPreset::None));
     // 12 bits on average: b steps down first (least sensitivity per bit), then a; c keeps 16 bits.
     let (plan, bits) = allocate(&sens, 12.0).unwrap();
     assert!((bits - 32.0 / 3.0).abs() < 1e-9, "{bits}");
-    assert_eq!(plan["c"], QuantPreset::None, "the sensitive unit keeps full precision while the budget allows");
-    assert_eq!((plan["a"], plan["b"]), (QuantPreset::W8A8, QuantPreset::W8A8));
-    // 8 bits: b goes on to 4 bits (0.009 more over 400 bits) before c leaves bf16 (0.5 over 800).
+    assert_eq!((plan["a"], plan["b"], plan["c"]), (QuantPreset::W8A8, QuantPreset::W8A8, QuantPreset::None));
+    // 8 bits: b goes on to 4 bits (0.009 more over 400 bits), then a (0.19 over 400), before c
+    // leaves bf16 (0.5 over 800).
     let (plan, bits) = allocate(&sens, 8.0).unwrap();
-    assert!(bits <= 8.0);
-    assert_eq!((plan["a"], plan["b"], plan["c"]), (QuantPreset::W4A8, QuantPreset::W4A8, QuantPreset::W8A8), "{bits}");
+    assert_eq!(bits, 8.0);
+    assert_eq!((plan["a"], plan["b"], plan["c"]), (QuantPreset::W4A8, QuantPreset::W4A8, QuantPreset::None));
     let (plan, bits) = allocate(&sens, 4.0).unwrap();
     assert_eq!(bits, 4.0);
     assert!(plan.values().all(|p| *p == QuantPreset::W4A8));
     let err = allocate(&sens, 3.0).unwrap_err().to_string();
-    assert!(err.contains("4") && err.contains("16"), "{err}");
+    assert!(err.contains("4.00 to 16.00"), "{err}");
 }
 
 #[test]
@@ -156,7 +157,7 @@ fn aigq_plan_is_written_and_applied() {
     };
     let (ms, ps, os) = (m.to_str().unwrap(), prompts.to_str().unwrap(), out.to_str().unwrap());
     let (ok, err) = run(&["calibrate", "--model", ms, "--prompts", ps, "--output", os, "--budget", "2"]);
-    assert!(!ok && err.contains("reachable average weight bits are 4 to 16"), "{err}");
+    assert!(!ok && err.contains("reachable average weight bits (scales included) are 4."), "{err}");
     let (ok, err) = run(&["calibrate", "--model", ms, "--prompts", ps, "--output", os, "--budget", "6", "--sensitivity-prompts", "1"]);
     assert!(ok && err.contains("aigq plan"), "{err}");
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quant.json")).unwrap()).unwrap();

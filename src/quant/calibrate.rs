@@ -442,9 +442,31 @@ impl Importance {
     }
 }
 
-/// Precisions the aigq plan chooses from, with the weight bits the budget counts
-/// for each (the stored format's bits per value; scales are not counted).
-pub const PLAN_CHOICES: [(QuantPreset, f64); 3] = [(QuantPreset::None, 16.0), (QuantPreset::W8A8, 8.0), (QuantPreset::W4A8, 4.0)];
+/// Precisions the aigq plan chooses from, most precise first.
+pub const PLAN_CHOICES: [QuantPreset; 3] = [QuantPreset::None, QuantPreset::W8A8, QuantPreset::W4A8];
+
+/// One block sub-module's cost and sensitivity at each of [`PLAN_CHOICES`].
+#[derive(Clone, Debug)]
+pub struct UnitSensitivity {
+    /// `spatial_blocks.3.attn`, ...
+    pub unit: String,
+    /// Weight values of its linears.
+    pub values: usize,
+    /// Storage bits at each choice, scales included (bf16: 16 per value).
+    pub bits: [f64; 3],
+    /// Relative change of the final latent at each choice (0 at full precision).
+    pub sensitivity: [f64; 3],
+}
+
+/// Storage bits of an `[n, k]` weight at `preset` (bf16 for full precision), scales included.
+fn storage_bits(preset: QuantPreset, n: usize, k: usize) -> f64 {
+    let bytes = match preset {
+        QuantPreset::W8A8 => n * k + 4 * n,
+        QuantPreset::W4A8 | QuantPreset::W4A6 => n * k.div_ceil(2) + 4 * n * k.div_ceil(super::int4::W4_GROUP),
+        QuantPreset::None | QuantPreset::Aigq => 2 * n * k,
+    };
+    8.0 * bytes as f64
+}
 
 /// One full-precision-weights trajectory's final latent for `prompt` and `seed`.
 fn trajectory(be: &dyn Backend, dit: &Stdit3, paths: &ModelPaths, prompt: &str, opts: &GenerateOptions, seed: u64) -> Result<Tensor> {
@@ -463,26 +485,32 @@ fn trajectory(be: &dyn Backend, dit: &Stdit3, paths: &ModelPaths, prompt: &str, 
 /// latent when only that sub-module is quantized (with its importance vectors),
 /// averaged over `prompts` (seed `seed`). No gradients: one trajectory per
 /// sub-module, precision and prompt.
-pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<(String, usize, Vec<f64>)>> {
+pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<UnitSensitivity>> {
     ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
     let be = CpuBackend::new();
     let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
     dit.prepare(&be)?;
     let references: Vec<Tensor> = prompts.iter().map(|p| trajectory(&be, &dit, paths, p, opts, seed)).collect::<Result<_>>()?;
-    let mut units: Vec<(String, usize)> = Vec::new();
+    let mut units: Vec<UnitSensitivity> = Vec::new();
     for (name, l) in block_linears(&mut dit) {
         let u = unit_of(&name).to_string();
-        match units.iter_mut().find(|(n, _)| *n == u) {
-            Some(e) => e.1 += l.in_features * l.out_features,
-            None => units.push((u, l.in_features * l.out_features)),
+        let (n, k) = (l.out_features, l.in_features);
+        let i = match units.iter().position(|e| e.unit == u) {
+            Some(i) => i,
+            None => {
+                units.push(UnitSensitivity { unit: u, values: 0, bits: [0.0; 3], sensitivity: [0.0; 3] });
+                units.len() - 1
+            }
+        };
+        units[i].values += n * k;
+        for (b, p) in units[i].bits.iter_mut().zip(PLAN_CHOICES) {
+            *b += storage_bits(p, n, k);
         }
     }
-    let quantized: Vec<QuantPreset> = PLAN_CHOICES.iter().map(|c| c.0).filter(|p| *p != QuantPreset::None).collect();
-    let total = units.len() * quantized.len();
-    let mut out = Vec::new();
-    for (ui, (unit, weights)) in units.iter().enumerate() {
-        let mut sens = Vec::new();
-        for (pi, &preset) in quantized.iter().enumerate() {
+    let total = units.len() * (PLAN_CHOICES.len() - 1);
+    for ui in 0..units.len() {
+        let unit = units[ui].unit.clone();
+        for (pi, &preset) in PLAN_CHOICES.iter().enumerate().skip(1) {
             let originals: Vec<(String, Linear)> = block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).map(|(n, l)| (n, l.clone())).collect();
             for (name, l) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit) {
                 *l = preset.apply(l, importance.get(&name, preset))?;
@@ -500,32 +528,32 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
             for ((_, l), (_, orig)) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).zip(originals) {
                 *l = orig;
             }
-            sens.push(sum / prompts.len() as f64);
-            progress(ui * quantized.len() + pi + 1, total);
+            units[ui].sensitivity[pi] = sum / prompts.len() as f64;
+            progress(ui * (PLAN_CHOICES.len() - 1) + pi, total);
         }
-        out.push((unit.clone(), *weights, sens));
     }
-    Ok(out)
+    Ok(units)
 }
 
 /// The aigq allocation: every sub-module starts at full precision; while the
-/// average weight bits exceed `budget`, the sub-module whose next step down
-/// [`PLAN_CHOICES`] costs the least sensitivity per bit saved steps down.
-/// `sensitivity` holds, per unit, its weight count and the sensitivity of each
-/// quantized choice in order. Returns the plan and the bits it reaches.
-pub fn allocate(sensitivity: &[(String, usize, Vec<f64>)], budget: f64) -> Result<(HashMap<String, QuantPreset>, f64)> {
-    let total: f64 = sensitivity.iter().map(|u| u.1 as f64).sum();
-    let (lo, hi) = (PLAN_CHOICES[PLAN_CHOICES.len() - 1].1, PLAN_CHOICES[0].1);
-    ensure!(budget >= lo && budget.is_finite(), "--budget {budget}: no allocation can meet it; reachable average weight bits are {lo} to {hi}");
-    let mut level = vec![0usize; sensitivity.len()];
-    let sens = |u: usize, l: usize| if l == 0 { 0.0 } else { sensitivity[u].2[l - 1] };
-    let bits = |level: &[usize]| sensitivity.iter().zip(level).map(|(u, &l)| u.1 as f64 * PLAN_CHOICES[l].1).sum::<f64>() / total;
+/// average storage bits per weight (scales included) exceed `budget`, the
+/// sub-module whose next step down [`PLAN_CHOICES`] costs the least sensitivity
+/// per bit saved steps down. Returns the plan and the bits it reaches.
+pub fn allocate(units: &[UnitSensitivity], budget: f64) -> Result<(HashMap<String, QuantPreset>, f64)> {
+    ensure!(!units.is_empty(), "aigq: no sub-modules to allocate");
+    let total: f64 = units.iter().map(|u| u.values as f64).sum();
+    let last = PLAN_CHOICES.len() - 1;
+    let bits = |level: &[usize]| units.iter().zip(level).map(|(u, &l)| u.bits[l]).sum::<f64>() / total;
+    let (lo, hi) = (bits(&vec![last; units.len()]), bits(&vec![0; units.len()]));
+    ensure!(budget.is_finite() && budget >= lo - 1e-9, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {lo:.2} to {hi:.2}");
+    let mut level = vec![0usize; units.len()];
     while bits(&level) > budget + 1e-9 {
-        let best = (0..sensitivity.len())
-            .filter(|&u| level[u] + 1 < PLAN_CHOICES.len())
+        let best = (0..units.len())
+            .filter(|&u| level[u] < last)
             .map(|u| {
-                let saved = (PLAN_CHOICES[level[u]].1 - PLAN_CHOICES[level[u] + 1].1) * sensitivity[u].1 as f64;
-                (u, (sens(u, level[u] + 1) - sens(u, level[u])).max(0.0) / saved)
+                let (l, x) = (level[u], &units[u]);
+                let saved = (x.bits[l] - x.bits[l + 1]).max(1e-9);
+                (u, (x.sensitivity[l + 1] - x.sensitivity[l]).max(0.0) / saved)
             })
             .min_by(|a, b| a.1.total_cmp(&b.1));
         match best {
@@ -533,6 +561,6 @@ pub fn allocate(sensitivity: &[(String, usize, Vec<f64>)], budget: f64) -> Resul
             None => break,
         }
     }
-    let plan = sensitivity.iter().zip(&level).map(|(u, &l)| (u.0.clone(), PLAN_CHOICES[l].0)).collect();
+    let plan = units.iter().zip(&level).map(|(u, &l)| (u.unit.clone(), PLAN_CHOICES[l])).collect();
     Ok((plan, bits(&level)))
 }
