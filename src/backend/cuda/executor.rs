@@ -76,7 +76,7 @@
 use super::abi::*;
 use super::arena::{device_oom_message, Arena, ArenaStats};
 use super::buffer::{DeviceBuffer, DeviceMem};
-use super::{launch_cfg, open_device, probe, GpuInfo, KernelArgs, KernelModule};
+use super::{launch_cfg, open_device, probe, GemmKernel, GpuInfo, KernelArgs, KernelModule};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Linear, LinearWeight, ModRef, RowGroups};
 use crate::quant::int8::Int8Weight;
@@ -138,6 +138,8 @@ pub struct CudaBackend {
     notes: Mutex<HashSet<&'static str>>,
     sync_each_launch: bool,
     poison: std::sync::atomic::AtomicBool,
+    /// The bf16 GEMM of the linear layers: qc_gemm_bf16_sm90 when true.
+    gemm_wgmma: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -200,6 +202,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
         let arena = Arena::new(&ctx, bytes).map_err(anyhow::Error::msg)?;
         let sync_each_launch = std::env::var("QC_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let gemm = GemmKernel::from_env(gpu.compute_capability).map_err(anyhow::Error::msg)?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -212,6 +215,7 @@ impl CudaBackend {
             notes: Mutex::new(HashSet::new()),
             sync_each_launch,
             poison: std::sync::atomic::AtomicBool::new(std::env::var("QC_CUDA_POISON").is_ok_and(|v| v == "1")),
+            gemm_wgmma: std::sync::atomic::AtomicBool::new(gemm == GemmKernel::Wgmma),
         })
     }
 
@@ -223,6 +227,26 @@ impl CudaBackend {
     /// The GPU this backend runs on.
     pub fn gpu(&self) -> &GpuInfo {
         &self.gpu
+    }
+
+    /// The bf16 GEMM the linear layers use: [`GemmKernel::from_env`] at
+    /// construction (wgmma on H100/H200 unless `QC_GEMM=mma`), or what
+    /// [`CudaBackend::set_gemm_kernel`] chose since.
+    pub fn gemm_kernel(&self) -> GemmKernel {
+        if self.gemm_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
+            GemmKernel::Wgmma
+        } else {
+            GemmKernel::Mma
+        }
+    }
+
+    /// Switches the bf16 GEMM of the following linear layers (to compare
+    /// both); an error when `kernel` cannot run on this GPU.
+    pub fn set_gemm_kernel(&self, kernel: GemmKernel) -> Result<()> {
+        let cc = self.gpu.compute_capability;
+        ensure!(kernel.runs_on(cc), "{} needs compute capability 9.0; this GPU is {}.{}", kernel.kernel_name(), cc.0, cc.1);
+        self.gemm_wgmma.store(kernel == GemmKernel::Wgmma, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The stream every op is queued on.
@@ -509,6 +533,14 @@ impl CudaBackend {
         // SAFETY: as in run().
         unsafe { self.module.launch_ext(name, grid, block, shared, &self.stream, &args) }.map_err(anyhow::Error::msg)?;
         self.after_launch(name)
+    }
+
+    /// The bf16 GEMM `args` with [`CudaBackend::gemm_kernel`] (qc_gemm_bf16
+    /// where the wgmma kernel does not take the problem).
+    pub(crate) fn run_gemm_bf16(&self, args: QcGemmArgs) -> Result<()> {
+        // SAFETY: as in run().
+        let ran = unsafe { self.module.launch_gemm_bf16(self.gemm_kernel(), &self.stream, &args) }.map_err(anyhow::Error::msg)?;
+        self.after_launch(ran.kernel_name())
     }
 
     fn after_launch(&self, name: &str) -> Result<()> {
