@@ -485,12 +485,24 @@ impl KernelModule {
             && GemmKernel::Wgmma.runs_on(self.compute_capability)
             && gemm_sm90_supports(args)
         {
-            let sm90 = QcGemmSm90Args {
-                a_map: gemm_tensor_map(args.a, args.m, args.k, args.lda, QC_GEMM_SM90_BM, "a")?,
-                w_map: gemm_tensor_map(args.w, args.n, args.k, args.ldw, QC_GEMM_SM90_BN, "w")?,
-                gemm: *args,
-                _pad: [0; 56],
-            };
+            let sm90 = gemm_sm90_args(args)?;
+            let f = self
+                .function("qc_gemm_bf16_sm90")
+                .ok_or("kernel qc_gemm_bf16_sm90 is not loaded")?;
+            self.ctx
+                .bind_to_thread()
+                .map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
+            // All of the unified L1 / shared memory as shared memory: room for
+            // two blocks per SM (one's epilogue overlaps the other's main loop).
+            // SAFETY: f is a live function of this module's (bound) context.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                )
+            }
+            .map_err(|e| format!("qc_gemm_bf16_sm90: cannot set the shared memory carveout: {e}"))?;
             // SAFETY: as promised by the caller; the maps describe the same a and w.
             unsafe {
                 self.launch_ext(
@@ -576,6 +588,30 @@ pub fn gemm_sm90_supports(args: &QcGemmArgs) -> bool {
         && args.w % 16 == 0
         && args.a != 0
         && args.w != 0
+}
+
+/// qc_gemm_bf16_sm90's arguments for `args`: its tensor maps of a and w
+/// encoded (host only). An error when the kernel does not take `args`
+/// ([`gemm_sm90_supports`]) or the driver rejects a map.
+pub fn gemm_sm90_args(args: &QcGemmArgs) -> Result<QcGemmSm90Args, String> {
+    if !gemm_sm90_supports(args) {
+        return Err(format!(
+            "qc_gemm_bf16_sm90 does not take m={} n={} k={} lda={} ldw={} (a, w 16-byte aligned: {}, {})",
+            args.m,
+            args.n,
+            args.k,
+            args.lda,
+            args.ldw,
+            args.a % 16 == 0,
+            args.w % 16 == 0
+        ));
+    }
+    Ok(QcGemmSm90Args {
+        a_map: gemm_tensor_map(args.a, args.m, args.k, args.lda, QC_GEMM_SM90_BM, "a")?,
+        w_map: gemm_tensor_map(args.w, args.n, args.k, args.ldw, QC_GEMM_SM90_BN, "w")?,
+        gemm: *args,
+        _pad: [0; 56],
+    })
 }
 
 /// The tensor map of `rows` x `k` bf16 at `addr` (rows `ld` elements apart)
