@@ -46,7 +46,9 @@
 //! One stream; every launch's return code is checked. Kernels run
 //! asynchronously, so a fault inside one surfaces at the next synchronizing
 //! call (a download); `QC_CUDA_SYNC=1` synchronizes after every launch to name
-//! the failing kernel.
+//! the failing kernel. The bf16 linear layers run qc_gemm_bf16_sm90 (wgmma)
+//! on compute capability 9.0 and qc_gemm_bf16 elsewhere; `QC_GEMM=mma` or
+//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
 //!
 //! # Host fallbacks (documented, each logged once)
 //! - [`ConvOps`](crate::backend::ConvOps) (the VAE's convolutions, group norm,
