@@ -584,8 +584,8 @@ pub fn gemm_sm90_supports(args: &QcGemmArgs) -> bool {
         && dim(args.k)
         && ld(args.lda)
         && ld(args.ldw)
-        && args.a % 16 == 0
-        && args.w % 16 == 0
+        && args.a.is_multiple_of(16)
+        && args.w.is_multiple_of(16)
         && args.a != 0
         && args.w != 0
 }
@@ -602,8 +602,8 @@ pub fn gemm_sm90_args(args: &QcGemmArgs) -> Result<QcGemmSm90Args, String> {
             args.k,
             args.lda,
             args.ldw,
-            args.a % 16 == 0,
-            args.w % 16 == 0
+            args.a.is_multiple_of(16),
+            args.w.is_multiple_of(16)
         ));
     }
     Ok(QcGemmSm90Args {
@@ -1136,7 +1136,7 @@ mod tests {
         assert_eq!(GEMM_SM90_THREADS, 256);
         let stage = (QC_GEMM_SM90_BM + QC_GEMM_SM90_BN) * QC_GEMM_SM90_BK * 2;
         assert_eq!(GEMM_SM90_SHARED_BYTES, QC_GEMM_SM90_STAGES * stage + 1024);
-        assert!(2 * (GEMM_SM90_SHARED_BYTES + 128 + 1024) <= 228 * 1024);
+        const { assert!(2 * (GEMM_SM90_SHARED_BYTES + 128 + 1024) <= 228 * 1024) };
         for (m, n) in [(1i64, 1i64), (129, 127), (7200, 1152), (54_000, 4608), (108_000, 3456)] {
             let (tm, tn) = gemm_tiles(m, n);
             assert_eq!(gemm_sm90(m, n), ((tm * tn).min(MAX_GRID) as u32, 1, 1));
