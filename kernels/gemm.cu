@@ -17,9 +17,8 @@
 //     main loop serves both;
 //   - epilogue straight from the accumulator registers (2 adjacent columns per
 //     store), f32 throughout, one rounding to bf16.
-// An sm_90a version with TMA (cp.async.bulk.tensor + mbarrier) and wgmma
-// (warpgroup 64xNx16 from shared memory) would replace main_loop() below for
-// __CUDA_ARCH__ == 900 with the arch-specific features; not written yet.
+// On sm_90a the host runs the bf16 GEMM as qc_gemm_bf16_sm90 instead
+// (gemm_sm90.cu: TMA + wgmma, sharing Epi / store_pair / tile_coords below).
 #include "common.cuh"
 
 namespace qc {

@@ -417,6 +417,39 @@ typedef struct QcGemmArgs {
 } QcGemmArgs;
 
 /*
+ * qc_gemm_bf16_sm90 (kernels/gemm_sm90.cu; sm_90a only, traps elsewhere): the
+ * same op, requirements and epilogues as qc_gemm_bf16 on Hopper's wgmma, its
+ * operands brought in by the tensor memory accelerator (TMA). a_map and w_map
+ * are CUtensorMaps (cuTensorMapEncodeTiled) of a and w as given in gemm:
+ * bf16, rank 2, dims {K, M} / {K, N}, row strides lda * 2 / ldw * 2 bytes,
+ * box {QC_GEMM_SM90_BK, QC_GEMM_SM90_BM} / {QC_GEMM_SM90_BK, QC_GEMM_SM90_BN},
+ * 128-byte swizzle, out-of-bounds elements filled with zeros (the M, N and K
+ * edges). The host's encoder is KernelModule::launch_gemm_bf16 (src/backend/
+ * cuda/mod.rs). Launch: launch_cfg::gemm_sm90 (one block of
+ * QC_GEMM_SM90_THREADS per output tile, numbered as for qc_gemm_bf16 with
+ * QC_GEMM_GROUP_M; QC_GEMM_SM90_SMEM_BYTES of dynamic shared memory:
+ * QC_GEMM_SM90_STAGES k-tiles of A and W plus 1 KiB to align them to 1 KiB).
+ */
+#define QC_GEMM_SM90_BM 128
+#define QC_GEMM_SM90_BN 128
+#define QC_GEMM_SM90_BK 64
+#define QC_GEMM_SM90_THREADS 256
+#define QC_GEMM_SM90_STAGES 3
+#define QC_GEMM_SM90_SMEM_BYTES 99328
+
+/* A CUtensorMap: 128 opaque bytes, 64-byte aligned as the driver requires. */
+typedef struct QcTensorMap {
+    uint64_t opaque[16];
+} __attribute__((aligned(64))) QcTensorMap;
+
+typedef struct QcGemmSm90Args {
+    QcTensorMap a_map;
+    QcTensorMap w_map;
+    QcGemmArgs gemm;
+    uint8_t _pad[56]; /* sizeof a multiple of the 64-byte alignment */
+} QcGemmSm90Args;
+
+/*
  * Symmetric per-token activation quantization (A8: qmax = 127; A6: qmax = 31,
  * values held in int8). The CPU backend (src/quant/int8.rs) implements the
  * same formulas with the same f32 operations, so both produce the same int8

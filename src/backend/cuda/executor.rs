@@ -46,7 +46,9 @@
 //! One stream; every launch's return code is checked. Kernels run
 //! asynchronously, so a fault inside one surfaces at the next synchronizing
 //! call (a download); `QC_CUDA_SYNC=1` synchronizes after every launch to name
-//! the failing kernel.
+//! the failing kernel. The bf16 linear layers run qc_gemm_bf16_sm90 (wgmma)
+//! on compute capability 9.0 and qc_gemm_bf16 elsewhere; `QC_GEMM=mma` or
+//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
 //!
 //! # Host fallbacks (documented, each logged once)
 //! - [`ConvOps`](crate::backend::ConvOps) (the VAE's convolutions, group norm,
@@ -103,7 +105,7 @@ use super::abi::*;
 use super::arena::{device_oom_message, Arena, ArenaStats};
 use super::buffer::{DeviceBuffer, DeviceMem};
 use super::graph::{graphs_from_env, GraphStats, StepBinding};
-use super::{launch_cfg, open_device, probe, GpuInfo, KernelArgs, KernelModule};
+use super::{launch_cfg, open_device, probe, GemmKernel, GpuInfo, KernelArgs, KernelModule};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Linear, LinearWeight, ModRef, RowGroups};
 use crate::quant::int8::Int8Weight;
@@ -172,6 +174,8 @@ pub struct CudaBackend {
     pub(crate) binding: Mutex<Option<StepBinding>>,
     /// A stream capture is under way: host transfers and synchronizations are refused.
     capturing: std::sync::atomic::AtomicBool,
+    /// The bf16 GEMM of the linear layers: qc_gemm_bf16_sm90 when true.
+    gemm_wgmma: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -238,6 +242,7 @@ impl CudaBackend {
         let arena = Arena::new(&ctx, bytes).map_err(anyhow::Error::msg)?;
         let sync_each_launch = std::env::var("QC_CUDA_SYNC").is_ok_and(|v| v == "1");
         let graphs_on = graphs_from_env()?;
+        let gemm = GemmKernel::from_env(gpu.compute_capability).map_err(anyhow::Error::msg)?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -254,6 +259,7 @@ impl CudaBackend {
             graph_stats: Mutex::new(GraphStats::default()),
             binding: Mutex::new(None),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            gemm_wgmma: std::sync::atomic::AtomicBool::new(gemm == GemmKernel::Wgmma),
         })
     }
 
@@ -265,6 +271,26 @@ impl CudaBackend {
     /// The GPU this backend runs on.
     pub fn gpu(&self) -> &GpuInfo {
         &self.gpu
+    }
+
+    /// The bf16 GEMM the linear layers use: [`GemmKernel::from_env`] at
+    /// construction (wgmma on H100/H200 unless `QC_GEMM=mma`), or what
+    /// [`CudaBackend::set_gemm_kernel`] chose since.
+    pub fn gemm_kernel(&self) -> GemmKernel {
+        if self.gemm_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
+            GemmKernel::Wgmma
+        } else {
+            GemmKernel::Mma
+        }
+    }
+
+    /// Switches the bf16 GEMM of the following linear layers (to compare
+    /// both); an error when `kernel` cannot run on this GPU.
+    pub fn set_gemm_kernel(&self, kernel: GemmKernel) -> Result<()> {
+        let cc = self.gpu.compute_capability;
+        ensure!(kernel.runs_on(cc), "{} needs compute capability 9.0; this GPU is {}.{}", kernel.kernel_name(), cc.0, cc.1);
+        self.gemm_wgmma.store(kernel == GemmKernel::Wgmma, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The stream every op is queued on.
@@ -579,6 +605,14 @@ impl CudaBackend {
         // SAFETY: as in run().
         unsafe { self.module.launch_ext(name, grid, block, shared, &self.stream, &args) }.map_err(anyhow::Error::msg)?;
         self.after_launch(name)
+    }
+
+    /// The bf16 GEMM `args` with [`CudaBackend::gemm_kernel`] (qc_gemm_bf16
+    /// where the wgmma kernel does not take the problem).
+    pub(crate) fn run_gemm_bf16(&self, args: QcGemmArgs) -> Result<()> {
+        // SAFETY: as in run().
+        let ran = unsafe { self.module.launch_gemm_bf16(self.gemm_kernel(), &self.stream, &args) }.map_err(anyhow::Error::msg)?;
+        self.after_launch(ran.kernel_name())
     }
 
     pub(crate) fn after_launch(&self, name: &str) -> Result<()> {

@@ -33,8 +33,8 @@ impl GemmDst {
 }
 
 impl CudaBackend {
-    /// `dst = epilogue(x W^T + b)` for `x` viewed as `[rows, k]` (rows > 0): qc_gemm_bf16,
-    /// or qc_quantize_rows_bf16 + qc_gemm_w8a8 for an int8 weight. `k` not a multiple of 8
+    /// `dst = epilogue(x W^T + b)` for `x` viewed as `[rows, k]` (rows > 0): the bf16 GEMM
+    /// ([`CudaBackend::gemm_kernel`]), or qc_quantize_rows_bf16 + qc_gemm_w8a8 for an int8 weight. `k` not a multiple of 8
     /// (16 for int8) is zero-padded in temporaries.
     fn gemm_into(&self, x: &Tensor, w: &Linear, rows: usize, d: &GemmDst) -> Result<()> {
         let (k, n) = (w.in_features, w.out_features);
@@ -125,7 +125,7 @@ impl CudaBackend {
                     epilogue: d.epilogue as i32,
                     _pad: 0,
                 };
-                self.run_ext("qc_gemm_bf16", launch_cfg::gemm(rows as i64, n as i64), args)
+                self.run_gemm_bf16(args)
             }
         }
     }

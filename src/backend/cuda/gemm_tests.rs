@@ -18,7 +18,7 @@
 
 use super::abi::*;
 use super::gpu_tests::{check, gpu, q, Elem, Gpu, Rng};
-use super::{launch_cfg, KernelArgs};
+use super::{gemm_sm90_args, launch_cfg, GemmKernel, KernelArgs};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 const TOL_BF16: f64 = 1e-2;
@@ -292,6 +292,51 @@ impl EpiDev {
 
 // ------------------------------------------------------------- bf16 GEMM
 
+/// How a bf16 GEMM case is launched: the kernel, and for qc_gemm_bf16_sm90
+/// optionally fewer blocks than output tiles (its grid-stride loop).
+#[derive(Clone, Copy, Debug)]
+struct Launch {
+    kernel: GemmKernel,
+    grid: Option<u32>,
+}
+
+const MMA: Launch = Launch {
+    kernel: GemmKernel::Mma,
+    grid: None,
+};
+const WGMMA: Launch = Launch {
+    kernel: GemmKernel::Wgmma,
+    grid: None,
+};
+
+/// Runs the bf16 GEMM `args` as `how` says and waits for it.
+fn run_gemm_bf16(g: &Gpu, how: Launch, args: &QcGemmArgs) {
+    match how.grid {
+        None => {
+            // SAFETY: every test sizes its buffers for the accesses its args describe.
+            let ran = unsafe { g.module.launch_gemm_bf16(how.kernel, &g.stream, args) }.unwrap();
+            assert_eq!(ran, how.kernel, "launch_gemm_bf16 fell back for {args:?}");
+        }
+        Some(grid) => {
+            assert_eq!(how.kernel, GemmKernel::Wgmma, "a grid override is for qc_gemm_bf16_sm90");
+            let sm90 = gemm_sm90_args(args).unwrap();
+            // SAFETY: as above.
+            unsafe {
+                g.module.launch_ext(
+                    "qc_gemm_bf16_sm90",
+                    (grid, 1, 1),
+                    launch_cfg::GEMM_SM90_THREADS,
+                    launch_cfg::GEMM_SM90_SHARED_BYTES,
+                    &g.stream,
+                    &sm90,
+                )
+            }
+            .unwrap();
+        }
+    }
+    g.stream.synchronize().unwrap();
+}
+
 /// One qc_gemm_bf16 check. `pad` (a multiple of 8) widens lda, ldw and ldo;
 /// the padding of a and w is NaN, so reading it would show.
 #[allow(clippy::too_many_arguments)]
@@ -304,6 +349,22 @@ fn gemm_bf16_case(
     bias: bool,
     kind: Epi,
     pad: usize,
+) {
+    gemm_bf16_case_with(g, rng, (m, n, k), bias, kind, pad, MMA);
+}
+
+/// One bf16 GEMM check launched as `how` says, against the f64 reference;
+/// the wgmma kernel also against qc_gemm_bf16 on the same inputs (both
+/// written into their own poisoned / residual-initialised outputs).
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16_case_with(
+    g: &Gpu,
+    rng: &mut Rng,
+    (m, n, k): (usize, usize, usize),
+    bias: bool,
+    kind: Epi,
+    pad: usize,
+    how: Launch,
 ) {
     let (lda, ldw, ldo) = (k + pad, k + pad, n.next_multiple_of(8) + pad);
     let mut a = q::<u16>(&rng.vec(m * lda, 1.0));
@@ -338,7 +399,7 @@ fn gemm_bf16_case(
         epilogue: epi.code(),
         _pad: 0,
     };
-    run_gemm(g, "qc_gemm_bf16", m, n, args);
+    run_gemm_bf16(g, how, &args);
     let rows = sample_rows(rng, m);
     let mut y = Vec::with_capacity(rows.len() * n);
     for &r in &rows {
@@ -348,8 +409,28 @@ fn gemm_bf16_case(
             y.push(dot(ar, &w[c * ldw..c * ldw + k]) + b);
         }
     }
-    let what = format!("qc_gemm_bf16 m={m} n={n} k={k} bias={bias} {kind:?} pad={pad}");
+    let what = format!(
+        "{} m={m} n={n} k={k} bias={bias} {kind:?} pad={pad} grid={:?}",
+        how.kernel.kernel_name(),
+        how.grid
+    );
     dev.check(g, &epi, &what, m, n, &rows, &y);
+
+    if how.kernel == GemmKernel::Wgmma {
+        let mma_dev = EpiDev::new(g, &epi, m);
+        let (out, residual, gate, group_index) = mma_dev.addrs(g, &epi);
+        run_gemm_bf16(g, MMA, &QcGemmArgs { out, residual, gate, group_index, ..args });
+        let (ours, theirs) = (down_raw(g, &dev.out), down_raw(g, &mma_dev.out));
+        let mut got = Vec::with_capacity(rows.len() * n);
+        let mut want = Vec::with_capacity(rows.len() * n);
+        for &r in &rows {
+            for c in 0..n {
+                got.push(ours[r * ldo + c].dec());
+                want.push(theirs[r * ldo + c].dec() as f64);
+            }
+        }
+        check(&format!("{what} vs qc_gemm_bf16"), &got, &want, TOL_BF16);
+    }
 }
 
 const GATED: Epi = Epi::Gated {
@@ -437,6 +518,118 @@ fn gemm_bf16_open_sora_shapes() {
     gemm_bf16_case(&g, &mut rng, m, 1152, 1152, true, GATED_IN_PLACE, 0);
     gemm_bf16_case(&g, &mut rng, m, 4608, 1152, true, Epi::Gelu, 0);
     gemm_bf16_case(&g, &mut rng, m, 1152, 4608, true, GATED_GROUPED_IN_PLACE, 0);
+}
+
+// ------------------------------------------- bf16 GEMM on wgmma (sm_90a)
+
+/// The GPU when it runs qc_gemm_bf16_sm90 (compute capability 9.0); None,
+/// after saying so, elsewhere.
+fn hopper() -> Option<Gpu> {
+    let g = gpu()?;
+    let cc = g.module.compute_capability();
+    if GemmKernel::Wgmma.runs_on(cc) {
+        Some(g)
+    } else {
+        eprintln!("skipped: qc_gemm_bf16_sm90 needs compute capability 9.0; this GPU is {}.{}", cc.0, cc.1);
+        None
+    }
+}
+
+/// qc_gemm_bf16_sm90 on small and ragged shapes: M, N and K edges inside a
+/// tile (TMA zero fill), fewer k-tiles than pipeline stages (K = 8, 40, 72)
+/// and many (K = 1000, 2056: the barriers' phases wrap), every epilogue.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn gemm_bf16_sm90_small_shapes() {
+    let Some(g) = hopper() else { return };
+    let mut rng = Rng::new();
+    let cases: &[(usize, usize, usize, bool, Epi, usize)] = &[
+        (1, 24, 8, true, Epi::None, 0),
+        (1, 1, 8, false, Epi::None, 0),
+        (1, 24, 8, false, Epi::Gelu, 0),
+        (77, 24, 40, true, Epi::None, 0),
+        (77, 24, 40, false, GATED, 8),
+        (77, 24, 72, true, Epi::Gelu, 8),
+        (77, 130, 72, true, GATED_GROUPED_IN_PLACE, 0),
+        (77, 5, 72, false, GATED_GROUPED, 0),
+        (1, 200, 40, true, GATED_IN_PLACE, 16),
+        (130, 131, 8, true, UNGATED, 0),
+        (129, 257, 264, false, Epi::None, 8),
+        (300, 77, 72, true, GATED_GROUPED, 0),
+        (256, 128, 32, true, Epi::Gelu, 0),
+        (128, 128, 64, false, Epi::None, 0),
+        (33, 1, 16, true, Epi::None, 0),
+        (127, 129, 1000, true, GATED_IN_PLACE, 8),
+        (513, 260, 2056, false, Epi::Gelu, 0),
+        (200, 300, 192, true, UNGATED, 24),
+    ];
+    for &(m, n, k, bias, kind, pad) in cases {
+        gemm_bf16_case_with(&g, &mut rng, (m, n, k), bias, kind, pad, WGMMA);
+    }
+}
+
+/// qc_gemm_bf16_sm90 with fewer blocks than tiles: the k-tile count and the
+/// barrier phases carry over from one tile to the next in a block, and the
+/// next tile's first loads overlap the epilogue.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn gemm_bf16_sm90_grid_stride() {
+    let Some(g) = hopper() else { return };
+    let mut rng = Rng::new();
+    // 1000 x 700: 8 x 6 = 48 tiles.
+    let cases: &[(usize, Epi, u32)] = &[
+        (8, Epi::None, 1),
+        (72, GATED_GROUPED_IN_PLACE, 5),
+        (200, Epi::Gelu, 7),
+        (1152, GATED, 47),
+        (136, UNGATED, 2),
+    ];
+    for &(k, kind, grid) in cases {
+        let how = Launch {
+            kernel: GemmKernel::Wgmma,
+            grid: Some(grid),
+        };
+        gemm_bf16_case_with(&g, &mut rng, (1000, 700, k), true, kind, 0, how);
+    }
+}
+
+/// qc_gemm_bf16_sm90 at the tiny demo model's shapes (M = 1024 tokens).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn gemm_bf16_sm90_demo_shapes() {
+    let Some(g) = hopper() else { return };
+    let mut rng = Rng::new();
+    let cases: &[(usize, usize, usize, bool, Epi)] = &[
+        (1024, 192, 64, true, Epi::None),
+        (1024, 64, 64, true, GATED_GROUPED_IN_PLACE),
+        (1024, 256, 64, true, Epi::Gelu),
+        (1024, 64, 256, true, GATED_IN_PLACE),
+        (1024, 256, 256, false, GATED_GROUPED),
+    ];
+    for &(m, n, k, bias, kind) in cases {
+        gemm_bf16_case_with(&g, &mut rng, (m, n, k), bias, kind, 0, WGMMA);
+    }
+}
+
+/// qc_gemm_bf16_sm90 at the STDiT3 linear layers (K, N in {1152, 3456,
+/// 4608}) over 2 x 3600 tokens and over 54,000 tokens (M = 416 for both
+/// under a sanitizer or with QC_GPU_TESTS_SMALL): qkv, proj (gated residual
+/// in place), fc1 (GELU), fc2 (gated per frame through group_index, in
+/// place), and a K = 4608 -> N = 3456 layer.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn gemm_bf16_sm90_open_sora_shapes() {
+    let Some(g) = hopper() else { return };
+    let mut rng = Rng::new();
+    let small = open_sora_m();
+    let ms = if small < 7200 { vec![small] } else { vec![7200, 54_000] };
+    for m in ms {
+        gemm_bf16_case_with(&g, &mut rng, (m, 3456, 1152), true, Epi::None, 0, WGMMA);
+        gemm_bf16_case_with(&g, &mut rng, (m, 1152, 1152), true, GATED_IN_PLACE, 0, WGMMA);
+        gemm_bf16_case_with(&g, &mut rng, (m, 4608, 1152), true, Epi::Gelu, 0, WGMMA);
+        gemm_bf16_case_with(&g, &mut rng, (m, 1152, 4608), true, GATED_GROUPED_IN_PLACE, 0, WGMMA);
+        gemm_bf16_case_with(&g, &mut rng, (m, 3456, 4608), false, GATED_GROUPED, 0, WGMMA);
+    }
 }
 
 // ------------------------------------------------------------- W8A8 GEMM

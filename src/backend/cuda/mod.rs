@@ -162,6 +162,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_bias_d64_bf16",
     "qc_attention_bias_d80_bf16",
     "qc_attention_bias_d128_bf16",
+    // gemm_sm90.cu
+    "qc_gemm_bf16_sm90",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -220,6 +222,7 @@ kernel_args! {
     QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
     QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
     QcSoftmaxArgs => ["qc_softmax_rows_bf16"];
+    QcGemmSm90Args => ["qc_gemm_bf16_sm90"];
 }
 
 /// What [`probe`] found.
@@ -307,6 +310,7 @@ pub struct KernelModule {
     ctx: Arc<CudaContext>,
     module: sys::CUmodule,
     functions: HashMap<&'static str, sys::CUfunction>,
+    compute_capability: (i32, i32),
 }
 
 // SAFETY: module and function handles are plain driver handles, valid from any
@@ -328,7 +332,11 @@ impl KernelModule {
             ctx: ctx.clone(),
             module,
             functions: HashMap::new(),
+            compute_capability: (0, 0),
         };
+        m.compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| format!("compute capability: {e}"))?;
         for &name in KERNEL_NAMES {
             let cname = CString::new(name).expect("kernel names have no NUL");
             // SAFETY: m.module is a live module of the bound context.
@@ -352,6 +360,11 @@ impl KernelModule {
     /// True when no kernel is loaded (never, for a successfully loaded module).
     pub fn is_empty(&self) -> bool {
         self.functions.is_empty()
+    }
+
+    /// The device's compute capability, (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
     }
 
     /// The raw function handle of kernel `name`.
@@ -470,6 +483,188 @@ impl KernelModule {
             format!("launching {name} (grid {grid:?}, block {block}, shared {shared_bytes}): {e}")
         })
     }
+}
+
+impl KernelModule {
+    /// Launches the bf16 GEMM `args` (`QcGemmArgs`, see qc_types.h) on
+    /// `stream` with `kernel` where that can run, else with qc_gemm_bf16:
+    /// [`GemmKernel::Wgmma`] needs compute capability 9.0 and a problem its
+    /// tensor maps can describe ([`gemm_sm90_supports`]). Returns the kernel
+    /// that was launched. The tensor maps are encoded on the host for every
+    /// call (a few microseconds, no device work).
+    ///
+    /// # Safety
+    /// As for [`KernelModule::launch`].
+    pub unsafe fn launch_gemm_bf16(
+        &self,
+        kernel: GemmKernel,
+        stream: &CudaStream,
+        args: &QcGemmArgs,
+    ) -> Result<GemmKernel, String> {
+        if kernel == GemmKernel::Wgmma
+            && GemmKernel::Wgmma.runs_on(self.compute_capability)
+            && gemm_sm90_supports(args)
+        {
+            let sm90 = gemm_sm90_args(args)?;
+            let f = self
+                .function("qc_gemm_bf16_sm90")
+                .ok_or("kernel qc_gemm_bf16_sm90 is not loaded")?;
+            self.ctx
+                .bind_to_thread()
+                .map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
+            // All of the unified L1 / shared memory as shared memory: room for
+            // two blocks per SM (one's epilogue overlaps the other's main loop).
+            // SAFETY: f is a live function of this module's (bound) context.
+            unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                )
+            }
+            .map_err(|e| format!("qc_gemm_bf16_sm90: cannot set the shared memory carveout: {e}"))?;
+            // SAFETY: as promised by the caller; the maps describe the same a and w.
+            unsafe {
+                self.launch_ext(
+                    "qc_gemm_bf16_sm90",
+                    launch_cfg::gemm_sm90(args.m, args.n),
+                    launch_cfg::GEMM_SM90_THREADS,
+                    launch_cfg::GEMM_SM90_SHARED_BYTES,
+                    stream,
+                    &sm90,
+                )
+            }?;
+            return Ok(GemmKernel::Wgmma);
+        }
+        let (grid, block, shared) = launch_cfg::gemm(args.m, args.n);
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_ext("qc_gemm_bf16", grid, block, shared, stream, args) }?;
+        Ok(GemmKernel::Mma)
+    }
+}
+
+/// The two implementations of the bf16 GEMM (`QcGemmArgs`), same results up
+/// to f32 summation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// qc_gemm_bf16 (kernels/gemm.cu): mma.sync fed by cp.async, any sm_80+ GPU.
+    Mma,
+    /// qc_gemm_bf16_sm90 (kernels/gemm_sm90.cu): wgmma fed by TMA, sm_90a
+    /// (compute capability 9.0: H100, H200) only.
+    Wgmma,
+}
+
+impl GemmKernel {
+    /// The kernel's entry point.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            GemmKernel::Mma => "qc_gemm_bf16",
+            GemmKernel::Wgmma => "qc_gemm_bf16_sm90",
+        }
+    }
+
+    /// Whether the kernel can run on a device of compute capability `cc`
+    /// (the fatbin has sm_90a SASS of the wgmma GEMM, which runs on 9.0 only).
+    pub fn runs_on(self, cc: (i32, i32)) -> bool {
+        match self {
+            GemmKernel::Mma => true,
+            GemmKernel::Wgmma => cc == (9, 0),
+        }
+    }
+
+    /// The bf16 GEMM for a device of compute capability `cc`: `QC_GEMM=mma`
+    /// or `QC_GEMM=wgmma` when set (wgmma only where it runs), else wgmma
+    /// where it runs and mma elsewhere.
+    pub fn from_env(cc: (i32, i32)) -> Result<Self, String> {
+        Self::select(std::env::var("QC_GEMM").ok().as_deref(), cc)
+    }
+
+    fn select(setting: Option<&str>, cc: (i32, i32)) -> Result<Self, String> {
+        match setting.map(str::trim) {
+            None | Some("") => Ok(if GemmKernel::Wgmma.runs_on(cc) { GemmKernel::Wgmma } else { GemmKernel::Mma }),
+            Some("mma") => Ok(GemmKernel::Mma),
+            Some("wgmma") if GemmKernel::Wgmma.runs_on(cc) => Ok(GemmKernel::Wgmma),
+            Some("wgmma") => Err(format!(
+                "QC_GEMM=wgmma needs compute capability 9.0 (H100/H200); this GPU is {}.{}",
+                cc.0, cc.1
+            )),
+            Some(other) => Err(format!("QC_GEMM must be \"mma\" or \"wgmma\", not {other:?}")),
+        }
+    }
+}
+
+/// Whether qc_gemm_bf16_sm90 takes `args`: on top of qc_gemm_bf16's
+/// requirements (checked here as well: sizes >= 1; lda, ldw multiples of 8
+/// and >= k; a, w 16-byte aligned), tensor-map coordinates are 32-bit.
+pub fn gemm_sm90_supports(args: &QcGemmArgs) -> bool {
+    let dim = |v: i64| (1..=i32::MAX as i64).contains(&v);
+    let ld = |v: i64| v >= args.k && v % 8 == 0 && v < (1i64 << 36);
+    dim(args.m)
+        && dim(args.n)
+        && dim(args.k)
+        && ld(args.lda)
+        && ld(args.ldw)
+        && args.a.is_multiple_of(16)
+        && args.w.is_multiple_of(16)
+        && args.a != 0
+        && args.w != 0
+}
+
+/// qc_gemm_bf16_sm90's arguments for `args`: its tensor maps of a and w
+/// encoded (host only). An error when the kernel does not take `args`
+/// ([`gemm_sm90_supports`]) or the driver rejects a map.
+pub fn gemm_sm90_args(args: &QcGemmArgs) -> Result<QcGemmSm90Args, String> {
+    if !gemm_sm90_supports(args) {
+        return Err(format!(
+            "qc_gemm_bf16_sm90 does not take m={} n={} k={} lda={} ldw={} (a, w 16-byte aligned: {}, {})",
+            args.m,
+            args.n,
+            args.k,
+            args.lda,
+            args.ldw,
+            args.a.is_multiple_of(16),
+            args.w.is_multiple_of(16)
+        ));
+    }
+    Ok(QcGemmSm90Args {
+        a_map: gemm_tensor_map(args.a, args.m, args.k, args.lda, QC_GEMM_SM90_BM, "a")?,
+        w_map: gemm_tensor_map(args.w, args.n, args.k, args.ldw, QC_GEMM_SM90_BN, "w")?,
+        gemm: *args,
+        _pad: [0; 56],
+    })
+}
+
+/// The tensor map of `rows` x `k` bf16 at `addr` (rows `ld` elements apart)
+/// that qc_gemm_bf16_sm90 reads `box_rows` x QC_GEMM_SM90_BK boxes of: 128-byte
+/// swizzle, zeros outside the matrix (qc_types.h, QcGemmSm90Args).
+fn gemm_tensor_map(addr: u64, rows: i64, k: i64, ld: i64, box_rows: u32, what: &str) -> Result<QcTensorMap, String> {
+    let dims: [sys::cuuint64_t; 2] = [k as u64, rows as u64];
+    let row_stride: [sys::cuuint64_t; 1] = [ld as u64 * 2];
+    let boxes: [sys::cuuint32_t; 2] = [QC_GEMM_SM90_BK, box_rows];
+    let element_strides: [sys::cuuint32_t; 2] = [1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank's length; the driver only writes `map`.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            addr as *mut c_void,
+            dims.as_ptr(),
+            row_stride.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .map_err(|e| format!("cuTensorMapEncodeTiled for {what} ({rows} x {k}, row stride {ld}): {e}"))?;
+    // SAFETY: initialised by the successful call (and zeroed before it).
+    let map = unsafe { map.assume_init() };
+    Ok(QcTensorMap { opaque: map.opaque })
 }
 
 impl Drop for KernelModule {
@@ -630,6 +825,19 @@ pub mod launch_cfg {
         let r = t - group * per_group;
         (first_m + r % rows, r / rows)
     }
+
+    /// Threads per qc_gemm_bf16_sm90 block: 2 warpgroups (`QC_GEMM_SM90_THREADS`).
+    pub const GEMM_SM90_THREADS: u32 = super::abi::QC_GEMM_SM90_THREADS;
+    /// Dynamic shared memory of a qc_gemm_bf16_sm90 block (`QC_GEMM_SM90_SMEM_BYTES`).
+    pub const GEMM_SM90_SHARED_BYTES: u32 = super::abi::QC_GEMM_SM90_SMEM_BYTES;
+
+    /// qc_gemm_bf16_sm90's grid on an `m` x `n` output: one block per
+    /// 128 x 128 tile (the same tiles and order as [`gemm`]; capped, the
+    /// kernel loops over tiles with a grid stride).
+    pub fn gemm_sm90(m: i64, n: i64) -> (u32, u32, u32) {
+        let (tm, tn) = gemm_tiles(m, n);
+        ((tm * tn).clamp(1, MAX_GRID) as u32, 1, 1)
+    }
 }
 
 #[cfg(test)]
@@ -704,6 +912,7 @@ mod tests {
         covered.extend(QcQuantizeArgs::KERNELS);
         covered.extend(QcLayerNormQ8Args::KERNELS);
         covered.extend(QcSoftmaxArgs::KERNELS);
+        covered.extend(QcGemmSm90Args::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -889,6 +1098,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcGemmI8Args>(), 10 * 8 + 9 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<QcQuantizeArgs>(), 4 * 8 + 3 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<QcLayerNormQ8Args>(), 7 * 8 + 6 * 8 + 4 * 4);
+        // Two 64-byte aligned tensor maps (CUtensorMap's size and alignment), the
+        // bf16 GEMM's arguments, explicit tail padding.
+        assert_eq!(std::mem::size_of::<QcTensorMap>(), std::mem::size_of::<sys::CUtensorMap>());
+        assert_eq!(std::mem::align_of::<QcTensorMap>(), 64);
+        assert_eq!(std::mem::size_of::<QcGemmSm90Args>(), 2 * 128 + 136 + 56);
+        assert_eq!(std::mem::offset_of!(QcGemmSm90Args, gemm), 256);
         assert_eq!(QC_EPI_NONE, 0);
         assert_eq!(QC_EPI_GELU_TANH, 1);
         assert_eq!(QC_EPI_GATED_RESIDUAL, 2);
@@ -955,5 +1170,57 @@ mod tests {
         assert_eq!(gemm_tile(56 * 9 + 8, 7200, 1152), (56, 8));
         // Huge problems cap the grid; the grid stride covers the rest.
         assert_eq!(gemm(1 << 24, 1 << 14).0 .0 as i64, MAX_GRID);
+    }
+
+    /// qc_gemm_bf16_sm90: the tiles of qc_gemm_bf16 (so gemm_tiles / gemm_tile
+    /// describe both), 64-element k-tiles of 128 bytes (the swizzle width),
+    /// and two blocks' shared memory fit an sm_90 SM (228 KiB, 1 KiB reserved
+    /// per block, plus the barriers' static 128 bytes).
+    #[test]
+    fn gemm_sm90_launch_and_tiling() {
+        use launch_cfg::*;
+        assert_eq!((QC_GEMM_SM90_BM as i64, QC_GEMM_SM90_BN as i64), (GEMM_BM, GEMM_BN));
+        assert_eq!(QC_GEMM_SM90_BK * 2, 128);
+        assert_eq!(GEMM_SM90_THREADS, 256);
+        let stage = (QC_GEMM_SM90_BM + QC_GEMM_SM90_BN) * QC_GEMM_SM90_BK * 2;
+        assert_eq!(GEMM_SM90_SHARED_BYTES, QC_GEMM_SM90_STAGES * stage + 1024);
+        const { assert!(2 * (GEMM_SM90_SHARED_BYTES + 128 + 1024) <= 228 * 1024) };
+        for (m, n) in [(1i64, 1i64), (129, 127), (7200, 1152), (54_000, 4608), (108_000, 3456)] {
+            let (tm, tn) = gemm_tiles(m, n);
+            assert_eq!(gemm_sm90(m, n), ((tm * tn).min(MAX_GRID) as u32, 1, 1));
+        }
+        assert_eq!(gemm_sm90(1 << 24, 1 << 14).0 as i64, MAX_GRID);
+    }
+
+    #[test]
+    fn gemm_kernel_selection() {
+        use GemmKernel::*;
+        let hopper = (9, 0);
+        let ampere = (8, 0);
+        assert_eq!(GemmKernel::select(None, hopper), Ok(Wgmma));
+        assert_eq!(GemmKernel::select(Some(""), hopper), Ok(Wgmma));
+        assert_eq!(GemmKernel::select(None, ampere), Ok(Mma));
+        assert_eq!(GemmKernel::select(None, (10, 0)), Ok(Mma));
+        assert_eq!(GemmKernel::select(Some("mma"), hopper), Ok(Mma));
+        assert_eq!(GemmKernel::select(Some("wgmma"), hopper), Ok(Wgmma));
+        let e = GemmKernel::select(Some("wgmma"), ampere).unwrap_err();
+        assert!(e.contains("QC_GEMM") && e.contains("8.0"), "{e}");
+        let e = GemmKernel::select(Some("cublas"), hopper).unwrap_err();
+        assert!(e.contains("QC_GEMM") && e.contains("cublas"), "{e}");
+        assert_eq!(Mma.kernel_name(), "qc_gemm_bf16");
+        assert!(KERNEL_NAMES.contains(&Wgmma.kernel_name()));
+    }
+
+    #[test]
+    fn gemm_sm90_problems() {
+        let ok = QcGemmArgs { a: 1 << 20, w: 2 << 20, m: 54_000, n: 1152, k: 4608, lda: 4608, ldw: 4608, ldo: 1152, ..Default::default() };
+        assert!(gemm_sm90_supports(&ok));
+        assert!(gemm_sm90_supports(&QcGemmArgs { m: 1, n: 1, k: 8, lda: 8, ldw: 8, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { a: ok.a + 8, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { w: 0, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { lda: 4612, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { ldw: 4600, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { m: 0, ..ok }));
+        assert!(!gemm_sm90_supports(&QcGemmArgs { m: 1 << 31, ..ok }));
     }
 }
