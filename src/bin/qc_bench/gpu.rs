@@ -83,6 +83,15 @@ struct Bench {
     bf16_pattern: DevMem,
     byte_pattern: DevMem,
     reps: usize,
+    /// The engine's bf16 GEMM on this GPU (wgmma on Hopper unless QC_GEMM=mma).
+    gemm: qcuda::GemmKernel,
+}
+
+/// Which of our GEMMs `gemm_ms` times.
+#[derive(Clone, Copy)]
+enum Ours {
+    Bf16(qcuda::GemmKernel),
+    W8A8,
 }
 
 fn bf16_bits(x: f32) -> u16 {
@@ -106,7 +115,8 @@ impl Bench {
             result::memcpy_htod_sync(bf16_pattern.ptr, &normals).map_err(|e| anyhow!("cuMemcpyHtoD: {e}"))?;
             result::memcpy_htod_sync(byte_pattern.ptr, &bytes).map_err(|e| anyhow!("cuMemcpyHtoD: {e}"))?;
         }
-        Ok(Bench { ctx, stream, module, bf16_pattern, byte_pattern, reps: reps.max(1) })
+        let gemm = qcuda::GemmKernel::from_env(module.compute_capability()).map_err(anyhow::Error::msg)?;
+        Ok(Bench { ctx, stream, module, bf16_pattern, byte_pattern, reps: reps.max(1), gemm })
     }
 
     /// A buffer of `bytes` tiled with a random pattern (`int8`: uniform bytes, else bf16
@@ -183,7 +193,8 @@ struct GemmSet {
 
 /// Median milliseconds of qc_gemm_bf16 (`int8` false) or qc_gemm_w8a8 on
 /// `m` x `k` -> `n` with a bias and no epilogue.
-fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, int8: bool) -> Result<f64> {
+fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, ours: Ours) -> Result<f64> {
+    let int8 = matches!(ours, Ours::W8A8);
     let el = if int8 { 1 } else { 2 };
     let set_bytes = (m * k + n * k) * el + m * n * 2;
     let nsets = sets_for(set_bytes);
@@ -243,7 +254,12 @@ fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, int8: bool) -> Result<f64> {
                     epilogue: QC_EPI_NONE as i32,
                     ..Default::default()
                 };
-                b.module.launch_ext("qc_gemm_bf16", grid, block, shared, &b.stream, &args)
+                let Ours::Bf16(kernel) = ours else { unreachable!("int8 handled above") };
+                match b.module.launch_gemm_bf16(kernel, &b.stream, &args) {
+                    Ok(ran) if ran == kernel => Ok(()),
+                    Ok(ran) => Err(format!("{} does not take this shape ({} ran instead)", kernel.kernel_name(), ran.kernel_name())),
+                    Err(e) => Err(e),
+                }
             }
         };
         r.map_err(anyhow::Error::msg)
@@ -438,7 +454,10 @@ struct GemmRow {
     flops: f64,
     /// A DiT layer's shape (the targets are judged on these, not on the square).
     dit: bool,
+    /// The engine's bf16 GEMM (`Bench::gemm`).
     ours_bf16: Ms,
+    /// qc_gemm_bf16 (mma.sync) too, when the engine's is the wgmma one.
+    ours_mma: Option<Ms>,
     lt_bf16: Option<Ms>,
     ours_int8: Ms,
     lt_int8: Option<Ms>,
@@ -511,9 +530,10 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
             shape,
             flops: 2.0 * (m * k * n) as f64,
             dit,
-            ours_bf16: guarded(|| gemm_ms(&b, m, k, n, false)),
+            ours_bf16: guarded(|| gemm_ms(&b, m, k, n, Ours::Bf16(b.gemm))),
+            ours_mma: (b.gemm != qcuda::GemmKernel::Mma).then(|| guarded(|| gemm_ms(&b, m, k, n, Ours::Bf16(qcuda::GemmKernel::Mma)))),
             lt_bf16: baseline.as_ref().map(|bl| guarded(|| lt_gemm_ms(&b, bl, LtKind::Bf16, m, k, n))),
-            ours_int8: guarded(|| gemm_ms(&b, m, k, n, true)),
+            ours_int8: guarded(|| gemm_ms(&b, m, k, n, Ours::W8A8)),
             lt_int8: baseline.as_ref().map(|bl| guarded(|| lt_gemm_ms(&b, bl, LtKind::Int8, m, k, n))),
         })
         .collect();
@@ -546,7 +566,12 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         let (ob_ms, ob_rate, ob) = cells(&r.ours_bf16, r.flops, "TFLOP/s");
         let lb = r.lt_bf16.as_ref().and_then(|m| m.as_ref().ok()).map(|ms| tera(r.flops, *ms));
         let vs = if lb.is_some() { format!("{} of cuBLASLt's rate", pct(ob, lb)) } else { "-".to_string() };
-        println!("| qc_gemm_bf16 | {} | {ob_ms} | {ob_rate} | {} | {vs} | {}bias, no epilogue |", r.shape, pct(ob, bf_peak), failure(&r.ours_bf16));
+        println!("| {} | {} | {ob_ms} | {ob_rate} | {} | {vs} | {}bias, no epilogue |", b.gemm.kernel_name(), r.shape, pct(ob, bf_peak), failure(&r.ours_bf16));
+        if let Some(m) = &r.ours_mma {
+            let (ms, rate, x) = cells(m, r.flops, "TFLOP/s");
+            let vs = if lb.is_some() { format!("{} of cuBLASLt's rate", pct(x, lb)) } else { "-".to_string() };
+            println!("| qc_gemm_bf16 (mma.sync, QC_GEMM=mma) | {} | {ms} | {rate} | {} | {vs} | {}bias, no epilogue |", r.shape, pct(x, bf_peak), failure(m));
+        }
         if let Some(m) = &r.lt_bf16 {
             let (ms, rate, x) = cells(m, r.flops, "TFLOP/s");
             println!("| cuBLASLt bf16 | {} | {ms} | {rate} | {} | baseline | {}bf16 out, f32 accumulate, no bias |", r.shape, pct(x, bf_peak), failure(m));
