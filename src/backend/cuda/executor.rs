@@ -654,12 +654,6 @@ impl CudaBackend {
         }
     }
 
-    /// An f32 host result of a fallback, as an f32 device tensor.
-    pub(crate) fn upload_f32_result(&self, t: Tensor) -> Result<Tensor> {
-        let b = self.upload_slice(DType::F32, t.f32()?)?;
-        self.tensor(t.shape(), b)
-    }
-
     /// Kernel-name suffix for a float dtype.
     pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
         kernel_suffix(dtype)

@@ -26,8 +26,11 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
 mod arena;
 mod buffer;
+mod conv_ops;
 mod executor;
 mod executor_ops;
+#[cfg(all(test, qc_cuda_kernels))]
+mod conv_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod executor_tests;
 #[cfg(all(test, qc_cuda_kernels))]
@@ -39,7 +42,7 @@ mod gpu_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod tensor_ops_tests;
 
-pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, ArenaOom, ArenaStats};
+pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, estimate_vae_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
 pub use executor::{arena_bytes_from_env, CudaBackend, DEFAULT_ARENA_BYTES};
 
@@ -150,6 +153,18 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_quantize_rows_bf16",
     "qc_layernorm_mod_q8_f32",
     "qc_layernorm_mod_q8_bf16",
+    // conv.cu
+    "qc_conv3d_bf16",
+    "qc_group_norm_stats_f32",
+    "qc_group_norm_stats_bf16",
+    "qc_group_norm_apply_f32",
+    "qc_group_norm_apply_bf16",
+    "qc_upsample_nearest2x_f32",
+    "qc_upsample_nearest2x_bf16",
+    "qc_depth_to_time_f32",
+    "qc_depth_to_time_bf16",
+    "qc_channel_affine_f32",
+    "qc_channel_affine_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -200,6 +215,16 @@ kernel_args! {
     QcGemmI8Args => ["qc_gemm_w8a8"];
     QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
     QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
+    QcConvArgs => ["qc_conv3d_bf16"];
+    QcGroupNormArgs => ["qc_group_norm_stats_f32", "qc_group_norm_stats_bf16", "qc_group_norm_apply_f32", "qc_group_norm_apply_bf16"];
+    QcResampleArgs => [
+        "qc_upsample_nearest2x_f32",
+        "qc_upsample_nearest2x_bf16",
+        "qc_depth_to_time_f32",
+        "qc_depth_to_time_bf16",
+        "qc_channel_affine_f32",
+        "qc_channel_affine_bf16",
+    ];
 }
 
 /// What [`probe`] found.
