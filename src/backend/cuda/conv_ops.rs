@@ -46,6 +46,7 @@ impl CudaBackend {
         let grid_y = w.out_channels.div_ceil(CONV_TILE_M);
         ensure!(grid_x <= i32::MAX as usize && grid_y <= 65535, "{what}: output of {positions} positions x {} channels is too large for one launch", w.out_channels);
         i32_dim(c * kt * kh * kw, &format!("{what}: reduction length"))?;
+        ensure!(pad.iter().flatten().all(|&p| p <= 1 << 16) && w.kernel.iter().all(|&k| k <= 1 << 16), "{what}: padding {pad:?} or kernel {:?} too large", w.kernel);
         if w.weight.device() == Device::Cpu {
             self.note_once("unprepared-conv", || {
                 "a convolution's weight is on the host: it is uploaded at every use (call VideoVae::prepare with the CUDA backend once after loading)".to_string()
@@ -66,7 +67,7 @@ impl CudaBackend {
             h_in: i32_dim(h, &format!("{what}: input height"))?,
             w_in: i32_dim(wd, &format!("{what}: input width"))?,
             c_out: i32_dim(w.out_channels, &format!("{what}: output channels"))?,
-            t_out: out[0] as i32,
+            t_out: i32_dim(out[0], &format!("{what}: output frames"))?,
             h_out: i32_dim(out[1], &format!("{what}: output height"))?,
             w_out: i32_dim(out[2], &format!("{what}: output width"))?,
             kt: kt as i32,
@@ -77,7 +78,6 @@ impl CudaBackend {
             pad_w: pad[2][0] as i32,
             _pad: 0,
         };
-        ensure!(pad.iter().flatten().all(|&p| p <= 1 << 16) && w.kernel.iter().all(|&k| k <= 1 << 16), "{what}: padding {pad:?} or kernel {:?} too large", w.kernel);
         if positions > 0 {
             self.run_ext("qc_conv3d_bf16", ((grid_x as u32, grid_y as u32, 1), CONV_THREADS, 0), args)?;
         }

@@ -1,8 +1,8 @@
 //! [`CudaBackend`]: the [`Backend`](crate::backend::Backend) of the DiT, the
 //! sampler and the T5 encoder on one CUDA GPU, through the kernels of
 //! `kernels/*.cu` (semantics in `kernels/qc_types.h`). The ops themselves are
-//! in `executor_ops.rs`; this file holds the backend's state, its memory and
-//! the helpers every op uses.
+//! in `executor_ops.rs` (`Backend`) and `conv_ops.rs` (`ConvOps`, the VAE's);
+//! this file holds the backend's state, its memory and the helpers every op uses.
 //!
 //! # Data
 //! - Activations live on the device in bf16 (as Open-Sora's bf16 inference
@@ -23,7 +23,9 @@
 //!
 //! # Weights
 //! [`Backend::prepare_linear`] / [`Backend::prepare_tensor`] (called by
-//! `Stdit3::prepare` and `T5Encoder::prepare` once after loading) upload each
+//! `Stdit3::prepare`, `T5Encoder::prepare` and `VideoVae::prepare` once after
+//! loading; the VAE's convolutions likewise through
+//! [`ConvOps::prepare_conv`](crate::backend::ConvOps::prepare_conv)) upload each
 //! `Linear` weight once as bf16 (`LinearWeight::Half` holding a device tensor,
 //! `[n, k]` as on the host) with its bias as f32, and norm weights / tables as
 //! they are; int8 weights (`LinearWeight::Int8`) are uploaded into a cache
@@ -49,12 +51,9 @@
 //! the failing kernel.
 //!
 //! # Host fallbacks (documented, each logged once)
-//! - [`ConvOps`](crate::backend::ConvOps) (the VAE's convolutions, group norm,
-//!   upsampling): download, run on the CPU backend in f32, upload the f32
-//!   result. The pipeline runs the whole VAE on the CPU backend instead.
 //! - Attention with an additive score bias (T5's relative positions) or a head
 //!   dim the kernels do not cover (not a multiple of 8 in 8..=128, e.g. the
-//!   VAE's 512): download q, k, v, CPU attention in f32, upload as bf16.
+//!   VAE mid-block's 512): download q, k, v, CPU attention in f32, upload as bf16.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
 //!
 //! # TODO: CUDA graphs

@@ -690,6 +690,9 @@ mod tests {
         covered.extend(QcGemmI8Args::KERNELS);
         covered.extend(QcQuantizeArgs::KERNELS);
         covered.extend(QcLayerNormQ8Args::KERNELS);
+        covered.extend(QcConvArgs::KERNELS);
+        covered.extend(QcGroupNormArgs::KERNELS);
+        covered.extend(QcResampleArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -704,6 +707,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcUnaryArgs>(), 24);
         assert_eq!(std::mem::size_of::<QcLayerNormArgs>(), 88);
         assert_eq!(std::mem::align_of::<QcLayerNormArgs>(), 8);
+        assert_eq!(std::mem::size_of::<QcConvArgs>(), 96);
+        assert_eq!(std::mem::size_of::<QcGroupNormArgs>(), 80);
+        assert_eq!(std::mem::size_of::<QcResampleArgs>(), 64);
         let a = QcLayerNormArgs {
             rows: 3,
             cols: 4,
