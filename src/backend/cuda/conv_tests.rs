@@ -2,7 +2,8 @@
 //! against the CPU backend on fresh random inputs (clock-seeded, the seed is
 //! printed), with NaN-poisoned outputs, at small odd shapes, channel counts
 //! that are not multiples of the 64-wide tiles, and real Open-Sora 1.2 VAE
-//! layers; then the VAE decode fixture on the CUDA backend.
+//! layers; then the VAE decode fixture and prompt-to-video with the tiny
+//! fixture models (VAE included) on the CUDA backend.
 //!
 //! Tolerances (relative L2 against the CPU in f32, inputs drawn already
 //! rounded to bf16): convolutions 1e-2 (bf16 output rounding, ~2^-9 per
@@ -177,4 +178,25 @@ fn vae_decode_fixture_matches_reference() {
     eprintln!("vae-tiny decode: GPU vs reference {err:.2e}, GPU vs CPU {vs_cpu:.2e}");
     assert!(vs_cpu < 2e-2, "GPU vs CPU decode: relative L2 error {vs_cpu:.3e}");
     eprintln!("GPU arena: {}", be.arena_stats());
+}
+
+/// Prompt to video with the tiny fixture models (tokenizer, T5, STDiT3, the
+/// VAE on the GPU), GPU against CPU.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn tiny_pipeline_with_vae_matches_cpu() {
+    use crate::model::stdit3::NoHooks;
+    use crate::pipeline::{plan, GenerateOptions, ModelPaths};
+    let be = gpu();
+    be.set_poison(false);
+    let paths = ModelPaths { dit: fixture("stdit3-tiny"), t5: fixture("t5-tiny"), tokenizer: fixture("t5-tokenizer"), vae: Some(fixture("vae-tiny")) };
+    let opts = GenerateOptions { frames: 17, height: 12, width: 16, steps: 6, cfg: 7.0, fps: 24.0, aes: None, raw_prompt: true, seed: 11, ..GenerateOptions::default() };
+    let prompts = vec!["a red ball moving left".to_string(), "a blue square".to_string()];
+    let (gv, _) = plan(&paths, &prompts, &opts).unwrap().run(&be, &opts, &mut NoHooks, &mut |_| {}).unwrap();
+    let (cv, _) = plan(&paths, &prompts, &opts).unwrap().run(&CpuBackend::new(), &opts, &mut NoHooks, &mut |_| {}).unwrap();
+    assert_eq!(gv.device(), Device::Cpu, "the pipeline returns the video on the host");
+    assert_eq!(gv.shape(), cv.shape());
+    let err = rel_l2(gv.f32().unwrap(), cv.f32().unwrap());
+    eprintln!("tiny pipeline with VAE: GPU vs CPU rel err {err:.2e}");
+    assert!(err < 5e-2, "tiny pipeline: relative L2 error {err:.3e}");
 }
