@@ -161,4 +161,23 @@ __device__ __forceinline__ void row_mean_rstd(const T* __restrict__ x, int cols,
     rstd = rsqrtf(block_sum(sq, scratch) * inv_cols + eps);
 }
 
+// ------------------------------------------------------------ tensor cores
+
+// c += a (16x16, row-major) * b (16x8, col-major), bf16 in, f32 accumulate
+// (mma.sync m16n8k16). Fragments, with g = lane / 4 and q = lane % 4, each
+// register holding two consecutive-k bf16 (lower k in the low half):
+// a[0] = A[g][2q..], a[1] = A[g+8][2q..], a[2] = A[g][2q+8..],
+// a[3] = A[g+8][2q+8..]; b0 = B[2q..][g], b1 = B[2q+8..][g];
+// c[0..1] = C[g][2q, 2q+1], c[2..3] = C[g+8][2q, 2q+1].
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float silu_f32(float v) {
+    return v / (1.0f + expf(-v));
+}
+
 }  // namespace qc

@@ -695,4 +695,109 @@ typedef struct QcSoftmaxArgs {
     int32_t _pad;
 } QcSoftmaxArgs;
 
+/* ---------------------------------------------------------------- conv.cu */
+
+/*
+ * qc_conv3d_bf16: a zero-padded, stride-1, dilation-1, one-group 3-D
+ * cross-correlation (PyTorch Conv3d after F.pad; a Conv2d is t_in = kt = 1)
+ * as an implicit GEMM on tensor cores (bf16 in, f32 accumulate):
+ *   y[n, o, t, r, s] = bias[o] + sum_{c, a, i, j} w[o, k] *
+ *                      x[n, c, t + a - pad_t, r + i - pad_h, s + j - pad_w]
+ *   with k = ((c * kt + a) * kh + i) * kw + j (PyTorch's weight layout
+ *   [c_out, c_in, kt, kh, kw] read as a [c_out, K] matrix, K = c_in kt kh kw)
+ *   and x read as 0 outside [0, t_in) x [0, h_in) x [0, w_in). The "after"
+ *   padding is implied by the output size: t_out = t_in + pad_t + pad_t_after
+ *   - kt + 1 (likewise h, w); the kernel only needs t_out, h_out, w_out.
+ *   x: bf16 [n, c_in, t_in, h_in, w_in]; w: bf16 [c_out, K], 16-byte aligned;
+ *   bias: f32 [c_out] or 0; y: bf16 [n, c_out, t_out, h_out, w_out], must
+ *   not overlap x. Each output is rounded to bf16 once, after the bias.
+ *   Launch: blockDim.x = 128 exactly (traps otherwise); the GEMM is tiled
+ *   64 output channels x 64 output positions (n, t, r, s flattened):
+ *   gridDim.x = ceil(n t_out h_out w_out / 64), gridDim.y = ceil(c_out / 64).
+ */
+typedef struct QcConvArgs {
+    qc_dptr x;
+    qc_dptr w;
+    qc_dptr bias;
+    qc_dptr y;
+    int32_t n;
+    int32_t c_in;
+    int32_t t_in;
+    int32_t h_in;
+    int32_t w_in;
+    int32_t c_out;
+    int32_t t_out;
+    int32_t h_out;
+    int32_t w_out;
+    int32_t kt;
+    int32_t kh;
+    int32_t kw;
+    int32_t pad_t; /* zeros before, along t (likewise pad_h, pad_w) */
+    int32_t pad_h;
+    int32_t pad_w;
+    int32_t _pad;
+} QcConvArgs;
+
+/*
+ * qc_group_norm_stats_{f32,bf16} then qc_group_norm_apply_{f32,bf16}
+ * (nn.GroupNorm with affine weight and bias, optional SiLU), in two launches
+ * with the same args and grid (gridDim.x = chunks, gridDim.y = n * groups,
+ * any blockDim.x that is a multiple of 32):
+ *   x: [n, channels, spatial] (channels = groups * (group_elems / spatial));
+ *   group g of sample b (row gy = b * groups + g) is the contiguous range of
+ *   group_elems = (channels / groups) * spatial elements starting at
+ *   (b * groups + g) * group_elems, split into `chunks` chunks of
+ *   chunk_elems elements (the last one may be shorter).
+ *   stats: every block (chunk q of group row gy = blockIdx.y) writes its
+ *   chunk's f32 mean and M2 (sum of squared deviations from that mean, from a
+ *   second exact pass) to stats[(gy * chunks + q) * 2 + {0, 1}]
+ *   (stats holds n * groups * chunks * 2 floats).
+ *   apply: every block merges its group's chunk statistics (Chan's formula:
+ *   mean = sum n_q mean_q / N, M2 = sum M2_q + n_q (mean_q - mean)^2, biased
+ *   var = M2 / N) and writes its chunk of
+ *     y = (x - mean) * rsqrt(var + eps) * weight[c] + bias[c]
+ *   then, when silu != 0, y = y / (1 + exp(-y)) (for bf16 the normalised
+ *   value is rounded to bf16 before the SiLU, as PyTorch's separate ops do).
+ *   weight, bias: f32 [channels]. y may equal x (in place) but must not
+ *   otherwise overlap it.
+ */
+typedef struct QcGroupNormArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr weight;
+    qc_dptr bias;
+    qc_dptr stats;
+    int64_t group_elems;
+    int64_t spatial;
+    int32_t chunk_elems;
+    int32_t chunks;
+    float eps;
+    int32_t silu;
+    int32_t groups; /* per sample */
+    int32_t _pad;
+} QcGroupNormArgs;
+
+/*
+ * qc_upsample_nearest2x_{f32,bf16} (flat grid-stride; launch_cfg::flat_scalar):
+ *   x [planes, h, w] -> y [planes, 2h, 2w], y[p, r, s] = x[p, r / 2, s / 2].
+ * qc_depth_to_time_{f32,bf16} (flat grid-stride): x [planes * s, t, hw] ->
+ *   y [planes, t * s, hw] with y[p, u * s + i, e] = x[p * s + i, u, e]
+ *   (einops "N (C s) T H W -> N C (T s) H W", planes = N C; here h = t and
+ *   w = hw, s = factor).
+ * qc_channel_affine_{f32,bf16} (flat grid-stride): x, y [n, channels, spatial],
+ *   y[b, c, e] = x[b, c, e] * scale[c] + shift[c], scale and shift f32
+ *   [channels] (h = channels, w = spatial). y may equal x.
+ */
+typedef struct QcResampleArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr scale;
+    qc_dptr shift;
+    int64_t planes;
+    int64_t h;
+    int64_t w;
+    int32_t factor;
+    int32_t _pad;
+} QcResampleArgs;
+
 #endif /* QC_TYPES_H */

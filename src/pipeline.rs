@@ -3,7 +3,6 @@
 //! decode with the video VAE. Each model is loaded for its stage and dropped
 //! after it, so at most one model's weights are in memory at a time.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
@@ -154,6 +153,7 @@ pub struct Plan {
     tokenizer: T5Tokenizer,
     /// No VAE: the DiT's output is the video.
     pixel_space: bool,
+    vae_cfg: Option<VaeConfig>,
     decoded: (usize, usize),
     latent: [usize; 3],
     prompts: Vec<String>,
@@ -210,7 +210,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
     }
     let prompts = prompts.iter().map(|p| if opts.raw_prompt { append_score(p, opts.aes) } else { prepare_prompt(p, opts.aes) }).collect();
     let decoded = vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
-    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), latent, prompts, decoded })
+    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), vae_cfg, latent, prompts, decoded })
 }
 
 impl Plan {
@@ -225,6 +225,11 @@ impl Plan {
     /// True when the model has no VAE (the DiT generates pixels).
     pub fn pixel_space(&self) -> bool {
         self.pixel_space
+    }
+
+    /// The VAE's configuration (none for a pixel-space model).
+    pub fn vae_config(&self) -> Option<&VaeConfig> {
+        self.vae_cfg.as_ref()
     }
 
     /// Height and width the VAE will decode (the request rounded down to its pixel grid).
@@ -284,20 +289,20 @@ impl Plan {
             sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
         };
         // A latent on the GPU comes back to the host here (which also waits for the
-        // GPU, so the stage's time is complete): the VAE then runs on the CPU backend
-        // (the CUDA backend's convolutions would be a per-op host fallback).
-        let on_gpu = z.device() == Device::Cuda;
-        let z = if on_gpu { z.to_cpu()? } else { z };
+        // GPU, so the stage's time is complete; the VAE checks it there), then
+        // the VAE runs on the same backend.
+        let z = if z.device() == Device::Cuda { z.to_cpu()?.to_f32()? } else { z };
         timed("denoising (STDiT3)", &mut report, t);
 
         let video = match &self.paths.vae {
             Some(dir) => {
                 progress(Event::Stage("VAE decode"));
                 let t = Instant::now();
-                let vae = VideoVae::load(dir)?;
-                let cpu = CpuBackend::new();
-                let vae_be: &dyn Backend = if on_gpu { &cpu } else { be };
-                let video = vae.decode(vae_be, &z, opts.frames)?;
+                let mut vae = VideoVae::load(dir)?;
+                vae.prepare(be)?;
+                let video = vae.decode(be, &z, opts.frames)?;
+                // The video comes back to the host as f32 (bf16 on the GPU).
+                let video = if video.device() == Device::Cuda { video.to_cpu()?.to_f32()? } else { video };
                 timed("VAE decode", &mut report, t);
                 video
             }

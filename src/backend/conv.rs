@@ -45,6 +45,13 @@ pub type Pad3 = [[usize; 2]; 3];
 /// The ops of the VAE decoders. Every op validates its shapes and fails with
 /// an error naming them rather than panicking.
 pub trait ConvOps {
+    /// Moves a loaded convolution's weights to where this backend computes,
+    /// once, before it is used (the CUDA backend uploads the weight as bf16
+    /// and the bias as f32, shapes unchanged); the default keeps them as they are.
+    fn prepare_conv(&self, _w: &mut ConvWeight) -> Result<()> {
+        Ok(())
+    }
+
     /// `nn.Conv2d(stride=1, padding=pad)`: `x` `[N, C_in, H, W]` zero-padded by
     /// `pad[0]` rows above and below and `pad[1]` columns left and right, then
     /// `out[n, o, y, x] = bias[o] + sum_{c, i, j} w[o, c, i, j] * xpad[n, c, y + i, x + j]`:

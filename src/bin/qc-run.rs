@@ -542,7 +542,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         match (dit, t5) {
             (Ok(dit), Ok(t5)) => {
                 let rows = prompts.len() * dit.model_max_length;
-                qcuda::estimate_arena_bytes(&dit, 2 * prompts.len(), plan.latent(), dit.model_max_length) + qcuda::estimate_t5_arena_bytes(t5.d_model, t5.d_ff, rows)
+                let denoise = qcuda::estimate_arena_bytes(&dit, 2 * prompts.len(), plan.latent(), dit.model_max_length) + qcuda::estimate_t5_arena_bytes(t5.d_model, t5.d_ff, rows);
+                // The VAE runs after the DiT's activations are freed.
+                let (h, w) = plan.decoded_size();
+                let vae = plan.vae_config().map_or(0, |v| qcuda::estimate_vae_arena_bytes(v, prompts.len(), opts.frames, h, w));
+                denoise.max(vae)
             }
             _ => qcuda::DEFAULT_ARENA_BYTES,
         }

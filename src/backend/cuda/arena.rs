@@ -20,6 +20,7 @@
 
 use super::buffer::DeviceMem;
 use crate::model::stdit3::Stdit3Config;
+use crate::model::vae::VaeConfig;
 use cudarc::driver::{result, CudaContext};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -310,6 +311,32 @@ pub fn estimate_arena_bytes(cfg: &Stdit3Config, batch: usize, latent: [usize; 3]
 pub fn estimate_t5_arena_bytes(d_model: usize, d_ff: usize, rows: usize) -> u64 {
     let (r, d, f) = (rows as u64, d_model as u64, d_ff as u64);
     let counted = r * d * 4 * 2 + r * d * 2 * 8 + r * f * 2 * 4;
+    round_up((counted as f64 * HEADROOM) as u64 + SLACK, 1 << 20)
+}
+
+/// Device bytes of a VAE decode of `batch` videos of `frames` frames of
+/// `height` x `width` pixels: six live activations of the largest spatial
+/// level (its channels, or the upsampled channels of the level below, times
+/// the micro-batch of frames), six of the temporal decoder at latent
+/// resolution, and the decoded video three times over (per-frame outputs,
+/// their concatenation, the final layout) in bf16; with the same headroom.
+pub fn estimate_vae_arena_bytes(cfg: &VaeConfig, batch: usize, frames: usize, height: usize, width: usize) -> u64 {
+    let bf16 = 2u64;
+    let boc = &cfg.vae_2d.block_out_channels;
+    let micro = cfg.vae_2d.micro_batch_size.unwrap_or(4).min(frames.max(1)) as u64;
+    let (h, w) = (height as u64, width as u64);
+    let spatial = (0..boc.len())
+        .map(|i| {
+            let c = boc[i].max(boc.get(i + 1).copied().unwrap_or(0)) as u64;
+            micro * c * (h >> i) * (w >> i)
+        })
+        .max()
+        .unwrap_or(0);
+    let f = cfg.vae_2d.scale_factor() as u64;
+    let temporal_c = cfg.vae_temporal.resolve().map_or(0, |p| (p.filters * p.channel_multipliers.iter().copied().max().unwrap_or(1)) as u64);
+    let temporal = cfg.micro_frame_size() as u64 * temporal_c * (h / f) * (w / f);
+    let video = 3 * batch as u64 * frames as u64 * 3 * h * w;
+    let counted = (6 * spatial + 6 * temporal + video) * bf16;
     round_up((counted as f64 * HEADROOM) as u64 + SLACK, 1 << 20)
 }
 

@@ -1,8 +1,8 @@
 //! [`CudaBackend`]: the [`Backend`](crate::backend::Backend) of the DiT, the
 //! sampler and the T5 encoder on one CUDA GPU, through the kernels of
 //! `kernels/*.cu` (semantics in `kernels/qc_types.h`). The ops themselves are
-//! in `executor_ops.rs`; this file holds the backend's state, its memory and
-//! the helpers every op uses.
+//! in `executor_ops.rs` (`Backend`) and `conv_ops.rs` (`ConvOps`, the VAE's);
+//! this file holds the backend's state, its memory and the helpers every op uses.
 //!
 //! # Data
 //! - Activations live on the device in bf16 (as Open-Sora's bf16 inference
@@ -23,7 +23,9 @@
 //!
 //! # Weights
 //! [`Backend::prepare_linear`] / [`Backend::prepare_tensor`] (called by
-//! `Stdit3::prepare` and `T5Encoder::prepare` once after loading) upload each
+//! `Stdit3::prepare`, `T5Encoder::prepare` and `VideoVae::prepare` once after
+//! loading; the VAE's convolutions likewise through
+//! [`ConvOps::prepare_conv`](crate::backend::ConvOps::prepare_conv)) upload each
 //! `Linear` weight once as bf16 (`LinearWeight::Half` holding a device tensor,
 //! `[n, k]` as on the host) with its bias as f32, and norm weights / tables as
 //! they are; int8 weights (`LinearWeight::Int8`) are uploaded into a cache
@@ -51,15 +53,12 @@
 //! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
 //!
 //! # Host fallbacks (documented, each logged once)
-//! - [`ConvOps`](crate::backend::ConvOps) (the VAE's convolutions, group norm,
-//!   upsampling): download, run on the CPU backend in f32, upload the f32
-//!   result. The pipeline runs the whole VAE on the CPU backend instead.
 //! - Attention with a head dim the kernels do not cover (not a multiple of 8
-//!   in 8..=128, e.g. the VAE's 512), with or without a score bias: download
-//!   q, k, v (and the bias), CPU attention in f32, upload as bf16. Attention
-//!   with an additive score bias (T5's relative positions) runs on the
-//!   qc_attention_bias kernels for every head dim the plain ones cover; only
-//!   a biased one with scale 0 (which those kernels cannot express) falls back.
+//!   in 8..=128, e.g. the VAE mid-block's 512), with or without a score bias:
+//!   download q, k, v (and the bias), CPU attention in f32, upload as bf16.
+//!   Attention with an additive score bias (T5's relative positions) runs on
+//!   the qc_attention_bias kernels for every head dim the plain ones cover;
+//!   only a biased one with scale 0 (which those kernels cannot express) falls back.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
 //! - Not fallbacks, but host work by design: T5's `[heads, L, L]` position bias
 //!   is built on the host once per encode and uploaded once (`T5Encoder::encode`
@@ -758,12 +757,6 @@ impl CudaBackend {
             }
             _ => Ok(std::borrow::Cow::Owned(t.to_f32()?)),
         }
-    }
-
-    /// An f32 host result of a fallback, as an f32 device tensor.
-    pub(crate) fn upload_f32_result(&self, t: Tensor) -> Result<Tensor> {
-        let b = self.upload_slice(DType::F32, t.f32()?)?;
-        self.tensor(t.shape(), b)
     }
 
     /// Kernel-name suffix for a float dtype.

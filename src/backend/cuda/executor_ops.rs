@@ -1,5 +1,5 @@
 //! The ops of [`CudaBackend`]: `Backend` (the DiT, the sampler, T5) on the
-//! kernels, and `ConvOps` through the documented host fallback. Each op checks
+//! kernels (`ConvOps` is in `conv_ops.rs`). Each op checks
 //! its shapes as the CPU backend does (same messages where they can be).
 
 use super::abi::*;
@@ -7,8 +7,7 @@ use super::buffer::DeviceBuffer;
 use super::executor::{float_dtype, host_slice, rows_of, CudaBackend};
 use super::graph::StepValues;
 use super::launch_cfg;
-use crate::backend::conv::{ConvWeight, Pad3};
-use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope, StepGraphSession};
+use crate::backend::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope, StepGraphSession};
 use crate::tensor::{byte_len, DType, Storage, Tensor};
 use anyhow::{anyhow, bail, ensure, Result};
 
@@ -178,10 +177,6 @@ impl CudaBackend {
         let out = self.cpu.attention(&qh, &kh, &vh, spec, bh.as_deref())?;
         let b = self.dev(&out, DType::BF16)?;
         self.tensor(out.shape(), b)
-    }
-
-    fn conv_fallback_note(&self) {
-        self.note_once("conv", || "the CUDA backend runs the VAE's convolution ops on the CPU (host fallback: download, compute in f32, upload)".to_string());
     }
 }
 
@@ -688,72 +683,5 @@ impl Backend for CudaBackend {
         let db = self.step_values(StepValues::StepSizes, dt)?;
         let args = QcEulerArgs { z: zb.address(), v: vb.address(), dt: db.address(), n: n as i64, per_sample: (n / b) as i64 };
         self.flat_kernel("qc_euler", DType::F32, n, false, args)
-    }
-}
-
-impl CudaBackend {
-    fn conv_weight_host(&self, w: &ConvWeight) -> Result<ConvWeight> {
-        Ok(ConvWeight {
-            weight: self.host_f32(&w.weight)?.into_owned(),
-            bias: w.bias.as_ref().map(|b| self.host_f32(b).map(|c| c.into_owned())).transpose()?,
-            in_channels: w.in_channels,
-            out_channels: w.out_channels,
-            kernel: w.kernel,
-        })
-    }
-
-    /// Host copies only for weights that are not host f32 already (the usual case borrows).
-    fn with_host_conv<R>(&self, w: &ConvWeight, f: impl FnOnce(&ConvWeight) -> Result<R>) -> Result<R> {
-        let host = w.weight.dtype() == DType::F32 && w.weight.device() == crate::tensor::Device::Cpu && w.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.device() == crate::tensor::Device::Cpu);
-        if host {
-            f(w)
-        } else {
-            f(&self.conv_weight_host(w)?)
-        }
-    }
-}
-
-/// The VAE's ops: the documented host fallback (download, CPU backend in f32, upload the f32 result).
-impl ConvOps for CudaBackend {
-    fn conv2d(&self, x: &Tensor, w: &ConvWeight, pad: [usize; 2]) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let xh = self.host_f32(x)?;
-        let r = self.with_host_conv(w, |w| self.cpu.conv2d(&xh, w, pad))?;
-        self.upload_f32_result(r)
-    }
-
-    fn conv3d(&self, x: &Tensor, w: &ConvWeight, pad: Pad3) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let xh = self.host_f32(x)?;
-        let r = self.with_host_conv(w, |w| self.cpu.conv3d(&xh, w, pad))?;
-        self.upload_f32_result(r)
-    }
-
-    fn group_norm(&self, x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f32, act: Activation) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let (xh, wh, bh) = (self.host_f32(x)?, self.host_f32(weight)?, self.host_f32(bias)?);
-        let r = self.cpu.group_norm(&xh, groups, &wh, &bh, eps, act)?;
-        self.upload_f32_result(r)
-    }
-
-    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let xh = self.host_f32(x)?;
-        let r = self.cpu.upsample_nearest2x(&xh)?;
-        self.upload_f32_result(r)
-    }
-
-    fn depth_to_time(&self, x: &Tensor, s: usize) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let xh = self.host_f32(x)?;
-        let r = self.cpu.depth_to_time(&xh, s)?;
-        self.upload_f32_result(r)
-    }
-
-    fn channel_affine(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-        self.conv_fallback_note();
-        let (xh, sc, sh) = (self.host_f32(x)?, self.host_f32(scale)?, self.host_f32(shift)?);
-        let r = self.cpu.channel_affine(&xh, &sc, &sh)?;
-        self.upload_f32_result(r)
     }
 }

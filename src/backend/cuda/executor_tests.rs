@@ -14,8 +14,7 @@
 
 use super::executor::CudaBackend;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::conv::ConvWeight;
-use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, ModRef, PatchGrid, Rope, RowGroups};
+use crate::backend::{Activation, AttnSpec, Backend, Linear, ModRef, PatchGrid, Rope, RowGroups};
 use crate::checkpoint::Checkpoint;
 use crate::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use crate::model::stdit3::{DitInput, NoHooks, Stdit3};
@@ -25,21 +24,21 @@ use crate::tensor::{rel_l2, DType, Device, Storage, Tensor};
 use half::bf16;
 use std::path::{Path, PathBuf};
 
-const GPU: &str = "needs a CUDA GPU: run tools/gpu-check";
+pub(super) const GPU: &str = "needs a CUDA GPU: run tools/gpu-check";
 
-fn small() -> bool {
+pub(super) fn small() -> bool {
     std::env::var("QC_GPU_TESTS_SMALL").is_ok_and(|v| v == "1")
 }
 
 /// A backend with a 1 GiB arena and NaN-poisoned outputs.
-fn gpu() -> CudaBackend {
+pub(super) fn gpu() -> CudaBackend {
     let be = CudaBackend::with_arena_bytes(1 << 30).unwrap_or_else(|e| panic!("{GPU}: {e:#}"));
     be.set_poison(true);
     be
 }
 
 /// A clock-seeded generator; the seed is printed so a failure can be replayed.
-fn rng(test: &str) -> Rng {
+pub(super) fn rng(test: &str) -> Rng {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
     eprintln!("{test}: seed {seed}");
     Rng::new(seed)
@@ -51,28 +50,28 @@ fn q(v: Vec<f32>) -> Vec<f32> {
 }
 
 /// A host f32 tensor of bf16-representable normal values times `scale`.
-fn rnd(rng: &mut Rng, shape: &[usize], scale: f32) -> Tensor {
+pub(super) fn rnd(rng: &mut Rng, shape: &[usize], scale: f32) -> Tensor {
     let n = shape.iter().product();
     Tensor::from_f32(shape, q(rng.normal_vec(n).into_iter().map(|x| x * scale).collect())).unwrap()
 }
 
 /// A device bf16 copy of a host f32 tensor.
-fn dev_bf16(be: &CudaBackend, t: &Tensor) -> Tensor {
+pub(super) fn dev_bf16(be: &CudaBackend, t: &Tensor) -> Tensor {
     let h = Tensor::new(t.shape(), Storage::BF16(t.f32().unwrap().iter().map(|&x| bf16::from_f32(x)).collect())).unwrap();
     be.upload(&h).unwrap()
 }
 
 /// A device f32 copy.
-fn dev_f32(be: &CudaBackend, t: &Tensor) -> Tensor {
+pub(super) fn dev_f32(be: &CudaBackend, t: &Tensor) -> Tensor {
     be.upload(t).unwrap()
 }
 
-fn host(t: &Tensor) -> Vec<f32> {
+pub(super) fn host(t: &Tensor) -> Vec<f32> {
     t.to_cpu().unwrap().to_f32().unwrap().into_f32().unwrap()
 }
 
 /// Relative L2 error of a GPU result against the CPU's, every element written.
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
+pub(super) fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     assert_eq!(got.device(), Device::Cuda, "{what}: the result should stay on the GPU");
     let g = host(got);
@@ -87,7 +86,7 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
 }
 
 /// Bit-exact equality (layout ops, f32 sampler ops).
-fn same(what: &str, got: &Tensor, want: &Tensor) {
+pub(super) fn same(what: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     let g = host(got);
     let w = want.to_f32().unwrap().into_f32().unwrap();
@@ -416,24 +415,6 @@ fn elementwise_and_sampler_ops_match_cpu() {
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
-fn conv_ops_fall_back_to_the_cpu() {
-    let (be, cpu, mut rng) = (gpu(), CpuBackend::new(), rng("conv"));
-    let x = rnd(&mut rng, &[1, 4, 3, 6, 5], 1.0);
-    let w3 = ConvWeight::new(rnd(&mut rng, &[8, 4, 3, 3, 3], 0.2), Some(rnd(&mut rng, &[8], 0.1))).unwrap();
-    let pad = [[2, 0], [1, 1], [1, 1]];
-    same("conv3d", &be.conv3d(&dev_f32(&be, &x), &w3, pad).unwrap(), &cpu.conv3d(&x, &w3, pad).unwrap());
-    let img = rnd(&mut rng, &[2, 4, 6, 5], 1.0);
-    let w2 = ConvWeight::new(rnd(&mut rng, &[3, 4, 3, 3], 0.2), None).unwrap();
-    same("conv2d", &be.conv2d(&img, &w2, [1, 1]).unwrap(), &cpu.conv2d(&img, &w2, [1, 1]).unwrap());
-    let (gw, gb) = (rnd(&mut rng, &[4], 1.0), rnd(&mut rng, &[4], 1.0));
-    same("group_norm", &be.group_norm(&img, 2, &gw, &gb, 1e-6, Activation::Silu).unwrap(), &cpu.group_norm(&img, 2, &gw, &gb, 1e-6, Activation::Silu).unwrap());
-    same("upsample", &be.upsample_nearest2x(&img).unwrap(), &cpu.upsample_nearest2x(&img).unwrap());
-    same("depth_to_time", &be.depth_to_time(&x, 2).unwrap(), &cpu.depth_to_time(&x, 2).unwrap());
-    same("channel_affine", &be.channel_affine(&img, &gw, &gb).unwrap(), &cpu.channel_affine(&img, &gw, &gb).unwrap());
-}
-
 // ------------------------------------------------------------------ memory
 
 #[test]
@@ -457,7 +438,7 @@ fn arena_out_of_memory_is_a_clear_error() {
 
 /// `QC_FIXTURES`, `../shared/fixtures` beside the repository, or `carry/fixtures`
 /// (where `tools/gpu-check --prepare` copies them for the device machine).
-fn fixture(name: &str) -> PathBuf {
+pub(super) fn fixture(name: &str) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::env::var_os("QC_FIXTURES").map(PathBuf::from).into_iter().collect();
     dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     dirs.push(PathBuf::from("carry/fixtures"));

@@ -26,9 +26,12 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DeviceRepr};
 
 mod arena;
 mod buffer;
+mod conv_ops;
 mod executor;
 mod executor_ops;
 mod graph;
+#[cfg(all(test, qc_cuda_kernels))]
+mod conv_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod executor_tests;
 #[cfg(all(test, qc_cuda_kernels))]
@@ -42,7 +45,7 @@ mod tensor_ops_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod baseline_tests;
 
-pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, ArenaOom, ArenaStats};
+pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, estimate_vae_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
 pub use executor::{arena_bytes_from_env, CudaBackend, DEFAULT_ARENA_BYTES};
 pub use graph::{graphs_from_env, CudaStepGraphs, GraphStats};
@@ -164,6 +167,18 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_bias_d128_bf16",
     // gemm_sm90.cu
     "qc_gemm_bf16_sm90",
+    // conv.cu
+    "qc_conv3d_bf16",
+    "qc_group_norm_stats_f32",
+    "qc_group_norm_stats_bf16",
+    "qc_group_norm_apply_f32",
+    "qc_group_norm_apply_bf16",
+    "qc_upsample_nearest2x_f32",
+    "qc_upsample_nearest2x_bf16",
+    "qc_depth_to_time_f32",
+    "qc_depth_to_time_bf16",
+    "qc_channel_affine_f32",
+    "qc_channel_affine_bf16",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -223,6 +238,16 @@ kernel_args! {
     QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
     QcSoftmaxArgs => ["qc_softmax_rows_bf16"];
     QcGemmSm90Args => ["qc_gemm_bf16_sm90"];
+    QcConvArgs => ["qc_conv3d_bf16"];
+    QcGroupNormArgs => ["qc_group_norm_stats_f32", "qc_group_norm_stats_bf16", "qc_group_norm_apply_f32", "qc_group_norm_apply_bf16"];
+    QcResampleArgs => [
+        "qc_upsample_nearest2x_f32",
+        "qc_upsample_nearest2x_bf16",
+        "qc_depth_to_time_f32",
+        "qc_depth_to_time_bf16",
+        "qc_channel_affine_f32",
+        "qc_channel_affine_bf16",
+    ];
 }
 
 /// What [`probe`] found.
@@ -913,6 +938,9 @@ mod tests {
         covered.extend(QcLayerNormQ8Args::KERNELS);
         covered.extend(QcSoftmaxArgs::KERNELS);
         covered.extend(QcGemmSm90Args::KERNELS);
+        covered.extend(QcConvArgs::KERNELS);
+        covered.extend(QcGroupNormArgs::KERNELS);
+        covered.extend(QcResampleArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -927,6 +955,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcUnaryArgs>(), 24);
         assert_eq!(std::mem::size_of::<QcLayerNormArgs>(), 88);
         assert_eq!(std::mem::align_of::<QcLayerNormArgs>(), 8);
+        assert_eq!(std::mem::size_of::<QcConvArgs>(), 96);
+        assert_eq!(std::mem::size_of::<QcGroupNormArgs>(), 80);
+        assert_eq!(std::mem::size_of::<QcResampleArgs>(), 64);
         let a = QcLayerNormArgs {
             rows: 3,
             cols: 4,

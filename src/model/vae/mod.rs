@@ -65,6 +65,63 @@ impl VideoVae {
         Ok(VideoVae { cfg, temporal, weights, micro_batch })
     }
 
+    /// Uploads every weight to where `be` computes, once after loading (a
+    /// no-op on the CPU backend); decoding works without it, slower.
+    pub fn prepare(&mut self, be: &dyn Backend) -> Result<()> {
+        let group_norm = |n: &mut GroupNormWeights| -> Result<()> {
+            be.prepare_tensor(&mut n.weight)?;
+            be.prepare_tensor(&mut n.bias)
+        };
+        let w = &mut self.weights;
+        let s = &mut w.spatial;
+        if let Some(c) = &mut s.post_quant_conv {
+            be.prepare_conv(c)?;
+        }
+        be.prepare_conv(&mut s.conv_in)?;
+        be.prepare_conv(&mut s.conv_out)?;
+        group_norm(&mut s.norm_out)?;
+        let mut resnets: Vec<&mut Resnet2d> = s.mid_resnets.iter_mut().collect();
+        for ub in &mut s.up_blocks {
+            resnets.extend(ub.resnets.iter_mut());
+            if let Some(up) = &mut ub.upsample {
+                be.prepare_conv(up)?;
+            }
+        }
+        for r in resnets {
+            group_norm(&mut r.norm1)?;
+            group_norm(&mut r.norm2)?;
+            be.prepare_conv(&mut r.conv1)?;
+            be.prepare_conv(&mut r.conv2)?;
+            if let Some(sc) = &mut r.shortcut {
+                be.prepare_conv(sc)?;
+            }
+        }
+        if let Some(a) = &mut s.mid_attention {
+            group_norm(&mut a.norm)?;
+            for l in [&mut a.q, &mut a.k, &mut a.v, &mut a.out] {
+                be.prepare_linear(l)?;
+            }
+        }
+        let t = &mut w.temporal;
+        be.prepare_conv(&mut t.post_quant_conv)?;
+        be.prepare_conv(&mut t.conv1)?;
+        be.prepare_conv(&mut t.conv_out)?;
+        group_norm(&mut t.norm_out)?;
+        for c in t.conv_blocks.iter_mut().flatten() {
+            be.prepare_conv(c)?;
+        }
+        for rb in t.res_blocks.iter_mut().chain(t.block_res_blocks.iter_mut().flatten()) {
+            group_norm(&mut rb.norm1)?;
+            group_norm(&mut rb.norm2)?;
+            be.prepare_conv(&mut rb.conv1)?;
+            be.prepare_conv(&mut rb.conv2)?;
+            if let Some(sc) = &mut rb.shortcut {
+                be.prepare_conv(sc)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Latent channels `z` must have.
     pub fn latent_channels(&self) -> usize {
         self.temporal.embed_dim
