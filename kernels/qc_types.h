@@ -524,6 +524,8 @@ typedef struct QcGemmI8Args {
  *   w_scale: f32 [N, ceil(K / QC_W4_GROUP)], one per output channel and group
  *   of QC_W4_GROUP consecutive inputs (one int8 k-tile of qc_gemm_w8a8):
  *     W'[n, k] ~ q[n, k] * w_scale[n, k / QC_W4_GROUP]
+ *   (the engine's quantizer takes w_scale = clip * amax / 7 with the clip of
+ *   {1, 0.95, ..., 0.7} of least squared error; the kernels take any scale)
  *   with W' = W * s when an importance / smoothing vector s is folded in; the
  *   activations are quantized with inv_smooth = 1 / s exactly as for W8A8
  *   (QcQuantizeArgs, A8 or A6).

@@ -13,7 +13,7 @@
 //! - Product: exact int32 per group, `acc[m, n, g] = sum_{k in g} a[m, k] q[n, k]`,
 //!   then `y[m, n] = (fma over g = 0, 1, ... of acc * scale[n, g]) * a_scale[m] (+ bias[n])`.
 
-use super::int8::{quantize_row, QuantRows, QMAX_A6, QMAX_A8};
+use super::int8::{QuantRows, QMAX_A6, QMAX_A8};
 use crate::backend::cuda::abi;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -81,14 +81,15 @@ impl Int4Weight {
             .zip(w.par_chunks(k))
             .zip(scale.par_chunks_mut(groups))
             .for_each(|((qr, wr), sr)| {
+                let mut xs = [0f32; W4_GROUP];
                 for (g, s) in sr.iter_mut().enumerate() {
                     let r = g * W4_GROUP..((g + 1) * W4_GROUP).min(k);
-                    *s = quantize_row(
-                        &wr[r.clone()],
-                        smooth.map(|s| &s[r.clone()]),
-                        QMAX_W4,
-                        &mut qr[r],
-                    );
+                    let x = &mut xs[..r.len()];
+                    match smooth {
+                        Some(sm) => x.iter_mut().zip(&wr[r.clone()]).zip(&sm[r.clone()]).for_each(|((d, w), s)| *d = w * s),
+                        None => x.copy_from_slice(&wr[r.clone()]),
+                    }
+                    *s = quantize_group(x, &mut qr[r]);
                 }
             });
         let inv_smooth = smooth.map(|s| s.iter().map(|v| 1.0 / v).collect());
@@ -196,6 +197,37 @@ impl Int4Weight {
             })
             .collect()
     }
+}
+
+/// Clipping ratios tried for each group's scale (1 = the plain `amax / 7`).
+pub const W4_CLIPS: [f32; 7] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7];
+
+/// Quantizes one group of (smoothed) weights to [-7, 7] and returns its scale
+/// `clip * amax / 7`, the clip of [`W4_CLIPS`] with the least squared error:
+/// with 7 levels a side, clipping the rare largest values buys finer steps for
+/// all the others (ties keep the larger clip).
+pub fn quantize_group(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let qm = QMAX_W4 as f32;
+    let quant = |v: f32, inv: f32| (v * inv).round_ties_even().clamp(-qm, qm);
+    let mut best = (f64::INFINITY, 0f32);
+    for c in W4_CLIPS {
+        let scale = c * amax / qm;
+        let inv = qm / (c * amax);
+        let err: f64 = x.iter().map(|&v| ((quant(v, inv) * scale - v) as f64).powi(2)).sum();
+        if err < best.0 {
+            best = (err, c);
+        }
+    }
+    let (scale, inv) = (best.1 * amax / qm, qm / (best.1 * amax));
+    for (qk, &v) in q.iter_mut().zip(x) {
+        *qk = quant(v, inv) as i8;
+    }
+    scale
 }
 
 /// Packs signed values `[n, k]` in [-7, 7] two per byte (the documented layout).
@@ -578,18 +610,30 @@ mod tests {
                 let amax = wf[ch * k..][r.clone()]
                     .iter()
                     .fold(0f32, |m, v| m.max(v.abs()));
-                assert_eq!(w.scale[ch * 3 + g], amax / 7.0);
-                // The largest magnitude maps to +-7; every value is within half a step.
-                assert!(r.clone().any(|kk| q[ch * k + kk].abs() == 7));
-                for kk in r {
-                    let err = (q[ch * k + kk] as f32 * w.scale[ch * 3 + g] - wf[ch * k + kk]).abs();
-                    assert!(
-                        err <= w.scale[ch * 3 + g] * 0.5 + 1e-6,
-                        "ch {ch} k {kk}: error {err}"
-                    );
+                // The scale is clip * amax / 7 for the clip with the least squared error,
+                // which is never worse than the plain amax / 7; unclipped values are
+                // within half a step, clipped ones at +-7.
+                let sc = w.scale[ch * 3 + g];
+                let clip = W4_CLIPS.iter().find(|&&c| c * amax / 7.0 == sc).unwrap_or_else(|| panic!("scale {sc} of amax {amax}"));
+                let sq = |scale: f32, qv: &dyn Fn(usize) -> f32| r.clone().map(|kk| ((qv(kk) * scale - wf[ch * k + kk]) as f64).powi(2)).sum::<f64>();
+                let plain = |kk: usize| (wf[ch * k + kk] * 7.0 / amax).round_ties_even().clamp(-7.0, 7.0);
+                assert!(sq(sc, &|kk| q[ch * k + kk] as f32) <= sq(amax / 7.0, &plain), "ch {ch} group {g}: clip {clip}");
+                for kk in r.clone() {
+                    let v = wf[ch * k + kk];
+                    if v.abs() <= 7.0 * sc {
+                        assert!((q[ch * k + kk] as f32 * sc - v).abs() <= sc * 0.5 + 1e-6, "ch {ch} k {kk}");
+                    } else {
+                        assert_eq!(q[ch * k + kk], 7 * v.signum() as i8);
+                    }
                 }
             }
         }
+        // Some group of normals gains from clipping.
+        assert!(w.scale.iter().enumerate().any(|(i, &sc)| {
+            let (ch, g) = (i / 3, i % 3);
+            let amax = wf[ch * k..][g * 64..((g + 1) * 64).min(k)].iter().fold(0f32, |m, v| m.max(v.abs()));
+            sc < amax / 7.0
+        }));
     }
 
     #[test]
