@@ -7,6 +7,7 @@ use qc::backend::cpu::gemm::{sgemm, MatRef};
 use qc::backend::cpu::CpuBackend;
 use qc::backend::{Activation, Backend, Linear};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Stdit3Config, Stdit3Weights};
+use qc::quant::preset::{quantize_blocks, QuantPreset};
 use qc::rng::Rng;
 use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use qc::tensor::Tensor;
@@ -131,6 +132,16 @@ struct CpuArgs {
     /// Timed repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Quantization presets whose sampling step is timed against the f32 one, comma-separated
+    /// (w8a8, w4a8, w4a6; none for no such rows). Every block linear is quantized; no importance vectors.
+    #[arg(long, default_value = "w8a8,w4a8", value_delimiter = ',', value_parser = parse_quant)]
+    quant: Vec<QuantPreset>,
+}
+
+fn parse_quant(s: &str) -> Result<QuantPreset> {
+    let p = QuantPreset::parse(s)?;
+    anyhow::ensure!(p != QuantPreset::Aigq, "--quant aigq needs a calibrated model; qc-bench cpu times the uniform presets (w8a8, w4a8, w4a6)");
+    Ok(p)
 }
 
 fn main() {
@@ -250,6 +261,18 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     let gf = flops / secs / 1e9;
     println!("| sampling step (CFG pair, incl. text prep) | {geo_s} | {:.0} ms | {gf:.0} | {:.0} |", secs * 1e3, 100.0 * gf / peak);
     let full = secs * 28.0 / a.depth as f64 * 30.0;
+    let mut model = model;
+    let mut current = QuantPreset::None;
+    for &preset in a.quant.iter().filter(|p| **p != QuantPreset::None) {
+        // Each preset from the float weights: reload them if an earlier preset replaced them.
+        if current != QuantPreset::None {
+            model.w = Stdit3Weights::random(&model.cfg, 1)?;
+        }
+        quantize_blocks(&mut model, preset, None)?;
+        current = preset;
+        let qs = time(a.reps, || sample(&be, &model, &rf, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}))?;
+        println!("| sampling step, {} (every block linear) | {geo_s} | {:.0} ms | - | {:.2}x f32 |", preset.name(), qs * 1e3, secs / qs);
+    }
     println!();
     println!("Extrapolated to depth 28 and 30 steps at this geometry: {:.0} s for the DiT on this CPU.", full);
     Ok(())
