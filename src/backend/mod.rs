@@ -53,7 +53,8 @@ impl Linear {
         Ok(self.with_weight(LinearWeight::Int4(std::sync::Arc::new(q))))
     }
 
-    fn float_weight(&self) -> Result<Vec<f32>> {
+    /// The weight `[n, k]` as f32 (an error for a quantized layer).
+    pub fn float_weight(&self) -> Result<Vec<f32>> {
         Ok(match &self.weight {
             LinearWeight::F32(t) => t.f32()?.to_vec(),
             LinearWeight::Half(t) => t.to_f32()?.f32()?.to_vec(),

@@ -23,10 +23,10 @@
 use super::preset::{block_linears, unit_of, QuantPreset};
 use crate::backend::conv::{ConvWeight, Pad3};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, ModRef, PatchGrid, Rope};
 use crate::checkpoint::Checkpoint;
 use crate::io::write_safetensors;
-use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, Stdit3};
+use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, NoHooks, StepAction, Stdit3};
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
 use crate::rng::Rng;
 use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
@@ -234,15 +234,9 @@ pub fn collect_stats(paths: &ModelPaths, prompts: &[String], opts: &GenerateOpti
     dit.prepare(&cpu)?;
     let total = prompts.len() * seeds.len();
     for (i, prompt) in prompts.iter().enumerate() {
-        let p = plan(paths, std::slice::from_ref(prompt), opts)?;
-        let (y, mask) = p.encode_text(&cpu)?;
-        let [lt, lh, lw] = p.latent();
-        let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
-        let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+        let text = PromptText::encode(&cpu, paths, prompt, opts)?;
         for (j, &seed) in seeds.iter().enumerate() {
-            let c = dit.cfg.in_channels;
-            let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
-            sample(&rec, &dit, &rf, &z0, &y, Some(&mask), &geo, &mut RangeHooks { be: &rec }, &mut |_, _| {}).with_context(|| format!("calibration prompt {prompt:?}"))?;
+            text.trajectory(&rec, &dit, opts, seed, &mut RangeHooks { be: &rec }).with_context(|| format!("calibration prompt {prompt:?}"))?;
             progress(i * seeds.len() + j + 1, total);
         }
     }
@@ -333,11 +327,7 @@ impl Importance {
             let st = stats.iter().find(|s| s.name == name).ok_or_else(|| anyhow!("calibration statistics lack {name}"))?;
             let k = l.in_features;
             ensure!(st.absmax.iter().all(|r| r.len() == k) && st.rows.len() % k == 0 && !st.rows.is_empty(), "calibration statistics of {name} do not fit [{}, {k}]", l.out_features);
-            let w = match &l.weight {
-                LinearWeight::F32(t) => t.f32()?.to_vec(),
-                LinearWeight::Half(t) => t.to_f32()?.f32()?.to_vec(),
-                LinearWeight::Int8(_) | LinearWeight::Int4(_) => anyhow::bail!("calibration: {name} is already quantized"),
-            };
+            let w = l.float_weight().with_context(|| format!("calibration: {name}"))?;
             let x = Tensor::from_f32(&[st.rows.len() / k, k], st.rows.clone())?;
             let reference = be.linear(&x, l, Activation::None)?.f32()?.to_vec();
             let candidates: Vec<(f32, Vec<f32>)> = ALPHAS.iter().map(|&a| (a, importance_vector(st, &w, k, a))).collect();
@@ -468,16 +458,29 @@ fn storage_bits(preset: QuantPreset, n: usize, k: usize) -> f64 {
     8.0 * bytes as f64
 }
 
-/// One full-precision-weights trajectory's final latent for `prompt` and `seed`.
-fn trajectory(be: &dyn Backend, dit: &Stdit3, paths: &ModelPaths, prompt: &str, opts: &GenerateOptions, seed: u64) -> Result<Tensor> {
-    let p = plan(paths, &[prompt.to_string()], opts)?;
-    let (y, mask) = p.encode_text(be)?;
-    let [lt, lh, lw] = p.latent();
-    let c = dit.cfg.in_channels;
-    let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
-    let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
-    let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
-    Ok(sample(be, dit, &rf, &z0, &y, Some(&mask), &geo, &mut crate::model::stdit3::NoHooks, &mut |_, _| {})?.0)
+/// One prompt's caption input, token mask and latent size.
+struct PromptText {
+    y: Tensor,
+    mask: Vec<i64>,
+    latent: [usize; 3],
+}
+
+impl PromptText {
+    fn encode(be: &dyn Backend, paths: &ModelPaths, prompt: &str, opts: &GenerateOptions) -> Result<Self> {
+        let p = plan(paths, &[prompt.to_string()], opts)?;
+        let (y, mask) = p.encode_text(be)?;
+        Ok(PromptText { y, mask, latent: p.latent() })
+    }
+
+    /// The whole sampling trajectory from the noise of `seed`; returns the final latent.
+    fn trajectory(&self, be: &dyn Backend, dit: &Stdit3, opts: &GenerateOptions, seed: u64, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+        let [lt, lh, lw] = self.latent;
+        let c = dit.cfg.in_channels;
+        let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
+        let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
+        let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+        Ok(sample(be, dit, &rf, &z0, &self.y, Some(&self.mask), &geo, hooks, &mut |_, _| {})?.0)
+    }
 }
 
 /// Sensitivity of every block sub-module at every quantized choice of
@@ -490,7 +493,8 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
     let be = CpuBackend::new();
     let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
     dit.prepare(&be)?;
-    let references: Vec<Tensor> = prompts.iter().map(|p| trajectory(&be, &dit, paths, p, opts, seed)).collect::<Result<_>>()?;
+    let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
+    let references: Vec<Tensor> = texts.iter().map(|t| t.trajectory(&be, &dit, opts, seed, &mut NoHooks)).collect::<Result<_>>()?;
     let mut units: Vec<UnitSensitivity> = Vec::new();
     for (name, l) in block_linears(&mut dit) {
         let u = unit_of(&name).to_string();
@@ -516,8 +520,8 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
                 *l = preset.apply(l, importance.get(&name, preset))?;
             }
             let mut sum = 0f64;
-            for (p, r) in prompts.iter().zip(&references) {
-                let z = trajectory(&be, &dit, paths, p, opts, seed)?;
+            for (t, r) in texts.iter().zip(&references) {
+                let z = t.trajectory(&be, &dit, opts, seed, &mut NoHooks)?;
                 let (mut num, mut den) = (0f64, 0f64);
                 for (a, b) in z.f32()?.iter().zip(r.f32()?) {
                     num += (*a as f64 - *b as f64).powi(2);
