@@ -179,6 +179,14 @@ impl Checkpoint {
         Tensor::new(&e.shape, storage)
     }
 
+    /// Loads a tensor in the dtype it is stored in (f16 and bf16 stay half).
+    pub fn load_native(&self, name: &str) -> Result<Tensor> {
+        match self.entries.get(name).map(|e| e.dtype) {
+            Some(StDtype::F16 | StDtype::BF16) => self.load_half(name),
+            _ => self.load_any(name),
+        }
+    }
+
     fn file_list(&self) -> String {
         self.files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
@@ -232,6 +240,16 @@ impl<'a> WeightLoader<'a> {
             },
             _ => self.get(name, shape),
         }
+    }
+
+    /// Records a problem found by the caller (reported with the others by `finish`).
+    pub fn problem(&mut self, message: String) {
+        self.problems.push(message);
+    }
+
+    /// The checkpoint being read.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ck
     }
 
     /// Fails with one error listing every problem found.

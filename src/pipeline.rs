@@ -4,6 +4,7 @@
 //! after it, so at most one model's weights are in memory at a time.
 
 use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
 use crate::model::stdit3::{ForwardHooks, Stdit3, Stdit3Config};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::vae::{VaeConfig, VideoVae};
@@ -14,7 +15,7 @@ use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
 use crate::tensor::{Device, Tensor};
 use crate::text::clean::{append_score, prepare_prompt};
 use crate::text::tokenizer::T5Tokenizer;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -136,6 +137,8 @@ pub struct Report {
     pub latent: [usize; 3],
     /// Storage of the DiT blocks' linear weights as run (after `--quant`).
     pub dit_weights: WeightStats,
+    /// How the DiT blocks' linears ran: the `--quant` preset, or `aigq (quantized checkpoint)`.
+    pub dit_precision: String,
 }
 
 /// The process's peak resident memory (Linux `VmHWM`).
@@ -157,6 +160,35 @@ pub struct Plan {
     decoded: (usize, usize),
     latent: [usize; 3],
     prompts: Vec<String>,
+}
+
+/// `--quant` and `--calibration` against the DiT: a quantized checkpoint
+/// (`qc-run calibrate --budget` output) runs as stored, with its directory's
+/// `quant.json` plan equal to the one its tensors were written with.
+fn check_quantization(paths: &ModelPaths, opts: &GenerateOptions) -> Result<()> {
+    let layout = crate::quant::qdir::Layout::of(&Checkpoint::open_dir(&paths.dit)?)?;
+    let Some(layout) = layout else {
+        if opts.quant == QuantPreset::Aigq {
+            let imp = opts.importance.as_ref().ok_or_else(|| anyhow!("--quant aigq needs --calibration DIR (written by `qc-run calibrate --budget BITS`) or a quantized --model QDIR"))?;
+            ensure!(imp.plan.is_some(), "--calibration {}: no aigq plan in its quant.json (calibrate with --budget BITS)", imp.source);
+        }
+        return Ok(());
+    };
+    ensure!(
+        matches!(opts.quant, QuantPreset::None | QuantPreset::Aigq) && opts.importance.is_none(),
+        "{} is a quantized checkpoint (an aigq plan): it runs as stored; leave out --quant {} and --calibration",
+        paths.dit.display(),
+        opts.quant.name()
+    );
+    if let Some(qdir) = paths.dit.parent() {
+        let qj = qdir.join(crate::quant::calibrate::QUANT_JSON);
+        if qj.is_file() {
+            let imp = Importance::from_dir(qdir)?;
+            let plan = imp.plan.ok_or_else(|| anyhow!("{}: field \"plan\" is missing, but {} holds quantized weights", qj.display(), paths.dit.display()))?;
+            ensure!(plan == layout.plan, "{}: field \"plan\" disagrees with the plan the tensors in {} were written with", qj.display(), paths.dit.display());
+        }
+    }
+    Ok(())
 }
 
 /// Everything that can be checked before heavy work: directories, configs,
@@ -192,6 +224,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
         if vae_cfg.is_some() { "the VAE's latents have" } else { "without a VAE (pixel space) frames are RGB:" },
         dit_cfg.in_channels
     );
+    check_quantization(paths, opts)?;
     ensure!(opts.steps > 0, "--steps must be at least 1");
     ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
     let latent = match &vae_cfg {
@@ -282,7 +315,17 @@ impl Plan {
         };
         let z = {
             let mut dit = Stdit3::load(&self.paths.dit)?;
-            report.dit_weights = quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?;
+            report.dit_weights = match dit.stored_plan.clone() {
+                Some(stored) => {
+                    report.dit_precision = "aigq (quantized checkpoint)".into();
+                    crate::quant::qdir::check_plan(&mut dit, &stored, &self.paths.dit.display().to_string())?;
+                    WeightStats::of_model(&mut dit, &stored)?
+                }
+                None => {
+                    report.dit_precision = opts.quant.name().into();
+                    quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?
+                }
+            };
             dit.prepare(be)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };

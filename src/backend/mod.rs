@@ -49,7 +49,13 @@ impl Linear {
     /// The same layer with its weight quantized to packed int4 (per output channel and
     /// group of `W4_GROUP` inputs), the optional smoothing vector folded in.
     pub fn to_int4(&self, smooth: Option<&[f32]>, act_qmax: i32) -> Result<Self> {
-        let q = crate::quant::int4::Int4Weight::quantize(&self.float_weight()?, self.out_features, self.in_features, smooth, act_qmax)?;
+        self.to_int4_weighted(smooth, act_qmax, None)
+    }
+
+    /// [`Linear::to_int4`] with the group clips chosen by the error weighted by the
+    /// inputs' per-channel mean squares `act_sq` (see `Int4Weight::quantize_weighted`).
+    pub fn to_int4_weighted(&self, smooth: Option<&[f32]>, act_qmax: i32, act_sq: Option<&[f32]>) -> Result<Self> {
+        let q = crate::quant::int4::Int4Weight::quantize_weighted(&self.float_weight()?, self.out_features, self.in_features, smooth, act_qmax, act_sq)?;
         Ok(self.with_weight(LinearWeight::Int4(std::sync::Arc::new(q))))
     }
 

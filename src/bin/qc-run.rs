@@ -524,10 +524,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         importance: a.calibration.as_deref().map(Importance::from_dir).transpose()?.map(std::sync::Arc::new),
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
-    if opts.quant == QuantPreset::Aigq {
-        let imp = opts.importance.as_ref().ok_or_else(|| anyhow::anyhow!("--quant aigq needs --calibration DIR (written by `qc-run calibrate --budget BITS`)"))?;
-        anyhow::ensure!(imp.plan.is_some(), "--calibration {}: no aigq plan in its quant.json (calibrate with --budget BITS)", imp.source);
-    }
     let plan = plan(&paths, &prompts, &opts)?;
     for p in plan.prompts() {
         eprintln!("prompt: {p}");
@@ -578,7 +574,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         eprintln!("  peak memory            {:>8.2} GiB", b as f64 / (1u64 << 30) as f64);
     }
     let w = report.dit_weights;
-    eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight)", w.bytes as f64 / (1u64 << 20) as f64, opts.quant.name(), w.bits());
+    eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight read per step, {:.2} held)", w.bytes as f64 / (1u64 << 20) as f64, report.dit_precision, w.step_bits, w.bits());
     for p in written {
         println!("{}", p.display());
     }
@@ -651,36 +647,64 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let mut imp = Importance::choose(&mut dit, &stats, meta, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     if let Some(budget) = a.budget {
-        use qc::quant::calibrate::{allocate, measure_sensitivity};
+        use qc::quant::calibrate::{allocate, measure_sensitivity, PLAN_CHOICES};
         anyhow::ensure!(a.sensitivity_prompts >= 1, "--sensitivity-prompts must be at least 1");
         // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits.
         anyhow::ensure!(budget >= 4.0, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are 4.x (w4a8 everywhere) to 16 (bf16)");
         let sp = &prompts[..a.sensitivity_prompts.min(prompts.len())];
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("measuring sensitivity {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-        let sens = measure_sensitivity(&paths, sp, &opts, a.seeds[0], &imp, &mut |i, n| {
+        let (items, boundaries, fractions) = measure_sensitivity(&paths, sp, &opts, a.seeds[0], a.ranges, &imp, &mut |i, n| {
             bar.set_length((n * sp.len()) as u64);
             bar.set_position((i * sp.len()) as u64)
         })?;
         bar.finish_and_clear();
-        let (plan, bits) = allocate(&sens, budget)?;
-        let mut units = serde_json::Map::new();
-        for u in &sens {
-            let bits: Vec<f64> = u.bits.iter().map(|b| b / u.values as f64).collect();
-            units.insert(u.unit.clone(), serde_json::json!({"weights": u.values, "bits_bf16_w8a8_w4a8": bits, "w8a8": u.sensitivity[1], "w4a8": u.sensitivity[2]}));
-        }
-        let mut names: Vec<&String> = plan.keys().collect();
-        names.sort();
-        let plan_json: serde_json::Map<String, serde_json::Value> = names.iter().map(|u| (u.to_string(), serde_json::Value::from(plan[*u].name()))).collect();
+        let (plan, bits) = allocate(&items, &boundaries, &fractions, budget)?;
+        let measured: Vec<serde_json::Value> = items
+            .iter()
+            .map(|it| {
+                let per_choice: serde_json::Map<String, serde_json::Value> = PLAN_CHOICES.iter().zip(it.sensitivity).map(|(p, s)| (p.name().to_string(), serde_json::json!(s))).collect();
+                let bits: serde_json::Map<String, serde_json::Value> = PLAN_CHOICES.iter().zip(it.bits).map(|(p, b)| (p.name().to_string(), serde_json::json!(b / it.values as f64))).collect();
+                serde_json::json!({"unit": it.unit, "ranges": it.ranges, "weights": it.values, "bits": bits, "sensitivity": per_choice})
+            })
+            .collect();
         imp.meta["budget"] = serde_json::json!(budget);
         imp.meta["plan_bits"] = serde_json::json!(bits);
-        imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized", "prompts": sp, "units": units});
-        imp.meta["plan"] = serde_json::Value::Object(plan_json);
-        let count = |p: QuantPreset| plan.values().filter(|v| **v == p).count();
-        eprintln!("aigq plan: {bits:.2} average weight bits, scales included (budget {budget}): {} sub-modules bf16, {} w8a8, {} w4a8", count(QuantPreset::None), count(QuantPreset::W8A8), count(QuantPreset::W4A8));
+        imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized, only in these timestep ranges", "prompts": sp, "seed": a.seeds[0], "decisions": measured});
+        imp.meta["plan"] = plan.to_json();
+        let mut counts = [0usize; 4];
+        for v in plan.units.values() {
+            for p in v {
+                counts[PLAN_CHOICES.iter().position(|c| c == p).unwrap_or(0)] += 1;
+            }
+        }
+        eprintln!(
+            "aigq plan: {bits:.2} average weight bits per step, scales included (budget {budget}); sub-module x range decisions: {} bf16, {} w8a8, {} w4a8, {} w4a6",
+            counts[0], counts[1], counts[2], counts[3]
+        );
         imp.plan = Some(plan);
     }
-    imp.write_dir(&stats, &a.output)?;
+    // With a plan, the directory is also a quantized checkpoint (--model QDIR).
+    let mut quantized = match imp.plan.clone() {
+        Some(plan) => {
+            let mut dit = Stdit3::load(&paths.dit)?;
+            let w = qc::quant::preset::quantize_plan(&mut dit, &plan, Some(&imp))?;
+            imp.meta["weights"] = serde_json::json!({"block_linear_values": w.values, "bytes_held": w.bytes, "bits_held": w.bits(), "bits_per_step": w.step_bits});
+            Some((dit, plan))
+        }
+        None => None,
+    };
+    imp.write_dir(&stats, &a.output, &mut |tmp| match quantized.as_mut() {
+        Some((dit, plan)) => {
+            qc::quant::qdir::write_dit(dit, plan, &paths.dit, &tmp.join("stdit3"))?;
+            qc::quant::qdir::link_components(&paths, model_dir.as_deref(), tmp)
+        }
+        None => Ok(()),
+    })?;
+    if quantized.is_some() {
+        let size = |d: &std::path::Path| std::fs::metadata(d.join("model.safetensors")).map(|m| m.len()).unwrap_or(0);
+        eprintln!("quantized checkpoint: {} (DiT {:.2} MiB, float {:.2} MiB): run it with --model {}", a.output.display(), size(&a.output.join("stdit3")) as f64 / 1048576.0, size(&paths.dit) as f64 / 1048576.0, a.output.display());
+    }
     eprintln!("calibrated {} block linears over {total} trajectories of {} steps in {:.1} s", stats.len(), opts.steps, t.elapsed().as_secs_f64());
     println!("{}", a.output.display());
     Ok(())

@@ -38,8 +38,12 @@ pub struct Run {
     pub follows_prompt: bool,
     pub blocks_computed: f64,
     pub dit_seconds: f64,
-    /// Average bits per weight of the DiT blocks' linear layers.
+    /// Whole generation (text encoder, denoising, decoding), seconds.
+    pub total_seconds: f64,
+    /// Bits per weight of the DiT blocks' linear layers that a step reads (scales included).
     pub weight_bits: f64,
+    /// Bytes the DiT blocks' linear weights hold (every timestep range's versions).
+    pub weight_bytes: f64,
 }
 
 pub struct Summary {
@@ -51,7 +55,9 @@ pub struct Summary {
     pub temporal_ratio: f64,
     pub blocks_computed: f64,
     pub dit_seconds: f64,
+    pub total_seconds: f64,
     pub weight_bits: f64,
+    pub weight_bytes: f64,
     pub prompt_following: f64,
 }
 
@@ -131,7 +137,12 @@ pub fn run_all(
                     None => compare(video.f32()?, video.f32()?, shape),
                     Some(r) => compare(r.f32()?, video.f32()?, shape),
                 };
-                runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(), dit_seconds, weight_bits: report.dit_weights.bits() });
+                runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(),
+                    dit_seconds,
+                    total_seconds: report.stages.iter().map(|s| s.1).sum(),
+                    weight_bits: report.dit_weights.step_bits,
+                    weight_bytes: report.dit_weights.bytes as f64,
+                });
                 if ci < strip && seed == seeds[0] {
                     row.push(video.clone());
                 }
@@ -171,26 +182,30 @@ pub fn summarize(runs: &[Run]) -> Vec<Summary> {
                 temporal_ratio: mean(&|r| r.metrics.temporal_ratio),
                 blocks_computed: mean(&|r| r.blocks_computed),
                 dit_seconds: mean(&|r| r.dit_seconds),
+                total_seconds: mean(&|r| r.total_seconds),
                 weight_bits: mean(&|r| r.weight_bits),
+                weight_bytes: mean(&|r| r.weight_bytes),
                 prompt_following: rs.iter().filter(|r| r.follows_prompt).count() as f64 / n,
             }
         })
         .collect()
 }
 
-/// The markdown report: a summary per mode, then every video.
-pub fn markdown(runs: &[Run], cases: &[PromptCase]) -> String {
+/// The markdown report: a summary per mode, then every video. `steps`: sampling steps per video.
+pub fn markdown(runs: &[Run], cases: &[PromptCase], steps: usize) -> String {
     let sums = summarize(runs);
     let ref_time = sums.first().map_or(0.0, |s| s.dit_seconds);
+    let ref_total = sums.first().map_or(0.0, |s| s.total_seconds);
     let mut out = String::new();
-    let _ = writeln!(out, "| mode | videos | PSNR (dB) | SSIM | MAE | temporal ratio | blocks computed | DiT weight bits | DiT time (s) | speed-up | prompt following |");
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| mode | videos | PSNR (dB) | SSIM | MAE | temporal ratio | blocks computed | DiT weight bits | DiT weights (KiB) | DiT time (s) | per step (ms) | speed-up | total (s) | speed-up | prompt following |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for s in &sums {
         let psnr = if s.psnr.is_finite() { format!("{:.2}", s.psnr) } else { "inf".into() };
         let speed = if s.dit_seconds > 0.0 { ref_time / s.dit_seconds } else { f64::NAN };
+        let total_speed = if s.total_seconds > 0.0 { ref_total / s.total_seconds } else { f64::NAN };
         let _ = writeln!(
             out,
-            "| {} | {} | {psnr} | {:.4} | {:.4} | {:.3} | {:.1}% | {:.2} | {:.3} | {speed:.2}x | {:.0}% |",
+            "| {} | {} | {psnr} | {:.4} | {:.4} | {:.3} | {:.1}% | {:.2} | {:.1} | {:.3} | {:.2} | {speed:.2}x | {:.3} | {total_speed:.2}x | {:.0}% |",
             s.mode,
             s.runs,
             s.ssim,
@@ -198,7 +213,10 @@ pub fn markdown(runs: &[Run], cases: &[PromptCase]) -> String {
             s.temporal_ratio,
             100.0 * s.blocks_computed,
             s.weight_bits,
+            s.weight_bytes / 1024.0,
             s.dit_seconds,
+            1000.0 * s.dit_seconds / steps.max(1) as f64,
+            s.total_seconds,
             100.0 * s.prompt_following
         );
     }

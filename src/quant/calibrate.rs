@@ -20,7 +20,8 @@
 //! chosen among [`ALPHAS`] and "no vector" by the relative L2 error of the
 //! quantized layer's output on the sampled rows against full precision.
 
-use super::preset::{block_linears, unit_of, QuantPreset};
+use super::plan::{ranges_of_schedule, Plan};
+use super::preset::{block_linears, quantize_plan, unit_of, QuantPreset};
 use crate::backend::conv::{ConvWeight, Pad3};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, ModRef, PatchGrid, Rope};
@@ -29,10 +30,10 @@ use crate::io::write_safetensors;
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, NoHooks, StepAction, Stdit3};
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
 use crate::rng::Rng;
-use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use crate::sampler::rflow::{sample, timesteps, RflowConfig, VideoGeometry};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, ensure, Context, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -270,8 +271,8 @@ pub fn importance_vector(stats: &LinearStats, w: &[f32], k: usize, alpha: f32) -
 
 /// Relative L2 error of `layer` at `preset` (with `smooth` folded in) against
 /// the float layer, on the sampled rows `x` (`[rows, k]`).
-fn output_error(be: &CpuBackend, layer: &Linear, x: &Tensor, reference: &[f32], preset: QuantPreset, smooth: Option<&[f32]>) -> Result<f64> {
-    let q = preset.apply(layer, smooth)?;
+fn output_error(be: &CpuBackend, layer: &Linear, x: &Tensor, reference: &[f32], preset: QuantPreset, smooth: Option<&[f32]>, act_sq: &[f32]) -> Result<f64> {
+    let q = preset.apply_weighted(layer, smooth, Some(act_sq))?;
     let y = be.linear(x, &q, Activation::None)?;
     let (mut num, mut den) = (0f64, 0f64);
     for (a, b) in y.f32()?.iter().zip(reference) {
@@ -295,9 +296,12 @@ pub struct Choice {
 #[derive(Clone, Debug)]
 pub struct Importance {
     pub vectors: HashMap<String, Vec<f32>>,
+    /// Per block linear, the mean square of each input channel over the sampled
+    /// rows (`NAME.act_sq_mean`): the weights of the 4-bit clip search.
+    pub act_sq: HashMap<String, Vec<f32>>,
     pub meta: serde_json::Value,
-    /// The aigq plan (`quant.json` `"plan"`): a precision per block sub-module.
-    pub plan: Option<HashMap<String, QuantPreset>>,
+    /// The aigq plan (`quant.json` `"plan"`): a precision per block sub-module and timestep range.
+    pub plan: Option<Plan>,
     /// Where it was read from (for messages).
     pub source: String,
 }
@@ -305,6 +309,8 @@ pub struct Importance {
 /// File names inside a calibration directory.
 pub const QUANT_JSON: &str = "quant.json";
 pub const IMPORTANCE_FILE: &str = "importance.safetensors";
+/// Suffix of the input channels' mean squares in [`IMPORTANCE_FILE`].
+const ACT_SQ_SUFFIX: &str = ".act_sq_mean";
 /// `quant.json`'s format tag.
 pub const FORMAT: &str = "quantcache-calibration";
 /// The presets importance vectors are chosen for.
@@ -320,6 +326,7 @@ impl Importance {
     pub fn choose(model: &mut Stdit3, stats: &[LinearStats], mut meta: serde_json::Value, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let be = CpuBackend::new();
         let mut vectors = HashMap::new();
+        let mut act_sq = HashMap::new();
         let mut layers = serde_json::Map::new();
         let linears = block_linears(model);
         let total = linears.len();
@@ -330,13 +337,21 @@ impl Importance {
             let w = l.float_weight().with_context(|| format!("calibration: {name}"))?;
             let x = Tensor::from_f32(&[st.rows.len() / k, k], st.rows.clone())?;
             let reference = be.linear(&x, l, Activation::None)?.f32()?.to_vec();
+            let mut sq = vec![0f64; k];
+            for row in st.rows.chunks(k) {
+                for (a, v) in sq.iter_mut().zip(row) {
+                    *a += (*v as f64).powi(2);
+                }
+            }
+            let rows = (st.rows.len() / k) as f64;
+            let sq: Vec<f32> = sq.iter().map(|v| (v / rows) as f32).collect();
             let candidates: Vec<(f32, Vec<f32>)> = ALPHAS.iter().map(|&a| (a, importance_vector(st, &w, k, a))).collect();
             let mut per_preset = serde_json::Map::new();
             for preset in PRESETS {
-                let plain = output_error(&be, l, &x, &reference, preset, None)?;
+                let plain = output_error(&be, l, &x, &reference, preset, None, &sq)?;
                 let mut best = Choice { alpha: None, rel_error: plain, rel_error_plain: plain };
                 for (a, v) in &candidates {
-                    let e = output_error(&be, l, &x, &reference, preset, Some(v))?;
+                    let e = output_error(&be, l, &x, &reference, preset, Some(v), &sq)?;
                     if e < best.rel_error {
                         best = Choice { alpha: Some(*a), rel_error: e, rel_error_plain: plain };
                     }
@@ -347,11 +362,17 @@ impl Importance {
                 }
                 per_preset.insert(preset.name().to_string(), serde_json::to_value(&best)?);
             }
-            layers.insert(name, serde_json::Value::Object(per_preset));
+            layers.insert(name.clone(), serde_json::Value::Object(per_preset));
+            act_sq.insert(name, sq);
             progress(li + 1, total);
         }
         meta["layers"] = serde_json::Value::Object(layers);
-        Ok(Importance { vectors, meta, plan: None, source: "this calibration".into() })
+        Ok(Importance { vectors, act_sq, meta, plan: None, source: "this calibration".into() })
+    }
+
+    /// The input channels' mean squares of block linear `name`.
+    pub fn act_sq(&self, name: &str) -> Option<&[f32]> {
+        self.act_sq.get(name).map(|v| v.as_slice())
     }
 
     /// The vector for `name` at `preset`, if the calibration chose one.
@@ -360,11 +381,12 @@ impl Importance {
     }
 
     /// Writes `dir` (`quant.json`, and `importance.safetensors` with
-    /// `NAME.importance.PRESET` `[k]` and `NAME.act_absmax` `[ranges, k]`) through a
+    /// `NAME.importance.PRESET` `[k]`, `NAME.act_absmax` `[ranges, k]` and `NAME.act_sq_mean` `[k]`) through a
     /// temporary directory renamed at the end, so a failure leaves no half-written
-    /// directory. An earlier calibration directory is replaced; any other existing
-    /// path is refused.
-    pub fn write_dir(&self, stats: &[LinearStats], dir: &Path) -> Result<()> {
+    /// directory. `fill` adds more to the temporary directory before the rename (a
+    /// quantized checkpoint's DiT and components). An earlier calibration directory
+    /// is replaced; any other existing path is refused.
+    pub fn write_dir(&self, stats: &[LinearStats], dir: &Path, fill: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
         if dir.exists() {
             ensure!(dir.join(QUANT_JSON).is_file(), "{} exists and is not a calibration directory (no {QUANT_JSON}): refusing to overwrite it", dir.display());
         }
@@ -379,6 +401,12 @@ impl Importance {
                 let k = st.absmax.first().map_or(0, |r| r.len());
                 tensors.push((format!("{}.act_absmax", st.name), Tensor::from_f32(&[st.absmax.len(), k], st.absmax.concat())?));
             }
+            let mut names: Vec<&String> = self.act_sq.keys().collect();
+            names.sort();
+            for name in names {
+                let v = &self.act_sq[name];
+                tensors.push((format!("{name}{ACT_SQ_SUFFIX}"), Tensor::from_f32(&[v.len()], v.clone())?));
+            }
             let mut keys: Vec<&String> = self.vectors.keys().collect();
             keys.sort();
             for key in keys {
@@ -387,6 +415,7 @@ impl Importance {
             }
             write_safetensors(&tmp.join(IMPORTANCE_FILE), &tensors, None)?;
             std::fs::write(tmp.join(QUANT_JSON), serde_json::to_string_pretty(&self.meta)? + "\n")?;
+            fill(&tmp)?;
             if dir.exists() {
                 std::fs::rename(dir, &old)?;
             }
@@ -409,6 +438,12 @@ impl Importance {
         let file = dir.join(IMPORTANCE_FILE);
         let ck = Checkpoint::open_file(&file)?;
         let mut vectors = HashMap::new();
+        let mut act_sq = HashMap::new();
+        for key in ck.names().filter(|n| n.ends_with(ACT_SQ_SUFFIX)).map(String::from).collect::<Vec<_>>() {
+            let v = ck.load_f32(&key)?.f32()?.to_vec();
+            ensure!(v.iter().all(|x| x.is_finite() && *x >= 0.0), "{}: {key} must be non-negative and finite", file.display());
+            act_sq.insert(key.trim_end_matches(ACT_SQ_SUFFIX).to_string(), v);
+        }
         for key in ck.names().filter(|n| n.contains(".importance.")).map(String::from).collect::<Vec<_>>() {
             let v = ck.load_f32(&key)?.f32()?.to_vec();
             ensure!(v.iter().all(|x| x.is_finite() && *x > 0.0), "{}: {key} must be positive and finite", file.display());
@@ -416,36 +451,32 @@ impl Importance {
         }
         let plan = match meta.get("plan") {
             None | Some(serde_json::Value::Null) => None,
-            Some(p) => {
-                let obj = p.as_object().ok_or_else(|| anyhow!("{}: field \"plan\" must be an object of sub-module -> precision", qj.display()))?;
-                let mut plan = HashMap::new();
-                for (unit, v) in obj {
-                    let name = v.as_str().ok_or_else(|| anyhow!("{}: plan entry {unit} must be a string", qj.display()))?;
-                    let preset = QuantPreset::parse(name).with_context(|| format!("{}: plan entry {unit}", qj.display()))?;
-                    ensure!(preset != QuantPreset::Aigq, "{}: plan entry {unit} must be one precision, not aigq", qj.display());
-                    plan.insert(unit.clone(), preset);
-                }
-                Some(plan)
-            }
+            Some(p) => Some(Plan::from_json(p, &qj.display().to_string())?),
         };
-        Ok(Importance { vectors, meta, plan, source: dir.display().to_string() })
+        Ok(Importance { vectors, act_sq, meta, plan, source: dir.display().to_string() })
     }
 }
 
 /// Precisions the aigq plan chooses from, most precise first.
-pub const PLAN_CHOICES: [QuantPreset; 3] = [QuantPreset::None, QuantPreset::W8A8, QuantPreset::W4A8];
+pub const PLAN_CHOICES: [QuantPreset; 4] = [QuantPreset::None, QuantPreset::W8A8, QuantPreset::W4A8, QuantPreset::W4A6];
 
-/// One block sub-module's cost and sensitivity at each of [`PLAN_CHOICES`].
+/// One decision of the allocation: a block sub-module in some timestep ranges
+/// (the cross-attention decides once for the whole trajectory: its keys and
+/// values are projected once per prompt, before the first step).
 #[derive(Clone, Debug)]
-pub struct UnitSensitivity {
+pub struct PlanItem {
     /// `spatial_blocks.3.attn`, ...
     pub unit: String,
-    /// Weight values of its linears.
+    /// The timestep ranges this decision covers.
+    pub ranges: Vec<usize>,
+    /// Weight values of the sub-module's linears.
     pub values: usize,
-    /// Storage bits at each choice, scales included (bf16: 16 per value).
-    pub bits: [f64; 3],
-    /// Relative change of the final latent at each choice (0 at full precision).
-    pub sensitivity: [f64; 3],
+    /// Share of the trajectory's steps in `ranges`.
+    pub step_fraction: f64,
+    /// Storage bits of the sub-module at each of [`PLAN_CHOICES`], scales included (bf16: 16 per value).
+    pub bits: [f64; 4],
+    /// Relative L2 change of the final latent at each choice (0 at full precision).
+    pub sensitivity: [f64; 4],
 }
 
 /// Storage bits of an `[n, k]` weight at `preset` (bf16 for full precision), scales included.
@@ -477,94 +508,142 @@ impl PromptText {
         let [lt, lh, lw] = self.latent;
         let c = dit.cfg.in_channels;
         let z0 = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
-        let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
-        let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+        let (rf, geo) = schedule(opts);
         Ok(sample(be, dit, &rf, &z0, &self.y, Some(&self.mask), &geo, hooks, &mut |_, _| {})?.0)
     }
 }
 
-/// Sensitivity of every block sub-module at every quantized choice of
-/// [`PLAN_CHOICES`]: the relative L2 change of the whole trajectory's final
-/// latent when only that sub-module is quantized (with its importance vectors),
-/// averaged over `prompts` (seed `seed`). No gradients: one trajectory per
-/// sub-module, precision and prompt.
-pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<UnitSensitivity>> {
-    ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
-    let be = CpuBackend::new();
-    let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
-    dit.prepare(&be)?;
-    let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
-    let references: Vec<Tensor> = texts.iter().map(|t| t.trajectory(&be, &dit, opts, seed, &mut NoHooks)).collect::<Result<_>>()?;
-    let mut units: Vec<UnitSensitivity> = Vec::new();
-    for (name, l) in block_linears(&mut dit) {
-        let u = unit_of(&name).to_string();
-        let (n, k) = (l.out_features, l.in_features);
-        let i = match units.iter().position(|e| e.unit == u) {
-            Some(i) => i,
-            None => {
-                units.push(UnitSensitivity { unit: u, values: 0, bits: [0.0; 3], sensitivity: [0.0; 3] });
-                units.len() - 1
+/// The sampler settings and video geometry of `opts` for one sample.
+fn schedule(opts: &GenerateOptions) -> (RflowConfig, VideoGeometry) {
+    let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
+    let geo = VideoGeometry { height: vec![opts.height as f32], width: vec![opts.width as f32], num_frames: vec![opts.frames as f32], fps: vec![opts.fps] };
+    (rf, geo)
+}
+
+/// Boundaries and step shares of `ranges` equal parts of `opts`'s sampling schedule.
+pub fn schedule_ranges(opts: &GenerateOptions, ranges: usize) -> Result<(Vec<f32>, Vec<f64>)> {
+    let (rf, geo) = schedule(opts);
+    let ts: Vec<f32> = timesteps(&rf, &geo)?.into_iter().map(|t| t[0]).collect();
+    ranges_of_schedule(&ts, ranges)
+}
+
+/// The allocation's decisions for `model`'s sub-modules over `ranges` timestep
+/// ranges with step shares `fractions`, with their storage at each choice.
+fn plan_items(model: &mut Stdit3, fractions: &[f64]) -> Vec<PlanItem> {
+    let mut items: Vec<PlanItem> = Vec::new();
+    for (name, l) in block_linears(model) {
+        let unit = unit_of(&name).to_string();
+        let mut bits = [0f64; 4];
+        for (b, p) in bits.iter_mut().zip(PLAN_CHOICES) {
+            *b = storage_bits(p, l.out_features, l.in_features);
+        }
+        let whole = unit.ends_with(".cross_attn");
+        let decisions: Vec<Vec<usize>> = if whole { vec![(0..fractions.len()).collect()] } else { (0..fractions.len()).map(|r| vec![r]).collect() };
+        for ranges in decisions {
+            match items.iter_mut().find(|it| it.unit == unit && it.ranges == ranges) {
+                Some(it) => {
+                    it.values += l.out_features * l.in_features;
+                    for (a, b) in it.bits.iter_mut().zip(bits) {
+                        *a += b;
+                    }
+                }
+                None => {
+                    let step_fraction = ranges.iter().map(|&r| fractions[r]).sum();
+                    items.push(PlanItem { unit: unit.clone(), ranges, values: l.out_features * l.in_features, step_fraction, bits, sensitivity: [0.0; 4] });
+                }
             }
-        };
-        units[i].values += n * k;
-        for (b, p) in units[i].bits.iter_mut().zip(PLAN_CHOICES) {
-            *b += storage_bits(p, n, k);
         }
     }
-    let total = units.len() * (PLAN_CHOICES.len() - 1);
-    for ui in 0..units.len() {
-        let unit = units[ui].unit.clone();
-        for (pi, &preset) in PLAN_CHOICES.iter().enumerate().skip(1) {
-            let originals: Vec<(String, Linear)> = block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).map(|(n, l)| (n, l.clone())).collect();
-            for (name, l) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit) {
-                *l = preset.apply(l, importance.get(&name, preset))?;
-            }
+    items
+}
+
+/// The plan giving each item the choice `level[i]` (an index into [`PLAN_CHOICES`]).
+fn plan_of(items: &[PlanItem], level: &[usize], boundaries: &[f32], fractions: &[f64]) -> Plan {
+    let mut units: BTreeMap<String, Vec<QuantPreset>> = BTreeMap::new();
+    for (it, &l) in items.iter().zip(level) {
+        let v = units.entry(it.unit.clone()).or_insert_with(|| vec![QuantPreset::None; fractions.len()]);
+        for &r in &it.ranges {
+            v[r] = PLAN_CHOICES[l];
+        }
+    }
+    Plan { boundaries: boundaries.to_vec(), step_fractions: fractions.to_vec(), units }
+}
+
+/// Sensitivity of every block sub-module at every quantized choice of
+/// [`PLAN_CHOICES`] in every timestep range: the relative L2 change of the whole
+/// trajectory's final latent when only that sub-module is quantized (with its
+/// importance vectors) and only in that range, averaged over `prompts` (seed
+/// `seed`). No gradients: one trajectory per sub-module, range, precision and prompt.
+pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
+    ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
+    let (boundaries, fractions) = schedule_ranges(opts, ranges)?;
+    let be = CpuBackend::new();
+    let mut base = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
+    base.prepare(&be)?;
+    let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
+    let references: Vec<Tensor> = texts.iter().map(|t| t.trajectory(&be, &base, opts, seed, &mut NoHooks)).collect::<Result<_>>()?;
+    let mut items = plan_items(&mut base, &fractions);
+    let total = items.len() * (PLAN_CHOICES.len() - 1);
+    for i in 0..items.len() {
+        for c in 1..PLAN_CHOICES.len() {
+            let mut level = vec![0; items.len()];
+            level[i] = c;
+            let mut dit = base.clone();
+            quantize_plan(&mut dit, &plan_of(&items, &level, &boundaries, &fractions), Some(importance))?;
             let mut sum = 0f64;
             for (t, r) in texts.iter().zip(&references) {
                 let z = t.trajectory(&be, &dit, opts, seed, &mut NoHooks)?;
-                let (mut num, mut den) = (0f64, 0f64);
-                for (a, b) in z.f32()?.iter().zip(r.f32()?) {
-                    num += (*a as f64 - *b as f64).powi(2);
-                    den += (*b as f64).powi(2);
-                }
-                sum += (num / den.max(1e-30)).sqrt();
+                sum += relative_l2(z.f32()?, r.f32()?);
             }
-            for ((_, l), (_, orig)) in block_linears(&mut dit).into_iter().filter(|(n, _)| unit_of(n) == unit).zip(originals) {
-                *l = orig;
-            }
-            units[ui].sensitivity[pi] = sum / prompts.len() as f64;
-            progress(ui * (PLAN_CHOICES.len() - 1) + pi, total);
+            items[i].sensitivity[c] = sum / prompts.len() as f64;
+            progress(i * (PLAN_CHOICES.len() - 1) + c, total);
         }
     }
-    Ok(units)
+    Ok((items, boundaries, fractions))
 }
 
-/// The aigq allocation: every sub-module starts at full precision; while the
-/// average storage bits per weight (scales included) exceed `budget`, the
-/// sub-module whose next step down [`PLAN_CHOICES`] costs the least sensitivity
-/// per bit saved steps down. Returns the plan and the bits it reaches.
-pub fn allocate(units: &[UnitSensitivity], budget: f64) -> Result<(HashMap<String, QuantPreset>, f64)> {
-    ensure!(!units.is_empty(), "aigq: no sub-modules to allocate");
-    let total: f64 = units.iter().map(|u| u.values as f64).sum();
+/// `|a - b| / |b|` in f64.
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The aigq allocation: every decision starts at full precision; while the
+/// step-weighted average storage bits per weight (scales included) exceed
+/// `budget`, the decision whose next step down [`PLAN_CHOICES`] costs the least
+/// sensitivity per bit saved steps down (a step that saves no bits, w4a8 to
+/// w4a6, is taken only when it measured less sensitive). Returns the plan and its bits.
+pub fn allocate(items: &[PlanItem], boundaries: &[f32], fractions: &[f64], budget: f64) -> Result<(Plan, f64)> {
+    ensure!(!items.is_empty(), "aigq: no sub-modules to allocate");
+    // One set of weights' values (every item of a unit covers its values once per range).
+    let total: f64 = items.iter().map(|it| it.values as f64 * it.step_fraction).sum();
     let last = PLAN_CHOICES.len() - 1;
-    let bits = |level: &[usize]| units.iter().zip(level).map(|(u, &l)| u.bits[l]).sum::<f64>() / total;
-    let (lo, hi) = (bits(&vec![last; units.len()]), bits(&vec![0; units.len()]));
+    let bits = |level: &[usize]| items.iter().zip(level).map(|(it, &l)| it.bits[l] * it.step_fraction).sum::<f64>() / total;
+    let lowest = bits(&vec![2; items.len()]);
+    let (lo, hi) = (lowest, bits(&vec![0; items.len()]));
     ensure!(budget.is_finite() && budget >= lo - 1e-9, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {lo:.2} to {hi:.2}");
-    let mut level = vec![0usize; units.len()];
+    let mut level = vec![0usize; items.len()];
     while bits(&level) > budget + 1e-9 {
-        let best = (0..units.len())
-            .filter(|&u| level[u] < last)
-            .map(|u| {
-                let (l, x) = (level[u], &units[u]);
-                let saved = (x.bits[l] - x.bits[l + 1]).max(1e-9);
-                (u, (x.sensitivity[l + 1] - x.sensitivity[l]).max(0.0) / saved)
+        let best = (0..items.len())
+            .filter(|&i| level[i] < last)
+            .filter_map(|i| {
+                let (l, x) = (level[i], &items[i]);
+                let saved = (x.bits[l] - x.bits[l + 1]) * x.step_fraction;
+                let cost = x.sensitivity[l + 1] - x.sensitivity[l];
+                match saved > 0.0 {
+                    true => Some((i, cost.max(0.0) / saved)),
+                    false => (cost < 0.0).then_some((i, 0.0)),
+                }
             })
             .min_by(|a, b| a.1.total_cmp(&b.1));
         match best {
-            Some((u, _)) => level[u] += 1,
+            Some((i, _)) => level[i] += 1,
             None => break,
         }
     }
-    let plan = units.iter().zip(&level).map(|(u, &l)| (u.unit.clone(), PLAN_CHOICES[l])).collect();
-    Ok((plan, bits(&level)))
+    Ok((plan_of(items, &level, boundaries, fractions), bits(&level)))
 }

@@ -58,6 +58,33 @@ impl Int4Weight {
         smooth: Option<&[f32]>,
         act_qmax: i32,
     ) -> Result<Self> {
+        Self::quantize_weighted(w, n, k, smooth, act_qmax, None)
+    }
+
+    /// [`Int4Weight::quantize`], each group's clip chosen by the squared error
+    /// weighted per input channel by `act_sq` (`[k]`, the mean square of the
+    /// layer's input channels before smoothing): the error a weight adds to the
+    /// output scales with its input's magnitude.
+    pub fn quantize_weighted(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        smooth: Option<&[f32]>,
+        act_qmax: i32,
+        act_sq: Option<&[f32]>,
+    ) -> Result<Self> {
+        if let Some(h) = act_sq {
+            ensure!(
+                h.len() == k && h.iter().all(|v| v.is_finite() && *v >= 0.0),
+                "int4 weight: {} channel weights for {k} inputs, or some not finite and non-negative",
+                h.len()
+            );
+        }
+        // The smoothed weight W * s meets the input X / s: its channel weights are E[x^2] / s^2.
+        let h: Option<Vec<f32>> = act_sq.map(|h| match smooth {
+            Some(s) => h.iter().zip(s).map(|(h, s)| h / (s * s)).collect(),
+            None => h.to_vec(),
+        });
         ensure!(
             n > 0 && k > 0 && w.len() == n * k,
             "int4 weight: {} values for [{n}, {k}]",
@@ -89,7 +116,7 @@ impl Int4Weight {
                         Some(sm) => x.iter_mut().zip(&wr[r.clone()]).zip(&sm[r.clone()]).for_each(|((d, w), s)| *d = w * s),
                         None => x.copy_from_slice(&wr[r.clone()]),
                     }
-                    *s = quantize_group(x, &mut qr[r]);
+                    *s = quantize_group_weighted(x, &mut qr[r.clone()], h.as_deref().map(|h| &h[r]));
                 }
             });
         let inv_smooth = smooth.map(|s| s.iter().map(|v| 1.0 / v).collect());
@@ -207,6 +234,11 @@ pub const W4_CLIPS: [f32; 7] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7];
 /// with 7 levels a side, clipping the rare largest values buys finer steps for
 /// all the others (ties keep the larger clip).
 pub fn quantize_group(x: &[f32], q: &mut [i8]) -> f32 {
+    quantize_group_weighted(x, q, None)
+}
+
+/// [`quantize_group`] with the squared error of value `i` weighted by `h[i]`.
+pub fn quantize_group_weighted(x: &[f32], q: &mut [i8], h: Option<&[f32]>) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         q.fill(0);
@@ -218,7 +250,10 @@ pub fn quantize_group(x: &[f32], q: &mut [i8]) -> f32 {
     for c in W4_CLIPS {
         let scale = c * amax / qm;
         let inv = qm / (c * amax);
-        let err: f64 = x.iter().map(|&v| ((quant(v, inv) * scale - v) as f64).powi(2)).sum();
+        let err: f64 = match h {
+            None => x.iter().map(|&v| ((quant(v, inv) * scale - v) as f64).powi(2)).sum(),
+            Some(h) => x.iter().zip(h).map(|(&v, &hh)| hh as f64 * ((quant(v, inv) * scale - v) as f64).powi(2)).sum(),
+        };
         if err < best.0 {
             best = (err, c);
         }

@@ -4,4 +4,6 @@
 pub mod calibrate;
 pub mod int4;
 pub mod int8;
+pub mod plan;
 pub mod preset;
+pub mod qdir;

@@ -136,7 +136,8 @@ pub fn sample(
             None => {
                 let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
                 let key = match &graphs {
-                    Some((_, planner)) if planner.active() => hooks.graph_key(i, ts.len()),
+                    // Steps in different weight sets (per-range aigq plans) run other weights.
+                    Some((_, planner)) if planner.active() => hooks.graph_key(i, ts.len()).map(|k| k.wrapping_mul(0x0100_0000_01b3) ^ model.phase_of(t[0]) as u64),
                     _ => None,
                 };
                 let mut compute = |z: &mut Tensor| -> Result<Tensor> {

@@ -122,9 +122,24 @@ pub struct DitInput<'a> {
     pub x_mask: Option<&'a [bool]>,
 }
 
+#[derive(Clone)]
 pub struct Stdit3 {
     pub cfg: Stdit3Config,
     pub w: Stdit3Weights,
+    /// Block weights that replace `w`'s in later timestep ranges (an aigq plan
+    /// chooses a precision per sub-module and range); empty for one set.
+    pub phases: Vec<Phase>,
+    /// The aigq plan of a quantized checkpoint (its block linears are stored quantized).
+    pub stored_plan: Option<crate::quant::plan::Plan>,
+}
+
+/// The blocks used for timesteps below `below` (phases ordered by descending
+/// `below`; the last one whose `below` exceeds the step's timestep applies).
+#[derive(Clone)]
+pub struct Phase {
+    pub below: f32,
+    pub spatial: Vec<BlockWeights>,
+    pub temporal: Vec<BlockWeights>,
 }
 
 fn tile(v: &[f32], n: usize, what: &str) -> Result<Vec<f32>> {
@@ -137,13 +152,54 @@ impl Stdit3 {
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = Stdit3Config::from_dir(dir)?;
         let ck = Checkpoint::open_dir(dir)?;
-        let w = Stdit3Weights::load(&ck, &cfg).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
-        Ok(Stdit3 { cfg, w })
+        let layout = crate::quant::qdir::Layout::of(&ck)?;
+        let w = Stdit3Weights::load(&ck, &cfg, layout.as_ref().map(|l| &l.layers)).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
+        let mut model = Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None };
+        if let Some(layout) = layout {
+            model.phases = crate::quant::qdir::load_phases(&ck, &layout, &model)?;
+            model.stored_plan = Some(layout.plan);
+        }
+        Ok(model)
+    }
+
+    /// A model of these weights, one set for every timestep.
+    pub fn new(cfg: Stdit3Config, w: Stdit3Weights) -> Self {
+        Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None }
     }
 
     /// Moves the weights to where `be` computes, once after loading (see [`Backend::prepare_linear`]).
     pub fn prepare(&mut self, be: &dyn Backend) -> Result<()> {
-        self.w.prepare(be)
+        self.w.prepare(be)?;
+        for p in &mut self.phases {
+            for b in p.spatial.iter_mut().chain(p.temporal.iter_mut()) {
+                b.prepare(be)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which weight set a step at timestep `t` uses: 0 for `w`, `i + 1` for `phases[i]`.
+    pub fn phase_of(&self, t: f32) -> usize {
+        self.phases.iter().take_while(|p| t < p.below).count()
+    }
+
+    /// [`Stdit3::phase_blocks`], mutable.
+    pub fn phase_blocks_mut(&mut self, phase: usize) -> (&mut [BlockWeights], &mut [BlockWeights]) {
+        match phase {
+            0 => (&mut self.w.spatial, &mut self.w.temporal),
+            i => {
+                let p = &mut self.phases[i - 1];
+                (&mut p.spatial, &mut p.temporal)
+            }
+        }
+    }
+
+    /// The spatial and temporal blocks of weight set `phase` (see [`Stdit3::phase_of`]).
+    fn phase_blocks(&self, phase: usize) -> (&[BlockWeights], &[BlockWeights]) {
+        match phase {
+            0 => (&self.w.spatial, &self.w.temporal),
+            i => (&self.phases[i - 1].spatial, &self.phases[i - 1].temporal),
+        }
     }
 
     pub fn blocks(&self) -> impl Iterator<Item = (BlockId, &BlockWeights)> {
@@ -259,8 +315,11 @@ impl Stdit3 {
         be.add_rows_broadcast(&mut x, &be.pos_embed_2d(nh, nw, c, scale, base_size)?)?;
 
         let dims = BlockDims { b, t: nt, s };
-        let blocks: Vec<(BlockId, &BlockWeights)> = self.w.spatial.iter().enumerate().flat_map(|(i, sb)| {
-            [(BlockId { kind: BlockKind::Spatial, index: i }, sb), (BlockId { kind: BlockKind::Temporal, index: i }, &self.w.temporal[i])]
+        let phase = self.phase_of(inp.timestep[0]);
+        ensure!(self.phases.is_empty() || inp.timestep.iter().all(|t| self.phase_of(*t) == phase), "a batch whose timesteps fall in different ranges of the model's per-range weights");
+        let (spatial, temporal) = self.phase_blocks(phase);
+        let blocks: Vec<(BlockId, &BlockWeights)> = spatial.iter().enumerate().flat_map(|(i, sb)| {
+            [(BlockId { kind: BlockKind::Spatial, index: i }, sb), (BlockId { kind: BlockKind::Temporal, index: i }, &temporal[i])]
         }).collect();
         for (id, bw) in blocks {
             if hooks.block_action(id) == BlockAction::Compute {

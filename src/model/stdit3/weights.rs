@@ -5,8 +5,11 @@ use crate::backend::Linear;
 use crate::checkpoint::{Checkpoint, WeightLoader};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use crate::quant::preset::QuantPreset;
 use anyhow::Result;
+use std::collections::BTreeMap;
 
+#[derive(Clone)]
 pub struct BlockWeights {
     /// `[6, C]`: shift/scale/gate of attention and MLP.
     pub scale_shift_table: Tensor,
@@ -44,6 +47,7 @@ impl BlockWeights {
     }
 }
 
+#[derive(Clone)]
 pub struct Stdit3Weights {
     /// Conv3d kernel as a linear map of each flattened patch `(c, pt, ph, pw)`.
     pub x_embedder: Linear,
@@ -68,14 +72,36 @@ trait Source {
     fn get_linear(&mut self, name: &str, shape: &[usize]) -> Tensor {
         self.get(name, shape)
     }
+    /// The layer `prefix` when the checkpoint stores it quantized.
+    fn get_quantized(&mut self, _prefix: &str, _out: usize, _inp: usize) -> Option<Linear> {
+        None
+    }
 }
 
-impl Source for WeightLoader<'_> {
+/// A checkpoint; with `layers` (a quantized checkpoint's layout), the listed
+/// layers are read in their quantized formats.
+struct CheckpointSource<'a> {
+    loader: WeightLoader<'a>,
+    layers: Option<&'a BTreeMap<String, QuantPreset>>,
+}
+
+impl Source for CheckpointSource<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Tensor {
-        WeightLoader::get(self, name, shape)
+        self.loader.get(name, shape)
     }
     fn get_linear(&mut self, name: &str, shape: &[usize]) -> Tensor {
-        WeightLoader::get_native(self, name, shape)
+        self.loader.get_native(name, shape)
+    }
+    fn get_quantized(&mut self, prefix: &str, out: usize, inp: usize) -> Option<Linear> {
+        let p = *self.layers?.get(prefix)?;
+        let bias = self.loader.get(&format!("{prefix}.bias"), &[out]);
+        match crate::quant::qdir::read_linear(self.loader.checkpoint(), prefix, p, out, inp, Some(bias.clone())) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                self.loader.problem(format!("{e:#}"));
+                Some(Linear::new(Tensor::zeros(&[out, inp]), Some(bias)).expect("shapes match"))
+            }
+        }
     }
 }
 
@@ -92,6 +118,9 @@ impl Source for RandomSource {
 }
 
 fn linear(src: &mut dyn Source, prefix: &str, out: usize, inp: usize) -> Linear {
+    if let Some(l) = src.get_quantized(prefix, out, inp) {
+        return l;
+    }
     let w = src.get_linear(&format!("{prefix}.weight"), &[out, inp]);
     let b = src.get(&format!("{prefix}.bias"), &[out]);
     Linear::new(w, Some(b)).expect("shapes checked by the loader")
@@ -136,7 +165,7 @@ fn build(src: &mut dyn Source, cfg: &Stdit3Config) -> Result<Stdit3Weights> {
 }
 
 impl BlockWeights {
-    fn prepare(&mut self, be: &dyn crate::backend::Backend) -> Result<()> {
+    pub(crate) fn prepare(&mut self, be: &dyn crate::backend::Backend) -> Result<()> {
         for l in [&mut self.qkv, &mut self.proj, &mut self.cross_q, &mut self.cross_kv, &mut self.cross_proj, &mut self.fc1, &mut self.fc2] {
             be.prepare_linear(l)?;
         }
@@ -166,11 +195,12 @@ impl Stdit3Weights {
         Ok(())
     }
 
-    /// Every expected tensor, checked for presence and shape; one error lists all problems.
-    pub fn load(ck: &Checkpoint, cfg: &Stdit3Config) -> Result<Self> {
-        let mut loader = WeightLoader::new(ck);
-        let w = build(&mut loader, cfg)?;
-        loader.finish()?;
+    /// Every expected tensor, checked for presence and shape; one error lists all
+    /// problems. `layers`: the quantized layers of a quantized checkpoint.
+    pub fn load(ck: &Checkpoint, cfg: &Stdit3Config, layers: Option<&BTreeMap<String, QuantPreset>>) -> Result<Self> {
+        let mut src = CheckpointSource { loader: WeightLoader::new(ck), layers };
+        let w = build(&mut src, cfg)?;
+        src.loader.finish()?;
         Ok(w)
     }
 
