@@ -679,8 +679,9 @@ typedef struct QcAttentionBiasArgs {
  * qc_attention_wide_d{256,512}_bf16: the op of qc_attention_dNN_bf16 for wide
  * heads (the VAE mid-block's single head of 512 channels), QcAttentionArgs
  * with every rule above (groups, key ranges, rows and strides, alignments,
- * aliasing, the flash-attention roundings: the same results up to f32
- * summation order), except:
+ * aliasing, the flash-attention roundings; results differ from the dNN
+ * kernels' only through summation order and where key tiles end, which moves
+ * the running max that the bf16 probabilities are taken against), except:
  *   - head_dim: a multiple of 8 in [8, NN] (launch the smallest that fits;
  *     launch_cfg::attention_wide_kernel picks it);
  *   - no RoPE: rope_freqs must be 0;
