@@ -28,6 +28,8 @@
 //     zero-filled by cp.async and their scores masked to -inf, as in attention.cu.
 // Numerics as attention.cu: scores scaled to base 2, running max and sum in f32, the
 // unnormalised probabilities rounded to bf16 for P V, out = O / sum rounded to bf16.
+// tools/attention-wide-layout.py emulates the fragment mappings, addresses and phases
+// below lane by lane (numpy) against an f64 attention.
 #include "common.cuh"
 
 namespace qc {
@@ -115,11 +117,11 @@ __device__ __forceinline__ void attention_wide(const QcAttentionArgs& a, unsigne
     const int hd = a.head_dim;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int quad = lane & 3;  // MMA fragments: column pair 2 quad, 2 quad + 1 ...
-    const int grow = lane >> 2; // ... of rows grow and grow + 8
-    const int rb = warp & 3;    // phase 1: query rows 16 rb .. 16 rb + 15 of the tile
-    const int kh = warp >> 2;   // phase 1: keys kh BN/2 .. of each key tile
-    const int col0 = warp * OW; // phase 2: O columns col0 .. col0 + OW - 1
+    const int quad = lane & 3;   // MMA fragments: column pair 2 quad, 2 quad + 1 ...
+    const int grow = lane >> 2;  // ... of rows grow and grow + 8
+    const int rb = warp & 3;     // phase 1: query rows 16 rb .. 16 rb + 15 of the tile
+    const int kh = warp >> 2;    // phase 1: keys kh BN/2 .. of each key tile
+    const int col0 = warp * OW;  // phase 2: O columns col0 .. col0 + OW - 1
     const bf16* qg = dev_ptr<const bf16>(a.q);
     const bf16* kg = dev_ptr<const bf16>(a.k);
     const bf16* vg = dev_ptr<const bf16>(a.v);
