@@ -673,6 +673,29 @@ typedef struct QcAttentionBiasArgs {
     int64_t bias_head_stride;  /* elements between heads */
 } QcAttentionBiasArgs;
 
+/* ------------------------------------------------------- attention_wide.cu */
+
+/*
+ * qc_attention_wide_d{256,512}_bf16: the op of qc_attention_dNN_bf16 for wide
+ * heads (the VAE mid-block's single head of 512 channels), QcAttentionArgs
+ * with every rule above (groups, key ranges, rows and strides, alignments,
+ * aliasing, the flash-attention roundings; results differ from the dNN
+ * kernels' only through summation order and where key tiles end, which moves
+ * the running max that the bf16 probabilities are taken against), except:
+ *   - head_dim: a multiple of 8 in [8, NN] (launch the smallest that fits;
+ *     launch_cfg::attention_wide_kernel picks it);
+ *   - no RoPE: rope_freqs must be 0;
+ *   - Launch: blockDim.x = QC_ATTENTION_WIDE_THREADS exactly (8 warps; the
+ *     same work items of 64 query rows and their order as above), any
+ *     gridDim.x >= 1, and at least QC_ATTENTION_WIDE_D{256,512}_SMEM_BYTES of
+ *     dynamic shared memory (above 48 KiB: the launch raises the kernel's
+ *     limit first). A launch that breaks a rule the kernel can see (head_dim,
+ *     alignments, groups_inner, rope_freqs, block size, shared memory) traps.
+ */
+#define QC_ATTENTION_WIDE_THREADS 256
+#define QC_ATTENTION_WIDE_D256_SMEM_BYTES 112128
+#define QC_ATTENTION_WIDE_D512_SMEM_BYTES 139776
+
 /* ------------------------------------------------------------ baseline.cu */
 
 /*

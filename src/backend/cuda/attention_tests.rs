@@ -1,5 +1,6 @@
 //! GPU tests of `kernels/attention.cu` (qc_attention_d*_bf16 and, with a score
-//! bias, qc_attention_bias_d*_bf16). Conventions as in
+//! bias, qc_attention_bias_d*_bf16) and `kernels/attention_wide.cu`
+//! (qc_attention_wide_d*_bf16, head dims above 128). Conventions as in
 //! `gpu_tests.rs`: ignored by default (run by tools/gpu-check), fresh random
 //! inputs, NaN-poisoned outputs, rel-L2 <= 1e-2 against an f64 reference
 //! computed from the bf16-rounded inputs.
@@ -10,7 +11,8 @@
 //!
 //! Under a CUDA tool (compute-sanitizer sets `CUDA_INJECTION64_PATH`) or with
 //! `QC_GPU_TESTS_SMALL` set, the Open-Sora spatial case keeps its 3600 tokens
-//! but uses 2 heads instead of 16, so that memcheck/racecheck stay quick.
+//! but uses 2 heads instead of 16, and the VAE's 720p frame (14400 positions)
+//! shrinks to 2000, so that memcheck/racecheck stay quick.
 
 use super::abi::*;
 use super::gpu_tests::{check, gpu, q, Gpu, Rng};
@@ -206,6 +208,13 @@ fn launch(g: &Gpu, p: &Problem, bufs: &[Vec<f32>], grid: Option<u32>, in_place: 
     let (auto_grid, block) = launch_cfg::attention(p.q_len as i64, p.heads as i64, p.groups as i64);
     let cfg = (grid.unwrap_or(auto_grid), block);
     match &p.bias {
+        None if launch_cfg::attention_kernel(p.hd).is_none() => {
+            let (name, hdp) = launch_cfg::attention_wide_kernel(p.hd).expect("head dim has a wide kernel");
+            let ((auto_grid, gy, gz), block, shared) = launch_cfg::attention_wide(p.q_len as i64, p.heads as i64, p.groups as i64, hdp);
+            // SAFETY: the buffers above hold every row the args describe.
+            unsafe { g.module.launch_ext(name, (grid.unwrap_or(auto_grid), gy, gz), block, shared, &g.stream, &args) }.unwrap();
+            g.stream.synchronize().unwrap();
+        }
         None => g.run(kernel_name(p), cfg, args),
         Some(b) => {
             let dbias = g.up_raw(&b.v);
@@ -221,9 +230,13 @@ fn launch(g: &Gpu, p: &Problem, bufs: &[Vec<f32>], grid: Option<u32>, in_place: 
     g.down(out_slice)
 }
 
-/// The kernel that runs `p`.
+/// The kernel that runs `p` (head dims above 128 without a bias: the wide kernels).
 fn kernel_name(p: &Problem) -> &'static str {
-    let k = if p.bias.is_some() { launch_cfg::attention_bias_kernel(p.hd) } else { launch_cfg::attention_kernel(p.hd) };
+    let k = if p.bias.is_some() {
+        launch_cfg::attention_bias_kernel(p.hd)
+    } else {
+        launch_cfg::attention_kernel(p.hd).or_else(|| launch_cfg::attention_wide_kernel(p.hd))
+    };
     k.expect("head dim has a kernel").0
 }
 
@@ -698,6 +711,139 @@ fn attention_zero_bias_matches_unbiased_kernel() {
         let out = launch(&g, &biased, &bufs, None, false);
         for (i, (a, b)) in out.iter().zip(&plain).enumerate() {
             assert!(a.to_bits() == b.to_bits(), "hd {hd}: element {i}: zero bias {a}, no bias {b}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ wide heads (the VAE)
+
+/// The VAE mid-block's attention at 720p: one frame of 90 x 160 = 14400 latent
+/// positions, one head of 512 (qc_attention_wide_d512_bf16), against the f64
+/// reference on every 61st query row and the whole last (partial) tile.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_wide_vae_720p_frame() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    let q_len = if small_run() { 2000 } else { 14400 };
+    let (p, bufs) = spatial(&mut rng, 1, q_len, 1, 512, false, 0, 2.0);
+    let tail = q_len / 64 * 64;
+    run_case(&g, "vae 720p frame", &p, &bufs, &|i| i % 61 == 3 || i >= tail, None);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_wide_odd_lengths_and_head_dims() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // q_len tails around the 64-row query tile, the 32-key (d512) and 64-key (d256) tiles
+    // and the 16-row blocks; head dims padded inside both kernels (136, 200 -> 256;
+    // 264, 384, 504 -> 512) and exact (256, 512); several groups (frames) and heads;
+    // out rows with 8 padding columns that must stay untouched.
+    let hds = [512usize, 264, 136, 256, 384, 504, 200];
+    let mut k = 0;
+    for q_len in [1usize, 7, 16, 17, 33, 65, 129, 200] {
+        let hd = hds[k % hds.len()];
+        k += 1;
+        let groups = 1 + (q_len + k) % 3;
+        let heads = 1 + k % 2;
+        let (p, bufs) = spatial(&mut rng, groups, q_len, heads, hd, k % 2 == 0, 8, 2.0);
+        run_case(&g, "wide odd lengths", &p, &bufs, &all, None);
+    }
+    // The decoder's micro-batch of 4 frames at a small latent (12 x 20 positions).
+    let (p, bufs) = spatial(&mut rng, 4, 240, 1, 512, false, 0, 2.0);
+    run_case(&g, "wide vae micro-batch", &p, &bufs, &all, None);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_wide_ranges_scores_grid_stride_in_place() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // Ragged key ranges with an empty one (zero rows) and ranges of 1, 31, 33, 300 keys.
+    let lens = [31usize, 0, 300, 1, 33];
+    let mut offsets = vec![0usize];
+    for l in lens {
+        offsets.push(offsets.last().unwrap() + l);
+    }
+    for hd in [512usize, 256] {
+        let (p, bufs) = cross(&mut rng, 70, 1, hd, AttnSpec::ranges_from_offsets(&offsets));
+        let out = run_case(&g, "wide cross ragged", &p, &bufs, &all, None);
+        assert!(out[70 * hd..2 * 70 * hd].iter().all(|&x| x == 0.0), "empty kv range: output not zero");
+        // Fewer blocks than work items: each block runs several items, reusing its shared memory.
+        run_case(&g, "wide cross grid stride 2", &p, &bufs, &all, Some(2));
+    }
+    // Strided groups (the temporal layout, without RoPE).
+    let (p, bufs) = temporal(&mut rng, 2, 40, 3, 1, 512);
+    run_case(&g, "wide strided groups", &Problem { rope: None, ..p }, &bufs, &all, None);
+    // Large scores with keys growing along the sequence: the running max rises from key
+    // tile to key tile, so O and l are rescaled.
+    let q_len = 150;
+    let (p, mut bufs) = spatial(&mut rng, 2, q_len, 1, 512, false, 0, 4.0);
+    for r in 0..2 * q_len {
+        let f = 1.0 + (r % q_len) as f32 / 32.0;
+        for x in &mut bufs[1][r * 512..(r + 1) * 512] {
+            *x = q::<Bf16>(&[*x * f])[0];
+        }
+    }
+    let out = run_case(&g, "wide large scores", &p, &bufs, &all, Some(3));
+    assert!(out.iter().all(|x| x.is_finite()));
+    // out == q in a fused qkv buffer: each block reads its query rows before writing them.
+    let (p, bufs) = spatial(&mut rng, 2, 100, 1, 512, true, 0, 2.0);
+    let in_place = Problem { o: p.q, out_len: bufs[0].len(), ..p.clone() };
+    let out = launch(&g, &in_place, &bufs, None, true);
+    let r = reference(&in_place, &bufs, &all);
+    let got: Vec<f32> = r.iter().map(|&(i, _)| out[i]).collect();
+    let want: Vec<f64> = r.iter().map(|&(_, v)| v).collect();
+    check("wide in place (out = q)", &got, &want, TOL);
+    for row in 0..2 * 100 {
+        for j in 512..3 * 512 {
+            let i = row * 3 * 512 + j;
+            assert_eq!(out[i].to_bits(), bufs[0][i].to_bits(), "wide in place: k/v element {i} changed");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_wide_matches_narrow_kernels() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new();
+    // Head dims both families take: the wide kernels against the narrow ones on the same
+    // bf16 inputs: the same roundings, but other key tiles (so other running maxima and
+    // bf16-rounded probabilities) and summation orders: close, not equal.
+    for (hd, q_len) in [(128usize, 150usize), (72, 77), (8, 33)] {
+        let (p, bufs) = spatial(&mut rng, 2, q_len, 2, hd, true, 0, 2.0);
+        let narrow = launch(&g, &p, &bufs, None, false);
+        for (name, hdp) in [("qc_attention_wide_d256_bf16", 256usize), ("qc_attention_wide_d512_bf16", 512)] {
+            let out = g.poisoned::<Bf16>(p.out_len);
+            let dev = g.up::<Bf16>(&bufs[0]);
+            let c = p.heads * hd;
+            let args = QcAttentionArgs {
+                q: g.addr(&dev, 0),
+                k: g.addr(&dev, c),
+                v: g.addr(&dev, 2 * c),
+                out: g.addr(&out, 0),
+                ldq: 3 * c as i64,
+                ldk: 3 * c as i64,
+                ldv: 3 * c as i64,
+                ldo: c as i64,
+                outer_stride: q_len as i64,
+                seq_stride: 1,
+                groups: 2,
+                groups_inner: 1,
+                q_len: q_len as i32,
+                heads: p.heads as i32,
+                head_dim: hd as i32,
+                scale: p.scale,
+                ..Default::default()
+            };
+            let (grid, block, shared) = launch_cfg::attention_wide(q_len as i64, p.heads as i64, 2, hdp);
+            // SAFETY: dev is the [2 q_len, 3C] qkv buffer and out [2 q_len, C], as the args describe.
+            unsafe { g.module.launch_ext(name, grid, block, shared, &g.stream, &args) }.unwrap();
+            g.stream.synchronize().unwrap();
+            let want: Vec<f64> = narrow.iter().map(|&x| x as f64).collect();
+            check(&format!("{name} vs {} at hd {hd}", kernel_name(&p)), &g.down(&out), &want, 5e-3);
         }
     }
 }

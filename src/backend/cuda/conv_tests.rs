@@ -2,7 +2,8 @@
 //! against the CPU backend on fresh random inputs (clock-seeded, the seed is
 //! printed), with NaN-poisoned outputs, at small odd shapes, channel counts
 //! that are not multiples of the 64-wide tiles, and real Open-Sora 1.2 VAE
-//! layers; then the VAE decode fixture and prompt-to-video with the tiny
+//! layers; then the VAE decode fixture, a decode at the real mid-block
+//! attention width (one head of 512) and prompt-to-video with the tiny
 //! fixture models (VAE included) on the CUDA backend.
 //!
 //! Tolerances (relative L2 against the CPU in f32, inputs drawn already
@@ -17,7 +18,7 @@ use crate::backend::conv::{ConvOps, ConvWeight, Pad3};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Activation;
 use crate::checkpoint::Checkpoint;
-use crate::model::vae::VideoVae;
+use crate::model::vae::{VaeConfig, VideoVae};
 use crate::rng::Rng;
 use crate::tensor::{rel_l2, Device, Tensor};
 
@@ -178,6 +179,28 @@ fn vae_decode_fixture_matches_reference() {
     eprintln!("vae-tiny decode: GPU vs reference {err:.2e}, GPU vs CPU {vs_cpu:.2e}");
     assert!(vs_cpu < 2e-2, "GPU vs CPU decode: relative L2 error {vs_cpu:.3e}");
     eprintln!("GPU arena: {}", be.arena_stats());
+}
+
+/// The decode with the real model's mid-block attention width: the tiny fixture's
+/// configuration with 512 channels at the spatial decoder's top (one attention
+/// head of 512, as in the SDXL decoder), random weights, a 6 x 10 latent of 5
+/// frames. Every op runs on the GPU (no host fallback is noted; the attention
+/// takes qc_attention_wide_d512_bf16), and the video matches the CPU backend's.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn vae_decode_wide_mid_attention_matches_cpu() {
+    let (be, mut rng) = (gpu(), rng("vae decode, 512-channel mid block"));
+    let mut cfg = VaeConfig::from_dir(&fixture("vae-tiny")).unwrap();
+    cfg.vae_2d.block_out_channels = vec![16, 512];
+    let mut vae = VideoVae::random(cfg, 5).unwrap();
+    assert!(vae.weights.spatial.mid_attention.is_some(), "the configuration has a mid-block attention");
+    let frames = 5;
+    let z = rnd(&mut rng, &[1, vae.latent_channels(), vae.latent_frames(frames), 6, 10], 1.0);
+    let cpu_video = vae.decode(&CpuBackend::new(), &z, frames).unwrap();
+    vae.prepare(&be).unwrap();
+    let got = vae.decode(&be, &z, frames).unwrap();
+    assert_eq!(be.notes(), Vec::<&str>::new(), "the decode used a host fallback or an unprepared weight");
+    check("decode with a 512-wide mid-block attention: GPU vs CPU", &got, &cpu_video, 2e-2);
 }
 
 /// Prompt to video with the tiny fixture models (tokenizer, T5, STDiT3, the

@@ -53,12 +53,13 @@
 //! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
 //!
 //! # Host fallbacks (documented, each logged once)
-//! - Attention with a head dim the kernels do not cover (not a multiple of 8
-//!   in 8..=128, e.g. the VAE mid-block's 512), with or without a score bias:
-//!   download q, k, v (and the bias), CPU attention in f32, upload as bf16.
-//!   Attention with an additive score bias (T5's relative positions) runs on
-//!   the qc_attention_bias kernels for every head dim the plain ones cover;
-//!   only a biased one with scale 0 (which those kernels cannot express) falls back.
+//! - Attention with a head dim the kernels do not cover: not a multiple of 8
+//!   in 8..=512 (head dims above 128, e.g. the VAE mid-block's 512, run on the
+//!   qc_attention_wide kernels), or above 128 with a score bias: download q, k,
+//!   v (and the bias), CPU attention in f32, upload as bf16. Attention with an
+//!   additive score bias (T5's relative positions) runs on the
+//!   qc_attention_bias kernels for every head dim up to 128; only a biased one
+//!   with scale 0 (which those kernels cannot express) falls back.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
 //! - Not fallbacks, but host work by design: T5's `[heads, L, L]` position bias
 //!   is built on the host once per encode and uploaded once (`T5Encoder::encode`

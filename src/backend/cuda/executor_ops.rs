@@ -394,8 +394,15 @@ impl Backend for CudaBackend {
             let s = b.shape();
             ensure!(s.len() == 3 && s[0] == h && s[1] == lq && s[2] >= max_len, "attention: bias {s:?} is not [{h}, {lq}, >= {max_len}]");
         }
-        let kernel = if bias.is_some() { launch_cfg::attention_bias_kernel(d) } else { launch_cfg::attention_kernel(d) };
-        let Some((name, _)) = kernel else {
+        // Head dims up to 128 on the qc_attention kernels; wider ones (the VAE mid-block's 512)
+        // without a bias on qc_attention_wide, whose launch takes dynamic shared memory.
+        let kernel = match bias {
+            Some(_) => launch_cfg::attention_bias_kernel(d).map(|(name, _)| (name, None)),
+            None => launch_cfg::attention_kernel(d)
+                .map(|(name, _)| (name, None))
+                .or_else(|| launch_cfg::attention_wide_kernel(d).map(|(name, hdp)| (name, Some(hdp)))),
+        };
+        let Some((name, wide)) = kernel else {
             return self.attention_on_host(q, k, v, spec, bias, "with a head dim the kernels do not cover");
         };
         if bias.is_some() && spec.scale == 0.0 {
@@ -442,7 +449,10 @@ impl Backend for CudaBackend {
         };
         let grid = launch_cfg::attention(lq as i64, h as i64, g as i64);
         match bias {
-            None => self.run(name, grid, args)?,
+            None => match wide {
+                Some(hdp) => self.run_ext(name, launch_cfg::attention_wide(lq as i64, h as i64, g as i64, hdp), args)?,
+                None => self.run(name, grid, args)?,
+            },
             Some(b) => {
                 // f32 as the model computes it (T5's table is prepared on the device once per encode).
                 let bb = self.dev(b, DType::F32)?;

@@ -306,6 +306,36 @@ fn attention_matches_cpu() {
     }
 }
 
+/// Head dims above 128 (the VAE mid-block's one head of 512) on the wide kernels,
+/// not on the host: against the CPU backend at odd lengths, several groups (frames),
+/// ragged key ranges, and a 720p latent frame (90 x 160 = 14400 positions).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn attention_wide_matches_cpu() {
+    let (be, cpu, mut rng) = (gpu(), CpuBackend::new(), rng("attention wide"));
+    let mut cases = vec![
+        AttnSpec::dense(3, 37, 37, 1, 512),
+        AttnSpec::dense(1, 1, 1, 1, 512),
+        AttnSpec::dense(4, 129, 129, 1, 512), // the decoder's micro-batch of 4 frames
+        AttnSpec::dense(2, 50, 70, 2, 256),   // keys != queries, 2 heads of 256
+        AttnSpec::dense(2, 65, 65, 1, 136),
+        AttnSpec::ragged(40, 1, 512, AttnSpec::ranges_from_offsets(&[0, 33, 33, 100])),
+    ];
+    cases.push(AttnSpec::dense(1, if small() { 2000 } else { 14400 }, if small() { 2000 } else { 14400 }, 1, 512));
+    for spec in cases {
+        let c = spec.heads * spec.head_dim;
+        let nk = spec.kv_ranges.iter().map(|r| r.1).max().unwrap();
+        let qt = rnd(&mut rng, &[spec.groups * spec.q_len, c], 1.0);
+        let kt = rnd(&mut rng, &[nk, c], 1.0);
+        let vt = rnd(&mut rng, &[nk, c], 1.0);
+        let want = cpu.attention(&qt, &kt, &vt, &spec, None).unwrap();
+        let what = format!("attention g{} q{} h{} d{} ranges {:?}", spec.groups, spec.q_len, spec.heads, spec.head_dim, &spec.kv_ranges[..spec.kv_ranges.len().min(4)]);
+        let got = be.attention(&dev_bf16(&be, &qt), &dev_bf16(&be, &kt), &dev_bf16(&be, &vt), &spec, None).unwrap();
+        check(&what, &got, &want, 1e-2);
+    }
+    assert_eq!(be.notes(), Vec::<&str>::new(), "wide attention took a host fallback");
+}
+
 // ------------------------------------------------------------------ layout ops (exact)
 
 #[test]

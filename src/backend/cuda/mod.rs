@@ -165,6 +165,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_bias_d64_bf16",
     "qc_attention_bias_d80_bf16",
     "qc_attention_bias_d128_bf16",
+    // attention_wide.cu
+    "qc_attention_wide_d256_bf16",
+    "qc_attention_wide_d512_bf16",
     // gemm_sm90.cu
     "qc_gemm_bf16_sm90",
     // conv.cu
@@ -224,6 +227,8 @@ kernel_args! {
         "qc_attention_d64_bf16",
         "qc_attention_d80_bf16",
         "qc_attention_d128_bf16",
+        "qc_attention_wide_d256_bf16",
+        "qc_attention_wide_d512_bf16",
     ];
     QcAttentionBiasArgs => [
         "qc_attention_bias_d16_bf16",
@@ -809,6 +814,41 @@ pub mod launch_cfg {
         (work.clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
     }
 
+    /// Threads per wide attention block (`QC_ATTENTION_WIDE_THREADS`: 8 warps; the kernels trap on any other).
+    pub const ATTENTION_WIDE_THREADS: u32 = super::abi::QC_ATTENTION_WIDE_THREADS;
+    /// The padded head dims of the wide attention kernels, `qc_attention_wide_d{N}_bf16`.
+    pub const ATTENTION_WIDE_HEAD_DIMS: [usize; 2] = [256, 512];
+
+    /// The wide attention kernel for `head_dim` (a multiple of 8 in [8, 512]; no
+    /// score bias, no RoPE): the one with the smallest padded head dim that holds
+    /// it, and that padded dim. [`attention_kernel`] is the faster choice up to 128.
+    pub fn attention_wide_kernel(head_dim: usize) -> Option<(&'static str, usize)> {
+        const NAMES: [&str; 2] = ["qc_attention_wide_d256_bf16", "qc_attention_wide_d512_bf16"];
+        if head_dim == 0 || !head_dim.is_multiple_of(8) {
+            return None;
+        }
+        let i = ATTENTION_WIDE_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
+        Some((NAMES[i], ATTENTION_WIDE_HEAD_DIMS[i]))
+    }
+
+    /// Dynamic shared memory of the wide attention kernel with padded head dim `hdp`
+    /// (`QC_ATTENTION_WIDE_D{256,512}_SMEM_BYTES`; attention_wide.cu's Cfg checks them).
+    pub const fn attention_wide_shared_bytes(hdp: usize) -> u32 {
+        if hdp <= 256 {
+            super::abi::QC_ATTENTION_WIDE_D256_SMEM_BYTES
+        } else {
+            super::abi::QC_ATTENTION_WIDE_D512_SMEM_BYTES
+        }
+    }
+
+    /// qc_attention_wide_d{hdp}_bf16: `(grid, block, shared_bytes)` for
+    /// [`super::KernelModule::launch_ext`], one block per work item of 64 query
+    /// rows (the same items as [`attention`]; capped, the kernels loop with a grid stride).
+    pub fn attention_wide(q_len: i64, heads: i64, groups: i64, hdp: usize) -> ((u32, u32, u32), u32, u32) {
+        let work = attention_work(q_len, heads, groups);
+        ((work.clamp(1, MAX_GRID) as u32, 1, 1), ATTENTION_WIDE_THREADS, attention_wide_shared_bytes(hdp))
+    }
+
     /// Output rows per GEMM tile (`QC_GEMM_BM`).
     pub const GEMM_BM: i64 = super::abi::QC_GEMM_BM as i64;
     /// Output columns per GEMM tile (`QC_GEMM_BN`).
@@ -1120,6 +1160,63 @@ mod tests {
         }
         // Five kernels without and five with a score bias, sm_80 and sm_90a.
         assert_eq!(seen, 2 * 2 * launch_cfg::ATTENTION_HEAD_DIMS.len(), "attention kernels in ptxas.log");
+    }
+
+    /// launch_cfg's wide attention: the kernel for each head dim, the work items of the
+    /// narrow kernels, and the dynamic shared memory within an sm_80 block's 163 KiB.
+    #[test]
+    fn attention_wide_launch_shapes() {
+        use launch_cfg::*;
+        assert_eq!(attention_wide_kernel(512), Some(("qc_attention_wide_d512_bf16", 512)));
+        assert_eq!(attention_wide_kernel(264), Some(("qc_attention_wide_d512_bf16", 512)));
+        assert_eq!(attention_wide_kernel(256), Some(("qc_attention_wide_d256_bf16", 256)));
+        assert_eq!(attention_wide_kernel(136), Some(("qc_attention_wide_d256_bf16", 256)));
+        assert_eq!(attention_wide_kernel(8), Some(("qc_attention_wide_d256_bf16", 256)));
+        for bad in [0usize, 4, 12, 260, 520, 1024] {
+            assert_eq!(attention_wide_kernel(bad), None, "head_dim {bad}");
+        }
+        for hd in (8..=512).step_by(8) {
+            let (name, hdp) = attention_wide_kernel(hd).unwrap();
+            assert!(hd <= hdp && KERNEL_NAMES.contains(&name) && QcAttentionArgs::KERNELS.contains(&name));
+            // Every head dim a multiple of 8 up to 512 has a kernel without a bias.
+            assert!(attention_kernel(hd).is_some() || hd > 128);
+        }
+        assert_eq!(ATTENTION_WIDE_THREADS, 256);
+        for (hdp, keys) in [(256usize, 64usize), (512, 32)] {
+            // Q, K and V rows of hdp + 8 bf16, P rows of keys + 8 bf16, six f32 row statistics.
+            let bytes = (64 + 2 * keys) * (hdp + 8) * 2 + 64 * (keys + 8) * 2 + 6 * 64 * 4;
+            assert_eq!(attention_wide_shared_bytes(hdp) as usize, bytes, "d{hdp}");
+            assert!(bytes <= 163 * 1024, "d{hdp}: more shared memory than an sm_80 block gets");
+        }
+        // The VAE's 720p mid-block attention: 4 frames of 14400 positions, one head of 512.
+        let ((grid, gy, gz), block, shared) = attention_wide(14400, 1, 4, 512);
+        assert_eq!((grid, gy, gz, block, shared), (4 * 225, 1, 1, 256, QC_ATTENTION_WIDE_D512_SMEM_BYTES));
+        assert_eq!(attention_wide(0, 1, 4, 512).0 .0, 1);
+        assert_eq!(attention_wide(1 << 20, 16, 64, 256).0 .0 as i64, MAX_GRID);
+    }
+
+    /// ptxas's report for the wide attention kernels: no spills on any architecture,
+    /// no static shared memory (all of it is dynamic).
+    #[cfg(qc_cuda_kernels)]
+    #[test]
+    fn attention_wide_ptxas_report() {
+        let log = include_str!(concat!(env!("OUT_DIR"), "/ptxas.log"));
+        let mut current: Option<String> = None;
+        let mut seen = 0;
+        for line in log.lines() {
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                current = Some(rest.to_string());
+                continue;
+            }
+            let Some(entry) = current.as_deref().filter(|e| e.starts_with("qc_attention_wide_d")) else { continue };
+            if line.contains("spill stores") {
+                assert!(line.contains(" 0 bytes spill stores, 0 bytes spill loads"), "{entry} spills: {line}");
+                seen += 1;
+            }
+            assert!(!line.contains(" bytes smem"), "{entry}: static shared memory: {line}");
+        }
+        // Two kernels, sm_80 and sm_90a.
+        assert_eq!(seen, 2 * launch_cfg::ATTENTION_WIDE_HEAD_DIMS.len(), "wide attention kernels in ptxas.log");
     }
 
     #[test]

@@ -336,10 +336,18 @@ impl AttnShape {
     }
 }
 
+/// The attention kernel the engine runs at `head_dim` (no bias), and the padded head dim
+/// of the wide kernels (launched with dynamic shared memory) when it is one of them.
+fn attention_kernel_for(head_dim: usize) -> Option<(&'static str, Option<usize>)> {
+    launch_cfg::attention_kernel(head_dim)
+        .map(|(name, _)| (name, None))
+        .or_else(|| launch_cfg::attention_wide_kernel(head_dim).map(|(name, hdp)| (name, Some(hdp))))
+}
+
 /// Median milliseconds of our attention kernel on `sh`, with q, k, v column slices of one
 /// qkv buffer `[samples * frames * tokens, 3C]` in the engine's frame-major row order.
 fn attention_ms(b: &Bench, sh: &AttnShape) -> Result<f64> {
-    let (name, _) = launch_cfg::attention_kernel(sh.head_dim).ok_or_else(|| anyhow!("no attention kernel for head dim {}", sh.head_dim))?;
+    let (name, wide) = attention_kernel_for(sh.head_dim).ok_or_else(|| anyhow!("no attention kernel for head dim {}", sh.head_dim))?;
     let c = sh.heads * sh.head_dim;
     let rows = sh.samples * sh.frames * sh.tokens;
     let nsets = sets_for(rows * 4 * c * 2);
@@ -382,7 +390,16 @@ fn attention_ms(b: &Bench, sh: &AttnShape) -> Result<f64> {
             args.rope_freqs = rope.ptr;
         }
         // SAFETY: qkv is [rows, 3C] and out [rows, C], as the args describe; rope holds d/2 f32.
-        unsafe { b.module.launch(name, grid, block, &b.stream, &args) }.map_err(anyhow::Error::msg)
+        unsafe {
+            match wide {
+                Some(hdp) => {
+                    let (grid, block, shared) = launch_cfg::attention_wide(sh.len() as i64, sh.heads as i64, sh.groups() as i64, hdp);
+                    b.module.launch_ext(name, grid, block, shared, &b.stream, &args)
+                }
+                None => b.module.launch(name, grid, block, &b.stream, &args),
+            }
+        }
+        .map_err(anyhow::Error::msg)
     })?;
     Ok(median(&t))
 }
@@ -594,14 +611,18 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     }
 
     // Attention: spatial (2 samples = a CFG pair, 15 frames of 3600 tokens: 720p) and temporal
-    // (the same rows, 15 frames at each of the 3600 positions), 16 heads of 72.
+    // (the same rows, 15 frames at each of the 3600 positions), 16 heads of 72; the VAE
+    // mid-block's one head of 512 over a 720p frame's 90 x 160 latent positions, for one
+    // frame and for the spatial decoder's micro-batch of 4 frames (one launch).
     let attn = [
         ("spatial", AttnShape { samples: 2, frames: 15, tokens: 3600, heads: 16, head_dim: 72, temporal: false }),
         ("temporal", AttnShape { samples: 2, frames: 15, tokens: 3600, heads: 16, head_dim: 72, temporal: true }),
+        ("VAE mid-block, 1 frame", AttnShape { samples: 1, frames: 1, tokens: 14_400, heads: 1, head_dim: 512, temporal: false }),
+        ("VAE mid-block, 4 frames", AttnShape { samples: 1, frames: 4, tokens: 14_400, heads: 1, head_dim: 512, temporal: false }),
     ];
     let mut spatial_rate = None;
     for (what, sh) in &attn {
-        let name = launch_cfg::attention_kernel(sh.head_dim).map_or("qc_attention", |k| k.0);
+        let name = attention_kernel_for(sh.head_dim).map_or("qc_attention", |k| k.0);
         let ours = guarded(|| attention_ms(&b, sh));
         let base = baseline.as_ref().map(|bl| guarded(|| baseline_attention_ms(&b, bl, sh)));
         let (ms, rate, o) = cells(&ours, sh.flops(), "TFLOP/s");
