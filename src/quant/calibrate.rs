@@ -30,7 +30,7 @@ use crate::io::write_safetensors;
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, NoHooks, StepAction, Stdit3};
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
 use crate::rng::Rng;
-use crate::sampler::rflow::{sample, timesteps, RflowConfig, VideoGeometry};
+use crate::sampler::rflow::{guidance_text, guided_velocity, sample, step_sizes, timesteps, RflowConfig, VideoGeometry};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -527,15 +527,18 @@ pub fn schedule_ranges(opts: &GenerateOptions, ranges: usize) -> Result<(Vec<f32
     ranges_of_schedule(&ts, ranges)
 }
 
-/// The allocation's decisions for `model`'s sub-modules over `ranges` timestep
-/// ranges with step shares `fractions`, with their storage at each choice.
-fn plan_items(model: &mut Stdit3, fractions: &[f64]) -> Vec<PlanItem> {
+/// The allocation's decisions for `model`'s sub-modules over timestep ranges
+/// with step shares `fractions`, with their storage at each choice (scales and
+/// `importance`'s vectors included).
+fn plan_items(model: &mut Stdit3, fractions: &[f64], importance: &Importance) -> Vec<PlanItem> {
     let mut items: Vec<PlanItem> = Vec::new();
     for (name, l) in block_linears(model) {
         let unit = unit_of(&name).to_string();
         let mut bits = [0f64; 4];
         for (b, p) in bits.iter_mut().zip(PLAN_CHOICES) {
-            *b = storage_bits(p, l.out_features, l.in_features);
+            // A folded importance vector is stored (inverted) beside the weight.
+            let vector = if importance.get(&name, p).is_some() { 32.0 * l.in_features as f64 } else { 0.0 };
+            *b = storage_bits(p, l.out_features, l.in_features) + vector;
         }
         let whole = unit.ends_with(".cross_attn");
         let decisions: Vec<Vec<usize>> = if whole { vec![(0..fractions.len()).collect()] } else { (0..fractions.len()).map(|r| vec![r]).collect() };
@@ -569,11 +572,63 @@ fn plan_of(items: &[PlanItem], level: &[usize], boundaries: &[f32], fractions: &
     Plan { boundaries: boundaries.to_vec(), step_fractions: fractions.to_vec(), units }
 }
 
-/// Sensitivity of every block sub-module at every quantized choice of
-/// [`PLAN_CHOICES`] in every timestep range: the relative L2 change of the whole
-/// trajectory's final latent when only that sub-module is quantized (with its
-/// importance vectors) and only in that range, averaged over `prompts` (seed
-/// `seed`). No gradients: one trajectory per sub-module, range, precision and prompt.
+/// One prompt's full-precision trajectory: the latent each step started from,
+/// the guided velocity it computed there, and each step's Euler step size.
+struct Reference {
+    zs: Vec<Tensor>,
+    vs: Vec<Vec<f32>>,
+    dts: Vec<f32>,
+    /// Sum of squares of the final latent.
+    energy: f64,
+}
+
+impl PromptText {
+    /// The trajectory of `dit` from the noise of `seed`, step by step as the sampler runs it.
+    fn reference(&self, be: &dyn Backend, dit: &Stdit3, opts: &GenerateOptions, seed: u64) -> Result<Reference> {
+        let [lt, lh, lw] = self.latent;
+        let c = dit.cfg.in_channels;
+        let mut z = Tensor::from_f32(&[1, c, lt, lh, lw], Rng::new(seed).normal_vec(c * lt * lh * lw))?;
+        let (rf, geo) = schedule(opts);
+        let ts = timesteps(&rf, &geo)?;
+        let text = guidance_text(be, dit, &self.y, Some(&self.mask), &mut NoHooks)?;
+        let (mut zs, mut vs, mut dts) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..ts.len() {
+            let v = guided_velocity(be, dit, &text, &z, &[ts[i][0]; 2], &geo, rf.cfg_scale, &mut NoHooks)?;
+            let dt = step_sizes(&ts, i, rf.num_timesteps);
+            zs.push(z.clone());
+            be.euler_step(&mut z, &v, &dt)?;
+            vs.push(v.f32()?.to_vec());
+            dts.push(dt[0]);
+        }
+        let energy = z.f32()?.iter().map(|v| (*v as f64).powi(2)).sum();
+        Ok(Reference { zs, vs, dts, energy })
+    }
+
+    /// How far `dit`'s velocities move the latent, against the reference's, at
+    /// the reference's own latents of steps `steps` (teacher forcing: no
+    /// compounding along the trajectory, so decisions add up): the sum over
+    /// those steps of `|dt * (v' - v)|^2`, relative to the final latent's energy.
+    fn displacement(&self, be: &dyn Backend, dit: &Stdit3, opts: &GenerateOptions, r: &Reference, steps: &[usize]) -> Result<f64> {
+        let (rf, geo) = schedule(opts);
+        let ts = timesteps(&rf, &geo)?;
+        let text = guidance_text(be, dit, &self.y, Some(&self.mask), &mut NoHooks)?;
+        let mut sum = 0f64;
+        for &i in steps {
+            let v = guided_velocity(be, dit, &text, &r.zs[i], &[ts[i][0]; 2], &geo, rf.cfg_scale, &mut NoHooks)?;
+            let d = r.dts[i] as f64;
+            sum += v.f32()?.iter().zip(&r.vs[i]).map(|(a, b)| (d * (*a as f64 - *b as f64)).powi(2)).sum::<f64>();
+        }
+        Ok(sum / r.energy.max(1e-30))
+    }
+}
+
+/// Sensitivity of every allocation decision (a block sub-module in its timestep
+/// ranges) at every quantized choice of [`PLAN_CHOICES`]: with only that
+/// sub-module quantized (with its importance vectors) and only in those ranges,
+/// how far its guided velocities move the latent at the full-precision
+/// trajectory's steps of those ranges ([`PromptText::displacement`]), averaged
+/// over `prompts` (seed `seed`). No gradients: one forward per step of the
+/// decision's ranges, per choice and prompt.
 pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
     ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
     let (boundaries, fractions) = schedule_ranges(opts, ranges)?;
@@ -581,10 +636,11 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
     let mut base = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
     base.prepare(&be)?;
     let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
-    let references: Vec<Tensor> = texts.iter().map(|t| t.trajectory(&be, &base, opts, seed, &mut NoHooks)).collect::<Result<_>>()?;
-    let mut items = plan_items(&mut base, &fractions);
+    let references: Vec<Reference> = texts.iter().map(|t| t.reference(&be, &base, opts, seed)).collect::<Result<_>>()?;
+    let mut items = plan_items(&mut base, &fractions, importance);
     let total = items.len() * (PLAN_CHOICES.len() - 1);
     for i in 0..items.len() {
+        let steps: Vec<usize> = (0..opts.steps).filter(|s| items[i].ranges.contains(&(s * ranges / opts.steps))).collect();
         for c in 1..PLAN_CHOICES.len() {
             let mut level = vec![0; items.len()];
             level[i] = c;
@@ -592,24 +648,13 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
             quantize_plan(&mut dit, &plan_of(&items, &level, &boundaries, &fractions), Some(importance))?;
             let mut sum = 0f64;
             for (t, r) in texts.iter().zip(&references) {
-                let z = t.trajectory(&be, &dit, opts, seed, &mut NoHooks)?;
-                sum += relative_l2(z.f32()?, r.f32()?);
+                sum += t.displacement(&be, &dit, opts, r, &steps)?;
             }
             items[i].sensitivity[c] = sum / prompts.len() as f64;
             progress(i * (PLAN_CHOICES.len() - 1) + c, total);
         }
     }
     Ok((items, boundaries, fractions))
-}
-
-/// `|a - b| / |b|` in f64.
-fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// The aigq allocation: every decision starts at full precision; while the

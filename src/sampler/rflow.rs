@@ -3,7 +3,7 @@
 //! float32 order of operations so timesteps agree to the last bits.
 
 use crate::backend::{Backend, StepFn, StepGraphSession, StepInputs};
-use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3, StepAction};
+use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3, StepAction, TextCond};
 use crate::sampler::graphs::{GraphPlanner, StepMode};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -94,27 +94,13 @@ pub fn sample(
     }
     let ts = timesteps(cfg, geo)?;
 
-    // Conditional and unconditional halves in one batch; the null caption is
-    // masked with the prompt's mask, as the reference repeats the mask.
-    let (l, cc) = (model.cfg.model_max_length, model.cfg.caption_channels);
-    ensure!(y.shape() == [b, 1, l, cc], "captions y must be [{b}, 1, {l}, {cc}], got {:?}", y.shape());
-    let null = model.w.y_embedding.clone().reshape(&[1, 1, l, cc])?;
-    let mut parts = vec![y];
-    parts.extend(std::iter::repeat(&null).take(b));
-    let y_all = be.concat(&parts)?;
-    let text = model.encode_text(be, &y_all, mask, hooks)?;
+    let text = guidance_text(be, model, y, mask, hooks)?;
 
-    let out_c = model.cfg.in_channels;
     let mut z = z0.clone();
     let mut last_v: Option<Tensor> = None;
     let mut graphs = be.step_graphs().map(|session| (session, GraphPlanner::default()));
     for (i, t) in ts.iter().enumerate() {
-        let dt: Vec<f32> = (0..b)
-            .map(|s| {
-                let d = if i + 1 < ts.len() { t[s] - ts[i + 1][s] } else { t[s] };
-                d / cfg.num_timesteps
-            })
-            .collect();
+        let dt = step_sizes(&ts, i, cfg.num_timesteps);
         // The previous velocity is dropped before a computing step (nothing else holds it).
         let reuse = match (hooks.step_action(i, ts.len()), last_v.take()) {
             (StepAction::ReusePrevious, Some(v)) => Some(v),
@@ -141,10 +127,7 @@ pub fn sample(
                     _ => None,
                 };
                 let mut compute = |z: &mut Tensor| -> Result<Tensor> {
-                    let z_in = be.concat(&[z, z])?;
-                    let inp = DitInput { x: &z_in, timestep: &t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
-                    let pred = be.narrow(&model.forward(be, &inp, &text, hooks)?, 1, 0, out_c)?;
-                    let v = be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg.cfg_scale)?;
+                    let v = guided_velocity(be, model, &text, z, &t_in, geo, cfg.cfg_scale, hooks)?;
                     be.euler_step(z, &v, &dt)?;
                     Ok(v)
                 };
@@ -161,6 +144,45 @@ pub fn sample(
         progress(i + 1, ts.len());
     }
     Ok((z, ts))
+}
+
+/// The text conditioning of classifier-free guidance for captions `y`
+/// (`[B, 1, L, C_caption]`): the conditional and unconditional halves in one
+/// batch; the null caption is masked with the prompt's mask, as the reference
+/// repeats the mask.
+pub fn guidance_text(be: &dyn Backend, model: &Stdit3, y: &Tensor, mask: Option<&[i64]>, hooks: &mut dyn ForwardHooks) -> Result<TextCond> {
+    let b = y.shape().first().copied().unwrap_or(0);
+    let (l, cc) = (model.cfg.model_max_length, model.cfg.caption_channels);
+    ensure!(y.shape() == [b, 1, l, cc], "captions y must be [{b}, 1, {l}, {cc}], got {:?}", y.shape());
+    let null = model.w.y_embedding.clone().reshape(&[1, 1, l, cc])?;
+    let mut parts = vec![y];
+    parts.extend(std::iter::repeat(&null).take(b));
+    let y_all = be.concat(&parts)?;
+    model.encode_text(be, &y_all, mask, hooks)
+}
+
+/// Step `i`'s Euler step sizes per sample: the distance to the next timestep
+/// (to 0 after the last), as a fraction of `num_timesteps`.
+pub fn step_sizes(ts: &[Vec<f32>], i: usize, num_timesteps: f32) -> Vec<f32> {
+    let t = &ts[i];
+    (0..t.len())
+        .map(|s| {
+            let d = if i + 1 < ts.len() { t[s] - ts[i + 1][s] } else { t[s] };
+            d / num_timesteps
+        })
+        .collect()
+}
+
+/// The classifier-free-guided velocity at latent `z` (`[B, C, T, H, W]`): one
+/// DiT forward of the conditional and unconditional halves (`text` encodes
+/// both, `t_in` has `2B` timesteps), combined with `cfg_scale`.
+#[allow(clippy::too_many_arguments)]
+pub fn guided_velocity(be: &dyn Backend, model: &Stdit3, text: &TextCond, z: &Tensor, t_in: &[f32], geo: &VideoGeometry, cfg_scale: f32, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+    let b = z.shape()[0];
+    let z_in = be.concat(&[z, z])?;
+    let inp = DitInput { x: &z_in, timestep: t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
+    let pred = be.narrow(&model.forward(be, &inp, text, hooks)?, 1, 0, model.cfg.in_channels)?;
+    be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg_scale)
 }
 
 /// One computing step of graph key `key` as the planner decides (see `sampler::graphs`).
