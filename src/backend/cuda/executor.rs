@@ -28,9 +28,10 @@
 //! [`ConvOps::prepare_conv`](crate::backend::ConvOps::prepare_conv)) upload each
 //! `Linear` weight once as bf16 (`LinearWeight::Half` holding a device tensor,
 //! `[n, k]` as on the host) with its bias as f32, and norm weights / tables as
-//! they are; int8 weights (`LinearWeight::Int8`) are uploaded into a cache
-//! keyed by the `Arc`'s address that holds a clone of the `Arc`, so the address
-//! cannot be reused by another weight while the entry lives. These uploads
+//! they are; int8 weights (`LinearWeight::Int8`) and int4 weights
+//! (`LinearWeight::Int4`, reordered into qc_gemm_w4a8's layout on the way) are
+//! uploaded into caches keyed by the `Arc`'s address that hold a clone of the
+//! `Arc`, so the address cannot be reused by another weight while the entry lives. These uploads
 //! are plain `cuMemAlloc`s outside the arena. A weight that was not prepared
 //! still works: it is converted and uploaded at every use into the arena (a
 //! one-line notice says so the first time), which is slow but correct.
@@ -107,6 +108,7 @@ use super::graph::{graphs_from_env, GraphStats, StepBinding};
 use super::{launch_cfg, open_device, probe, GemmKernel, GpuInfo, KernelArgs, KernelModule};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Linear, LinearWeight, ModRef, RowGroups};
+use crate::quant::int4::{Int4Weight, W4_GROUP};
 use crate::quant::int8::Int8Weight;
 use crate::tensor::{byte_len, DType, Storage, Tensor};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -141,6 +143,16 @@ pub(crate) struct DevInt8 {
     pub kq: usize,
 }
 
+/// An int4 weight on the device: `w` in qc_gemm_w4a8's layout `[n, kq / 2]`
+/// bytes (k zero-padded to `kq`, whole groups of 64), per-channel-and-group
+/// `scale` `[n, kq / 64]`, and the optional inverse smoothing vector `[k]`.
+pub(crate) struct DevInt4 {
+    pub w: DeviceBuffer,
+    pub scale: DeviceBuffer,
+    pub inv_smooth: Option<DeviceBuffer>,
+    pub kq: usize,
+}
+
 /// Small device arrays keyed by their contents (or by a description of them):
 /// group indices, key ranges, masks, RoPE frequencies, position embeddings.
 /// Bounded: cleared when it grows past its limits.
@@ -162,6 +174,7 @@ pub struct CudaBackend {
     gpu: GpuInfo,
     pub(crate) cpu: CpuBackend,
     int8: Mutex<HashMap<usize, (Arc<Int8Weight>, Arc<DevInt8>)>>,
+    int4: Mutex<HashMap<usize, (Arc<Int4Weight>, Arc<DevInt4>)>>,
     small: Mutex<SmallCache>,
     notes: Mutex<HashSet<&'static str>>,
     pub(crate) sync_each_launch: bool,
@@ -184,9 +197,6 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 /// `(rows, cols)` of a tensor viewed as rows of its last dimension.
-/// Int4 weights run on the CPU backend only until the W4A8 kernel exists.
-pub(crate) const INT4_ON_GPU: &str = "int4 weights are not supported on the CUDA backend yet (no W4A8 kernel): use --device cpu";
-
 pub(crate) fn rows_of(x: &Tensor) -> (usize, usize) {
     let c = *x.shape().last().unwrap_or(&1);
     (if c == 0 { 0 } else { x.numel() / c }, c)
@@ -250,6 +260,7 @@ impl CudaBackend {
             gpu,
             cpu: CpuBackend::new(),
             int8: Mutex::new(HashMap::new()),
+            int4: Mutex::new(HashMap::new()),
             small: Mutex::new(SmallCache::default()),
             notes: Mutex::new(HashSet::new()),
             sync_each_launch,
@@ -614,6 +625,13 @@ impl CudaBackend {
         self.after_launch(ran.kernel_name())
     }
 
+    /// qc_gemm_w4a8 with `args` (its requirements checked first).
+    pub(crate) fn run_gemm_w4a8(&self, args: QcGemmW4Args) -> Result<()> {
+        // SAFETY: as in run().
+        unsafe { self.module.launch_gemm_w4a8(&self.stream, &args) }.map_err(anyhow::Error::msg)?;
+        self.after_launch("qc_gemm_w4a8")
+    }
+
     pub(crate) fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each_launch {
             self.stream.synchronize().map_err(|e| anyhow!("{name} failed on the GPU: {e}"))?;
@@ -700,6 +718,25 @@ impl CudaBackend {
         Ok(d)
     }
 
+    /// An int4 weight on the device in qc_gemm_w4a8's layout, uploaded on first use
+    /// and cached like the int8 ones (see the module notes).
+    pub(crate) fn weight_int4(&self, q: &Arc<Int4Weight>) -> Result<Arc<DevInt4>> {
+        let key = Arc::as_ptr(q) as usize;
+        if let Some((_, d)) = self.int4.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(d.clone());
+        }
+        let (w, kq) = super::w4_device_layout(&q.packed, q.n, q.k).map_err(anyhow::Error::msg)?;
+        ensure!(q.scale.len() == q.n * (kq / W4_GROUP), "int4 weight: {} scales for [{}, {}] in groups of {W4_GROUP}", q.scale.len(), q.n, q.k);
+        let d = Arc::new(DevInt4 {
+            w: self.upload_raw(DType::U8, &w, "an int4 weight")?,
+            scale: self.upload_raw(DType::F32, &q.scale, "int4 weight scales")?,
+            inv_smooth: q.inv_smooth.as_ref().map(|s| self.upload_raw(DType::F32, s, "a smoothing vector")).transpose()?,
+            kq,
+        });
+        self.int4.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (q.clone(), d.clone()));
+        Ok(d)
+    }
+
     /// Uploads a linear layer once (the `Backend::prepare_linear` of this backend).
     pub(crate) fn prepare_linear_impl(&self, l: &mut Linear) -> Result<()> {
         let (n, k) = (l.out_features, l.in_features);
@@ -707,7 +744,9 @@ impl CudaBackend {
             LinearWeight::Int8(q) => {
                 self.weight_int8(q)?;
             }
-            LinearWeight::Int4(_) => bail!("{INT4_ON_GPU}"),
+            LinearWeight::Int4(q) => {
+                self.weight_int4(q)?;
+            }
             LinearWeight::F32(t) | LinearWeight::Half(t) => {
                 let on_device_bf16 = matches!(t.storage(), Storage::Cuda(b) if b.dtype == DType::BF16);
                 if !on_device_bf16 {
