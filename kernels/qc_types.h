@@ -567,7 +567,8 @@ typedef struct QcGemmI8Args {
  *   tiles numbered as for qc_gemm_bf16, QC_GEMM_THREADS threads, one 64-input
  *   group per k-tile, QC_GEMM_W4_STAGES k-tiles in flight:
  *   QC_GEMM_W4_SMEM_BYTES = STAGES * (BM * 64 + BN * 32 + BN * 4) bytes of
- *   dynamic shared memory).
+ *   dynamic shared memory; about 150 registers a thread: one block per SM).
+ *   The kernel traps unless blockDim = QC_GEMM_THREADS x 1 x 1 and K % 64 == 0.
  */
 #define QC_GEMM_W4_STAGES 4
 #define QC_GEMM_W4_SMEM_BYTES 51200

@@ -51,7 +51,10 @@
 //! call (a download); `QC_CUDA_SYNC=1` synchronizes after every launch to name
 //! the failing kernel. The bf16 linear layers run qc_gemm_bf16_sm90 (wgmma)
 //! on compute capability 9.0 and qc_gemm_bf16 elsewhere; `QC_GEMM=mma` or
-//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
+//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere. Int8 and
+//! int4 layers quantize their input per row (qc_quantize_rows_bf16, the
+//! weight's smoothing vector and activation qmax) and run qc_gemm_w8a8 /
+//! qc_gemm_w4a8.
 //!
 //! # Host fallbacks (documented, each logged once)
 //! - Attention with a head dim the kernels do not cover (not a multiple of 8

@@ -1053,6 +1053,8 @@ fn gemm_w4a8_small_shapes() {
         ((300, 136, 4608), false, GATED_GROUPED_IN_PLACE, 0, true, W4Inputs::Extreme),
         ((200, 1152, 4608), true, Epi::None, 0, true, A6),
     ];
+    // Under a sanitizer the last (largest) case is left to gemm_w4a8_open_sora_shapes.
+    let cases = if small_run() { &cases[..cases.len() - 1] } else { cases };
     for &(shape, bias, kind, pad, with_acc, inputs) in cases {
         gemm_w4a8_case(&g, &mut rng, shape, bias, kind, pad, with_acc, inputs, None);
     }

@@ -641,7 +641,7 @@ pub fn w4_device_layout(packed: &[u8], n: usize, k: usize) -> Result<(Vec<u8>, u
         let nibble = |kk: usize| -> u8 {
             if kk >= k {
                 8
-            } else if kk % 2 == 0 {
+            } else if kk.is_multiple_of(2) {
                 src[kk / 2] & 0x0F
             } else {
                 src[kk / 2] >> 4
@@ -1411,7 +1411,7 @@ mod tests {
         use launch_cfg::*;
         let stage = (GEMM_BM * 64 + GEMM_BN * 32 + GEMM_BN * 4) as u32;
         assert_eq!(GEMM_W4_SHARED_BYTES, QC_GEMM_W4_STAGES * stage);
-        assert!(GEMM_W4_SHARED_BYTES <= 163 * 1024);
+        const { assert!(GEMM_W4_SHARED_BYTES <= 163 * 1024) };
         for (m, n) in [(1i64, 1i64), (77, 130), (4096, 3456), (108_000, 4608)] {
             let (grid, block, shared) = gemm_w4a8(m, n);
             assert_eq!((grid, block), (gemm(m, n).0, gemm(m, n).1));
