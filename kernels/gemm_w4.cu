@@ -169,7 +169,8 @@ __device__ __forceinline__ void main_loop(float (&sum)[MT][NT][4], const QcGemmW
     // of mma tile row i, bytes 16t .. 16t + 15; w row g of mma tile column j,
     // bytes 8t .. 8t + 7 (inputs 16t .. 16t + 15); the scales of output
     // columns 2t, 2t + 1 of tile column j. Rows are 64 (a) and 32 (w) bytes
-    // apart, so 8 consecutive lanes read 128 contiguous bytes: no bank conflicts.
+    // apart, so each quarter-warp's 16-byte loads (a) and each half-warp's
+    // 8-byte loads (w) cover 128 contiguous bytes: no bank conflicts.
     const int g = lane >> 2, t = lane & 3;
     const int warp_m = warp >> 2, warp_n = warp & 3;
     const uint32_t a_off = ((warp_m * WARP_M + g) * A_ROW) + t * 16;
