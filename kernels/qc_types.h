@@ -354,7 +354,7 @@ typedef struct QcEulerArgs {
 
 /* ------------------------------------------------------------------ gemm.cu */
 
-/* Epilogues fused into every GEMM (QcGemmArgs.epilogue / QcGemmI8Args.epilogue). */
+/* Epilogues fused into every GEMM (QcGemmArgs / QcGemmI8Args / QcGemmW4Args .epilogue). */
 #define QC_EPI_NONE 0
 #define QC_EPI_GELU_TANH 1      /* out = gelu_tanh(y) */
 #define QC_EPI_GATED_RESIDUAL 2 /* out = residual + gate[e(m), :] * y */
@@ -536,6 +536,66 @@ typedef struct QcGemmI8Args {
  */
 #define QC_W4_GROUP 64
 #define QC_W4_QMAX 7
+
+/*
+ * qc_gemm_w4a8 (kernels/gemm_w4.cu; int8 tensor cores, W4 weights widened to
+ * int8 in registers; A8 and A6 alike: the activations' qmax only matters when
+ * they are quantized): the W4 product above with qc_gemm_w8a8's epilogues,
+ *   acc[m, n, g] = sum_{k in group g} (int32) a[m, k] * (int32) q[n, k]   (exact)
+ *   s = 0; for g = 0 .. K/64 - 1: s = fmaf((float) acc[m, n, g], w_scale[n, g], s)
+ *   y[m, n] = s * a_scale[m]  (+ bias[n] when bias != 0), each op rounded on its own
+ *   out = epilogue(y) as in qc_gemm_bf16, out and residual bf16;
+ * the same f32 operations in the same order as the CPU (src/quant/int4.rs), so
+ * y matches it bit for bit (only the epilogue's GELU / gate and the bf16
+ * rounding can differ).
+ *   a: int8 [M, K] rows lda apart, a_scale f32 [M] (qc_quantize_rows or a
+ *   quantizing producer). w: the W4 weight in the device layout below, row n
+ *   at w + n * ldw (bytes); w_scale: f32 [N, K / 64] (row n at
+ *   w_scale + n * K / 64). acc_out: when nonzero, int32 [K / 64, M, N]
+ *   (acc[m, n, g] at acc_out + (g * M + m) * N + n) also receives the
+ *   per-group integer products, so tests can compare them with the CPU exactly.
+ *   Device layout of w (the packed format above with the nibbles of every
+ *   4-byte word reordered, so that a mask gives four consecutive k; made on the
+ *   host by backend::cuda::w4_device_layout): row n holds K / 2 bytes; word j
+ *   (bytes 4j .. 4j + 3) holds k = 8j .. 8j + 7, byte 4j + i (i < 4) holding
+ *   q[n, 8j + i] + 8 in its high nibble and q[n, 8j + 4 + i] + 8 in its low one.
+ *   Requirements (KernelModule::launch_gemm_w4a8 checks them): M, N >= 1; K a
+ *   multiple of 64 (zero-pad a and w, q = 0 i.e. nibble 8, to whole groups;
+ *   w_scale keeps its ceil(K / 64) groups); lda, ldw multiples of 16 with
+ *   lda >= K, ldw >= K / 2; ldo, ldr multiples of 8; a, w, out, residual
+ *   16-byte aligned. Launch: launch_cfg::gemm_w4a8 (QC_GEMM_BM x QC_GEMM_BN
+ *   tiles numbered as for qc_gemm_bf16, QC_GEMM_THREADS threads, one 64-input
+ *   group per k-tile, QC_GEMM_W4_STAGES k-tiles in flight:
+ *   QC_GEMM_W4_SMEM_BYTES = STAGES * (BM * 64 + BN * 32 + BN * 4) bytes of
+ *   dynamic shared memory; about 150 registers a thread: one block per SM).
+ *   The kernel traps unless blockDim = QC_GEMM_THREADS x 1 x 1 and K % 64 == 0.
+ */
+#define QC_GEMM_W4_STAGES 4
+#define QC_GEMM_W4_SMEM_BYTES 51200
+
+typedef struct QcGemmW4Args {
+    qc_dptr a;
+    qc_dptr a_scale;
+    qc_dptr w;
+    qc_dptr w_scale;
+    qc_dptr bias;
+    qc_dptr out;
+    qc_dptr residual;
+    qc_dptr gate;
+    qc_dptr group_index;
+    qc_dptr acc_out;
+    int64_t m;
+    int64_t n;
+    int64_t k;
+    int64_t lda;
+    int64_t ldw; /* bytes */
+    int64_t ldo;
+    int64_t ldr;
+    int64_t gate_stride;
+    int64_t group_size; /* >= 1 */
+    int32_t epilogue;   /* QC_EPI_* */
+    int32_t _pad;
+} QcGemmW4Args;
 
 /*
  * qc_layernorm_mod_q8_{f32,bf16} (row kernel): LayerNorm + modulate as

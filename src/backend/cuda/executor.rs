@@ -28,9 +28,10 @@
 //! [`ConvOps::prepare_conv`](crate::backend::ConvOps::prepare_conv)) upload each
 //! `Linear` weight once as bf16 (`LinearWeight::Half` holding a device tensor,
 //! `[n, k]` as on the host) with its bias as f32, and norm weights / tables as
-//! they are; int8 weights (`LinearWeight::Int8`) are uploaded into a cache
-//! keyed by the `Arc`'s address that holds a clone of the `Arc`, so the address
-//! cannot be reused by another weight while the entry lives. These uploads
+//! they are; int8 weights (`LinearWeight::Int8`) and int4 weights
+//! (`LinearWeight::Int4`, reordered into qc_gemm_w4a8's layout on the way) are
+//! uploaded into caches keyed by the `Arc`'s address that hold a clone of the
+//! `Arc`, so the address cannot be reused by another weight while the entry lives. These uploads
 //! are plain `cuMemAlloc`s outside the arena. A weight that was not prepared
 //! still works: it is converted and uploaded at every use into the arena (a
 //! one-line notice says so the first time), which is slow but correct.
@@ -50,7 +51,10 @@
 //! call (a download); `QC_CUDA_SYNC=1` synchronizes after every launch to name
 //! the failing kernel. The bf16 linear layers run qc_gemm_bf16_sm90 (wgmma)
 //! on compute capability 9.0 and qc_gemm_bf16 elsewhere; `QC_GEMM=mma` or
-//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere.
+//! [`CudaBackend::set_gemm_kernel`] picks qc_gemm_bf16 everywhere. Int8 and
+//! int4 layers quantize their input per row (qc_quantize_rows_bf16, the
+//! weight's smoothing vector and activation qmax) and run qc_gemm_w8a8 /
+//! qc_gemm_w4a8.
 //!
 //! # Host fallbacks (documented, each logged once)
 //! - Attention with a head dim the kernels do not cover: not a multiple of 8
@@ -108,6 +112,7 @@ use super::graph::{graphs_from_env, GraphStats, StepBinding};
 use super::{launch_cfg, open_device, probe, GemmKernel, GpuInfo, KernelArgs, KernelModule};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Linear, LinearWeight, ModRef, RowGroups};
+use crate::quant::int4::{Int4Weight, W4_GROUP};
 use crate::quant::int8::Int8Weight;
 use crate::tensor::{byte_len, DType, Storage, Tensor};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -142,6 +147,16 @@ pub(crate) struct DevInt8 {
     pub kq: usize,
 }
 
+/// An int4 weight on the device: `w` in qc_gemm_w4a8's layout `[n, kq / 2]`
+/// bytes (k zero-padded to `kq`, whole groups of 64), per-channel-and-group
+/// `scale` `[n, kq / 64]`, and the optional inverse smoothing vector `[k]`.
+pub(crate) struct DevInt4 {
+    pub w: DeviceBuffer,
+    pub scale: DeviceBuffer,
+    pub inv_smooth: Option<DeviceBuffer>,
+    pub kq: usize,
+}
+
 /// Small device arrays keyed by their contents (or by a description of them):
 /// group indices, key ranges, masks, RoPE frequencies, position embeddings.
 /// Bounded: cleared when it grows past its limits.
@@ -163,6 +178,7 @@ pub struct CudaBackend {
     gpu: GpuInfo,
     pub(crate) cpu: CpuBackend,
     int8: Mutex<HashMap<usize, (Arc<Int8Weight>, Arc<DevInt8>)>>,
+    int4: Mutex<HashMap<usize, (Arc<Int4Weight>, Arc<DevInt4>)>>,
     small: Mutex<SmallCache>,
     notes: Mutex<HashSet<&'static str>>,
     pub(crate) sync_each_launch: bool,
@@ -185,9 +201,6 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 /// `(rows, cols)` of a tensor viewed as rows of its last dimension.
-/// Int4 weights run on the CPU backend only until the W4A8 kernel exists.
-pub(crate) const INT4_ON_GPU: &str = "int4 weights are not supported on the CUDA backend yet (no W4A8 kernel): use --device cpu";
-
 pub(crate) fn rows_of(x: &Tensor) -> (usize, usize) {
     let c = *x.shape().last().unwrap_or(&1);
     (if c == 0 { 0 } else { x.numel() / c }, c)
@@ -251,6 +264,7 @@ impl CudaBackend {
             gpu,
             cpu: CpuBackend::new(),
             int8: Mutex::new(HashMap::new()),
+            int4: Mutex::new(HashMap::new()),
             small: Mutex::new(SmallCache::default()),
             notes: Mutex::new(HashSet::new()),
             sync_each_launch,
@@ -615,6 +629,13 @@ impl CudaBackend {
         self.after_launch(ran.kernel_name())
     }
 
+    /// qc_gemm_w4a8 with `args` (its requirements checked first).
+    pub(crate) fn run_gemm_w4a8(&self, args: QcGemmW4Args) -> Result<()> {
+        // SAFETY: as in run().
+        unsafe { self.module.launch_gemm_w4a8(&self.stream, &args) }.map_err(anyhow::Error::msg)?;
+        self.after_launch("qc_gemm_w4a8")
+    }
+
     pub(crate) fn after_launch(&self, name: &str) -> Result<()> {
         if self.sync_each_launch {
             self.stream.synchronize().map_err(|e| anyhow!("{name} failed on the GPU: {e}"))?;
@@ -701,6 +722,25 @@ impl CudaBackend {
         Ok(d)
     }
 
+    /// An int4 weight on the device in qc_gemm_w4a8's layout, uploaded on first use
+    /// and cached like the int8 ones (see the module notes).
+    pub(crate) fn weight_int4(&self, q: &Arc<Int4Weight>) -> Result<Arc<DevInt4>> {
+        let key = Arc::as_ptr(q) as usize;
+        if let Some((_, d)) = self.int4.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(d.clone());
+        }
+        let (w, kq) = super::w4_device_layout(&q.packed, q.n, q.k).map_err(anyhow::Error::msg)?;
+        ensure!(q.scale.len() == q.n * (kq / W4_GROUP), "int4 weight: {} scales for [{}, {}] in groups of {W4_GROUP}", q.scale.len(), q.n, q.k);
+        let d = Arc::new(DevInt4 {
+            w: self.upload_raw(DType::U8, &w, "an int4 weight")?,
+            scale: self.upload_raw(DType::F32, &q.scale, "int4 weight scales")?,
+            inv_smooth: q.inv_smooth.as_ref().map(|s| self.upload_raw(DType::F32, s, "a smoothing vector")).transpose()?,
+            kq,
+        });
+        self.int4.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (q.clone(), d.clone()));
+        Ok(d)
+    }
+
     /// Uploads a linear layer once (the `Backend::prepare_linear` of this backend).
     pub(crate) fn prepare_linear_impl(&self, l: &mut Linear) -> Result<()> {
         let (n, k) = (l.out_features, l.in_features);
@@ -708,7 +748,9 @@ impl CudaBackend {
             LinearWeight::Int8(q) => {
                 self.weight_int8(q)?;
             }
-            LinearWeight::Int4(_) => bail!("{INT4_ON_GPU}"),
+            LinearWeight::Int4(q) => {
+                self.weight_int4(q)?;
+            }
             LinearWeight::F32(t) | LinearWeight::Half(t) => {
                 let on_device_bf16 = matches!(t.storage(), Storage::Cuda(b) if b.dtype == DType::BF16);
                 if !on_device_bf16 {

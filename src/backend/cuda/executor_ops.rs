@@ -32,9 +32,30 @@ impl GemmDst {
 }
 
 impl CudaBackend {
+    /// `x` (bf16 `[rows, k]`) quantized per row for an integer GEMM (qc_quantize_rows_bf16):
+    /// int8 `[rows, kq]` (columns past `k` zero) and the f32 row scales.
+    fn quantize_activations(&self, x: u64, rows: usize, k: usize, kq: usize, inv_smooth: u64, qmax: i32) -> Result<(DeviceBuffer, DeviceBuffer)> {
+        let qa = if kq == k { self.alloc(DType::I8, rows * kq)? } else { self.zeros(DType::I8, rows * kq)? };
+        let scale = self.alloc(DType::F32, rows)?;
+        let args = QcQuantizeArgs {
+            x,
+            inv_smooth,
+            q: qa.address(),
+            scale: scale.address(),
+            rows: rows as i64,
+            ldx: k as i64,
+            ldq: kq as i64,
+            cols: k as i32,
+            qmax,
+        };
+        self.run("qc_quantize_rows_bf16", launch_cfg::rows(rows as i64, k as i64, 2), args)?;
+        Ok((qa, scale))
+    }
+
     /// `dst = epilogue(x W^T + b)` for `x` viewed as `[rows, k]` (rows > 0): the bf16 GEMM
-    /// ([`CudaBackend::gemm_kernel`]), or qc_quantize_rows_bf16 + qc_gemm_w8a8 for an int8 weight. `k` not a multiple of 8
-    /// (16 for int8) is zero-padded in temporaries.
+    /// ([`CudaBackend::gemm_kernel`]), or qc_quantize_rows_bf16 + qc_gemm_w8a8 / qc_gemm_w4a8 for
+    /// an int8 / int4 weight. `k` not a multiple of 8 (16 for int8, 64 for int4) is zero-padded
+    /// in temporaries (int4: in the uploaded weight too).
     fn gemm_into(&self, x: &Tensor, w: &Linear, rows: usize, d: &GemmDst) -> Result<()> {
         let (k, n) = (w.in_features, w.out_features);
         let xb = self.dev_aligned(x, DType::BF16)?;
@@ -52,20 +73,7 @@ impl CudaBackend {
                 ensure!(q.n == n && q.k == k, "int8 weight [{}, {}] does not match the layer [{n}, {k}]", q.n, q.k);
                 let dq = self.weight_int8(q)?;
                 let kq = dq.kq;
-                let qa = if kq == k { self.alloc(DType::I8, rows * kq)? } else { self.zeros(DType::I8, rows * kq)? };
-                let scale = self.alloc(DType::F32, rows)?;
-                let qargs = QcQuantizeArgs {
-                    x: xb.address(),
-                    inv_smooth: dq.inv_smooth.as_ref().map_or(0, |s| s.address()),
-                    q: qa.address(),
-                    scale: scale.address(),
-                    rows: rows as i64,
-                    ldx: k as i64,
-                    ldq: kq as i64,
-                    cols: k as i32,
-                    qmax: q.act_qmax,
-                };
-                self.run("qc_quantize_rows_bf16", launch_cfg::rows(rows as i64, k as i64, 2), qargs)?;
+                let (qa, scale) = self.quantize_activations(xb.address(), rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
                 let args = QcGemmI8Args {
                     a: qa.address(),
                     a_scale: scale.address(),
@@ -91,7 +99,36 @@ impl CudaBackend {
                 };
                 self.run_ext("qc_gemm_w8a8", launch_cfg::gemm(rows as i64, n as i64), args)
             }
-            LinearWeight::Int4(_) => bail!("{}", super::executor::INT4_ON_GPU),
+            LinearWeight::Int4(q) => {
+                ensure!(q.n == n && q.k == k, "int4 weight [{}, {}] does not match the layer [{n}, {k}]", q.n, q.k);
+                let dq = self.weight_int4(q)?;
+                let kq = dq.kq;
+                let (qa, scale) = self.quantize_activations(xb.address(), rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
+                let args = QcGemmW4Args {
+                    a: qa.address(),
+                    a_scale: scale.address(),
+                    w: dq.w.address(),
+                    w_scale: dq.scale.address(),
+                    bias: bias_addr,
+                    out: d.out,
+                    residual: d.residual,
+                    gate: d.gate,
+                    group_index: d.group_index,
+                    acc_out: 0,
+                    m: rows as i64,
+                    n: n as i64,
+                    k: kq as i64,
+                    lda: kq as i64,
+                    ldw: (kq / 2) as i64,
+                    ldo: d.ldo as i64,
+                    ldr: d.ldr as i64,
+                    gate_stride: d.gate_stride as i64,
+                    group_size: gs,
+                    epilogue: d.epilogue as i32,
+                    _pad: 0,
+                };
+                self.run_gemm_w4a8(args)
+            }
             LinearWeight::F32(_) | LinearWeight::Half(_) => {
                 let wb = self.weight_bf16(w)?;
                 let (a, wt, kk, _keep) = if k % 8 == 0 {

@@ -197,6 +197,46 @@ fn int8_linear_matches_cpu() {
     }
 }
 
+/// Int4 (W4A8 / W4A6) layers through `Linear::to_int4` against the CPU backend:
+/// k a multiple of 64 or not (odd k: the upload and the activations are padded
+/// to whole groups), n not a multiple of 8, with and without smoothing, every
+/// activation, the gated residual, unprepared and prepared weights.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn int4_linear_matches_cpu() {
+    let (be, cpu, mut rng) = (gpu(), CpuBackend::new(), rng("int4"));
+    let mut shapes = vec![(33usize, 64usize, 48usize), (128, 1152, 256), (5, 101, 16), (70, 256, 20)];
+    if !small() {
+        shapes.push((1030, 1152, 3456));
+    }
+    for (rows, k, n) in shapes {
+        for (smooth, qmax) in [(false, 127), (true, 127), (false, 31), (true, 31)] {
+            let l = linear(&mut rng, n, k, true);
+            let s: Option<Vec<f32>> = smooth.then(|| (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect());
+            let l4 = l.to_int4(s.as_deref(), qmax).unwrap();
+            let what = format!("w4a{} {rows}x{k}->{n} smooth={smooth}", if qmax == 127 { 8 } else { 6 });
+            // Inputs are bf16 values, so both sides quantize the same numbers: the per-group
+            // int32 products and the f32 sums agree exactly, only the final bf16 rounding differs.
+            let x = rnd(&mut rng, &[rows, k], 1.0);
+            for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
+                let want = cpu.linear(&x, &l4, act).unwrap();
+                check(&format!("{what} {act:?}"), &be.linear(&dev_bf16(&be, &x), &l4, act).unwrap(), &want, 5e-3);
+            }
+            let mut lp = l4.clone();
+            be.prepare_linear(&mut lp).unwrap();
+            let want = cpu.linear(&x, &l4, Activation::None).unwrap();
+            check(&format!("{what} (prepared, host input)"), &be.linear(&x, &lp, Activation::None).unwrap(), &want, 5e-3);
+            let table = rnd(&mut rng, &[2, 6, n], 0.5);
+            let groups = RowGroups::per_sample(1, rows);
+            let mut r = rnd(&mut rng, &[rows, n], 1.0);
+            let mut rd = dev_bf16(&be, &r);
+            cpu.linear_residual(&x, &l4, &mut r, Some(ModRef { table: &table, chunk: 2, groups: &groups })).unwrap();
+            be.linear_residual(&x, &lp, &mut rd, Some(ModRef { table: &table, chunk: 2, groups: &groups })).unwrap();
+            check(&format!("{what} gated residual"), &rd, &r, 1e-2);
+        }
+    }
+}
+
 // ------------------------------------------------------------------ norms, attention
 
 #[test]

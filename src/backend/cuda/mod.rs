@@ -170,6 +170,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_wide_d512_bf16",
     // gemm_sm90.cu
     "qc_gemm_bf16_sm90",
+    // gemm_w4.cu
+    "qc_gemm_w4a8",
     // conv.cu
     "qc_conv3d_bf16",
     "qc_group_norm_stats_f32",
@@ -239,6 +241,7 @@ kernel_args! {
     ];
     QcGemmArgs => ["qc_gemm_bf16"];
     QcGemmI8Args => ["qc_gemm_w8a8"];
+    QcGemmW4Args => ["qc_gemm_w4a8"];
     QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
     QcLayerNormQ8Args => ["qc_layernorm_mod_q8_f32", "qc_layernorm_mod_q8_bf16"];
     QcSoftmaxArgs => ["qc_softmax_rows_bf16"];
@@ -573,6 +576,91 @@ impl KernelModule {
     }
 }
 
+impl KernelModule {
+    /// Launches qc_gemm_w4a8 with `args` (`QcGemmW4Args`, see qc_types.h) on
+    /// `stream` ([`launch_cfg::gemm_w4a8`]) after checking the requirements the
+    /// host can see ([`gemm_w4a8_check`]).
+    ///
+    /// # Safety
+    /// As for [`KernelModule::launch`].
+    pub unsafe fn launch_gemm_w4a8(&self, stream: &CudaStream, args: &QcGemmW4Args) -> Result<(), String> {
+        gemm_w4a8_check(args)?;
+        let (grid, block, shared) = launch_cfg::gemm_w4a8(args.m, args.n);
+        // SAFETY: as promised by the caller.
+        unsafe { self.launch_ext("qc_gemm_w4a8", grid, block, shared, stream, args) }
+    }
+}
+
+/// qc_gemm_w4a8's requirements (qc_types.h, QcGemmW4Args) that the host can
+/// check: an error naming the first one `args` breaks.
+pub fn gemm_w4a8_check(args: &QcGemmW4Args) -> Result<(), String> {
+    let group = QC_W4_GROUP as i64;
+    let QcGemmW4Args { m, n, k, lda, ldw, ldo, ldr, .. } = *args;
+    if m < 1 || n < 1 {
+        return Err(format!("qc_gemm_w4a8: m = {m} and n = {n} must be at least 1"));
+    }
+    if k < group || k % group != 0 {
+        return Err(format!("qc_gemm_w4a8: k = {k} must be a positive multiple of {group} (zero-pad a and w to whole groups)"));
+    }
+    if lda < k || lda % 16 != 0 {
+        return Err(format!("qc_gemm_w4a8: lda = {lda} must be a multiple of 16 and at least k = {k}"));
+    }
+    if ldw < k / 2 || ldw % 16 != 0 {
+        return Err(format!("qc_gemm_w4a8: ldw = {ldw} (bytes) must be a multiple of 16 and at least k / 2 = {}", k / 2));
+    }
+    if ldo < n || ldo % 8 != 0 {
+        return Err(format!("qc_gemm_w4a8: ldo = {ldo} must be a multiple of 8 and at least n = {n}"));
+    }
+    if args.epilogue == QC_EPI_GATED_RESIDUAL as i32 && (ldr < n || ldr % 8 != 0 || args.residual == 0) {
+        return Err(format!("qc_gemm_w4a8: the gated residual needs a residual with ldr (= {ldr}) a multiple of 8 and at least n = {n}"));
+    }
+    if ![QC_EPI_NONE, QC_EPI_GELU_TANH, QC_EPI_GATED_RESIDUAL].contains(&(args.epilogue as u32)) || args.group_size < 1 {
+        return Err(format!("qc_gemm_w4a8: epilogue {} / group_size {} not valid", args.epilogue, args.group_size));
+    }
+    for (what, addr, align) in [("a", args.a, 16), ("w", args.w, 16), ("out", args.out, 16), ("a_scale", args.a_scale, 4), ("w_scale", args.w_scale, 4)] {
+        if addr == 0 || addr % align != 0 {
+            return Err(format!("qc_gemm_w4a8: {what} must be a non-null, {align}-byte aligned address"));
+        }
+    }
+    for (what, addr, align) in [("residual", args.residual, 16), ("bias", args.bias, 4), ("gate", args.gate, 4), ("group_index", args.group_index, 4), ("acc_out", args.acc_out, 4)] {
+        if addr % align != 0 {
+            return Err(format!("qc_gemm_w4a8: {what} must be {align}-byte aligned"));
+        }
+    }
+    Ok(())
+}
+
+/// A W4 weight (`[n, k]` in the packed format of qc_types.h, rows `k.div_ceil(2)`
+/// bytes: `Int4Weight::packed`) in qc_gemm_w4a8's device layout, k zero-padded
+/// (nibble 8) to whole groups: `(bytes [n, kp / 2], kp)` with `kp` = k rounded up
+/// to `QC_W4_GROUP`. Within each 4-byte word (8 consecutive k) byte `i` holds
+/// input `i` in its high nibble and input `i + 4` in its low one.
+pub fn w4_device_layout(packed: &[u8], n: usize, k: usize) -> Result<(Vec<u8>, usize), String> {
+    let kb = k.div_ceil(2);
+    if n == 0 || k == 0 || packed.len() != n * kb {
+        return Err(format!("w4_device_layout: {} bytes do not hold a packed [{n}, {k}] weight", packed.len()));
+    }
+    let kp = k.next_multiple_of(QC_W4_GROUP as usize);
+    let mut out = vec![0x88u8; n * kp / 2];
+    for (dst, src) in out.chunks_exact_mut(kp / 2).zip(packed.chunks_exact(kb)) {
+        let nibble = |kk: usize| -> u8 {
+            if kk >= k {
+                8
+            } else if kk.is_multiple_of(2) {
+                src[kk / 2] & 0x0F
+            } else {
+                src[kk / 2] >> 4
+            }
+        };
+        for (word, bytes) in dst.chunks_exact_mut(4).enumerate() {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = (nibble(8 * word + i) << 4) | nibble(8 * word + 4 + i);
+            }
+        }
+    }
+    Ok((out, kp))
+}
+
 /// The two implementations of the bf16 GEMM (`QcGemmArgs`), same results up
 /// to f32 summation order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -891,6 +979,17 @@ pub mod launch_cfg {
         (first_m + r % rows, r / rows)
     }
 
+    /// Dynamic shared memory of a qc_gemm_w4a8 block (`QC_GEMM_W4_SMEM_BYTES`).
+    pub const GEMM_W4_SHARED_BYTES: u32 = super::abi::QC_GEMM_W4_SMEM_BYTES;
+
+    /// qc_gemm_w4a8 on an `m` x `n` output: `(grid, block, shared_bytes)` for
+    /// [`super::KernelModule::launch_ext`]: the tiles and tile order of [`gemm`]
+    /// (one block per output tile, capped), its own shared memory.
+    pub fn gemm_w4a8(m: i64, n: i64) -> ((u32, u32, u32), u32, u32) {
+        let (grid, block, _) = gemm(m, n);
+        (grid, block, GEMM_W4_SHARED_BYTES)
+    }
+
     /// Threads per qc_gemm_bf16_sm90 block: 2 warpgroups (`QC_GEMM_SM90_THREADS`).
     pub const GEMM_SM90_THREADS: u32 = super::abi::QC_GEMM_SM90_THREADS;
     /// Dynamic shared memory of a qc_gemm_bf16_sm90 block (`QC_GEMM_SM90_SMEM_BYTES`).
@@ -974,6 +1073,7 @@ mod tests {
         covered.extend(QcAttentionBiasArgs::KERNELS);
         covered.extend(QcGemmArgs::KERNELS);
         covered.extend(QcGemmI8Args::KERNELS);
+        covered.extend(QcGemmW4Args::KERNELS);
         covered.extend(QcQuantizeArgs::KERNELS);
         covered.extend(QcLayerNormQ8Args::KERNELS);
         covered.extend(QcSoftmaxArgs::KERNELS);
@@ -1224,6 +1324,7 @@ mod tests {
         // No implicit padding: the sum of the fields.
         assert_eq!(std::mem::size_of::<QcGemmArgs>(), 7 * 8 + 9 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<QcGemmI8Args>(), 10 * 8 + 9 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<QcGemmW4Args>(), 10 * 8 + 9 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<QcQuantizeArgs>(), 4 * 8 + 3 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<QcLayerNormQ8Args>(), 7 * 8 + 6 * 8 + 4 * 4);
         // Two 64-byte aligned tensor maps (CUtensorMap's size and alignment), the
@@ -1318,6 +1419,121 @@ mod tests {
             assert_eq!(gemm_sm90(m, n), ((tm * tn).min(MAX_GRID) as u32, 1, 1));
         }
         assert_eq!(gemm_sm90(1 << 24, 1 << 14).0 as i64, MAX_GRID);
+    }
+
+    /// w4_device_layout: every input's nibble where qc_types.h says (byte 4j + i
+    /// of a row: input 8j + i high, 8j + 4 + i low), padding to whole groups 8.
+    #[test]
+    fn w4_device_layout_moves_every_nibble() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (n, k) in [(1usize, 64usize), (3, 1152), (5, 101), (2, 8), (4, 130)] {
+            let kb = k.div_ceil(2);
+            let mut packed: Vec<u8> = (0..n * kb).map(|_| (next() % 15 + 1) as u8 | ((next() % 15 + 1) as u8) << 4).collect();
+            if k % 2 == 1 {
+                for row in packed.chunks_exact_mut(kb) {
+                    row[kb - 1] = (row[kb - 1] & 0x0F) | 0x80;
+                }
+            }
+            let (dev, kp) = w4_device_layout(&packed, n, k).unwrap();
+            assert_eq!(kp, k.next_multiple_of(64));
+            assert_eq!(dev.len(), n * kp / 2);
+            for r in 0..n {
+                for kk in 0..kp {
+                    let want = if kk < k { (packed[r * kb + kk / 2] >> (4 * (kk % 2))) & 0x0F } else { 8 };
+                    let (word, i) = (kk / 8, kk % 8);
+                    let byte = dev[r * kp / 2 + 4 * word + i % 4];
+                    let got = if i < 4 { byte >> 4 } else { byte & 0x0F };
+                    assert_eq!(got, want, "[{n}, {k}]: row {r} input {kk}");
+                }
+            }
+        }
+        assert!(w4_device_layout(&[0x88; 3], 1, 8).unwrap_err().contains("[1, 8]"));
+        assert!(w4_device_layout(&[], 0, 8).is_err());
+    }
+
+    /// gemm_w4a8_check names the requirement a launch breaks.
+    #[test]
+    fn gemm_w4a8_requirements() {
+        let ok = QcGemmW4Args {
+            a: 1 << 20,
+            a_scale: 2 << 20,
+            w: 3 << 20,
+            w_scale: 4 << 20,
+            out: 5 << 20,
+            m: 4096,
+            n: 3456,
+            k: 1152,
+            lda: 1152,
+            ldw: 576,
+            ldo: 3456,
+            ldr: 3456,
+            group_size: 1,
+            ..Default::default()
+        };
+        assert_eq!(gemm_w4a8_check(&ok), Ok(()));
+        assert_eq!(gemm_w4a8_check(&QcGemmW4Args { m: 1, n: 1, k: 64, lda: 64, ldw: 32, ldo: 8, ..ok }), Ok(()));
+        let gated = QcGemmW4Args { epilogue: QC_EPI_GATED_RESIDUAL as i32, residual: 6 << 20, ..ok };
+        assert_eq!(gemm_w4a8_check(&gated), Ok(()));
+        let bad: [(QcGemmW4Args, &str); 13] = [
+            (QcGemmW4Args { m: 0, ..ok }, "m = 0"),
+            (QcGemmW4Args { k: 1100, ..ok }, "k = 1100"),
+            (QcGemmW4Args { k: 0, ..ok }, "k = 0"),
+            (QcGemmW4Args { lda: 1160, ..ok }, "lda"),
+            (QcGemmW4Args { lda: 1024, ..ok }, "lda"),
+            (QcGemmW4Args { ldw: 560, ..ok }, "ldw"),
+            (QcGemmW4Args { ldw: 584, ..ok }, "ldw"),
+            (QcGemmW4Args { ldo: 3452, ..ok }, "ldo"),
+            (QcGemmW4Args { residual: 0, ..gated }, "residual"),
+            (QcGemmW4Args { epilogue: 7, ..ok }, "epilogue"),
+            (QcGemmW4Args { a: (1 << 20) + 8, ..ok }, "a must"),
+            (QcGemmW4Args { w_scale: 0, ..ok }, "w_scale"),
+            (QcGemmW4Args { acc_out: 2, ..ok }, "acc_out"),
+        ];
+        for (args, what) in bad {
+            let e = gemm_w4a8_check(&args).unwrap_err();
+            assert!(e.starts_with("qc_gemm_w4a8: ") && e.contains(what), "{what}: {e}");
+        }
+    }
+
+    /// qc_gemm_w4a8: the tiles of qc_gemm_bf16, its shared memory (stages of one
+    /// 64-input group: 64 bytes of a row, 32 of a w row, a scale per column).
+    #[test]
+    fn gemm_w4a8_launch() {
+        use launch_cfg::*;
+        let stage = (GEMM_BM * 64 + GEMM_BN * 32 + GEMM_BN * 4) as u32;
+        assert_eq!(GEMM_W4_SHARED_BYTES, QC_GEMM_W4_STAGES * stage);
+        const { assert!(GEMM_W4_SHARED_BYTES <= 163 * 1024) };
+        for (m, n) in [(1i64, 1i64), (77, 130), (4096, 3456), (108_000, 4608)] {
+            let (grid, block, shared) = gemm_w4a8(m, n);
+            assert_eq!((grid, block), (gemm(m, n).0, gemm(m, n).1));
+            assert_eq!(shared, GEMM_W4_SHARED_BYTES);
+        }
+    }
+
+    /// ptxas's report for qc_gemm_w4a8: no spills, no stack, on every architecture.
+    #[cfg(qc_cuda_kernels)]
+    #[test]
+    fn gemm_w4a8_ptxas_report() {
+        let log = include_str!(concat!(env!("OUT_DIR"), "/ptxas.log"));
+        let mut current = false;
+        let mut seen = 0;
+        for line in log.lines() {
+            if line.contains("Compiling entry function '") {
+                current = line.contains("'qc_gemm_w4a8'");
+                continue;
+            }
+            if current && line.contains("spill stores") {
+                assert!(line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), "qc_gemm_w4a8: {line}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 2, "qc_gemm_w4a8 for sm_80 and sm_90a in ptxas.log");
     }
 
     #[test]

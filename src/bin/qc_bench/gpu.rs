@@ -92,6 +92,8 @@ struct Bench {
 enum Ours {
     Bf16(qcuda::GemmKernel),
     W8A8,
+    /// qc_gemm_w4a8 (packed int4 weights, one scale per channel and group of 64).
+    W4A8,
 }
 
 fn bf16_bits(x: f32) -> u16 {
@@ -191,12 +193,16 @@ struct GemmSet {
     w_scale: Option<DevMem>,
 }
 
-/// Median milliseconds of qc_gemm_bf16 (`int8` false) or qc_gemm_w8a8 on
-/// `m` x `k` -> `n` with a bias and no epilogue.
+/// Median milliseconds of the bf16 GEMM, qc_gemm_w8a8 or qc_gemm_w4a8 on
+/// `m` x `k` -> `n` with a bias and no epilogue (the W4 weights are random
+/// bytes: [n, k / 2], scales [n, k / 64]).
 fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, ours: Ours) -> Result<f64> {
-    let int8 = matches!(ours, Ours::W8A8);
+    let int8 = !matches!(ours, Ours::Bf16(_));
+    let w4 = matches!(ours, Ours::W4A8);
     let el = if int8 { 1 } else { 2 };
-    let set_bytes = (m * k + n * k) * el + m * n * 2;
+    let w_bytes = if w4 { n * k / 2 } else { n * k * el };
+    let w_scales = if w4 { n * k.div_ceil(64) } else { n };
+    let set_bytes = m * k * el + w_bytes + m * n * 2;
     let nsets = sets_for(set_bytes);
     let mut rng = Rng::new((m * 31 + k * 7 + n) as u64);
     let bias = b.upload_f32(&rng.normal_vec(n))?;
@@ -205,19 +211,40 @@ fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, ours: Ours) -> Result<f64> {
         let scales = |len: usize, rng: &mut Rng| -> Vec<f32> { (0..len).map(|_| 1e-3 * (1.0 + rng.uniform() as f32)).collect() };
         sets.push(GemmSet {
             a: b.random(m * k * el, int8, 2 * s)?,
-            w: b.random(n * k * el, int8, 2 * s + 1)?,
+            w: b.random(w_bytes, int8, 2 * s + 1)?,
             out: DevMem::new(&b.ctx, m * n * 2)?,
             a_scale: if int8 { Some(b.upload_f32(&scales(m, &mut rng))?) } else { None },
-            w_scale: if int8 { Some(b.upload_f32(&scales(n, &mut rng))?) } else { None },
+            w_scale: if int8 { Some(b.upload_f32(&scales(w_scales, &mut rng))?) } else { None },
         });
     }
     let (grid, block, shared) = launch_cfg::gemm(m as i64, n as i64);
     let t = b.time_ms(|i| {
         let s = &sets[i % nsets];
-        // SAFETY: a [m, k], w [n, k], out [m, n], scales [m] / [n] and bias [n] are
-        // allocated above with exactly these sizes and leading dimensions.
+        // SAFETY: a [m, k], w [n, k] ([n, k / 2] bytes for W4), out [m, n], scales [m] /
+        // [n] ([n, k / 64] for W4) and bias [n] are allocated above with exactly these
+        // sizes and leading dimensions.
         let r = unsafe {
-            if int8 {
+            if w4 {
+                let args = QcGemmW4Args {
+                    a: s.a.ptr,
+                    a_scale: s.a_scale.as_ref().map_or(0, |x| x.ptr),
+                    w: s.w.ptr,
+                    w_scale: s.w_scale.as_ref().map_or(0, |x| x.ptr),
+                    bias: bias.ptr,
+                    out: s.out.ptr,
+                    m: m as i64,
+                    n: n as i64,
+                    k: k as i64,
+                    lda: k as i64,
+                    ldw: (k / 2) as i64,
+                    ldo: n as i64,
+                    ldr: n as i64,
+                    group_size: 1,
+                    epilogue: QC_EPI_NONE as i32,
+                    ..Default::default()
+                };
+                b.module.launch_gemm_w4a8(&b.stream, &args)
+            } else if int8 {
                 let args = QcGemmI8Args {
                     a: s.a.ptr,
                     a_scale: s.a_scale.as_ref().map_or(0, |x| x.ptr),
@@ -478,6 +505,7 @@ struct GemmRow {
     lt_bf16: Option<Ms>,
     ours_int8: Ms,
     lt_int8: Option<Ms>,
+    ours_w4: Ms,
 }
 
 /// "42%" of `x / of`, or "-".
@@ -552,6 +580,7 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
             lt_bf16: baseline.as_ref().map(|bl| guarded(|| lt_gemm_ms(&b, bl, LtKind::Bf16, m, k, n))),
             ours_int8: guarded(|| gemm_ms(&b, m, k, n, Ours::W8A8)),
             lt_int8: baseline.as_ref().map(|bl| guarded(|| lt_gemm_ms(&b, bl, LtKind::Int8, m, k, n))),
+            ours_w4: guarded(|| gemm_ms(&b, m, k, n, Ours::W4A8)),
         })
         .collect();
     let peak = |pick: fn(&GemmRow) -> Option<&Ms>| -> Option<(f64, String)> {
@@ -608,6 +637,12 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
             let (ms, rate, x) = cells(m, r.flops, "TOP/s");
             println!("| cuBLASLt int8 | {} | {ms} | {rate} | {} | baseline | {}int32 out (twice our output bytes), no scales |", r.shape, pct(x, i8_peak), failure(m));
         }
+        let (ow_ms, ow_rate, ow) = cells(&r.ours_w4, r.flops, "TOP/s");
+        let vs = match (ow, oi) {
+            (Some(ow), Some(oi)) => format!("{:.2}x qc_gemm_w8a8's rate", ow / oi),
+            _ => "-".to_string(),
+        };
+        println!("| qc_gemm_w4a8 | {} | {ow_ms} | {ow_rate} | {} | {vs} | {}int4 weights (half of W8A8's weight bytes), a scale per channel and group of 64 applied in f32, bias, bf16 out (activations already int8) |", r.shape, pct(ow, i8_peak), failure(&r.ours_w4));
     }
 
     // Attention: spatial (2 samples = a CFG pair, 15 frames of 3600 tokens: 720p) and temporal
