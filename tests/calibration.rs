@@ -72,7 +72,10 @@ fn statistics_and_importance_vectors() {
     let mut b = Stdit3::load(&paths.dit).unwrap();
     let wa = quantize_blocks(&mut a, QuantPreset::W8A8, None).unwrap();
     let wb = quantize_blocks(&mut b, QuantPreset::W8A8, Some(&back)).unwrap();
-    assert_eq!(wa, wb, "same storage with and without vectors");
+    // The same int8 weights and scales, plus each folded vector's inverse (4 bytes per input).
+    let vector_bytes: usize = block_linears(&mut Stdit3::load(&paths.dit).unwrap()).into_iter().filter(|(n, _)| back.get(n, QuantPreset::W8A8).is_some()).map(|(_, l)| 4 * l.in_features).sum();
+    assert!(vector_bytes > 0);
+    assert_eq!((wa.values, wa.bytes + vector_bytes), (wb.values, wb.bytes), "storage with and without vectors");
     assert!(quantize_blocks(&mut Stdit3::load(&paths.dit).unwrap(), QuantPreset::None, Some(&back)).is_err());
 
     // Not a calibration directory: refused, and left alone.
