@@ -152,6 +152,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// A checked plan: configs read and cross-checked, geometry derived; no weights loaded yet.
 pub struct Plan {
     paths: ModelPaths,
+    /// The DiT directory loaded: `paths.dit`, or a quantized checkpoint's (`--quant aigq --calibration QDIR`).
+    dit: PathBuf,
     dit_cfg: Stdit3Config,
     tokenizer: T5Tokenizer,
     /// No VAE: the DiT's output is the video.
@@ -162,33 +164,46 @@ pub struct Plan {
     prompts: Vec<String>,
 }
 
-/// `--quant` and `--calibration` against the DiT: a quantized checkpoint
-/// (`qc-run calibrate --budget` output) runs as stored, with its directory's
-/// `quant.json` plan equal to the one its tensors were written with.
-fn check_quantization(paths: &ModelPaths, opts: &GenerateOptions) -> Result<()> {
-    let layout = crate::quant::qdir::Layout::of(&Checkpoint::open_dir(&paths.dit)?)?;
+/// `--quant` and `--calibration` against the DiT; returns the DiT directory to
+/// load. A quantized checkpoint (`qc-run calibrate --budget` output) runs as
+/// stored, given as `--model QDIR` or, on its float model, as `--quant aigq
+/// --calibration QDIR`; its directory's `quant.json` plan must be the one its
+/// tensors were written with.
+fn check_quantization(paths: &ModelPaths, opts: &GenerateOptions) -> Result<PathBuf> {
+    let stored = opts.importance.as_ref().filter(|_| opts.quant == QuantPreset::Aigq).and_then(|imp| imp.quantized_dit.clone());
+    if let Some(qdit) = &stored {
+        let read = |d: &Path| -> Result<serde_json::Value> {
+            let f = d.join("config.json");
+            serde_json::from_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?).with_context(|| format!("{}: not valid JSON", f.display()))
+        };
+        ensure!(read(qdit)? == read(&paths.dit)?, "--calibration: the quantized DiT in {} has another config.json than {}: it belongs to another model", qdit.display(), paths.dit.display());
+    }
+    let dit = stored.unwrap_or_else(|| paths.dit.clone());
+    let layout = crate::quant::qdir::Layout::of(&Checkpoint::open_dir(&dit)?)?;
     let Some(layout) = layout else {
         if opts.quant == QuantPreset::Aigq {
             let imp = opts.importance.as_ref().ok_or_else(|| anyhow!("--quant aigq needs --calibration DIR (written by `qc-run calibrate --budget BITS`) or a quantized --model QDIR"))?;
             ensure!(imp.plan.is_some(), "--calibration {}: no aigq plan in its quant.json (calibrate with --budget BITS)", imp.source);
         }
-        return Ok(());
+        return Ok(dit);
     };
-    ensure!(
-        matches!(opts.quant, QuantPreset::None | QuantPreset::Aigq) && opts.importance.is_none(),
-        "{} is a quantized checkpoint (an aigq plan): it runs as stored; leave out --quant {} and --calibration",
-        paths.dit.display(),
-        opts.quant.name()
-    );
-    if let Some(qdir) = paths.dit.parent() {
+    if dit == paths.dit {
+        ensure!(
+            matches!(opts.quant, QuantPreset::None | QuantPreset::Aigq) && opts.importance.is_none(),
+            "{} is a quantized checkpoint (an aigq plan): it runs as stored; leave out --quant {} and --calibration",
+            paths.dit.display(),
+            opts.quant.name()
+        );
+    }
+    if let Some(qdir) = dit.parent() {
         let qj = qdir.join(crate::quant::calibrate::QUANT_JSON);
         if qj.is_file() {
             let imp = Importance::from_dir(qdir)?;
-            let plan = imp.plan.ok_or_else(|| anyhow!("{}: field \"plan\" is missing, but {} holds quantized weights", qj.display(), paths.dit.display()))?;
-            ensure!(plan == layout.plan, "{}: field \"plan\" disagrees with the plan the tensors in {} were written with", qj.display(), paths.dit.display());
+            let plan = imp.plan.ok_or_else(|| anyhow!("{}: field \"plan\" is missing, but {} holds quantized weights", qj.display(), dit.display()))?;
+            ensure!(plan == layout.plan, "{}: field \"plan\" disagrees with the plan the tensors in {} were written with", qj.display(), dit.display());
         }
     }
-    Ok(())
+    Ok(dit)
 }
 
 /// Everything that can be checked before heavy work: directories, configs,
@@ -224,7 +239,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
         if vae_cfg.is_some() { "the VAE's latents have" } else { "without a VAE (pixel space) frames are RGB:" },
         dit_cfg.in_channels
     );
-    check_quantization(paths, opts)?;
+    let dit = check_quantization(paths, opts)?;
     ensure!(opts.steps > 0, "--steps must be at least 1");
     ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
     let latent = match &vae_cfg {
@@ -243,7 +258,7 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
     }
     let prompts = prompts.iter().map(|p| if opts.raw_prompt { append_score(p, opts.aes) } else { prepare_prompt(p, opts.aes) }).collect();
     let decoded = vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
-    Ok(Plan { paths: paths.clone(), dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), vae_cfg, latent, prompts, decoded })
+    Ok(Plan { paths: paths.clone(), dit, dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), vae_cfg, latent, prompts, decoded })
 }
 
 impl Plan {
@@ -289,7 +304,7 @@ impl Plan {
 
     /// The DiT directory this plan loads.
     pub fn dit_dir(&self) -> &Path {
-        &self.paths.dit
+        &self.dit
     }
 
     /// Runs every stage, sampling under `hooks` (a caching policy, or none); returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
@@ -314,11 +329,11 @@ impl Plan {
             }
         };
         let z = {
-            let mut dit = Stdit3::load(&self.paths.dit)?;
+            let mut dit = Stdit3::load(&self.dit)?;
             report.dit_weights = match dit.stored_plan.clone() {
                 Some(stored) => {
                     report.dit_precision = "aigq (quantized checkpoint)".into();
-                    crate::quant::qdir::check_plan(&mut dit, &stored, &self.paths.dit.display().to_string())?;
+                    crate::quant::qdir::check_plan(&mut dit, &stored, &self.dit.display().to_string())?;
                     WeightStats::of_model(&mut dit, &stored)?
                 }
                 None => {

@@ -272,7 +272,7 @@ pub fn importance_vector(stats: &LinearStats, w: &[f32], k: usize, alpha: f32) -
 /// Relative L2 error of `layer` at `preset` (with `smooth` folded in) against
 /// the float layer, on the sampled rows `x` (`[rows, k]`).
 fn output_error(be: &CpuBackend, layer: &Linear, x: &Tensor, reference: &[f32], preset: QuantPreset, smooth: Option<&[f32]>, act_sq: &[f32]) -> Result<f64> {
-    let q = preset.apply_weighted(layer, smooth, Some(act_sq))?;
+    let q = preset.apply_calibrated(layer, smooth, Some(act_sq), Some(x.f32()?))?;
     let y = be.linear(x, &q, Activation::None)?;
     let (mut num, mut den) = (0f64, 0f64);
     for (a, b) in y.f32()?.iter().zip(reference) {
@@ -299,7 +299,12 @@ pub struct Importance {
     /// Per block linear, the mean square of each input channel over the sampled
     /// rows (`NAME.act_sq_mean`): the weights of the 4-bit clip search.
     pub act_sq: HashMap<String, Vec<f32>>,
+    /// Per block linear, the sampled input rows, during calibration only (not
+    /// written): 4-bit layers are rounded by GPTQ on them when present.
+    pub rows: HashMap<String, Vec<f32>>,
     pub meta: serde_json::Value,
+    /// The DiT of the quantized checkpoint this directory holds (`stdit3/`), if any.
+    pub quantized_dit: Option<std::path::PathBuf>,
     /// The aigq plan (`quant.json` `"plan"`): a precision per block sub-module and timestep range.
     pub plan: Option<Plan>,
     /// Where it was read from (for messages).
@@ -327,6 +332,7 @@ impl Importance {
         let be = CpuBackend::new();
         let mut vectors = HashMap::new();
         let mut act_sq = HashMap::new();
+        let mut layer_rows = HashMap::new();
         let mut layers = serde_json::Map::new();
         let linears = block_linears(model);
         let total = linears.len();
@@ -363,16 +369,22 @@ impl Importance {
                 per_preset.insert(preset.name().to_string(), serde_json::to_value(&best)?);
             }
             layers.insert(name.clone(), serde_json::Value::Object(per_preset));
-            act_sq.insert(name, sq);
+            act_sq.insert(name.clone(), sq);
+            layer_rows.insert(name, st.rows.clone());
             progress(li + 1, total);
         }
         meta["layers"] = serde_json::Value::Object(layers);
-        Ok(Importance { vectors, act_sq, meta, plan: None, source: "this calibration".into() })
+        Ok(Importance { vectors, act_sq, rows: layer_rows, meta, plan: None, source: "this calibration".into(), quantized_dit: None })
     }
 
     /// The input channels' mean squares of block linear `name`.
     pub fn act_sq(&self, name: &str) -> Option<&[f32]> {
         self.act_sq.get(name).map(|v| v.as_slice())
+    }
+
+    /// The sampled input rows of block linear `name` (during calibration).
+    pub fn rows(&self, name: &str) -> Option<&[f32]> {
+        self.rows.get(name).map(|v| v.as_slice())
     }
 
     /// The vector for `name` at `preset`, if the calibration chose one.
@@ -453,7 +465,9 @@ impl Importance {
             None | Some(serde_json::Value::Null) => None,
             Some(p) => Some(Plan::from_json(p, &qj.display().to_string())?),
         };
-        Ok(Importance { vectors, act_sq, meta, plan, source: dir.display().to_string() })
+        let dit = dir.join("stdit3");
+        let quantized_dit = dit.join("model.safetensors").is_file().then_some(dit);
+        Ok(Importance { vectors, act_sq, rows: HashMap::new(), meta, plan, source: dir.display().to_string(), quantized_dit })
     }
 }
 

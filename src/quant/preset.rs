@@ -58,6 +58,19 @@ impl QuantPreset {
         self.apply_weighted(l, smooth, None)
     }
 
+    /// [`QuantPreset::apply_weighted`]; with the layer's calibration input rows
+    /// `rows` (`[r, k]`), 4-bit weights are rounded by GPTQ on them.
+    pub fn apply_calibrated(self, l: &Linear, smooth: Option<&[f32]>, act_sq: Option<&[f32]>, rows: Option<&[f32]>) -> Result<Linear> {
+        let qmax = match self {
+            QuantPreset::W4A8 => QMAX_A8,
+            QuantPreset::W4A6 => QMAX_A6,
+            _ => return self.apply_weighted(l, smooth, act_sq),
+        };
+        let Some(x) = rows else { return self.apply_weighted(l, smooth, act_sq) };
+        let q = super::gptq::quantize_int4(&l.float_weight()?, l.out_features, l.in_features, smooth, qmax, x)?;
+        Ok(Linear { weight: LinearWeight::Int4(std::sync::Arc::new(q)), bias: l.bias.clone(), in_features: l.in_features, out_features: l.out_features })
+    }
+
     /// [`QuantPreset::apply`]; 4-bit weights choose their group clips by the error
     /// weighted by the inputs' per-channel mean squares `act_sq` when given.
     pub fn apply_weighted(self, l: &Linear, smooth: Option<&[f32]>, act_sq: Option<&[f32]>) -> Result<Linear> {
@@ -163,7 +176,8 @@ pub fn quantize_plan(model: &mut Stdit3, plan: &Plan, importance: Option<&Import
                     ensure!(v.len() == l.in_features, "the importance vector of {name} has {} entries for {} inputs: the calibration belongs to another model", v.len(), l.in_features);
                 }
                 let act_sq = importance.and_then(|imp| imp.act_sq(&name));
-                made.insert(key.clone(), preset.apply_weighted(l, smooth, act_sq)?);
+                let rows = importance.and_then(|imp| imp.rows(&name));
+                made.insert(key.clone(), preset.apply_calibrated(l, smooth, act_sq, rows)?);
             }
             *l = made[&key].clone();
         }
