@@ -21,7 +21,7 @@
 //! quantized layer's output on the sampled rows against full precision.
 
 use super::plan::{ranges_of_schedule, Plan};
-use super::preset::{block_linears, quantize_plan, unit_of, QuantPreset};
+use super::preset::{block_linears, quantize_plan, unit_of, QuantPreset, WeightStats};
 use crate::backend::conv::{ConvWeight, Pad3};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, AttnSpec, Backend, ConvOps, Linear, ModRef, PatchGrid, Rope};
@@ -487,18 +487,21 @@ pub struct PlanItem {
     pub values: usize,
     /// Share of the trajectory's steps in `ranges`.
     pub step_fraction: f64,
-    /// Storage bits of the sub-module at each of [`PLAN_CHOICES`], scales included (bf16: 16 per value).
+    /// Storage bits of the sub-module at each of [`PLAN_CHOICES`], scales and
+    /// importance vectors included (full precision as the checkpoint holds it).
     pub bits: [f64; 4],
     /// Relative L2 change of the final latent at each choice (0 at full precision).
     pub sensitivity: [f64; 4],
 }
 
-/// Storage bits of an `[n, k]` weight at `preset` (bf16 for full precision), scales included.
-fn storage_bits(preset: QuantPreset, n: usize, k: usize) -> f64 {
+/// Storage bits of layer `l`'s weight at `preset`, scales included (full
+/// precision as the checkpoint holds it: f32 or bf16).
+fn storage_bits(preset: QuantPreset, l: &Linear) -> f64 {
+    let (n, k) = (l.out_features, l.in_features);
     let bytes = match preset {
         QuantPreset::W8A8 => n * k + 4 * n,
         QuantPreset::W4A8 | QuantPreset::W4A6 => n * k.div_ceil(2) + 4 * n * k.div_ceil(super::int4::W4_GROUP),
-        QuantPreset::None | QuantPreset::Aigq => 2 * n * k,
+        QuantPreset::None | QuantPreset::Aigq => WeightStats::bytes_of(l),
     };
     8.0 * bytes as f64
 }
@@ -552,7 +555,7 @@ fn plan_items(model: &mut Stdit3, fractions: &[f64], importance: &Importance) ->
         for (b, p) in bits.iter_mut().zip(PLAN_CHOICES) {
             // A folded importance vector is stored (inverted) beside the weight.
             let vector = if importance.get(&name, p).is_some() { 32.0 * l.in_features as f64 } else { 0.0 };
-            *b = storage_bits(p, l.out_features, l.in_features) + vector;
+            *b = storage_bits(p, l) + vector;
         }
         let whole = unit.ends_with(".cross_attn");
         let decisions: Vec<Vec<usize>> = if whole { vec![(0..fractions.len()).collect()] } else { (0..fractions.len()).map(|r| vec![r]).collect() };
