@@ -1,6 +1,7 @@
 //! The CPU reference backend: defines every op's semantics, multi-threaded with rayon.
 
 mod attention;
+pub mod attention_int8;
 mod conv;
 mod embed;
 pub mod gemm;
@@ -221,6 +222,9 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+        if spec.qk_int8 {
+            return attention_int8::attention(q, k, v, spec, bias);
+        }
         attention::attention(q, k, v, spec, bias)
     }
 
