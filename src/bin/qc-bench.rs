@@ -232,7 +232,7 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     }
 
     // One forward (batch 1) and one sampling step (CFG pair) at real width.
-    let model = Stdit3 { w: Stdit3Weights::random(&cfg, 1)?, cfg };
+    let model = Stdit3 { w: Stdit3Weights::random(&cfg, 1)?, cfg, qk_int8: false };
     let mk = |b: usize, rng: &mut Rng| Tensor::from_f32(&[b, 4, lt, lh, lw], rng.normal_vec(b * 4 * lt * lh * lw));
     let (l, cc) = (model.cfg.model_max_length, model.cfg.caption_channels);
     let y = Tensor::from_f32(&[1, 1, l, cc], rng.normal_vec(l * cc))?;

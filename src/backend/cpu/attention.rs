@@ -37,7 +37,7 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// The shape checks shared by the float and the int8 attention.
-pub(super) fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<()> {
+pub fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<()> {
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;
     ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);

@@ -2,6 +2,7 @@
 
 mod attention;
 pub mod attention_int8;
+pub use attention::check_shapes as check_attention_shapes;
 mod conv;
 mod embed;
 pub mod gemm;

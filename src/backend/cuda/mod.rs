@@ -179,6 +179,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_depth_to_time_bf16",
     "qc_channel_affine_f32",
     "qc_channel_affine_bf16",
+    // attention_int8.cu
+    "qc_qk_mean_bf16",
+    "qc_quantize_qk_bf16",
+    "qc_attention_i8_d32",
+    "qc_attention_i8_d64",
+    "qc_attention_i8_d96",
+    "qc_attention_i8_d128",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -232,6 +239,9 @@ kernel_args! {
         "qc_attention_bias_d80_bf16",
         "qc_attention_bias_d128_bf16",
     ];
+    QcQkMeanArgs => ["qc_qk_mean_bf16"];
+    QcQuantizeQkArgs => ["qc_quantize_qk_bf16"];
+    QcAttentionI8Args => ["qc_attention_i8_d32", "qc_attention_i8_d64", "qc_attention_i8_d96", "qc_attention_i8_d128"];
     QcGemmArgs => ["qc_gemm_bf16"];
     QcGemmI8Args => ["qc_gemm_w8a8"];
     QcQuantizeArgs => ["qc_quantize_rows_f32", "qc_quantize_rows_bf16"];
@@ -787,6 +797,31 @@ pub mod launch_cfg {
         }
         let i = ATTENTION_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
         Some((names[i], ATTENTION_HEAD_DIMS[i]))
+    }
+
+    /// The padded head dims of the int8-QK attention kernels, `qc_attention_i8_d{N}`
+    /// (multiples of 32, the int8 MMA's k-size).
+    pub const ATTENTION_I8_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+    /// The int8-QK attention kernel for `head_dim` (a multiple of 8 in [8, 128]) and its
+    /// padded head dim, which is also the quantized rows' length `dp` (qc_types.h).
+    pub fn attention_i8_kernel(head_dim: usize) -> Option<(&'static str, usize)> {
+        const NAMES: [&str; 4] = ["qc_attention_i8_d32", "qc_attention_i8_d64", "qc_attention_i8_d96", "qc_attention_i8_d128"];
+        if head_dim == 0 || !head_dim.is_multiple_of(8) {
+            return None;
+        }
+        let i = ATTENTION_I8_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
+        Some((NAMES[i], ATTENTION_I8_HEAD_DIMS[i]))
+    }
+
+    /// qc_quantize_qk_bf16: `(grid, block)` for `blocks` blocks of rows, one warp each.
+    pub fn quantize_qk(blocks: i64) -> (u32, u32) {
+        (((blocks.max(1) + 3) / 4).clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
+    }
+
+    /// qc_qk_mean_bf16: `(grid, block)` for `items` (group, head) pairs.
+    pub fn qk_mean(items: i64) -> (u32, u32) {
+        (items.clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
     }
 
     /// Static shared memory of the attention kernel with padded head dim `hdp`

@@ -751,7 +751,7 @@ fn end_to_end(a: &GpuBenchArgs, depth: usize, peak_bf16: Option<f64>) -> Result<
             Err(e) => return Err(e),
         }
     };
-    let mut model = Stdit3 { w, cfg };
+    let mut model = Stdit3 { w, cfg, qk_int8: false };
     let t1 = Instant::now();
     model.prepare(&be)?;
     be.synchronize()?;

@@ -125,6 +125,8 @@ pub struct DitInput<'a> {
 pub struct Stdit3 {
     pub cfg: Stdit3Config,
     pub w: Stdit3Weights,
+    /// Self- and cross-attention with int8 Q and K ([`AttnSpec::qk_int8`]); off after loading.
+    pub qk_int8: bool,
 }
 
 fn tile(v: &[f32], n: usize, what: &str) -> Result<Vec<f32>> {
@@ -138,7 +140,7 @@ impl Stdit3 {
         let cfg = Stdit3Config::from_dir(dir)?;
         let ck = Checkpoint::open_dir(dir)?;
         let w = Stdit3Weights::load(&ck, &cfg).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
-        Ok(Stdit3 { cfg, w })
+        Ok(Stdit3 { cfg, w, qk_int8: false })
     }
 
     /// Moves the weights to where `be` computes, once after loading (see [`Backend::prepare_linear`]).
@@ -335,7 +337,8 @@ impl Stdit3 {
         let rope = temporal.then_some(Rope { freqs: &self.w.rope_freqs, seq_len: d.t });
         be.qk_norm_rope(&mut parts[0], heads, &bw.q_norm, NORM_EPS, rope)?;
         be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
-        let spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
+        let mut spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
+        spec.qk_int8 = self.qk_int8;
         let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec, None)?;
         if temporal {
             a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
@@ -345,7 +348,8 @@ impl Stdit3 {
         // Cross-attention to each sample's own caption tokens: no norm, no gate.
         let q = be.linear(x, &bw.cross_q, Activation::None)?;
         let (k, v) = &text.kv[kv_index];
-        let spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+        let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+        spec.qk_int8 = self.qk_int8;
         let o = be.attention(&q, k, v, &spec, None)?;
         be.linear_residual(&o, &bw.cross_proj, x, None)?;
 
