@@ -39,6 +39,8 @@ mod gemm_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod attention_tests;
 #[cfg(all(test, qc_cuda_kernels))]
+mod attention_int8_tests;
+#[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod tensor_ops_tests;
@@ -976,6 +978,9 @@ mod tests {
         covered.extend(QcConvArgs::KERNELS);
         covered.extend(QcGroupNormArgs::KERNELS);
         covered.extend(QcResampleArgs::KERNELS);
+        covered.extend(QcQkMeanArgs::KERNELS);
+        covered.extend(QcQuantizeQkArgs::KERNELS);
+        covered.extend(QcAttentionI8Args::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -993,6 +998,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcConvArgs>(), 96);
         assert_eq!(std::mem::size_of::<QcGroupNormArgs>(), 80);
         assert_eq!(std::mem::size_of::<QcResampleArgs>(), 64);
+        assert_eq!(std::mem::size_of::<QcQkMeanArgs>(), 56);
+        assert_eq!(std::mem::size_of::<QcQuantizeQkArgs>(), 88);
+        assert_eq!(std::mem::size_of::<QcAttentionI8Args>(), 136);
         let a = QcLayerNormArgs {
             rows: 3,
             cols: 4,
