@@ -154,6 +154,8 @@ fn quantize_block(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, dp: u
 pub fn scores_i32(q: &Tensor, k: &Tensor, spec: &AttnSpec) -> Result<Vec<i32>> {
     check_shapes(q, k, k, spec)?;
     let qk = QuantQk::new(q.f32()?, k.f32()?, spec);
+    let lens: Vec<usize> = spec.kv_ranges.iter().map(|r| r.1 - r.0).collect();
+    let keys = Keys::new(&qk.k, spec.heads, &lens);
     let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
     let (h, lq) = (spec.heads, spec.q_len);
     let mut out = vec![0i32; spec.groups * h * lq * max_len];
@@ -163,12 +165,11 @@ pub fn scores_i32(q: &Tensor, k: &Tensor, spec: &AttnSpec) -> Result<Vec<i32>> {
     out.par_chunks_mut(lq * max_len).enumerate().for_each(|(gh, o)| {
         let (g, hi) = (gh / h, gh % h);
         let lk = spec.kv_ranges[g].1 - spec.kv_ranges[g].0;
-        let keys = PackedKeys::new(qk.k.rows(g, hi, h), lk, qk.k.dp);
         let qr = qk.q.rows(g, hi, h);
         let mut s = Vec::new();
         for i0 in (0..lq).step_by(QK_BLOCK) {
             let tq = QK_BLOCK.min(lq - i0);
-            keys.scores(&qr[i0 * qk.q.dp..][..tq * qk.q.dp], tq, &mut s);
+            keys.scores(gh, lk, &qr[i0 * qk.q.dp..][..tq * qk.q.dp], tq, &mut s);
             for r in 0..tq {
                 o[(i0 + r) * max_len..][..lk].copy_from_slice(&s[r * lk..][..lk]);
             }
@@ -177,6 +178,11 @@ pub fn scores_i32(q: &Tensor, k: &Tensor, spec: &AttnSpec) -> Result<Vec<i32>> {
     Ok(out)
 }
 
+/// Up to this many keys and this head dim `P V` is a direct loop (one vector FMA per key
+/// and query row); above either, the GEMM (as in `attention.rs`).
+const DIRECT_MAX_KEYS: usize = 128;
+const DIRECT_MAX_HEAD_DIM: usize = 32;
+
 /// Softmax attention with int8 Q and K (see the module doc); `spec.qk_int8` routes here.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
     check_shapes(q, k, v, spec)?;
@@ -184,55 +190,80 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;
     let qk = QuantQk::new(q.f32()?, k.f32()?, spec);
+    let lens: Vec<usize> = spec.kv_ranges.iter().map(|r| r.1 - r.0).collect();
+    let keys = Keys::new(&qk.k, h, &lens);
     let vs = v.f32()?;
     let mut out = vec![0f32; g * lq * c];
     let tiles = lq.div_ceil(QK_BLOCK);
     let ptr = OutPtr(out.as_mut_ptr());
-    (0..g * h).into_par_iter().for_each(|gh| {
-        let (gi, hi) = (gh / h, gh % h);
-        let (k0, k1) = spec.kv_ranges[gi];
-        let lk = k1 - k0;
-        if lk == 0 {
-            return; // no keys: the output rows stay zero
-        }
-        let keys = PackedKeys::new(qk.k.rows(gi, hi, h), lk, qk.k.dp);
-        let (q_rows, q_scales, k_scales) = (qk.q.rows(gi, hi, h), qk.q.scales(gi, hi, h), qk.k.scales(gi, hi, h));
-        let v_head = &vs[k0 * c + hi * d..];
-        (0..tiles).into_par_iter().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(s_i32, p), ti| {
-                let ptr = ptr;
-                let i0 = ti * QK_BLOCK;
-                let tq = QK_BLOCK.min(lq - i0);
-                keys.scores(&q_rows[i0 * qk.q.dp..][..tq * qk.q.dp], tq, s_i32);
-                // f = (q_scale * scale) * k_scale per key block, then s = (float) S * f.
-                let qf = q_scales[ti] * spec.scale;
-                let f: Vec<f32> = k_scales.iter().map(|&ks| qf * ks).collect();
-                p.resize(tq * lk, 0.0);
-                let mut sums = [0f32; QK_BLOCK];
-                for (r, (row, srow)) in p.chunks_mut(lk).zip(s_i32.chunks(lk)).enumerate() {
-                    dequantize_row(srow, &f, row);
-                    sums[r] = math::softmax_numerators(row);
+    (0..g * h * tiles).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(s_i32, p), task| {
+            let ptr = ptr;
+            let (gh, ti) = (task / tiles, task % tiles);
+            let (gi, hi) = (gh / h, gh % h);
+            let (k0, k1) = spec.kv_ranges[gi];
+            let lk = k1 - k0;
+            if lk == 0 {
+                return; // no keys: the output rows stay zero
+            }
+            let i0 = ti * QK_BLOCK;
+            let tq = QK_BLOCK.min(lq - i0);
+            keys.scores(gh, lk, &qk.q.rows(gi, hi, h)[i0 * qk.q.dp..][..tq * qk.q.dp], tq, s_i32);
+            // f = (q_scale * scale) * k_scale per key block, then s = (float) S * f.
+            let qf = qk.q.scales(gi, hi, h)[ti] * spec.scale;
+            p.resize(tq * lk, 0.0);
+            let mut inv = [0f32; QK_BLOCK];
+            for (r, (row, srow)) in p.chunks_mut(lk).zip(s_i32.chunks(lk)).enumerate() {
+                for ((rb, sb), &ks) in row.chunks_mut(QK_BLOCK).zip(srow.chunks(QK_BLOCK)).zip(qk.k.scales(gi, hi, h)) {
+                    let f = qf * ks;
+                    rb.iter_mut().zip(sb).for_each(|(x, &v)| *x = v as f32 * f);
                 }
-                let off = (gi * lq + i0) * c + hi * d;
-                // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(off), (tq - 1) * c + d) };
+                inv[r] = 1.0 / math::softmax_numerators(row);
+            }
+            let off = (gi * lq + i0) * c + hi * d;
+            // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(off), (tq - 1) * c + d) };
+            let v_head = &vs[k0 * c + hi * d..];
+            if lk <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_HEAD_DIM {
+                pv_direct(p, lk, v_head, c, d, &inv[..tq], dst);
+            } else {
                 sgemm(tq, d, lk, MatRef { data: p, rs: lk, cs: 1 }, MatRef { data: v_head, rs: c, cs: 1 }, dst, c, false, 1);
-                for (r, &sum) in sums.iter().enumerate().take(tq) {
-                    let inv = 1.0 / sum;
-                    dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= inv);
+                for (r, &iv) in inv.iter().enumerate().take(tq) {
+                    dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= iv);
                 }
-            },
-        );
-    });
+            }
+        },
+    );
     Tensor::from_f32(&[g * lq, c], out)
 }
 
-/// `row[j] = (float) s[j] * f[j / QK_BLOCK]`.
-fn dequantize_row(s: &[i32], f: &[f32], row: &mut [f32]) {
-    for ((rb, sb), &fb) in row.chunks_mut(QK_BLOCK).zip(s.chunks(QK_BLOCK)).zip(f) {
-        rb.iter_mut().zip(sb).for_each(|(x, &v)| *x = v as f32 * fb);
+super::simd::multiversion! {
+/// `dst[r] = inv[r] * sum_j p[r, j] v[j]` for the rows of `p` (`lk` apart), `v` and `dst`
+/// rows `c` apart, `d` columns: 16 columns at a time in registers, then the rest.
+fn pv_direct(p: &[f32], lk: usize, v: &[f32], c: usize, d: usize, inv: &[f32], dst: &mut [f32]) {
+    const L: usize = 16;
+    let full = d / L * L;
+    for (r, &iv) in inv.iter().enumerate() {
+        let pr = &p[r * lk..][..lk];
+        let o = &mut dst[r * c..][..d];
+        for d0 in (0..full).step_by(L) {
+            let mut acc = [0f32; L];
+            for (j, &pj) in pr.iter().enumerate() {
+                let vr = &v[j * c + d0..][..L];
+                for i in 0..L {
+                    acc[i] += pj * vr[i];
+                }
+            }
+            for i in 0..L {
+                o[d0 + i] = acc[i] * iv;
+            }
+        }
+        for (dd, ov) in o.iter_mut().enumerate().skip(full) {
+            *ov = pr.iter().enumerate().map(|(j, &pj)| pj * v[j * c + dd]).sum::<f32>() * iv;
+        }
     }
+}
 }
 
 /// A raw output pointer shared by tasks that write disjoint regions.
@@ -244,52 +275,59 @@ unsafe impl Sync for OutPtr {}
 /// Keys per VNNI block: one 512-bit register of int32 scores.
 const KEYS_PER_VEC: usize = 16;
 
-/// The quantized keys of one (group, head), plus the VNNI layout when the CPU has it:
-/// blocks of 16 keys x 4 consecutive columns (64 bytes, one register) and the key
-/// sums for the unsigned-shift correction (`dpbusd` multiplies `u8 x i8`).
-struct PackedKeys<'a> {
-    k: &'a [i8],
-    lk: usize,
-    dp: usize,
+/// The quantized keys, plus (when the CPU has VNNI) every (group, head)'s keys in the
+/// layout the VNNI kernel reads, built once per call: blocks of 16 keys x 4 consecutive
+/// columns (64 bytes, one register), and each key's sum for the unsigned-shift
+/// correction (`dpbusd` multiplies `u8 x i8`).
+struct Keys<'a> {
+    k: &'a QuantBlocks,
     #[cfg(target_arch = "x86_64")]
     vnni: Option<(Vec<i8>, Vec<i32>)>,
 }
 
-impl<'a> PackedKeys<'a> {
-    fn new(k: &'a [i8], lk: usize, dp: usize) -> Self {
+impl<'a> Keys<'a> {
+    /// `lens[g]`: the number of keys of group g (rows past it are not packed).
+    fn new(k: &'a QuantBlocks, heads: usize, lens: &[usize]) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let vnni = crate::quant::int8::vnni_available().then(|| {
-                // Keys padded to whole blocks (the quantized rows are 0 there).
-                let (blocks, k4) = (lk.div_ceil(KEYS_PER_VEC), dp / 4);
-                let mut packed = vec![0i8; blocks * k4 * KEYS_PER_VEC * 4];
-                let mut sums = vec![0i32; blocks * KEYS_PER_VEC];
-                for j in 0..lk {
-                    let (b, l) = (j / KEYS_PER_VEC, j % KEYS_PER_VEC);
-                    for (cc, &v) in k[j * dp..][..dp].iter().enumerate() {
-                        packed[((b * k4 + cc / 4) * KEYS_PER_VEC + l) * 4 + cc % 4] = v;
-                        sums[j] += v as i32;
+                let (rows, dp, k4) = (k.rows_pad, k.dp, k.dp / 4);
+                let mut packed = vec![0i8; k.q.len()];
+                let mut sums = vec![0i32; k.q.len() / dp];
+                packed.par_chunks_mut(rows * dp).zip(sums.par_chunks_mut(rows)).zip(k.q.par_chunks(rows * dp)).enumerate().for_each(|(gh, ((pk, sm), src))| {
+                    let used = lens[gh / heads].div_ceil(KEYS_PER_VEC);
+                    // Block b of 16 keys: for each group of 4 columns, 16 keys' 4 bytes in key order.
+                    for (b, (dst, keys)) in pk.chunks_mut(KEYS_PER_VEC * dp).zip(src.chunks(KEYS_PER_VEC * dp)).take(used).enumerate() {
+                        for (l, key) in keys.chunks(dp).enumerate() {
+                            for kk in 0..k4 {
+                                dst[(kk * KEYS_PER_VEC + l) * 4..][..4].copy_from_slice(&key[kk * 4..][..4]);
+                            }
+                            sm[b * KEYS_PER_VEC + l] = key.iter().map(|&v| v as i32).sum();
+                        }
                     }
-                }
+                });
                 (packed, sums)
             });
-            PackedKeys { k, lk, dp, vnni }
+            Keys { k, vnni }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        PackedKeys { k, lk, dp }
+        Keys { k }
     }
 
-    /// `s[r * lk + j] = q_r . k_j` in exact int32 for the `tq` query rows `q` (rows `dp` apart).
-    fn scores(&self, q: &[i8], tq: usize, s: &mut Vec<i32>) {
+    /// `s[r * lk + j] = q_r . k_j` in exact int32 for the first `lk` keys of (group, head)
+    /// `gh` and the `tq` query rows `q` (rows `dp` apart).
+    fn scores(&self, gh: usize, lk: usize, q: &[i8], tq: usize, s: &mut Vec<i32>) {
+        let (rows, dp) = (self.k.rows_pad, self.k.dp);
         s.clear();
-        s.resize(tq * self.lk, 0);
+        s.resize(tq * lk, 0);
         #[cfg(target_arch = "x86_64")]
         if let Some((packed, sums)) = &self.vnni {
-            // SAFETY: vnni_available() checked the instruction sets.
-            unsafe { vnni::scores(q, tq, self.dp, packed, sums, self.lk, s) };
+            // SAFETY: vnni_available() checked the instruction sets; rows_pad (a multiple
+            // of 64) covers lk rounded up to whole 16-key blocks.
+            unsafe { vnni::scores(q, tq, dp, &packed[gh * rows * dp..][..rows * dp], &sums[gh * rows..][..rows], lk, s) };
             return;
         }
-        scores_portable(q, tq, self.k, self.lk, self.dp, s);
+        scores_portable(q, tq, &self.k.q[gh * rows * dp..][..rows * dp], lk, dp, s);
     }
 }
 
