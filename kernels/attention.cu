@@ -55,50 +55,14 @@ template <int HDP> struct Cfg {
 };
 
 
-// ------------------------------------------------------------ PTX wrappers
-// (cp.async, ldmatrix, fast_exp2 and pack_bf16 are in common.cuh)
-
-// d += a (16x16, row) * b (16x8, col), bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // ------------------------------------------------------------ tile loads
-
-// A sequence of rows in global memory: element d of item i (i < len) is at
-// base + (row0 + i * rstride) * ld + d, base already offset to the head.
-struct Seq {
-    const bf16* base;
-    int64_t ld;
-    int64_t row0;
-    int64_t rstride;
-    int len;
-};
 
 // Issues cp.async for tile rows r < ROWS holding items start + r of seq into
 // s (rows SROW apart), columns [0, head_dim) only; items >= len are zero-filled.
 // Thread tid handles chunks tid, tid + THREADS, ... (rope_tile walks the same ones).
 template <int HDP, int ROWS>
 __device__ __forceinline__ void load_tile(bf16* s, const Seq& q, int start, int head_dim) {
-    constexpr int CPR = HDP / 8;  // 16-byte chunks per padded row
-    constexpr int SROW = Cfg<HDP>::SROW;
-#pragma unroll
-    for (int k = 0; k < (ROWS * CPR + THREADS - 1) / THREADS; ++k) {
-        const int idx = threadIdx.x + k * THREADS;
-        const int r = idx / CPR;
-        const int c = idx - r * CPR;
-        if (idx < ROWS * CPR && c * 8 < head_dim) {
-            const int i = start + r;
-            const bool ok = i < q.len;
-            // Out-of-range rows read nothing; item 0 (always valid) keeps the address legal.
-            const bf16* src = q.base + (q.row0 + static_cast<int64_t>(ok ? i : 0) * q.rstride) * q.ld + c * 8;
-            cp_async16(s + r * SROW + c * 8, src, ok ? 16 : 0);
-        }
-    }
+    load_rows_async<HDP, ROWS, Cfg<HDP>::SROW, THREADS>(s, q, start, head_dim);
 }
 
 // RoPE in place on the chunks this thread loaded with load_tile (after
@@ -298,8 +262,8 @@ __device__ __forceinline__ void attention(const QcAttentionArgs& a, const ScoreB
                     uint32_t b[4];
                     ldmatrix_x4(b, k_s + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * SROW + kb * 16 +
                                        ((lane >> 3) & 1) * 8);
-                    mma_bf16(s[2 * n2], qf[kb], b[0], b[1]);
-                    mma_bf16(s[2 * n2 + 1], qf[kb], b[2], b[3]);
+                    mma_bf16_16816(s[2 * n2], qf[kb], b[0], b[1]);
+                    mma_bf16_16816(s[2 * n2 + 1], qf[kb], b[2], b[3]);
                 }
             }
 
@@ -317,75 +281,11 @@ __device__ __forceinline__ void attention(const QcAttentionArgs& a, const ScoreB
 
             // Online softmax. Every processed tile has a valid key (key0 < kv_len), so the
             // new max is finite and m_run - m_new is never -inf - -inf.
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int n = 0; n < NB; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[hr], mx);
-                const float alpha = fast_exp2(m_run[hr] - m_new);  // 0 on the first tile
-                m_run[hr] = m_new;
-                float sum = 0.0f;
-#pragma unroll
-                for (int n = 0; n < NB; ++n) {
-                    const float p0 = fast_exp2(s[n][2 * hr] - m_new);
-                    const float p1 = fast_exp2(s[n][2 * hr + 1] - m_new);
-                    s[n][2 * hr] = p0;
-                    s[n][2 * hr + 1] = p1;
-                    sum += p0 + p1;
-                }
-                l_run[hr] = l_run[hr] * alpha + sum;
-#pragma unroll
-                for (int n = 0; n < 2 * KB; ++n) {
-                    o[n][2 * hr] *= alpha;
-                    o[n][2 * hr + 1] *= alpha;
-                }
-            }
-
-            // O += P V: P (bf16) from the score accumulators as A fragments, V^T via ldmatrix.trans.
-#pragma unroll
-            for (int kk = 0; kk < NB / 2; ++kk) {
-                if (key0 + kk * 16 >= kv_len) continue;  // probabilities all 0
-                uint32_t p[4];
-                p[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                p[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                p[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                p[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-                for (int d2 = 0; d2 < KB; ++d2) {
-                    if (d2 * 16 >= hd) continue;  // all-padding output columns
-                    uint32_t b[4];
-                    ldmatrix_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + d2 * 16 +
-                                             (lane >> 4) * 8);
-                    mma_bf16(o[2 * d2], p, b[0], b[1]);
-                    mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
-                }
-            }
+            flash_softmax_update(s, m_run, l_run, o);
+            flash_pv<NB, KB, SROW>(s, o, v_s, key0, kv_len, hd);
         }
 
-        // Epilogue: O / l, rounded to bf16, straight from the accumulators (4 bytes per lane and row).
-        if (active) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float l = l_run[hr];
-                l += __shfl_xor_sync(0xffffffffu, l, 1);
-                l += __shfl_xor_sync(0xffffffffu, l, 2);
-                const float inv = 1.0f / l;
-                const int i = q0 + warp * 16 + (lane >> 2) + hr * 8;
-                if (i < a.q_len) {
-                    bf16* orow = og + (grp_row + static_cast<int64_t>(i) * a.seq_stride) * a.ldo + hoff + (lane & 3) * 2;
-#pragma unroll
-                    for (int n = 0; n < 2 * KB; ++n) {
-                        if (n * 8 < hd) {
-                            const uint32_t v = pack_bf16(o[n][2 * hr] * inv, o[n][2 * hr + 1] * inv);
-                            *reinterpret_cast<uint32_t*>(orow + n * 8) = v;
-                        }
-                    }
-                }
-            }
-        }
+        if (active) flash_store(o, l_run, og + hoff, grp_row, a.seq_stride, a.ldo, q0, a.q_len, hd);
     }
 }
 

@@ -184,14 +184,16 @@ template <int N> __device__ __forceinline__ void cp_async_wait_pending() {
 // Four 8x8 b16 matrices from shared memory: lanes 8i .. 8i+7 give the row addresses
 // of matrix i (16 bytes each), and lane l receives row l / 4, columns 2 (l % 4) and
 // 2 (l % 4) + 1 of matrix i in r[i] (lower column in the low half). With .trans,
-// r[i] holds column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1 instead.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+// r[i] holds column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1 instead. With int8
+// data a row is 16 int8, which gives the m16n8k32 s8 fragments (mma_s8_16832)
+// the same way as the bf16 ones.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p))
                  : "memory");
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p))
@@ -226,6 +228,145 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------- flash attention pieces
+// Shared by attention.cu (bf16 Q K^T) and attention_int8.cu (int8 Q K^T): the
+// PTX wrappers, the cp.async row loads, the online softmax, P V and the
+// epilogue of one warp's 16 query rows (m16n8 accumulator layout: lane holds
+// rows lane/4 (index hr = 0) and lane/4 + 8 (hr = 1), columns 2 (lane%4) + {0, 1}
+// of every 8-column block).
+
+// c += a (16x32, row) * b (32x8, col), s8 in, exact s32 accumulate (mma.sync m16n8k32).
+// a[0] = A[g][4q..4q+3], a[1] = A[g+8][4q..], a[2] = A[g][4q+16..], a[3] = A[g+8][4q+16..];
+// b0 = B[4q..4q+3][g], b1 = B[4q+16..][g]; c as for mma_bf16_16816 (g = lane/4, q = lane%4).
+__device__ __forceinline__ void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A sequence of bf16 rows in global memory: element d of item i (i < len) is at
+// base + (row0 + i * rstride) * ld + d, base already offset to the head.
+struct Seq {
+    const bf16* base;
+    int64_t ld;
+    int64_t row0;
+    int64_t rstride;
+    int len;
+};
+
+// Issues cp.async for tile rows r < ROWS holding items start + r of seq into s
+// (bf16 rows SROW apart), columns [0, head_dim) of the HDP padded ones only;
+// items >= len are zero-filled. Thread tid of NTHREADS handles chunks
+// tid, tid + NTHREADS, ...
+template <int HDP, int ROWS, int SROW, int NTHREADS>
+__device__ __forceinline__ void load_rows_async(bf16* s, const Seq& q, int start, int head_dim) {
+    constexpr int CPR = HDP / 8;  // 16-byte chunks per padded row
+#pragma unroll
+    for (int k = 0; k < (ROWS * CPR + NTHREADS - 1) / NTHREADS; ++k) {
+        const int idx = threadIdx.x + k * NTHREADS;
+        const int r = idx / CPR;
+        const int c = idx - r * CPR;
+        if (idx < ROWS * CPR && c * 8 < head_dim) {
+            const int i = start + r;
+            const bool ok = i < q.len;
+            // Out-of-range rows read nothing; item 0 (always valid) keeps the address legal.
+            const bf16* src = q.base + (q.row0 + static_cast<int64_t>(ok ? i : 0) * q.rstride) * q.ld + c * 8;
+            cp_async16(s + r * SROW + c * 8, src, ok ? 16 : 0);
+        }
+    }
+}
+
+// Online softmax over one key tile: s[n][e] are the tile's base-2 scores (keys past
+// the sequence at -inf, at least one finite per row); they become the unnormalised
+// probabilities exp2(s - m_new), the running max and this lane's part of the running
+// sum are updated, and o (NO 8-column blocks) is rescaled.
+template <int NB, int NO>
+__device__ __forceinline__ void flash_softmax_update(float (&s)[NB][4], float (&m_run)[2], float (&l_run)[2],
+                                                     float (&o)[NO][4]) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NB; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[hr], mx);
+        const float alpha = fast_exp2(m_run[hr] - m_new);  // 0 on the first tile
+        m_run[hr] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+            const float p0 = fast_exp2(s[n][2 * hr] - m_new);
+            const float p1 = fast_exp2(s[n][2 * hr + 1] - m_new);
+            s[n][2 * hr] = p0;
+            s[n][2 * hr + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_run[hr] = l_run[hr] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            o[n][2 * hr] *= alpha;
+            o[n][2 * hr + 1] *= alpha;
+        }
+    }
+}
+
+// O += P V for one key tile of NB 8-key blocks starting at key key0: P (bf16) from the
+// probability accumulators as A fragments, V^T via ldmatrix.trans from v_s (bf16 rows
+// SROW apart, KB 16-column blocks of the padded head dim).
+template <int NB, int KB, int SROW>
+__device__ __forceinline__ void flash_pv(const float (&s)[NB][4], float (&o)[2 * KB][4], const bf16* v_s, int key0,
+                                         int kv_len, int hd) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < NB / 2; ++kk) {
+        if (key0 + kk * 16 >= kv_len) continue;  // probabilities all 0
+        uint32_t p[4];
+        p[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        p[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        p[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int d2 = 0; d2 < KB; ++d2) {
+            if (d2 * 16 >= hd) continue;  // all-padding output columns
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SROW + d2 * 16 +
+                                     (lane >> 4) * 8);
+            mma_bf16_16816(o[2 * d2], p, b[0], b[1]);
+            mma_bf16_16816(o[2 * d2 + 1], p, b[2], b[3]);
+        }
+    }
+}
+
+// Epilogue: O / l rounded to bf16, straight from the accumulators, for the warp's rows
+// q0 + warp * 16 + [0, 16) below q_len: row i at out + (row0 + i * rstride) * ld (out
+// already offset to the head), columns < hd.
+template <int NO>
+__device__ __forceinline__ void flash_store(const float (&o)[NO][4], const float (&l_run)[2], bf16* out, int64_t row0,
+                                            int64_t rstride, int64_t ld, int q0, int q_len, int hd) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float l = l_run[hr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = 1.0f / l;
+        const int i = q0 + warp * 16 + (lane >> 2) + hr * 8;
+        if (i < q_len) {
+            bf16* orow = out + (row0 + static_cast<int64_t>(i) * rstride) * ld + (lane & 3) * 2;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                if (n * 8 < hd) {
+                    const uint32_t v = pack_bf16(o[n][2 * hr] * inv, o[n][2 * hr + 1] * inv);
+                    *reinterpret_cast<uint32_t*>(orow + n * 8) = v;
+                }
+            }
+        }
+    }
 }
 
 __device__ __forceinline__ float silu_f32(float v) {

@@ -756,6 +756,138 @@ typedef struct QcAttentionBiasArgs {
 #define QC_ATTENTION_WIDE_D256_SMEM_BYTES 112128
 #define QC_ATTENTION_WIDE_D512_SMEM_BYTES 139776
 
+/* -------------------------------------------------------- attention_int8.cu */
+
+/*
+ * Attention with int8 Q and K (AttnSpec::qk_int8; the CPU backend has the
+ * same op with the same int8 values, scales and int32 products:
+ * src/backend/cpu/attention_int8.rs). Two steps: quantize Q and K per block
+ * of QC_QK_BLOCK rows of one (group, head), then flash attention whose Q K^T
+ * runs on int8 tensor cores (mma.sync m16n8k32, exact int32) and is
+ * dequantized in registers; softmax and P V as in qc_attention_dNN_bf16.
+ *
+ * Layout of a quantized operand (Q or K) of `groups` groups, `heads` heads:
+ *   int8 [groups, heads, rows_pad, dp]: row i of (g, h) at
+ *   ((g * heads + h) * rows_pad + i) * dp, with dp = head_dim rounded up to a
+ *   multiple of 32 (the MMA k-size) and rows_pad a multiple of QC_QK_BLOCK
+ *   covering the longest group; columns >= head_dim and rows >= the group's
+ *   length are 0. Scales f32 [groups, heads, rows_pad / QC_QK_BLOCK], one per
+ *   block b of rows [b * QC_QK_BLOCK, (b + 1) * QC_QK_BLOCK); a block without
+ *   rows has scale 0.
+ *
+ * Smoothing (K only, SageAttention's): K is quantized after subtracting its
+ * mean over the group's keys, per (group, head, column). q . (k_j - m) =
+ * q . k_j - q . m changes every score of a query row by the same amount, so
+ * the softmax is unchanged, while a large common offset of the keys (keys of
+ * a DiT share one) no longer uses up the int8 range.
+ *   For group g with keys j < n (n = its length, > 0), column c, f32:
+ *     part_b = 0; part_b += x[j, c] for the keys j of block b in order;
+ *     total = 0; total += part_b for the blocks b in order;
+ *     mean[c] = total / n
+ * Quantization of one block (f32; x'[i, c] = x[i, c] - mean[c] for K, x for Q):
+ *   amax = max |x'[i, c]| over the block's rows i and columns c < head_dim
+ *   scale = amax / 127,  inv = amax > 0 ? 127 / amax : 0
+ *   q[i, c] = clamp(rint(x'[i, c] * inv), -127, 127)    (round half to even)
+ * (the per-row formulas of QcQuantizeArgs applied to the whole block).
+ *
+ * qc_qk_mean_bf16 (QcQkMeanArgs): mean f32 [groups, heads, head_dim] of k
+ *   (bf16; element c of head h of row r at k + r * ldk + h * head_dim + c)
+ *   over the rows row_start[g] .. row_end[g] (int32 [groups]) of group g, by
+ *   the order above; a group without rows gets 0.
+ *   Launch: blockDim.x = 128, gridDim.x any (grid stride over groups * heads).
+ */
+#define QC_QK_BLOCK 64
+typedef struct QcQkMeanArgs {
+    qc_dptr k;
+    qc_dptr mean;
+    qc_dptr row_start; /* int32 [groups] */
+    qc_dptr row_end;   /* int32 [groups] */
+    int64_t ldk;
+    int32_t groups;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t _pad;
+} QcQkMeanArgs;
+
+/*
+ * qc_quantize_qk_bf16 (QcQuantizeQkArgs): quantizes x (bf16, element c of
+ *   head h of row r at x + r * ldx + h * head_dim + c) into the layout above
+ *   (q: int8, scale: f32), minus mean (f32 [groups, heads, head_dim], the
+ *   output of qc_qk_mean_bf16) when mean != 0. Group g's rows:
+ *   row_start[g] .. row_end[g] when row_start != 0 (int32 [groups], then
+ *   row_end too), else g * seq_len .. (g + 1) * seq_len. Every element of q
+ *   [groups, heads, rows_pad, dp] and scale is written (padding 0).
+ *   Requirements: head_dim in [1, 128]; dp = head_dim rounded up to 32;
+ *   rows_pad a multiple of QC_QK_BLOCK >= every group's length; q 16-byte aligned.
+ *   Launch: blockDim.x = 128 (traps otherwise), gridDim.x any: grid stride over
+ *   groups * heads * (rows_pad / QC_QK_BLOCK) blocks, item w = (g * heads + h) *
+ *   (rows_pad / QC_QK_BLOCK) + b.
+ */
+typedef struct QcQuantizeQkArgs {
+    qc_dptr x;
+    qc_dptr mean;      /* f32 [groups, heads, head_dim] or 0 */
+    qc_dptr row_start; /* int32 [groups] or 0 */
+    qc_dptr row_end;   /* int32 [groups], used when row_start != 0 */
+    qc_dptr q;
+    qc_dptr scale;
+    int64_t ldx;
+    int64_t rows_pad;
+    int32_t seq_len; /* used when row_start == 0 */
+    int32_t groups;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t dp;
+    int32_t _pad;
+} QcQuantizeQkArgs;
+
+/*
+ * qc_attention_i8_d{32,64,96,128} (QcAttentionI8Args): for group g < groups,
+ * head h < heads, query i < q_len (row g * q_len + i of out) and key j <
+ * kv_len(g) (row kv_start[g] + j of v when kv_start != 0, then
+ * kv_len(g) = max(0, kv_end[g] - kv_start[g]); else row g * q_len + j and
+ * kv_len = q_len), with q8, k8 and their scales from qc_quantize_qk_bf16:
+ *   S[i, j] = sum_c (int32) q8[g, h, i, c] * (int32) k8[g, h, j, c]    (exact)
+ *   f       = (q_scale[g, h, i / 64] * scale) * k_scale[g, h, j / 64]   (f32)
+ *   s_j     = (float) S[i, j] * f
+ *   out[g * q_len + i, h, :] = sum_j softmax(s)_j v[j, h, :]
+ * with the softmax and P V of qc_attention_dNN_bf16 (online, base 2:
+ * the kernel multiplies f by log2(e) once per key tile; P rounded to bf16,
+ * f32 accumulators; out bf16; zero rows for a group without keys).
+ *   v, out: bf16, element c of head h of row r at v + r * ldv + h * head_dim + c
+ *   (ldo for out). acc_out: when nonzero, int32, S[i, j] of (g, h) at
+ *   acc_out + ((g * heads + h) * q_len + i) * acc_ld + j for j < kv_len(g)
+ *   (the rest untouched), so tests compare the integer products exactly.
+ *   q_rows_pad, kv_rows_pad: rows_pad of q8 and k8. The dNN kernel takes
+ *   head_dim <= NN with dp <= NN (launch_cfg::attention_i8_kernel).
+ *   Requirements: head_dim a multiple of 8; ldv, ldo multiples of 8; q8, k8,
+ *   v, out 16-byte aligned; out must not overlap v. A launch that breaks one
+ *   traps.
+ *   Launch: blockDim.x = 128, any gridDim.x: grid stride over items
+ *   w = (tile, head, group) as for qc_attention_dNN_bf16 (64 queries each).
+ */
+typedef struct QcAttentionI8Args {
+    qc_dptr q8;
+    qc_dptr q_scale;
+    qc_dptr k8;
+    qc_dptr k_scale;
+    qc_dptr v;
+    qc_dptr out;
+    qc_dptr kv_start; /* int32 [groups], or 0 for self-attention */
+    qc_dptr kv_end;   /* int32 [groups], used when kv_start != 0 */
+    qc_dptr acc_out;  /* int32 debug output, or 0 */
+    int64_t ldv;
+    int64_t ldo;
+    int64_t q_rows_pad;
+    int64_t kv_rows_pad;
+    int64_t acc_ld;
+    int32_t groups;
+    int32_t q_len;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t dp;
+    float scale;
+} QcAttentionI8Args;
+
 /* ------------------------------------------------------------ baseline.cu */
 
 /*

@@ -147,6 +147,11 @@ pub struct AttnSpec {
     pub head_dim: usize,
     pub kv_ranges: Vec<(usize, usize)>,
     pub scale: f32,
+    /// Compute `q.k` with Q and K quantized to int8 (per block of 64 rows of a
+    /// group and head, K smoothed by its mean: `kernels/qc_types.h`,
+    /// attention_int8.cu) in exact integer products; no score bias then.
+    /// False in the constructors.
+    pub qk_int8: bool,
 }
 
 impl AttnSpec {
@@ -157,7 +162,7 @@ impl AttnSpec {
 
     /// Group `g` attends to `ranges[g]`, scale `1/sqrt(head_dim)`.
     pub fn ragged(q_len: usize, heads: usize, head_dim: usize, ranges: Vec<(usize, usize)>) -> Self {
-        AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt() }
+        AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt(), qk_int8: false }
     }
 
     /// Ranges from cumulative offsets: group `g` owns `offsets[g]..offsets[g + 1]`.

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use qc::backend::cpu::gemm::{sgemm, MatRef};
 use qc::backend::cpu::CpuBackend;
-use qc::backend::{Activation, Backend, Linear};
+use qc::backend::{Activation, AttnSpec, Backend, Linear};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Stdit3Config, Stdit3Weights};
 use qc::quant::preset::{quantize_blocks, QuantPreset};
 use qc::rng::Rng;
@@ -231,6 +231,8 @@ fn cpu(a: &CpuArgs) -> Result<()> {
         println!("| linear {name} W4A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32, {:.2}x W8A8 |", secs4 * 1e3, secs / secs4, secs8 / secs4);
     }
 
+    attention_int8_rows(&be, a.reps, &mut rng)?;
+
     // One forward (batch 1) and one sampling step (CFG pair) at real width.
     let model = Stdit3::new(cfg.clone(), Stdit3Weights::random(&cfg, 1)?);
     let mk = |b: usize, rng: &mut Rng| Tensor::from_f32(&[b, 4, lt, lh, lw], rng.normal_vec(b * 4 * lt * lh * lw));
@@ -275,6 +277,37 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     }
     println!();
     println!("Extrapolated to depth 28 and 30 steps at this geometry: {:.0} s for the DiT on this CPU.", full);
+    Ok(())
+}
+
+/// Attention with int8 Q and K (`AttnSpec::qk_int8`, quantization included) next to the
+/// float attention: Open-Sora 1.2's 3600-token spatial attention (one group, 16 heads of 72)
+/// and the demo model's three attentions (a CFG pair of 4 x 8 x 8 tokens, 4 heads of 16,
+/// captions of 9 and 13 tokens). Inputs as after Open-Sora's q/k RMS norm: unit-variance q and
+/// k per element, plus a per-channel key offset shared by all keys (std 2); v unit normal.
+fn attention_int8_rows(be: &CpuBackend, reps: usize, rng: &mut Rng) -> Result<()> {
+    let cases = [
+        ("spatial, Open-Sora 720p frame", AttnSpec::dense(1, 3600, 3600, 16, 72)),
+        ("spatial, demo", AttnSpec::dense(8, 64, 64, 4, 16)),
+        ("temporal, demo", AttnSpec::dense(128, 4, 4, 4, 16)),
+        ("cross, demo", AttnSpec::ragged(256, 4, 16, AttnSpec::ranges_from_offsets(&[0, 9, 22]))),
+    ];
+    for (what, spec) in cases {
+        let c = spec.heads * spec.head_dim;
+        let (rows, nk) = (spec.groups * spec.q_len, spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0));
+        let offset = rng.normal_vec(c);
+        let q = Tensor::from_f32(&[rows, c], rng.normal_vec(rows * c))?;
+        let k = Tensor::from_f32(&[nk, c], rng.normal_vec(nk * c).into_iter().enumerate().map(|(i, x)| x + 2.0 * offset[i % c]).collect())?;
+        let v = Tensor::from_f32(&[nk, c], rng.normal_vec(nk * c))?;
+        let int8 = AttnSpec { qk_int8: true, ..spec.clone() };
+        let float_s = time(reps, || be.attention(&q, &k, &v, &spec, None))?;
+        let int8_s = time(reps, || be.attention(&q, &k, &v, &int8, None))?;
+        let err = qc::tensor::rel_l2(be.attention(&q, &k, &v, &int8, None)?.f32()?, be.attention(&q, &k, &v, &spec, None)?.f32()?);
+        let flops = 4.0 * (spec.groups * spec.heads * spec.q_len) as f64 * (nk as f64 / spec.groups as f64) * spec.head_dim as f64;
+        let shape = format!("{} x {} queries, {} heads x {}", spec.groups, spec.q_len, spec.heads, spec.head_dim);
+        println!("| attention {what} (float) | {shape} | {:.2} ms | {:.0} | - |", float_s * 1e3, flops / float_s / 1e9);
+        println!("| attention {what}, int8 QK (incl. quantize) | {shape} | {:.2} ms | {:.0} | {:.2}x float; rel L2 {err:.1e} vs float |", int8_s * 1e3, flops / int8_s / 1e9, float_s / int8_s);
+    }
     Ok(())
 }
 

@@ -36,7 +36,8 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+/// The shape checks shared by the float and the int8 attention.
+pub fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<()> {
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;
     ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);
@@ -45,6 +46,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
     ensure!(spec.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
     let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
     ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
+    Ok(())
+}
+
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+    check_shapes(q, k, v, spec)?;
+    let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
+    let c = h * d;
     let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
     let bias_v = match bias {
         None => None,

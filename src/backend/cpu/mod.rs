@@ -1,6 +1,8 @@
 //! The CPU reference backend: defines every op's semantics, multi-threaded with rayon.
 
 mod attention;
+pub mod attention_int8;
+pub use attention::check_shapes as check_attention_shapes;
 mod conv;
 mod embed;
 pub mod gemm;
@@ -221,6 +223,9 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+        if spec.qk_int8 {
+            return attention_int8::attention(q, k, v, spec, bias);
+        }
         attention::attention(q, k, v, spec, bias)
     }
 

@@ -64,6 +64,9 @@
 //!   additive score bias (T5's relative positions) runs on the
 //!   qc_attention_bias kernels for every head dim up to 128; only a biased one
 //!   with scale 0 (which those kernels cannot express) falls back.
+//!   Attention with `AttnSpec::qk_int8` runs qc_qk_mean_bf16, qc_quantize_qk_bf16
+//!   and qc_attention_i8_dNN (Q and K int8 in arena temporaries); with a head dim
+//!   those do not cover, the CPU's int8-QK attention.
 //! - `pos_embed_2d` is computed on the host (once per size: cached on the device).
 //! - Not fallbacks, but host work by design: T5's `[heads, L, L]` position bias
 //!   is built on the host once per encode and uploaded once (`T5Encoder::encode`

@@ -215,6 +215,102 @@ impl CudaBackend {
         let b = self.dev(&out, DType::BF16)?;
         self.tensor(out.shape(), b)
     }
+
+    /// Attention with int8 Q and K (`spec.qk_int8`, checked shapes, no bias): K's mean,
+    /// Q and K quantized per block of 64 rows into arena temporaries, then
+    /// qc_attention_i8_dNN. `acc_out`: int32 `[groups, heads, q_len, max kv length]`
+    /// that also receives the integer products (tests).
+    pub(crate) fn attention_i8(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, acc_out: Option<&DeviceBuffer>) -> Result<Tensor> {
+        let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
+        let c = h * d;
+        let Some((name, dp)) = launch_cfg::attention_i8_kernel(d) else {
+            return self.attention_on_host(q, k, v, spec, None, "with int8 Q and K and a head dim the kernels do not cover");
+        };
+        let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
+        let fits = |v: usize| v <= i32::MAX as usize;
+        ensure!(fits(g) && fits(lq) && fits(h) && fits(max_end), "attention of {g} groups of {lq} queries is too large for the kernel");
+        let out = self.alloc(DType::BF16, g * lq * c)?;
+        if g * lq == 0 {
+            return self.tensor(&[g * lq, c], out);
+        }
+        let block = crate::backend::cpu::attention_int8::QK_BLOCK;
+        let (q_pad, kv_pad) = (lq.div_ceil(block) * block, max_len.div_ceil(block) * block);
+        let (qb, kb, vb) = (self.dev_aligned(q, DType::BF16)?, self.dev_aligned(k, DType::BF16)?, self.dev_aligned(v, DType::BF16)?);
+        let self_layout = spec.kv_ranges.iter().enumerate().all(|(gi, &(a, b))| a == gi * lq && b == a + lq);
+        let starts: Vec<i32> = spec.kv_ranges.iter().map(|r| r.0 as i32).collect();
+        let ends: Vec<i32> = spec.kv_ranges.iter().map(|r| r.1 as i32).collect();
+        let (starts, ends) = (self.i32_array(b's', &starts)?, self.i32_array(b'e', &ends)?);
+
+        let mean = self.alloc(DType::F32, g * h * d)?;
+        let mean_args = QcQkMeanArgs { k: kb.address(), mean: mean.address(), row_start: starts.address(), row_end: ends.address(), ldk: c as i64, groups: g as i32, heads: h as i32, head_dim: d as i32, _pad: 0 };
+        self.run("qc_qk_mean_bf16", launch_cfg::qk_mean((g * h) as i64), mean_args)?;
+
+        let (q8, q_scale) = (self.alloc(DType::I8, g * h * q_pad * dp)?, self.alloc(DType::F32, g * h * q_pad / block)?);
+        let (k8, k_scale) = (self.alloc(DType::I8, g * h * kv_pad * dp)?, self.alloc(DType::F32, g * h * kv_pad / block)?);
+        let quant = |x: &DeviceBuffer, mean: u64, ranges: Option<(&DeviceBuffer, &DeviceBuffer)>, rows_pad: usize, qo: &DeviceBuffer, so: &DeviceBuffer| {
+            let args = QcQuantizeQkArgs {
+                x: x.address(),
+                mean,
+                row_start: ranges.map_or(0, |r| r.0.address()),
+                row_end: ranges.map_or(0, |r| r.1.address()),
+                q: qo.address(),
+                scale: so.address(),
+                ldx: c as i64,
+                rows_pad: rows_pad as i64,
+                seq_len: lq as i32,
+                groups: g as i32,
+                heads: h as i32,
+                head_dim: d as i32,
+                dp: dp as i32,
+                _pad: 0,
+            };
+            self.run("qc_quantize_qk_bf16", launch_cfg::quantize_qk((g * h * rows_pad / block) as i64), args)
+        };
+        quant(&qb, 0, None, q_pad, &q8, &q_scale)?;
+        quant(&kb, mean.address(), Some((&starts, &ends)), kv_pad, &k8, &k_scale)?;
+
+        let args = QcAttentionI8Args {
+            q8: q8.address(),
+            q_scale: q_scale.address(),
+            k8: k8.address(),
+            k_scale: k_scale.address(),
+            v: vb.address(),
+            out: out.address(),
+            kv_start: if self_layout { 0 } else { starts.address() },
+            kv_end: if self_layout { 0 } else { ends.address() },
+            acc_out: acc_out.map_or(0, |b| b.address()),
+            ldv: c as i64,
+            ldo: c as i64,
+            q_rows_pad: q_pad as i64,
+            kv_rows_pad: kv_pad as i64,
+            acc_ld: max_len as i64,
+            groups: g as i32,
+            q_len: lq as i32,
+            heads: h as i32,
+            head_dim: d as i32,
+            dp: dp as i32,
+            scale: spec.scale,
+        };
+        self.run(name, launch_cfg::attention(lq as i64, h as i64, g as i64), args)?;
+        self.tensor(&[g * lq, c], out)
+    }
+
+    /// [`Backend::attention`] with `spec.qk_int8`, also returning the int32 products
+    /// `S` as a host tensor `[groups * heads * q_len, max kv length]` (entries past a
+    /// group's keys `i32::MIN`): what tests compare with the CPU's
+    /// `attention_int8::scores_i32` exactly.
+    pub fn attention_i8_with_scores(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<(Tensor, Tensor)> {
+        ensure!(spec.qk_int8, "attention_i8_with_scores: spec.qk_int8 is not set");
+        crate::backend::cpu::check_attention_shapes(q, k, v, spec)?;
+        ensure!(launch_cfg::attention_i8_kernel(spec.head_dim).is_some(), "attention_i8_with_scores: no int8 kernel for head dim {}", spec.head_dim);
+        let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
+        let rows = spec.groups * spec.heads * spec.q_len;
+        let acc = self.upload_slice(DType::I32, &vec![i32::MIN; rows * max_len])?;
+        let out = self.attention_i8(q, k, v, spec, Some(&acc))?;
+        let scores = self.tensor(&[rows, max_len], acc)?.to_cpu()?;
+        Ok((out, scores))
+    }
 }
 
 impl Backend for CudaBackend {
@@ -430,6 +526,10 @@ impl Backend for CudaBackend {
         if let Some(b) = bias {
             let s = b.shape();
             ensure!(s.len() == 3 && s[0] == h && s[1] == lq && s[2] >= max_len, "attention: bias {s:?} is not [{h}, {lq}, >= {max_len}]");
+        }
+        if spec.qk_int8 {
+            ensure!(bias.is_none(), "attention: qk_int8 takes no score bias (use the float attention)");
+            return self.attention_i8(q, k, v, spec, None);
         }
         // Head dims up to 128 on the qc_attention kernels; wider ones (the VAE mid-block's 512)
         // without a bias on qc_attention_wide, whose launch takes dynamic shared memory.

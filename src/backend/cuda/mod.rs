@@ -39,6 +39,8 @@ mod gemm_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod attention_tests;
 #[cfg(all(test, qc_cuda_kernels))]
+mod attention_int8_tests;
+#[cfg(all(test, qc_cuda_kernels))]
 mod gpu_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod tensor_ops_tests;
@@ -184,6 +186,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_depth_to_time_bf16",
     "qc_channel_affine_f32",
     "qc_channel_affine_bf16",
+    // attention_int8.cu
+    "qc_qk_mean_bf16",
+    "qc_quantize_qk_bf16",
+    "qc_attention_i8_d32",
+    "qc_attention_i8_d64",
+    "qc_attention_i8_d96",
+    "qc_attention_i8_d128",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -239,6 +248,9 @@ kernel_args! {
         "qc_attention_bias_d80_bf16",
         "qc_attention_bias_d128_bf16",
     ];
+    QcQkMeanArgs => ["qc_qk_mean_bf16"];
+    QcQuantizeQkArgs => ["qc_quantize_qk_bf16"];
+    QcAttentionI8Args => ["qc_attention_i8_d32", "qc_attention_i8_d64", "qc_attention_i8_d96", "qc_attention_i8_d128"];
     QcGemmArgs => ["qc_gemm_bf16"];
     QcGemmI8Args => ["qc_gemm_w8a8"];
     QcGemmW4Args => ["qc_gemm_w4a8"];
@@ -882,6 +894,31 @@ pub mod launch_cfg {
         Some((names[i], ATTENTION_HEAD_DIMS[i]))
     }
 
+    /// The padded head dims of the int8-QK attention kernels, `qc_attention_i8_d{N}`
+    /// (multiples of 32, the int8 MMA's k-size).
+    pub const ATTENTION_I8_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+    /// The int8-QK attention kernel for `head_dim` (a multiple of 8 in [8, 128]) and its
+    /// padded head dim, which is also the quantized rows' length `dp` (qc_types.h).
+    pub fn attention_i8_kernel(head_dim: usize) -> Option<(&'static str, usize)> {
+        const NAMES: [&str; 4] = ["qc_attention_i8_d32", "qc_attention_i8_d64", "qc_attention_i8_d96", "qc_attention_i8_d128"];
+        if head_dim == 0 || !head_dim.is_multiple_of(8) {
+            return None;
+        }
+        let i = ATTENTION_I8_HEAD_DIMS.iter().position(|&p| head_dim <= p)?;
+        Some((NAMES[i], ATTENTION_I8_HEAD_DIMS[i]))
+    }
+
+    /// qc_quantize_qk_bf16: `(grid, block)` for `blocks` blocks of rows, one warp each.
+    pub fn quantize_qk(blocks: i64) -> (u32, u32) {
+        (((blocks.max(1) + 3) / 4).clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
+    }
+
+    /// qc_qk_mean_bf16: `(grid, block)` for `items` (group, head) pairs.
+    pub fn qk_mean(items: i64) -> (u32, u32) {
+        (items.clamp(1, MAX_GRID) as u32, ATTENTION_THREADS)
+    }
+
     /// Static shared memory of the attention kernel with padded head dim `hdp`
     /// (attention.cu's Cfg: two stages of K and V tiles of 64 keys, 32 above
     /// 80, rows `hdp + 8` bf16 apart).
@@ -1081,6 +1118,9 @@ mod tests {
         covered.extend(QcConvArgs::KERNELS);
         covered.extend(QcGroupNormArgs::KERNELS);
         covered.extend(QcResampleArgs::KERNELS);
+        covered.extend(QcQkMeanArgs::KERNELS);
+        covered.extend(QcQuantizeQkArgs::KERNELS);
+        covered.extend(QcAttentionI8Args::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -1098,6 +1138,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcConvArgs>(), 96);
         assert_eq!(std::mem::size_of::<QcGroupNormArgs>(), 80);
         assert_eq!(std::mem::size_of::<QcResampleArgs>(), 64);
+        assert_eq!(std::mem::size_of::<QcQkMeanArgs>(), 56);
+        assert_eq!(std::mem::size_of::<QcQuantizeQkArgs>(), 88);
+        assert_eq!(std::mem::size_of::<QcAttentionI8Args>(), 136);
         let a = QcLayerNormArgs {
             rows: 3,
             cols: 4,

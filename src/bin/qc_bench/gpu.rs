@@ -138,9 +138,9 @@ impl Bench {
         Ok(m)
     }
 
-    /// A buffer holding `v` (f32).
-    fn upload_f32(&self, v: &[f32]) -> Result<DevMem> {
-        let m = DevMem::new(&self.ctx, v.len() * 4)?;
+    /// A buffer holding `v`.
+    fn upload<T: Copy>(&self, v: &[T]) -> Result<DevMem> {
+        let m = DevMem::new(&self.ctx, std::mem::size_of_val(v))?;
         // SAFETY: m holds v.
         unsafe { result::memcpy_htod_sync(m.ptr, v) }.map_err(|e| anyhow!("cuMemcpyHtoD: {e}"))?;
         Ok(m)
@@ -205,7 +205,7 @@ fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, ours: Ours) -> Result<f64> {
     let set_bytes = m * k * el + w_bytes + m * n * 2;
     let nsets = sets_for(set_bytes);
     let mut rng = Rng::new((m * 31 + k * 7 + n) as u64);
-    let bias = b.upload_f32(&rng.normal_vec(n))?;
+    let bias = b.upload(&rng.normal_vec(n))?;
     let mut sets = Vec::with_capacity(nsets);
     for s in 0..nsets {
         let scales = |len: usize, rng: &mut Rng| -> Vec<f32> { (0..len).map(|_| 1e-3 * (1.0 + rng.uniform() as f32)).collect() };
@@ -213,8 +213,8 @@ fn gemm_ms(b: &Bench, m: usize, k: usize, n: usize, ours: Ours) -> Result<f64> {
             a: b.random(m * k * el, int8, 2 * s)?,
             w: b.random(w_bytes, int8, 2 * s + 1)?,
             out: DevMem::new(&b.ctx, m * n * 2)?,
-            a_scale: if int8 { Some(b.upload_f32(&scales(m, &mut rng))?) } else { None },
-            w_scale: if int8 { Some(b.upload_f32(&scales(w_scales, &mut rng))?) } else { None },
+            a_scale: if int8 { Some(b.upload(&scales(m, &mut rng))?) } else { None },
+            w_scale: if int8 { Some(b.upload(&scales(w_scales, &mut rng))?) } else { None },
         });
     }
     let (grid, block, shared) = launch_cfg::gemm(m as i64, n as i64);
@@ -383,7 +383,7 @@ fn attention_ms(b: &Bench, sh: &AttnShape) -> Result<f64> {
         sets.push((b.random(rows * 3 * c * 2, false, s)?, DevMem::new(&b.ctx, rows * c * 2)?));
     }
     let d = sh.head_dim;
-    let rope = b.upload_f32(&(0..d / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / d as f32)).collect::<Vec<_>>())?;
+    let rope = b.upload(&(0..d / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / d as f32)).collect::<Vec<_>>())?;
     let (grid, block) = launch_cfg::attention(sh.len() as i64, sh.heads as i64, sh.groups() as i64);
     let t = b.time_ms(|i| {
         let (qkv, out) = &sets[i % nsets];
@@ -427,6 +427,86 @@ fn attention_ms(b: &Bench, sh: &AttnShape) -> Result<f64> {
             }
         }
         .map_err(anyhow::Error::msg)
+    })?;
+    Ok(median(&t))
+}
+
+/// Median milliseconds of the int8-QK attention on the spatial shape `sh` in the
+/// backend's layout (contiguous q, k, v `[rows, C]`): with `quantize`, K's mean and
+/// the quantization of Q and K (what `AttnSpec::qk_int8` runs), else the attention
+/// kernel alone on already quantized Q and K.
+fn attention_i8_ms(b: &Bench, sh: &AttnShape, quantize: bool) -> Result<f64> {
+    anyhow::ensure!(!sh.temporal, "the int8 attention row times the spatial shape");
+    let (name, dp) = launch_cfg::attention_i8_kernel(sh.head_dim).ok_or_else(|| anyhow!("no int8 attention kernel for head dim {}", sh.head_dim))?;
+    let (g, h, d, len) = (sh.groups(), sh.heads, sh.head_dim, sh.len());
+    let c = h * d;
+    let rows = g * len;
+    let qk_block = QC_QK_BLOCK as usize;
+    let pad = len.div_ceil(qk_block) * qk_block;
+    let (q8_bytes, scales) = (g * h * pad * dp, g * h * pad / qk_block);
+    let nsets = sets_for(rows * 4 * c * 2);
+    let mut sets = Vec::with_capacity(nsets);
+    for s in 0..nsets {
+        let qkv = b.random(rows * 3 * c * 2, false, s)?;
+        let out = DevMem::new(&b.ctx, rows * c * 2)?;
+        // Scales of ~1/127 keep the random int8 scores in softmax's useful range.
+        let (qs, ks) = (b.upload(&vec![1.0f32 / 127.0; scales])?, b.upload(&vec![1.0f32 / 127.0; scales])?);
+        sets.push((qkv, out, b.random(q8_bytes, true, s)?, b.random(q8_bytes, true, s + 1)?, qs, ks, DevMem::new(&b.ctx, g * h * d * 4)?));
+    }
+    let starts: Vec<i32> = (0..g).map(|i| (i * len) as i32).collect();
+    let ends: Vec<i32> = (0..g).map(|i| ((i + 1) * len) as i32).collect();
+    let (starts, ends) = (b.upload(&starts)?, b.upload(&ends)?);
+    let t = b.time_ms(|i| {
+        let (qkv, out, q8, k8, qs, ks, mean) = &sets[i % nsets];
+        let (q, k, v) = (qkv.ptr, qkv.ptr + (c * 2) as u64, qkv.ptr + (2 * c * 2) as u64);
+        if quantize {
+            let m = QcQkMeanArgs { k, mean: mean.ptr, row_start: starts.ptr, row_end: ends.ptr, ldk: 3 * c as i64, groups: g as i32, heads: h as i32, head_dim: d as i32, _pad: 0 };
+            let quant = |x: u64, mean: u64, dst: u64, scale: u64| QcQuantizeQkArgs {
+                x,
+                mean,
+                row_start: 0,
+                row_end: 0,
+                q: dst,
+                scale,
+                ldx: 3 * c as i64,
+                rows_pad: pad as i64,
+                seq_len: len as i32,
+                groups: g as i32,
+                heads: h as i32,
+                head_dim: d as i32,
+                dp: dp as i32,
+                _pad: 0,
+            };
+            let qgrid = launch_cfg::quantize_qk(scales as i64);
+            // SAFETY: q, k are column slices of qkv [rows, 3C]; mean, q8/k8 and the scales are sized as qc_types.h says.
+            unsafe {
+                b.module.launch("qc_qk_mean_bf16", launch_cfg::qk_mean((g * h) as i64).0, launch_cfg::qk_mean(0).1, &b.stream, &m).map_err(anyhow::Error::msg)?;
+                b.module.launch("qc_quantize_qk_bf16", qgrid.0, qgrid.1, &b.stream, &quant(q, 0, q8.ptr, qs.ptr)).map_err(anyhow::Error::msg)?;
+                b.module.launch("qc_quantize_qk_bf16", qgrid.0, qgrid.1, &b.stream, &quant(k, mean.ptr, k8.ptr, ks.ptr)).map_err(anyhow::Error::msg)?;
+            }
+        }
+        let args = QcAttentionI8Args {
+            q8: q8.ptr,
+            q_scale: qs.ptr,
+            k8: k8.ptr,
+            k_scale: ks.ptr,
+            v,
+            out: out.ptr,
+            ldv: 3 * c as i64,
+            ldo: c as i64,
+            q_rows_pad: pad as i64,
+            kv_rows_pad: pad as i64,
+            groups: g as i32,
+            q_len: len as i32,
+            heads: h as i32,
+            head_dim: d as i32,
+            dp: dp as i32,
+            scale: 1.0 / (d as f32).sqrt(),
+            ..Default::default()
+        };
+        let (grid, block) = launch_cfg::attention(len as i64, h as i64, g as i64);
+        // SAFETY: q8/k8 [g, h, pad, dp] int8 with [g, h, pad / 64] scales, v a column slice of qkv, out [rows, C].
+        unsafe { b.module.launch(name, grid, block, &b.stream, &args) }.map_err(anyhow::Error::msg)
     })?;
     Ok(median(&t))
 }
@@ -668,6 +748,15 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         let vs = if bt.is_some() { format!("{} of the baseline's rate", pct(o, bt)) } else { "-".to_string() };
         let rope = if sh.temporal { ", RoPE on q and k" } else { "" };
         println!("| {name} {what} | {} | {ms} | {rate} | {} | {vs} | {}FLOP 4*g*h*L^2*d at d = {}{rope} |", sh.label(), pct(o, bf_peak), failure(&ours), sh.head_dim);
+        if !sh.temporal {
+            for quantize in [false, true] {
+                let m = guarded(|| attention_i8_ms(&b, sh, quantize));
+                let (ms, rate, x) = cells(&m, sh.flops(), "TFLOP/s");
+                let i8_name = launch_cfg::attention_i8_kernel(sh.head_dim).map_or("qc_attention_i8", |k| k.0);
+                let what_ran = if quantize { "with qc_qk_mean_bf16 + 2x qc_quantize_qk_bf16 (AttnSpec::qk_int8)" } else { "kernel alone, Q and K already int8" };
+                println!("| {i8_name} {what} | {} | {ms} | {rate} | {} | {} of {name}'s rate | {}int8 Q K^T (m16n8k32), bf16 P V; {what_ran}; contiguous q, k, v |", sh.label(), pct(x, bf_peak), pct(x, o), failure(&m));
+            }
+        }
         if let Some(m) = &base {
             let (ms, rate, x) = cells(m, sh.flops(), "TFLOP/s");
             println!("| baseline attention {what} | {} | {ms} | {rate} | {} | baseline | {}cuBLASLt S = QK^T (bf16), qc_softmax_rows_bf16, cuBLASLt PV; head-major inputs (no transposes counted){rope_note} |", sh.label(), pct(x, bf_peak), failure(m), rope_note = if sh.temporal { "; no RoPE" } else { "" });

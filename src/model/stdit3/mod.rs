@@ -131,6 +131,8 @@ pub struct Stdit3 {
     pub phases: Vec<Phase>,
     /// The aigq plan of a quantized checkpoint (its block linears are stored quantized).
     pub stored_plan: Option<crate::quant::plan::Plan>,
+    /// Self- and cross-attention with int8 Q and K ([`AttnSpec::qk_int8`]); off after loading.
+    pub qk_int8: bool,
 }
 
 /// The blocks used for timesteps below `below` (phases ordered by descending
@@ -154,7 +156,7 @@ impl Stdit3 {
         let ck = Checkpoint::open_dir(dir)?;
         let layout = crate::quant::qdir::Layout::of(&ck)?;
         let w = Stdit3Weights::load(&ck, &cfg, layout.as_ref().map(|l| &l.layers)).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
-        let mut model = Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None };
+        let mut model = Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false };
         if let Some(layout) = layout {
             model.phases = crate::quant::qdir::load_phases(&ck, &layout, &model)?;
             model.stored_plan = Some(layout.plan);
@@ -164,7 +166,7 @@ impl Stdit3 {
 
     /// A model of these weights, one set for every timestep.
     pub fn new(cfg: Stdit3Config, w: Stdit3Weights) -> Self {
-        Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None }
+        Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false }
     }
 
     /// Moves the weights to where `be` computes, once after loading (see [`Backend::prepare_linear`]).
@@ -394,7 +396,8 @@ impl Stdit3 {
         let rope = temporal.then_some(Rope { freqs: &self.w.rope_freqs, seq_len: d.t });
         be.qk_norm_rope(&mut parts[0], heads, &bw.q_norm, NORM_EPS, rope)?;
         be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
-        let spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
+        let mut spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
+        spec.qk_int8 = self.qk_int8;
         let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec, None)?;
         if temporal {
             a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
@@ -404,7 +407,8 @@ impl Stdit3 {
         // Cross-attention to each sample's own caption tokens: no norm, no gate.
         let q = be.linear(x, &bw.cross_q, Activation::None)?;
         let (k, v) = &text.kv[kv_index];
-        let spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+        let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+        spec.qk_int8 = self.qk_int8;
         let o = be.attention(&q, k, v, &spec, None)?;
         be.linear_residual(&o, &bw.cross_proj, x, None)?;
 
