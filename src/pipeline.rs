@@ -114,11 +114,13 @@ pub struct GenerateOptions {
     pub quant: QuantPreset,
     /// Importance vectors folded into the quantized weights (`qc-run calibrate`).
     pub importance: Option<std::sync::Arc<Importance>>,
+    /// The DiT's attention with int8 Q and K (`AttnSpec::qk_int8`).
+    pub qk_int8: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None, importance: None }
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None, importance: None, qk_int8: false }
     }
 }
 
@@ -341,6 +343,7 @@ impl Plan {
                     quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?
                 }
             };
+            dit.qk_int8 = opts.qk_int8;
             dit.prepare(be)?;
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };

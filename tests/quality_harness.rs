@@ -33,11 +33,12 @@ fn quantized_modes_are_compared_with_full_precision() {
     let dir = tempfile::tempdir().unwrap();
     let (m, prompts) = fixture_model(dir.path());
     let out = dir.path().join("report");
-    let res = quality(&m, &prompts, "w8a8,w4a8,w4a6,w8a8+static:2", "0", &out);
+    let res = quality(&m, &prompts, "w8a8,w4a8,w4a6,w8a8+static:2,w8a8-qk8", "0", &out);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let md = std::fs::read_to_string(out.join("quality.md")).unwrap();
     let row = |mode: &str| md.lines().find(|l| l.starts_with(&format!("| {mode} |"))).unwrap_or_else(|| panic!("no {mode} row in {md}")).to_string();
-    // Columns: mode, videos, PSNR, SSIM, MAE, temporal, blocks, weight bits, time, speed-up, following.
+    // Columns: mode, videos, PSNR, SSIM, MAE, temporal, blocks, weight bits, weight KiB, DiT time,
+    // per step, speed-up, total time, speed-up, following.
     assert_eq!(cell(&row("reference"), 7), 32.0);
     let (w8, w4, w4a6) = (row("w8a8"), row("w4a8"), row("w4a6"));
     // int8: 8 bits plus one f32 scale per output channel; int4: 4 bits plus one per 64 inputs.
@@ -47,6 +48,10 @@ fn quantized_modes_are_compared_with_full_precision() {
     assert!(p8 > 30.0 && p8 > p4 + 5.0 && p4 > p46 && p46 > 5.0, "PSNR w8a8 {p8}, w4a8 {p4}, w4a6 {p46}");
     assert_eq!(cell(&row("w8a8+static:2"), 6), 75.0);
     assert!(cell(&row("w8a8+static:2"), 2) < p8);
+    // int8 Q K^T attention on top of w8a8: the same weights, a little more error.
+    let qk = row("w8a8-qk8");
+    assert_eq!((cell(&qk, 7), cell(&qk, 8)), (cell(&w8, 7), cell(&w8, 8)));
+    assert!(cell(&qk, 2) > 25.0 && cell(&qk, 2) < p8 + 1.0, "{qk}");
 
     let res = quality(&m, &prompts, "aigq", "0", &out);
     let err = String::from_utf8_lossy(&res.stderr);

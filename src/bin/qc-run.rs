@@ -270,9 +270,14 @@ struct GenerateArgs {
     /// w4a8 (int4 weights per output channel and group of 64 inputs, int8 activations),
     /// w4a6 (int4 weights, activations in [-31, 31]); aigq (each block sub-module at the precision of the
     /// plan in --calibration, from `qc-run calibrate --budget`).
-    /// Embedders and the final layer stay in full precision. int4 runs on the CPU backend only so far.
+    /// Embedders and the final layer stay in full precision. A quantized checkpoint (`--model QDIR`
+    /// from `qc-run calibrate --budget`) runs as stored: leave --quant out.
     #[arg(long, default_value = "none", value_name = "none|w8a8|w4a8|w4a6|aigq", value_parser = parse_quant)]
     quant: QuantPreset,
+    /// Fused dequant-attention: the DiT's self- and cross-attention compute Q K^T with Q and K
+    /// quantized to int8 (per block of 64 rows, K mean-smoothed), exact int32 products.
+    #[arg(long)]
+    qk_int8: bool,
     /// Calibration directory (from `qc-run calibrate`) whose per-input-channel importance vectors are
     /// folded into the --quant weights (activations divided by them as they are quantized).
     #[arg(long, value_name = "DIR")]
@@ -522,6 +527,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         init_noise,
         quant: a.quant,
         importance: a.calibration.as_deref().map(Importance::from_dir).transpose()?.map(std::sync::Arc::new),
+        qk_int8: a.qk_int8,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
     let plan = plan(&paths, &prompts, &opts)?;

@@ -74,19 +74,29 @@ fn follows(video: &Tensor, case: &PromptCase) -> Result<bool> {
 pub struct Mode {
     pub quant: QuantPreset,
     pub importance: bool,
+    /// int8 Q K^T attention (`-qk8`).
+    pub qk_int8: bool,
     pub hooks: Box<dyn ForwardHooks>,
 }
 
 /// A mode: a cache policy (`reference`, `static:K`), a quantization preset
 /// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
-/// calibration are folded in, e.g. `w4a6-is`; `aigq`: the calibration's plan), or a preset and a policy joined
+/// calibration are folded in, e.g. `w4a6-is`, then `-qk8` for int8 Q K^T attention; `aigq`: the
+/// calibration's plan), or a preset and a policy joined
 /// by `+` (`w8a8+static:2`).
 pub fn parse_mode(name: &str) -> Result<Mode> {
-    let is_quant = |q: &str| PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q));
+    let is_quant = |q: &str| {
+        let q = q.strip_suffix("-qk8").unwrap_or(q);
+        PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q))
+    };
     let (q, cache) = match name.split_once('+') {
         Some((q, c)) if is_quant(q) => (q, c),
         _ if is_quant(name) => (name, "reference"),
         _ => ("none", name),
+    };
+    let (q, qk_int8) = match q.strip_suffix("-qk8") {
+        Some(q) => (q, true),
+        None => (q, false),
     };
     let (q, importance) = match q.strip_suffix("-is") {
         Some(q) => (q, true),
@@ -96,7 +106,7 @@ pub fn parse_mode(name: &str) -> Result<Mode> {
     // aigq always reads the calibration (its plan and vectors).
     let importance = importance || quant == QuantPreset::Aigq;
     ensure!(!importance || quant != QuantPreset::None, "mode {name:?}: -is (importance vectors) needs a quantized preset");
-    Ok(Mode { quant, importance, hooks: policy(cache)? })
+    Ok(Mode { quant, importance, qk_int8, hooks: policy(cache)? })
 }
 
 /// Generates every case with the reference and each mode; returns all runs
@@ -124,9 +134,9 @@ pub fn run_all(
             let mut row = Vec::new();
             for mode in &all_modes {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
-                let Mode { quant, importance, hooks: mut pol } = parse_mode(mode)?;
+                let Mode { quant, importance, qk_int8, hooks: mut pol } = parse_mode(mode)?;
                 let importance = if importance { base.importance.clone() } else { None };
-                let opts = GenerateOptions { seed, quant, importance, ..base.clone() };
+                let opts = GenerateOptions { seed, quant, importance, qk_int8, ..base.clone() };
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;
