@@ -785,3 +785,51 @@ fn t5_encoder_matches_fixture() {
     assert_eq!(be.notes(), Vec::<&str>::new(), "T5 on the GPU used a host fallback or an unprepared weight");
     eprintln!("t5-tiny: arena {}", be.arena_stats());
 }
+
+/// A per-range aigq plan (three timestep ranges mixing bf16, w8a8, w4a8 and
+/// w4a6, so the model switches weight sets twice along the trajectory) on the
+/// demo model: GPU against CPU, and with CUDA graphs bit for bit as eager (each
+/// weight set gets its own graph: a graph captured in one range must not replay
+/// another range's weights).
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn per_range_plan_matches_cpu_with_and_without_graphs() {
+    use crate::quant::plan::Plan;
+    use crate::quant::preset::{block_linears, quantize_plan, unit_of, QuantPreset};
+    let be = gpu();
+    be.set_poison(false);
+    let cpu = CpuBackend::new();
+    let mut host_model = Stdit3::load(&demo("stdit3")).unwrap();
+    let units: Vec<String> = block_linears(&mut host_model).into_iter().map(|(n, _)| unit_of(&n).to_string()).collect();
+    let choices = [QuantPreset::None, QuantPreset::W8A8, QuantPreset::W4A8, QuantPreset::W4A6];
+    let mut plan = Plan::uniform(units, QuantPreset::None);
+    plan.boundaries = vec![700.0, 350.0];
+    plan.step_fractions = vec![0.4, 0.3, 0.3];
+    for (i, (unit, v)) in plan.units.iter_mut().enumerate() {
+        let same = unit.ends_with(".cross_attn");
+        *v = (0..3).map(|r| choices[(i + if same { 0 } else { r }) % 4]).collect();
+    }
+    quantize_plan(&mut host_model, &plan, None).unwrap();
+    assert_eq!(host_model.phases.len(), 2);
+    let mut model = host_model.clone();
+    model.prepare(&be).unwrap();
+    let l = host_model.cfg.model_max_length;
+    let mut rng = rng("per_range_plan");
+    let y = Tensor::from_f32(&[1, 1, l, host_model.cfg.caption_channels], rng.normal_vec(l * host_model.cfg.caption_channels)).unwrap();
+    let mask: Vec<i64> = (0..l).map(|i| (i < 6) as i64).collect();
+    let z0 = Tensor::from_f32(&[1, 3, 8, 16, 16], rng.normal_vec(3 * 8 * 16 * 16)).unwrap();
+    let cfg = RflowConfig { num_steps: if small() { 6 } else { 12 }, cfg_scale: 6.0, use_timestep_transform: false, ..RflowConfig::default() };
+    let geo = VideoGeometry { height: vec![16.0], width: vec![16.0], num_frames: vec![8.0], fps: vec![8.0] };
+    let run = |graphs: bool| {
+        be.set_cuda_graphs(graphs);
+        sample(&be, &model, &cfg, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap().0
+    };
+    let eager = run(false);
+    let before = be.graph_stats();
+    let graphs = run(true);
+    let after = be.graph_stats();
+    assert!(after.captures - before.captures >= 2, "one graph per weight set: {after}");
+    same("per-range plan: graphs vs eager", &graphs, &Tensor::from_f32(eager.shape(), host(&eager)).unwrap());
+    let (zc, _) = sample(&cpu, &host_model, &cfg, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
+    check("per-range plan: GPU vs CPU", &eager, &zc, 5e-2);
+}
