@@ -231,7 +231,7 @@ pub fn collect_stats(paths: &ModelPaths, prompts: &[String], opts: &GenerateOpti
     ensure!(ranges >= 1 && ranges <= opts.steps, "timestep ranges must be between 1 and the number of steps ({}), got {ranges}", opts.steps);
     let cpu = CpuBackend::new();
     let rec = RecordingBackend::new(&cpu, ranges);
-    let mut dit = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
+    let mut dit = Stdit3::load(plan(paths, &prompts[..1], opts)?.dit_dir())?;
     dit.prepare(&cpu)?;
     let total = prompts.len() * seeds.len();
     for (i, prompt) in prompts.iter().enumerate() {
@@ -650,7 +650,7 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
     ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
     let (boundaries, fractions) = schedule_ranges(opts, ranges)?;
     let be = CpuBackend::new();
-    let mut base = Stdit3::load(&plan(paths, &prompts[..1], opts)?.dit_dir().to_path_buf())?;
+    let mut base = Stdit3::load(plan(paths, &prompts[..1], opts)?.dit_dir())?;
     base.prepare(&be)?;
     let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
     let references: Vec<Reference> = texts.iter().map(|t| t.reference(&be, &base, opts, seed)).collect::<Result<_>>()?;
