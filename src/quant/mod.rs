@@ -5,3 +5,5 @@ pub mod calibrate;
 pub mod int4;
 pub mod int8;
 pub mod preset;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;
