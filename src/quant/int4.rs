@@ -368,8 +368,10 @@ pub fn dequantize(
 /// The AVX-512 VNNI GEMM: micro-tiles of [`MR`](kernel::MR) rows x
 /// [`NC`](kernel::NC) blocks of 16 channels. Per 8 inputs one 64-byte load per
 /// block gives two `vpdpbusd` operands (low nibbles: inputs 0-3, high: 4-7);
-/// each group's exact int32 sums start from the shift correction, and are
-/// folded into f32 sums (one fma per group, kept on the stack) as the group ends.
+/// each group's exact int32 sums get the shift correction and are folded into
+/// f32 sums (one fma per group, kept on the stack) as the group ends. That fma
+/// shares the two pipes of `vpdpbusd` (the unpacking and conversions do not):
+/// 1 in 16 of their slots, the price of the per-group scales.
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use super::super::vnni::{self, Out, NB};
@@ -391,7 +393,7 @@ mod kernel {
         a: *const i8,
         lda: usize,
         /// `-8 * sum_{k in g} a[m, k]` per row and group (`[rows, groups]`): the
-        /// nibbles are `q + 8`, so each group's sum starts from this.
+        /// nibbles are `q + 8`, so this corrects each group's sum.
         start: *const i32,
         w: *const u8,
         groups: usize,
@@ -446,28 +448,61 @@ mod kernel {
 
     /// Rows `r .. r + R` x blocks `b .. b + C`. Dequantization in the documented
     /// order: `(fma over g = 0, 1, ... of acc * scale[n, g]) * a_scale[m] (+ bias[n])`.
+    /// Each group's end touches the accumulators only at constant indices (the
+    /// loops unroll), so they stay in registers and the f32 sums go to the stack;
+    /// one loop over all groups lets the out-of-order core overlap a group's
+    /// epilogue with the next group's products.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn micro<const R: usize, const C: usize>(op: &Operands, r: usize, b: usize, out: Out) {
         let (n, groups) = (op.n, op.groups);
         let npad = n.div_ceil(NB) * NB;
+        let low = _mm512_set1_epi8(0x0F);
+        // Bytes per block: 64 per 8 inputs.
+        let wb = op.lda / 8 * 64;
+        let mut wp = op.w.add(b * wb);
+        let mut ap = op.a.add(r * op.lda);
         let mut sum = [[_mm512_setzero_ps(); C]; R];
+        // Per-group int32 results on their way to `Out::I32`.
+        let mut exact = [[_mm512_setzero_si512(); C]; R];
         for g in 0..groups {
-            let acc = group::<R, C>(op, r, b, g);
-            for ri in 0..R {
-                for c in 0..C {
-                    let ch0 = (b + c) * NB;
-                    match out {
-                        Out::I32(o) => {
-                            let mut lanes = [0i32; NB];
-                            _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, acc[ri][c]);
-                            for (l, &v) in lanes.iter().enumerate().take(n - ch0) {
-                                *o.add(((r + ri) * n + ch0 + l) * groups + g) = v;
-                            }
+            let mut acc = [[_mm512_setzero_si512(); C]; R];
+            for _ in 0..W4_GROUP / 8 {
+                for half in 0..2 {
+                    let mut wv = [_mm512_setzero_si512(); C];
+                    for (c, v) in wv.iter_mut().enumerate() {
+                        let bytes = _mm512_loadu_si512(wp.add(c * wb) as *const _);
+                        *v = if half == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low) };
+                    }
+                    for (ri, row) in acc.iter_mut().enumerate() {
+                        let x = _mm512_set1_epi32((ap.add(ri * op.lda + half * 4) as *const i32).read_unaligned());
+                        for (a, &wc) in row.iter_mut().zip(&wv) {
+                            *a = _mm512_dpbusd_epi32(*a, wc, x);
                         }
-                        Out::F32 { .. } => {
-                            let s = _mm512_loadu_ps(op.scale_gn.add(g * npad + ch0));
-                            sum[ri][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[ri][c]), s, sum[ri][c]);
+                    }
+                }
+                wp = wp.add(64);
+                ap = ap.add(8);
+            }
+            let scale = op.scale_gn.add(g * npad + b * NB);
+            for (ri, ((row, srow), erow)) in acc.iter().zip(sum.iter_mut()).zip(exact.iter_mut()).enumerate() {
+                let start = _mm512_set1_epi32(*op.start.add((r + ri) * groups + g));
+                for (c, ((a, s), e)) in row.iter().zip(srow.iter_mut()).zip(erow.iter_mut()).enumerate() {
+                    let v = _mm512_add_epi32(*a, start);
+                    match out {
+                        Out::I32(_) => *e = v,
+                        Out::F32 { .. } => *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(scale.add(c * NB)), *s),
+                    }
+                }
+            }
+            if let Out::I32(o) = out {
+                for (ri, erow) in exact.iter().enumerate() {
+                    for (c, e) in erow.iter().enumerate() {
+                        let ch0 = (b + c) * NB;
+                        let mut lanes = [0i32; NB];
+                        _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *e);
+                        for (l, &x) in lanes.iter().enumerate().take(n - ch0) {
+                            *o.add(((r + ri) * n + ch0 + l) * groups + g) = x;
                         }
                     }
                 }
@@ -481,41 +516,6 @@ mod kernel {
                 }
             }
         }
-    }
-
-    /// The exact int32 sums of group `g` for rows `r .. r + R` x blocks `b .. b + C`.
-    /// Not inlined: the caller indexes the result in a loop, which would keep
-    /// the accumulators in memory (a store after every `vpdpbusd`) were they its own.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    #[inline(never)]
-    unsafe fn group<const R: usize, const C: usize>(op: &Operands, r: usize, b: usize, g: usize) -> [[__m512i; C]; R] {
-        let low = _mm512_set1_epi8(0x0F);
-        // Bytes per block: 64 per 8 inputs.
-        let wb = op.lda / 8 * 64;
-        let mut wp = op.w.add(b * wb + g * W4_GROUP / 8 * 64);
-        let mut ap = op.a.add(r * op.lda + g * W4_GROUP);
-        let mut acc = [[_mm512_setzero_si512(); C]; R];
-        for (ri, row) in acc.iter_mut().enumerate() {
-            *row = [_mm512_set1_epi32(*op.start.add((r + ri) * op.groups + g)); C];
-        }
-        for _ in 0..W4_GROUP / 8 {
-            for half in 0..2 {
-                let mut wv = [_mm512_setzero_si512(); C];
-                for (c, v) in wv.iter_mut().enumerate() {
-                    let bytes = _mm512_loadu_si512(wp.add(c * wb) as *const _);
-                    *v = if half == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low) };
-                }
-                for (ri, row) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_epi32((ap.add(ri * op.lda + half * 4) as *const i32).read_unaligned());
-                    for (a, &wc) in row.iter_mut().zip(&wv) {
-                        *a = _mm512_dpbusd_epi32(*a, wc, x);
-                    }
-                }
-            }
-            wp = wp.add(64);
-            ap = ap.add(8);
-        }
-        acc
     }
 }
 

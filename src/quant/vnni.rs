@@ -50,17 +50,15 @@ pub fn padded_rows(a: &QuantRows, width: usize) -> Cow<'_, [i8]> {
 pub fn group_sums(a: &QuantRows, group: usize, shift: i32) -> Vec<i32> {
     let groups = a.cols.div_ceil(group);
     let mut s = vec![0i32; a.rows * groups];
-    s.par_chunks_mut(groups).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(s, row)| {
-        for (sg, chunk) in s.iter_mut().zip(row.chunks(group)) {
-            *sg = sum_i8(chunk).wrapping_mul(shift);
-        }
-    });
+    s.par_chunks_mut(groups).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(s, row)| row_group_sums(row, group, shift, s));
     s
 }
 
 crate::backend::cpu::simd::multiversion! {
-fn sum_i8(v: &[i8]) -> i32 {
-    v.iter().map(|&x| x as i32).sum()
+fn row_group_sums(row: &[i8], group: usize, shift: i32, sums: &mut [i32]) {
+    for (sg, chunk) in sums.iter_mut().zip(row.chunks(group)) {
+        *sg = chunk.iter().map(|&x| x as i32).sum::<i32>().wrapping_mul(shift);
+    }
 }
 }
 
