@@ -21,12 +21,9 @@ pub const QMAX_A6: i32 = 31;
 /// Quantizes one row: writes `q` and returns its scale (`x'[k] ~ q[k] * scale`).
 pub fn quantize_row(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8]) -> f32 {
     debug_assert_eq!(x.len(), q.len());
-    if let Some(s) = inv_smooth {
-        debug_assert_eq!(s.len(), x.len());
-    }
     #[cfg(target_arch = "x86_64")]
-    if crate::backend::cpu::simd::level() == crate::backend::cpu::simd::Level::Avx512 {
-        // SAFETY: AVX-512 F present; the slices have equal lengths (checked by every caller).
+    if q.len() == x.len() && inv_smooth.is_none_or(|s| s.len() == x.len()) && crate::backend::cpu::simd::level() == crate::backend::cpu::simd::Level::Avx512 {
+        // SAFETY: AVX-512 F present; the slices have equal lengths.
         return unsafe { quantize_row_avx512(x, inv_smooth, qmax, q) };
     }
     quantize_row_portable(x, inv_smooth, qmax, q)
