@@ -5,8 +5,10 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use qc::backend::cpu::gemm::{sgemm, MatRef};
 use qc::backend::cpu::CpuBackend;
-use qc::backend::{Activation, AttnSpec, Backend, Linear};
+use qc::backend::{Activation, AttnSpec, Backend, Linear, LinearWeight};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Stdit3Config, Stdit3Weights};
+use qc::quant::int4;
+use qc::quant::int8::{self, QMAX_A8};
 use qc::quant::preset::{quantize_blocks, QuantPreset};
 use qc::rng::Rng;
 use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
@@ -137,6 +139,10 @@ struct CpuArgs {
     /// (w8a8, w4a8, w4a6; none for no such rows). Every block linear is quantized; no importance vectors.
     #[arg(long, default_value = "w8a8,w4a8", value_delimiter = ',', value_parser = parse_quant)]
     quant: Vec<QuantPreset>,
+    /// Python with PyTorch, for torch._int_mm and torch's f32 linear at the same shapes and thread count
+    /// [default: ~/.cache/quantcache/train-venv/bin/python; without one those columns are skipped].
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
 }
 
 fn parse_quant(s: &str) -> Result<QuantPreset> {
@@ -216,21 +222,39 @@ fn cpu(a: &CpuArgs) -> Result<()> {
     let (lt, lh, lw) = (latent_frames(a.frames), a.height.div_ceil(8), a.width.div_ceil(8));
     let (t, s) = (lt, lh.div_ceil(2) * lw.div_ceil(2));
     let rows = 2 * t * s;
+    let mut rates = Vec::new();
     for (name, k, nn) in [("qkv", c, 3 * c), ("proj", c, c), ("mlp.fc1", c, cfg.mlp_hidden()), ("mlp.fc2", cfg.mlp_hidden(), c)] {
         let x = Tensor::from_f32(&[rows, k], rng.normal_vec(rows * k))?;
         let lin = Linear::new(Tensor::from_f32(&[nn, k], rng.normal_vec(nn * k))?, Some(Tensor::zeros(&[nn])))?;
+        let ops = 2.0 * (rows * k * nn) as f64 / 1e9;
         let secs = time(a.reps, || be.linear(&x, &lin, Activation::None))?;
-        let gf = 2.0 * (rows * k * nn) as f64 / secs / 1e9;
+        let gf = ops / secs;
         println!("| linear {name} | {rows}x{k}x{nn} | {:.1} ms | {gf:.0} | {:.0} |", secs * 1e3, 100.0 * gf / peak);
-        let lin8 = lin.to_int8(None, qc::quant::int8::QMAX_A8)?;
+        let lin8 = lin.to_int8(None, QMAX_A8)?;
         let secs8 = time(a.reps, || be.linear(&x, &lin8, Activation::None))?;
-        let go = 2.0 * (rows * k * nn) as f64 / secs8 / 1e9;
-        println!("| linear {name} W8A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32 |", secs8 * 1e3, secs / secs8);
-        let lin4 = lin.to_int4(None, qc::quant::int8::QMAX_A8)?;
+        println!("| linear {name} W8A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {:.0} GOP/s | {:.2}x f32 |", secs8 * 1e3, ops / secs8, secs / secs8);
+        let lin4 = lin.to_int4(None, QMAX_A8)?;
         let secs4 = time(a.reps, || be.linear(&x, &lin4, Activation::None))?;
-        let go = 2.0 * (rows * k * nn) as f64 / secs4 / 1e9;
-        println!("| linear {name} W4A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {go:.0} GOP/s | {:.2}x f32, {:.2}x W8A8 |", secs4 * 1e3, secs / secs4, secs8 / secs4);
+        println!("| linear {name} W4A8 (incl. quantize) | {rows}x{k}x{nn} | {:.1} ms | {:.0} GOP/s | {:.2}x f32, {:.2}x W8A8 |", secs4 * 1e3, ops / secs4, secs / secs4, secs8 / secs4);
+        // The integer GEMMs alone, as torch._int_mm is timed: int8 activations in
+        // (quantized once), here with the dequantization and bias fused into the f32 output.
+        let xq = int8::quantize_rows(x.f32()?, k, None, QMAX_A8)?;
+        let bias = lin.bias.as_ref().map(|b| b.f32()).transpose()?;
+        let mut y = vec![0f32; rows * nn];
+        let (gemm8, gemm4) = match (&lin8.weight, &lin4.weight) {
+            (LinearWeight::Int8(w8), LinearWeight::Int4(w4)) => (
+                time(a.reps, || int8::linear_f32(&xq, w8, bias, &mut y))?,
+                time(a.reps, || int4::linear_f32(&xq, w4, bias, &mut y))?,
+            ),
+            _ => anyhow::bail!("to_int8 / to_int4 returned another weight format"),
+        };
+        rates.push(LinearRates { name, shape: (rows, k, nn), f32_gflops: gf, w8_gemm: ops / gemm8, w8_linear: ops / secs8, w4_gemm: ops / gemm4, w4_linear: ops / secs4 });
     }
+    println!();
+    library_comparison(a, &rates);
+    println!();
+    println!("| measurement | shape | time | GFLOP/s | % of peak |");
+    println!("| --- | --- | ---: | ---: | ---: |");
 
     attention_int8_rows(&be, a.reps, &mut rng)?;
 
@@ -310,6 +334,118 @@ fn attention_int8_rows(be: &CpuBackend, reps: usize, rng: &mut Rng) -> Result<()
         println!("| attention {what}, int8 QK (incl. quantize) | {shape} | {:.2} ms | {:.0} | {:.2}x float; rel L2 {err:.1e} vs float |", int8_s * 1e3, flops / int8_s / 1e9, float_s / int8_s);
     }
     Ok(())
+}
+
+/// Rates of one DiT linear layer on our kernels (GFLOP/s, GOP/s).
+struct LinearRates {
+    name: &'static str,
+    shape: (usize, usize, usize),
+    f32_gflops: f64,
+    w8_gemm: f64,
+    w8_linear: f64,
+    w4_gemm: f64,
+    w4_linear: f64,
+}
+
+/// Times torch._int_mm (int8 `[m, k] x [k, n]` -> int32) and torch's f32 linear at
+/// each `MxKxN` argument with the given threads; prints `shape <mxkxn> <int_mm s> <f32 s>`
+/// lines (medians), or `error <why>` when torch does not import.
+const TORCH_GEMM_SCRIPT: &str = r#"
+import sys, time
+try:
+    import torch
+except Exception as e:
+    print("error", e)
+    sys.exit(0)
+threads, reps = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(threads)
+print("version", torch.__version__, flush=True)
+
+def median(f):
+    f()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+torch.manual_seed(0)
+with torch.no_grad():
+    for spec in sys.argv[3:]:
+        m, k, n = map(int, spec.split("x"))
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        t_int = median(lambda: torch._int_mm(a, b))
+        t_f32 = median(lambda: torch.nn.functional.linear(x, w))
+        print("shape", spec, t_int, t_f32, flush=True)
+"#;
+
+/// PyTorch's seconds (torch._int_mm, f32 linear) per shape, with its version; `Err` says why there are none.
+fn torch_gemm_times(python: &std::path::Path, threads: usize, reps: usize, shapes: &[(usize, usize, usize)]) -> std::result::Result<(String, Vec<(f64, f64)>), String> {
+    if !python.is_file() {
+        return Err(format!("no Python at {} (pass --python)", python.display()));
+    }
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(TORCH_GEMM_SCRIPT)
+        .arg(threads.to_string())
+        .arg(reps.max(1).to_string())
+        .args(shapes.iter().map(|(m, k, n)| format!("{m}x{k}x{n}")))
+        .output()
+        .map_err(|e| format!("running {}: {e}", python.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("{} failed: {}", python.display(), String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+    }
+    let (mut version, mut times) = (String::new(), Vec::new());
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["error", ..] => return Err(format!("PyTorch does not import in {}: {}", python.display(), f[1..].join(" "))),
+            ["version", v] => version = v.to_string(),
+            ["shape", _, ti, tf] => times.push((ti.parse().map_err(|_| format!("bad timing line: {line}"))?, tf.parse().map_err(|_| format!("bad timing line: {line}"))?)),
+            _ => {}
+        }
+    }
+    if times.len() != shapes.len() {
+        return Err(format!("the PyTorch script timed {} of {} shapes", times.len(), shapes.len()));
+    }
+    Ok((version, times))
+}
+
+/// Our integer GEMMs against our f32 GEMM and, where PyTorch is found, against
+/// torch._int_mm (oneDNN; AMX where the CPU has it) and torch's f32 linear at the
+/// same shapes and thread count, measured in this run.
+fn library_comparison(a: &CpuArgs, rates: &[LinearRates]) {
+    let threads = rayon::current_num_threads();
+    let python = a.python.clone().unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/quantcache/train-venv/bin/python"));
+    let shapes: Vec<_> = rates.iter().map(|r| r.shape).collect();
+    let torch = torch_gemm_times(&python, threads, a.reps, &shapes);
+    match &torch {
+        Ok((v, _)) => println!("Integer GEMMs (GOP/s) next to f32 (GFLOP/s), ours and PyTorch {v}'s, {threads} threads. GEMM: int8 activations in, dequantized f32 + bias out; linear: f32 in, incl. per-token quantization (what the DiT runs)."),
+        Err(why) => println!("Integer GEMMs (GOP/s) next to our f32 GEMM (GFLOP/s), {threads} threads. PyTorch not found: {why}; no library columns."),
+    }
+    println!();
+    println!("| layer | shape | f32 | W8A8 GEMM | W8A8 linear | W4A8 GEMM | W4A8 linear | torch f32 | torch._int_mm | W8A8 GEMM / f32 | W8A8 GEMM / _int_mm | W4A8 GEMM / _int_mm |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (i, r) in rates.iter().enumerate() {
+        let (m, k, n) = r.shape;
+        let ops = 2.0 * (m * k * n) as f64 / 1e9;
+        let (tf, ti, q8, q4) = match &torch {
+            Ok((_, t)) => {
+                let (int_mm, f32) = (ops / t[i].0, ops / t[i].1);
+                (format!("{f32:.0}"), format!("{int_mm:.0}"), format!("{:.2}x", r.w8_gemm / int_mm), format!("{:.2}x", r.w4_gemm / int_mm))
+            }
+            Err(_) => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {m}x{k}x{n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {tf} | {ti} | {:.2}x | {q8} | {q4} |",
+            r.name, r.f32_gflops, r.w8_gemm, r.w8_linear, r.w4_gemm, r.w4_linear, r.w8_gemm / r.f32_gflops
+        );
+    }
 }
 
 fn latent_frames(frames: usize) -> usize {

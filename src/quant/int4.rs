@@ -290,6 +290,12 @@ fn check(a: &QuantRows, w: &Int4Weight) -> Result<()> {
         a.cols,
         w.k
     );
+    ensure!(
+        a.q.len() == a.rows * a.cols && a.scale.len() == a.rows,
+        "int4 gemm: activations do not describe [{}, {}]",
+        a.rows,
+        a.cols
+    );
     Ok(())
 }
 
@@ -298,8 +304,8 @@ pub fn gemm_groups_i32(a: &QuantRows, w: &Int4Weight) -> Result<Vec<i32>> {
     check(a, w)?;
     let mut acc = vec![0i32; a.rows * w.n * w.groups];
     #[cfg(target_arch = "x86_64")]
-    if super::int8::vnni_available() {
-        vnni::gemm(a, w, vnni::Out::I32(acc.as_mut_ptr()));
+    if super::vnni::available() {
+        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()));
         return Ok(acc);
     }
     gemm_portable(a, w, &mut acc);
@@ -330,12 +336,12 @@ pub fn linear_f32(
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if super::int8::vnni_available() {
+    if super::vnni::available() {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        vnni::gemm(
+        kernel::gemm(
             a,
             w,
-            vnni::Out::F32 {
+            super::vnni::Out::F32 {
                 y: y.as_mut_ptr(),
                 a_scale: a.scale.as_ptr(),
                 bias,
@@ -394,168 +400,144 @@ pub fn dequantize(
         });
 }
 
+/// The AVX-512 VNNI GEMM: micro-tiles of [`MR`](kernel::MR) rows x
+/// [`NC`](kernel::NC) blocks of 16 channels. Per 8 inputs one 64-byte load per
+/// block gives two `vpdpbusd` operands (low nibbles: inputs 0-3, high: 4-7);
+/// each group's exact int32 sums get the shift correction and are folded into
+/// f32 sums (one fma per group, kept on the stack) as the group ends. That fma
+/// shares the two pipes of `vpdpbusd` (the unpacking and conversions do not):
+/// 1 in 16 of their slots, the price of the per-group scales.
 #[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::{Int4Weight, QuantRows, NB, W4_GROUP};
+mod kernel {
+    use super::super::vnni::{self, Out, NB};
+    use super::{Int4Weight, QuantRows, W4_GROUP};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    /// Rows per micro-tile and 16-channel blocks per micro-tile.
-    const MR: usize = 6;
-    const NC: usize = 3;
-    /// Rows and channels handed to one task.
-    const TASK_ROWS: usize = 48;
-    const TASK_BLOCKS: usize = 9;
+    pub const MR: usize = 7;
+    pub const NC: usize = 3;
+    /// Rows of one task.
+    const TASK_ROWS: usize = 98;
+    /// Weight bytes of one task: its blocks stay in the core's L2 while the
+    /// next tasks (the same blocks, the following rows) reuse them.
+    const TASK_WEIGHT_BYTES: usize = 192 << 10;
 
-    /// Where results go: per-group int32 (`[rows, n, groups]`) or dequantized f32.
-    #[derive(Clone, Copy)]
-    pub enum Out {
-        I32(*mut i32),
-        F32 {
-            y: *mut f32,
-            a_scale: *const f32,
-            bias: *const f32,
-        },
+    /// What every micro-tile reads.
+    struct Operands {
+        /// Signed activations, rows of `lda = groups * W4_GROUP` bytes (zero padding).
+        a: *const i8,
+        lda: usize,
+        /// `-8 * sum_{k in g} a[m, k]` per row and group (`[rows, groups]`): the
+        /// nibbles are `q + 8`, so this corrects each group's sum.
+        start: *const i32,
+        w: *const u8,
+        groups: usize,
+        /// `scale` transposed to `[groups, n padded to 16]`.
+        scale_gn: *const f32,
+        n: usize,
     }
-    // SAFETY: tasks write disjoint regions (see `gemm`); the scale/bias pointers are read-only.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-
-    /// Activations padded to whole groups (zeros), and `8 * sum` of each row's
-    /// group: `vpdpbusd` multiplies the unsigned nibbles `q + 8`, so each group's
-    /// sum carries `8 * sum_k a[m, k]` too much.
-    struct Prepared {
-        a: Vec<i8>,
-        sum8: Vec<i32>,
-        kpad: usize,
-    }
-
-    fn prepare(a: &QuantRows, groups: usize) -> Prepared {
-        let kpad = groups * W4_GROUP;
-        let mut ap = vec![0i8; a.rows * kpad];
-        let mut sum8 = vec![0i32; a.rows * groups];
-        ap.par_chunks_mut(kpad)
-            .zip(sum8.par_chunks_mut(groups))
-            .zip(a.q.par_chunks(a.cols))
-            .for_each(|((d, s), src)| {
-                d[..src.len()].copy_from_slice(src);
-                for (sg, chunk) in s.iter_mut().zip(d.chunks(W4_GROUP)) {
-                    *sg = 8 * chunk.iter().map(|&v| v as i32).sum::<i32>();
-                }
-            });
-        Prepared { a: ap, sum8, kpad }
-    }
+    // SAFETY: `Operands` only travels inside `gemm`'s scope, read-only.
+    unsafe impl Sync for Operands {}
 
     pub fn gemm(a: &QuantRows, w: &Int4Weight, out: Out) {
         let m = a.rows;
-        let p = prepare(a, w.groups);
+        let lda = w.groups * W4_GROUP;
+        let rows = vnni::padded_rows(a, lda);
+        let start = vnni::group_sums(a, W4_GROUP, -8);
         let blocks = w.n.div_ceil(NB);
-        let row_tasks = m.div_ceil(TASK_ROWS);
-        let col_tasks = blocks.div_ceil(TASK_BLOCKS);
+        let task_blocks = (TASK_WEIGHT_BYTES / (lda / 2 * NB * NC)).max(1) * NC;
+        let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), blocks.div_ceil(task_blocks));
+        let op = Operands { a: rows.as_ptr(), lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n };
+        let op = &op;
+        // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
-            let out = out;
-            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let (ct, rt) = (t / row_tasks, t % row_tasks);
             let (r0, r1) = (rt * TASK_ROWS, ((rt + 1) * TASK_ROWS).min(m));
-            let (b0, b1) = (ct * TASK_BLOCKS, ((ct + 1) * TASK_BLOCKS).min(blocks));
-            // SAFETY: VNNI presence checked by the caller; the task writes only rows
-            // r0..r1 x channels of blocks b0..b1, disjoint from every other task.
-            unsafe { tile(&p, w, r0, r1, b0, b1, out) };
+            let (b0, b1) = (ct * task_blocks, ((ct + 1) * task_blocks).min(blocks));
+            // SAFETY: VNNI presence checked by the caller; the operands outlive the
+            // loop; the task writes only rows r0..r1 x the channels of blocks
+            // b0..b1, disjoint from every other task.
+            unsafe { tile(op, r0, r1, b0, b1, out) };
         });
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile(
-        p: &Prepared,
-        w: &Int4Weight,
-        r0: usize,
-        r1: usize,
-        b0: usize,
-        b1: usize,
-        out: Out,
-    ) {
-        let mut r = r0;
-        while r < r1 {
-            let mr = MR.min(r1 - r);
-            let mut b = b0;
-            while b < b1 {
-                let nc = NC.min(b1 - b);
+    unsafe fn tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, out: Out) {
+        let mut b = b0;
+        while b < b1 {
+            let nc = NC.min(b1 - b);
+            let mut r = r0;
+            while r < r1 {
+                let mr = if r1 - r >= MR { MR } else { 1 };
                 match (mr, nc) {
-                    (MR, NC) => micro::<MR, NC>(p, w, r, b, out),
-                    (MR, c) => (0..c).for_each(|i| micro::<MR, 1>(p, w, r, b + i, out)),
-                    (rows, c) => (0..rows).for_each(|ri| {
-                        (0..c).for_each(|i| micro::<1, 1>(p, w, r + ri, b + i, out))
-                    }),
+                    (MR, NC) => micro::<MR, NC>(op, r, b, out),
+                    (MR, c) => (0..c).for_each(|i| micro::<MR, 1>(op, r, b + i, out)),
+                    (_, NC) => micro::<1, NC>(op, r, b, out),
+                    (_, c) => (0..c).for_each(|i| micro::<1, 1>(op, r, b + i, out)),
                 }
-                b += nc;
+                r += mr;
             }
-            r += mr;
+            b += nc;
         }
     }
 
-    /// `R` rows x `C` blocks of 16 channels: int32 per group in registers,
-    /// folded into f32 sums (one fma per group) as each group ends.
+    /// Rows `r .. r + R` x blocks `b .. b + C`. Dequantization in the documented
+    /// order: `(fma over g = 0, 1, ... of acc * scale[n, g]) * a_scale[m] (+ bias[n])`.
+    /// Each group's end touches the accumulators only at constant indices (the
+    /// loops unroll), so they stay in registers and the f32 sums go to the stack;
+    /// one loop over all groups lets the out-of-order core overlap a group's
+    /// epilogue with the next group's products.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn micro<const R: usize, const C: usize>(
-        p: &Prepared,
-        w: &Int4Weight,
-        r: usize,
-        b: usize,
-        out: Out,
-    ) {
-        let (n, groups) = (w.n, w.groups);
-        let k8 = p.kpad / 8;
+    unsafe fn micro<const R: usize, const C: usize>(op: &Operands, r: usize, b: usize, out: Out) {
+        let (n, groups) = (op.n, op.groups);
         let npad = n.div_ceil(NB) * NB;
         let low = _mm512_set1_epi8(0x0F);
+        // Bytes per block: 64 per 8 inputs.
+        let wb = op.lda / 8 * 64;
+        let mut wp = op.w.add(b * wb);
+        let mut ap = op.a.add(r * op.lda);
         let mut sum = [[_mm512_setzero_ps(); C]; R];
-        let wp = w.vnni.as_ptr();
-        let ap = p.a.as_ptr();
+        // Per-group int32 results on their way to `Out::I32`.
+        let mut exact = [[_mm512_setzero_si512(); C]; R];
         for g in 0..groups {
             let mut acc = [[_mm512_setzero_si512(); C]; R];
-            for i in g * (W4_GROUP / 8)..(g + 1) * (W4_GROUP / 8) {
-                let mut v = [_mm512_setzero_si512(); C];
-                for (c, vc) in v.iter_mut().enumerate() {
-                    *vc = _mm512_loadu_si512(wp.add(((b + c) * k8 + i) * 64) as *const _);
-                }
+            for _ in 0..W4_GROUP / 8 {
                 for half in 0..2 {
                     let mut wv = [_mm512_setzero_si512(); C];
-                    for (c, wc) in wv.iter_mut().enumerate() {
-                        *wc = if half == 0 {
-                            _mm512_and_si512(v[c], low)
-                        } else {
-                            _mm512_and_si512(_mm512_srli_epi16::<4>(v[c]), low)
-                        };
+                    for (c, v) in wv.iter_mut().enumerate() {
+                        let bytes = _mm512_loadu_si512(wp.add(c * wb) as *const _);
+                        *v = if half == 0 { _mm512_and_si512(bytes, low) } else { _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), low) };
                     }
                     for (ri, row) in acc.iter_mut().enumerate() {
-                        let x = _mm512_set1_epi32(
-                            (ap.add((r + ri) * p.kpad + i * 8 + half * 4) as *const i32)
-                                .read_unaligned(),
-                        );
-                        for (c, a) in row.iter_mut().enumerate() {
-                            *a = _mm512_dpbusd_epi32(*a, wv[c], x);
+                        let x = _mm512_set1_epi32((ap.add(ri * op.lda + half * 4) as *const i32).read_unaligned());
+                        for (a, &wc) in row.iter_mut().zip(&wv) {
+                            *a = _mm512_dpbusd_epi32(*a, wc, x);
                         }
+                    }
+                }
+                wp = wp.add(64);
+                ap = ap.add(8);
+            }
+            let scale = op.scale_gn.add(g * npad + b * NB);
+            for (ri, ((row, srow), erow)) in acc.iter().zip(sum.iter_mut()).zip(exact.iter_mut()).enumerate() {
+                let start = _mm512_set1_epi32(*op.start.add((r + ri) * groups + g));
+                for (c, ((a, s), e)) in row.iter().zip(srow.iter_mut()).zip(erow.iter_mut()).enumerate() {
+                    let v = _mm512_add_epi32(*a, start);
+                    match out {
+                        Out::I32(_) => *e = v,
+                        Out::F32 { .. } => *s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(scale.add(c * NB)), *s),
                     }
                 }
             }
-            for (ri, row) in acc.iter_mut().enumerate() {
-                let corr = _mm512_set1_epi32(p.sum8[(r + ri) * groups + g]);
-                for (c, a) in row.iter_mut().enumerate() {
-                    *a = _mm512_sub_epi32(*a, corr);
-                    match out {
-                        Out::I32(o) => {
-                            let mut lanes = [0i32; NB];
-                            _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *a);
-                            let ch0 = (b + c) * NB;
-                            for (l, &v) in
-                                lanes.iter().enumerate().take(n.saturating_sub(ch0).min(NB))
-                            {
-                                *o.add(((r + ri) * n + ch0 + l) * groups + g) = v;
-                            }
-                        }
-                        Out::F32 { .. } => {
-                            let s =
-                                _mm512_loadu_ps(w.scale_gn.as_ptr().add(g * npad + (b + c) * NB));
-                            sum[ri][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), s, sum[ri][c]);
+            if let Out::I32(o) = out {
+                for (ri, erow) in exact.iter().enumerate() {
+                    for (c, e) in erow.iter().enumerate() {
+                        let ch0 = (b + c) * NB;
+                        let mut lanes = [0i32; NB];
+                        _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *e);
+                        for (l, &x) in lanes.iter().enumerate().take(n - ch0) {
+                            *o.add(((r + ri) * n + ch0 + l) * groups + g) = x;
                         }
                     }
                 }
@@ -563,21 +545,9 @@ mod vnni {
         }
         if let Out::F32 { y, a_scale, bias } = out {
             for (ri, row) in sum.iter().enumerate() {
-                let row_i = r + ri;
-                let sa = _mm512_set1_ps(*a_scale.add(row_i));
+                let sa = _mm512_set1_ps(*a_scale.add(r + ri));
                 for (c, s) in row.iter().enumerate() {
-                    let ch0 = (b + c) * NB;
-                    let live = n.saturating_sub(ch0).min(NB);
-                    let mask: __mmask16 = if live == NB {
-                        0xFFFF
-                    } else {
-                        (1u16 << live) - 1
-                    };
-                    let mut v = _mm512_mul_ps(*s, sa);
-                    if !bias.is_null() {
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.add(ch0)));
-                    }
-                    _mm512_mask_storeu_ps(y.add(row_i * n + ch0), mask, v);
+                    vnni::store_f32(y, bias, n, r + ri, (b + c) * NB, _mm512_mul_ps(*s, sa));
                 }
             }
         }
@@ -680,6 +650,11 @@ mod tests {
             (13, 35, 130, QMAX_A6, false),
             (50, 48, 256, QMAX_A8, true),
             (9, 64, 1152, QMAX_A8, false),
+            // Rows past one task (98) with single-row tails, channels not a multiple
+            // of 16 or 48, k in whole groups (activations borrowed) or not.
+            (203, 200, 1152, QMAX_A8, false),
+            (15, 33, 4608, QMAX_A6, true),
+            (8, 129, 200, QMAX_A8, false),
         ] {
             let (a, w, _, _) = random_case(&mut rng, m, n, k, qmax, smooth);
             let want = scalar_reference(&a, &w);
@@ -697,13 +672,13 @@ mod tests {
     #[test]
     fn fused_linear_matches_the_documented_dequantization() {
         let mut rng = Rng::new(12);
-        for &(m, n, k) in &[(5, 3, 64), (19, 40, 200), (64, 96, 1152)] {
+        for &(m, n, k) in &[(5, 3, 64), (19, 40, 200), (64, 96, 1152), (101, 200, 4608)] {
             let (a, w, _, _) = random_case(&mut rng, m, n, k, QMAX_A8, false);
             let bias = rng.normal_vec(n);
             let acc = scalar_reference(&a, &w);
             let mut want = vec![0f32; m * n];
             dequantize(&acc, &a, &w, Some(&bias), &mut want);
-            let mut got = vec![0f32; m * n];
+            let mut got = vec![f32::NAN; m * n];
             linear_f32(&a, &w, Some(&bias), &mut got).unwrap();
             assert_eq!(
                 got, want,
@@ -715,6 +690,21 @@ mod tests {
                 assert_eq!(*g, nb + bias[j]);
             }
         }
+    }
+
+    #[test]
+    fn extreme_values_stay_exact() {
+        // All +-127 against +-7: the largest products and shift corrections.
+        let (m, n, k) = (9, 40, 4608);
+        let a = QuantRows {
+            q: (0..m * k).map(|i| if i % 3 == 0 { -127 } else { 127 }).collect(),
+            scale: vec![1.0; m],
+            rows: m,
+            cols: k,
+        };
+        let q: Vec<i8> = (0..n * k).map(|i| if i % 5 == 0 { 7 } else { -7 }).collect();
+        let w = Int4Weight::from_parts(pack(&q, n, k), vec![1.0; n * k / W4_GROUP], n, k, None, QMAX_A8).unwrap();
+        assert_eq!(gemm_groups_i32(&a, &w).unwrap(), scalar_reference(&a, &w));
     }
 
     #[test]

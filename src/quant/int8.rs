@@ -18,12 +18,21 @@ pub const QMAX_A8: i32 = 127;
 /// Activation range of the paper's A6 setting (values in [-31, 31], stored as int8).
 pub const QMAX_A6: i32 = 31;
 
-crate::backend::cpu::simd::multiversion! {
 /// Quantizes one row: writes `q` and returns its scale (`x'[k] ~ q[k] * scale`).
-/// Compiled per instruction set: baseline x86-64 has no rounding instruction, so
-/// `round_ties_even` would be a libm call per element.
 pub fn quantize_row(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8]) -> f32 {
     debug_assert_eq!(x.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    if q.len() == x.len() && inv_smooth.is_none_or(|s| s.len() == x.len()) && crate::backend::cpu::simd::level() == crate::backend::cpu::simd::Level::Avx512 {
+        // SAFETY: AVX-512 F present; the slices have equal lengths.
+        return unsafe { quantize_row_avx512(x, inv_smooth, qmax, q) };
+    }
+    quantize_row_portable(x, inv_smooth, qmax, q)
+}
+
+crate::backend::cpu::simd::multiversion! {
+/// [`quantize_row`] in plain Rust, compiled per instruction set: baseline x86-64
+/// has no rounding instruction, so `round_ties_even` would be a libm call per element.
+fn quantize_row_portable(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8]) -> f32 {
     // max |x'| in 16 lanes (max is exact in any order, so this equals a sequential fold).
     let mut lanes = [0f32; 16];
     let mut tail = 0f32;
@@ -68,6 +77,58 @@ pub fn quantize_row(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i
 }
 }
 
+/// [`quantize_row_portable`] in AVX-512 intrinsics, with the same operations:
+/// `max_ps(|x'|, m)` keeps `m` for a NaN as `f32::max` does, and NaN products
+/// quantize to 0 as Rust's saturating `as i8` does. (The compiler does not
+/// vectorize the portable version's rounding and saturating conversion well:
+/// at K = 4608 it cost a quarter of the GEMM's time.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let len = x.len();
+    let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+    let sp = inv_smooth.map_or(std::ptr::null(), |s| s.as_ptr());
+    let tail = |i: usize| -> __mmask16 {
+        if len - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (len - i)) - 1
+        }
+    };
+    let mut m = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < len {
+        let mask = tail(i);
+        let mut v = _mm512_maskz_loadu_ps(mask, xp.add(i));
+        if !sp.is_null() {
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, sp.add(i)));
+        }
+        m = _mm512_max_ps(_mm512_abs_ps(v), m);
+        i += 16;
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    let qm = qmax as f32;
+    let scale = amax / qm;
+    let inv = if amax > 0.0 { qm / amax } else { 0.0 };
+    let (vinv, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_ps(-qm), _mm512_set1_ps(qm));
+    i = 0;
+    while i < len {
+        let mask = tail(i);
+        let mut v = _mm512_maskz_loadu_ps(mask, xp.add(i));
+        if !sp.is_null() {
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, sp.add(i)));
+        }
+        v = _mm512_mul_ps(v, vinv);
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let c = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        let not_nan = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+        _mm512_mask_cvtepi32_storeu_epi8(qp.add(i), mask, _mm512_maskz_cvttps_epi32(not_nan, c));
+        i += 16;
+    }
+    scale
+}
+
 /// Row-quantized activations `[rows, cols]` with one scale per row.
 #[derive(Clone, Debug)]
 pub struct QuantRows {
@@ -93,15 +154,15 @@ pub fn quantize_rows(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i
     Ok(QuantRows { q, scale, rows, cols })
 }
 
-/// Output channels per VNNI block: one 512-bit register of int32 accumulators.
+/// Output channels per block of the VNNI layout.
 const NB: usize = 16;
 
 /// An int8 linear weight `[n, k]` with per-output-channel scales, plus the
-/// layout the VNNI kernel reads: blocks of 16 channels x 4 consecutive k
-/// (64 bytes, one register), channels padded to 16 and k to 4 with zeros.
+/// layout the VNNI kernel reads.
 #[derive(Clone, Debug)]
 pub struct Int8Weight {
-    /// Row-major `[n, k]` (the CUDA kernel's layout and the exact reference).
+    /// Row-major `[n, k]` (the CUDA kernel's layout, the exact reference and
+    /// what quantized checkpoints store).
     pub q: Vec<i8>,
     pub scale: Vec<f32>,
     pub n: usize,
@@ -110,9 +171,13 @@ pub struct Int8Weight {
     pub inv_smooth: Option<Vec<f32>>,
     /// Activation range: [`QMAX_A8`] or [`QMAX_A6`].
     pub act_qmax: i32,
-    packed: Vec<i8>,
-    /// `sum_k q[n, k]`: the VNNI kernel multiplies unsigned `a + 128` and subtracts `128 * col_sum`.
-    col_sum: Vec<i32>,
+    /// `q + 128` as unsigned bytes in blocks of 16 channels x 4 consecutive k
+    /// (`[n / 16][k / 4][16][4]`, 64 bytes = one register per k-group), channels
+    /// padded to 16 and k to 4 with 0 (so padding adds nothing whatever the
+    /// activation bytes there).
+    packed: Vec<u8>,
+    /// `scale` padded with zeros to whole blocks, for vector loads.
+    scale_pad: Vec<f32>,
 }
 
 impl Int8Weight {
@@ -133,38 +198,45 @@ impl Int8Weight {
         Self::from_parts(q, scale, n, k, inv_smooth, act_qmax)
     }
 
-    /// An already quantized weight (e.g. read from a quantized checkpoint).
+    /// An already quantized weight (e.g. read from a quantized checkpoint): `q`
+    /// row-major `[n, k]`, `scale` `[n]`.
     pub fn from_parts(q: Vec<i8>, scale: Vec<f32>, n: usize, k: usize, inv_smooth: Option<Vec<f32>>, act_qmax: i32) -> Result<Self> {
+        ensure!(n > 0 && k > 0, "int8 weight: empty shape [{n}, {k}]");
         ensure!(q.len() == n * k && scale.len() == n, "int8 weight: parts do not describe [{n}, {k}]");
         ensure!(q.iter().all(|&v| v != i8::MIN), "int8 weight: -128 is outside the symmetric range");
-        let k4 = k.div_ceil(4);
-        let blocks = n.div_ceil(NB);
-        let mut packed = vec![0i8; blocks * k4 * NB * 4];
-        for (ch, row) in q.chunks(k).enumerate() {
-            let (b, c) = (ch / NB, ch % NB);
-            for (kk, &v) in row.iter().enumerate() {
-                packed[((b * k4 + kk / 4) * NB + c) * 4 + kk % 4] = v;
-            }
+        ensure!(act_qmax == QMAX_A8 || act_qmax == QMAX_A6, "int8 weight: activation qmax must be {QMAX_A8} or {QMAX_A6}");
+        if let Some(s) = &inv_smooth {
+            ensure!(s.len() == k, "int8 weight: smoothing vector has {} entries for {k} inputs", s.len());
         }
-        let col_sum = q.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect();
-        Ok(Int8Weight { q, scale, n, k, inv_smooth, act_qmax, packed, col_sum })
+        let (k4, blocks) = (k.div_ceil(4), n.div_ceil(NB));
+        let mut packed = vec![0u8; blocks * k4 * NB * 4];
+        packed.par_chunks_mut(k4 * NB * 4).enumerate().for_each(|(b, blk)| {
+            for (c, row) in q.chunks(k).skip(b * NB).take(NB).enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    blk[(kk / 4 * NB + c) * 4 + kk % 4] = (v as i16 + 128) as u8;
+                }
+            }
+        });
+        let mut scale_pad = scale.clone();
+        scale_pad.resize(blocks * NB, 0.0);
+        Ok(Int8Weight { q, scale, n, k, inv_smooth, act_qmax, packed, scale_pad })
     }
 }
 
-/// Whether this CPU has the AVX-512 VNNI int8 dot products the integer GEMMs use.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn vnni_available() -> bool {
-    vnni::available()
+fn check(a: &QuantRows, w: &Int8Weight) -> Result<()> {
+    ensure!(a.cols == w.k, "int8 gemm: activations have {} columns, weight expects {}", a.cols, w.k);
+    ensure!(a.q.len() == a.rows * a.cols && a.scale.len() == a.rows, "int8 gemm: activations do not describe [{}, {}]", a.rows, a.cols);
+    ensure!(w.k < 1 << 17, "int8 gemm: k = {} could overflow int32 accumulators", w.k);
+    Ok(())
 }
 
 /// `acc[m, n] = sum_k a[m, k] * w[n, k]` in exact int32 (`[rows, n]`).
 pub fn gemm_i32(a: &QuantRows, w: &Int8Weight) -> Result<Vec<i32>> {
-    ensure!(a.cols == w.k, "int8 gemm: activations have {} columns, weight expects {}", a.cols, w.k);
-    ensure!(w.k < 1 << 17, "int8 gemm: k = {} could overflow int32 accumulators", w.k);
+    check(a, w)?;
     let mut acc = vec![0i32; a.rows * w.n];
     #[cfg(target_arch = "x86_64")]
-    if vnni_available() {
-        vnni::gemm(a, w, vnni::Out::I32(acc.as_mut_ptr()));
+    if super::vnni::available() {
+        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()));
         return Ok(acc);
     }
     gemm_portable(a, w, &mut acc);
@@ -174,16 +246,15 @@ pub fn gemm_i32(a: &QuantRows, w: &Int8Weight) -> Result<Vec<i32>> {
 /// `y = dequantize(gemm_i32(a, w)) (+ bias)`, `[rows, n]`: the same numbers as
 /// [`gemm_i32`] then [`dequantize`], fused on VNNI (no int32 intermediate in memory).
 pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
-    ensure!(a.cols == w.k, "int8 gemm: activations have {} columns, weight expects {}", a.cols, w.k);
-    ensure!(w.k < 1 << 17, "int8 gemm: k = {} could overflow int32 accumulators", w.k);
+    check(a, w)?;
     ensure!(y.len() == a.rows * w.n, "int8 linear: output has {} values for [{}, {}]", y.len(), a.rows, w.n);
     if let Some(b) = bias {
         ensure!(b.len() == w.n, "int8 linear: bias has {} values for {} outputs", b.len(), w.n);
     }
     #[cfg(target_arch = "x86_64")]
-    if vnni_available() {
+    if super::vnni::available() {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        vnni::gemm(a, w, vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias });
+        kernel::gemm(a, w, super::vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias });
         return Ok(());
     }
     let acc = gemm_i32(a, w)?;
@@ -191,7 +262,7 @@ pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [
     Ok(())
 }
 
-/// The reference: plain integer loops (vectorized by the compiler).
+/// The portable kernel (no VNNI): plain integer loops, vectorized by the compiler.
 pub fn gemm_portable(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
     let (k, n) = (w.k, w.n);
     acc.par_chunks_mut(n).zip(a.q.par_chunks(k)).for_each(|(out, ar)| {
@@ -216,111 +287,117 @@ pub fn dequantize(acc: &[i32], a: &QuantRows, w: &Int8Weight, bias: Option<&[f32
     });
 }
 
+/// The AVX-512 VNNI GEMM: micro-tiles of [`MR`](kernel::MR) rows x [`NC`](kernel::NC)
+/// blocks of 16 channels accumulate over all of k in 24 registers (per 4-byte
+/// k-group: 4 weight loads, 6 activation broadcasts, 24 `vpdpbusd`), then the
+/// shift correction and the dequantization run on the registers and store.
 #[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::{Int8Weight, QuantRows, NB};
+mod kernel {
+    use super::super::vnni::{self, Out, NB};
+    use super::{Int8Weight, QuantRows};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    /// Rows per micro-tile and 16-channel blocks per micro-tile.
-    const MR: usize = 8;
-    const NC: usize = 3;
-    /// Rows and channels handed to one task.
-    const TASK_ROWS: usize = 64;
-    const TASK_BLOCKS: usize = 9;
+    pub const MR: usize = 6;
+    pub const NC: usize = 4;
+    /// Rows of one task.
+    const TASK_ROWS: usize = 96;
+    /// Weight bytes of one task: its blocks stay in the core's L2 while the
+    /// next tasks (the same blocks, the following rows) reuse them.
+    const TASK_WEIGHT_BYTES: usize = 192 << 10;
 
-    pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni")
+    /// What every micro-tile reads.
+    struct Operands {
+        /// Signed activations, rows of `lda` bytes (a multiple of 4, zero padding).
+        a: *const i8,
+        lda: usize,
+        /// `128 * sum_k a[m, k]` per row: the weights are stored as `w + 128`.
+        corr: *const i32,
+        w: *const u8,
+        k4: usize,
+        scale: *const f32,
+        n: usize,
     }
-
-    /// Where a tile's results go: exact int32 accumulators, or dequantized f32
-    /// (`((float) acc * a_scale[m]) * w_scale[n] + bias[n]`, the documented order).
-    #[derive(Clone, Copy)]
-    pub enum Out {
-        I32(*mut i32),
-        F32 { y: *mut f32, a_scale: *const f32, bias: *const f32 },
-    }
-    // SAFETY: tasks write disjoint regions (see `gemm`); the scale/bias pointers are read-only.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
 
     pub fn gemm(a: &QuantRows, w: &Int8Weight, out: Out) {
-        let (m, n, k) = (a.rows, w.n, w.k);
-        let k4 = k.div_ceil(4);
-        // Activations shifted to unsigned (`a + 128`), rows padded to whole 4-byte groups.
-        let mut au = vec![128u8; m * k4 * 4];
-        au.par_chunks_mut(k4 * 4).zip(a.q.par_chunks(k)).for_each(|(d, s)| {
-            for (dd, &v) in d.iter_mut().zip(s) {
-                *dd = (v as i16 + 128) as u8;
-            }
-        });
+        let (m, n) = (a.rows, w.n);
+        let k4 = w.k.div_ceil(4);
+        let rows = vnni::padded_rows(a, k4 * 4);
+        let corr = vnni::group_sums(a, w.k, 128);
         let blocks = n.div_ceil(NB);
-        let row_tasks = m.div_ceil(TASK_ROWS);
-        let col_tasks = blocks.div_ceil(TASK_BLOCKS);
+        let task_blocks = (TASK_WEIGHT_BYTES / (k4 * 64 * NC)).max(1) * NC;
+        let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), blocks.div_ceil(task_blocks));
+        let op = Operands { a: rows.as_ptr(), lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n };
+        let op = &op;
+        // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
-            let out = out;
-            let (rt, ct) = (t / col_tasks, t % col_tasks);
+            let (ct, rt) = (t / row_tasks, t % row_tasks);
             let (r0, r1) = (rt * TASK_ROWS, ((rt + 1) * TASK_ROWS).min(m));
-            let (b0, b1) = (ct * TASK_BLOCKS, ((ct + 1) * TASK_BLOCKS).min(blocks));
-            // SAFETY: VNNI presence checked by the caller; the task writes only rows
-            // r0..r1 x channels of blocks b0..b1, disjoint from every other task.
-            unsafe { tile(&au, k4, w, r0, r1, b0, b1, out, n) };
+            let (b0, b1) = (ct * task_blocks, ((ct + 1) * task_blocks).min(blocks));
+            // SAFETY: VNNI presence checked by the caller; the operands outlive the
+            // loop; the task writes only rows r0..r1 x the channels of blocks
+            // b0..b1, disjoint from every other task.
+            unsafe { tile(op, r0, r1, b0, b1, out) };
         });
     }
 
+    // SAFETY (for the raw pointers below): `Operands` only travels inside `gemm`'s scope.
+    unsafe impl Sync for Operands {}
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(au: &[u8], k4: usize, w: &Int8Weight, r0: usize, r1: usize, b0: usize, b1: usize, out: Out, n: usize) {
-        let mut r = r0;
-        while r < r1 {
-            let mr = MR.min(r1 - r);
-            let mut b = b0;
-            while b < b1 {
-                let nc = NC.min(b1 - b);
+    unsafe fn tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, out: Out) {
+        let mut b = b0;
+        while b < b1 {
+            let nc = NC.min(b1 - b);
+            let mut r = r0;
+            while r < r1 {
+                let mr = if r1 - r >= MR { MR } else { 1 };
                 match (mr, nc) {
-                    (MR, NC) => micro::<MR, NC>(au, k4, w, r, b, out, n),
-                    (MR, c) => (0..c).for_each(|i| micro::<MR, 1>(au, k4, w, r, b + i, out, n)),
-                    (rows, c) => (0..rows).for_each(|ri| (0..c).for_each(|i| micro::<1, 1>(au, k4, w, r + ri, b + i, out, n))),
+                    (MR, NC) => micro::<MR, NC>(op, r, b, out),
+                    (MR, c) => (0..c).for_each(|i| micro::<MR, 1>(op, r, b + i, out)),
+                    (_, NC) => micro::<1, NC>(op, r, b, out),
+                    (_, c) => (0..c).for_each(|i| micro::<1, 1>(op, r, b + i, out)),
                 }
-                b += nc;
+                r += mr;
             }
-            r += mr;
+            b += nc;
         }
     }
 
-    /// `R` rows x `C` blocks of 16 channels, accumulated over all of k in registers.
+    /// Rows `r .. r + R` x blocks `b .. b + C`. Dequantization in the documented
+    /// order: `((float) acc * a_scale[m]) * w_scale[n] (+ bias[n])`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
-    unsafe fn micro<const R: usize, const C: usize>(au: &[u8], k4: usize, w: &Int8Weight, r: usize, b: usize, out: Out, n: usize) {
+    unsafe fn micro<const R: usize, const C: usize>(op: &Operands, r: usize, b: usize, out: Out) {
         let mut acc = [[_mm512_setzero_si512(); C]; R];
-        let wp = w.packed.as_ptr();
-        let ap = au.as_ptr();
-        for kk in 0..k4 {
+        let wb = op.k4 * NB * 4;
+        let mut wp = op.w.add(b * wb);
+        let mut ap = op.a.add(r * op.lda);
+        for _ in 0..op.k4 {
             let mut wv = [_mm512_setzero_si512(); C];
             for (c, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(wp.add(((b + c) * k4 + kk) * NB * 4) as *const _);
+                *v = _mm512_loadu_si512(wp.add(c * wb) as *const _);
             }
             for (ri, row) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_epi32((ap.add((r + ri) * k4 * 4 + kk * 4) as *const i32).read_unaligned());
-                for (c, a) in row.iter_mut().enumerate() {
-                    *a = _mm512_dpbusd_epi32(*a, x, wv[c]);
+                let x = _mm512_set1_epi32((ap.add(ri * op.lda) as *const i32).read_unaligned());
+                for (a, &wc) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbusd_epi32(*a, wc, x);
                 }
             }
+            wp = wp.add(NB * 4);
+            ap = ap.add(4);
         }
         for (ri, row) in acc.iter().enumerate() {
+            let m = r + ri;
+            let corr = _mm512_set1_epi32(*op.corr.add(m));
             for (c, a) in row.iter().enumerate() {
                 let ch0 = (b + c) * NB;
-                let mut lanes = [0i32; NB];
-                _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, *a);
-                let row = r + ri;
-                for (l, &v) in lanes.iter().enumerate().take(n.saturating_sub(ch0).min(NB)) {
-                    let (ch, acc) = (ch0 + l, v - 128 * w.col_sum[ch0 + l]);
-                    match out {
-                        Out::I32(p) => *p.add(row * n + ch) = acc,
-                        Out::F32 { y, a_scale, bias } => {
-                            let v = (acc as f32 * *a_scale.add(row)) * w.scale[ch];
-                            *y.add(row * n + ch) = if bias.is_null() { v } else { v + *bias.add(ch) };
-                        }
+                let v = _mm512_sub_epi32(*a, corr);
+                match out {
+                    Out::I32(p) => _mm512_mask_storeu_epi32(p.add(m * op.n + ch0), vnni::live_mask(op.n, ch0), v),
+                    Out::F32 { y, a_scale, bias } => {
+                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(*a_scale.add(m)));
+                        vnni::store_f32(y, bias, op.n, m, ch0, _mm512_mul_ps(f, _mm512_loadu_ps(op.scale.add(ch0))));
                     }
                 }
             }
@@ -350,7 +427,9 @@ mod tests {
     #[test]
     fn integer_gemm_is_exact() {
         let mut rng = Rng::new(42);
-        for &(m, n, k) in &[(1, 1, 1), (3, 17, 6), (5, 15, 36), (4, 64, 64), (77, 65, 72), (9, 200, 1152), (130, 48, 256), (2, 33, 4608)] {
+        // Odd rows, rows past one task (96) with a tail of single rows, k not a
+        // multiple of 4 (padded copy) or 64, channels not a multiple of 16 or 64.
+        for &(m, n, k) in &[(1, 1, 1), (3, 17, 6), (5, 15, 36), (4, 64, 64), (77, 65, 72), (9, 200, 1152), (130, 48, 256), (2, 33, 4608), (203, 200, 1153), (97, 129, 1030), (31, 1152, 100), (13, 7, 4608)] {
             let x = rng.normal_vec(m * k);
             let wf = rng.normal_vec(n * k);
             let a = quantize_rows(&x, k, None, QMAX_A8).unwrap();
@@ -390,6 +469,55 @@ mod tests {
         assert_eq!((s, &q[..2]), (1.0 / 127.0, &[127i8, 127][..]));
         assert!(quantize_rows(&[1.0; 6], 4, None, QMAX_A8).is_err());
         assert!(quantize_rows(&[1.0; 8], 4, None, 100).is_err());
+    }
+
+    #[test]
+    fn fused_dequantization_matches_the_reference_order() {
+        let mut rng = Rng::new(8);
+        for &(m, n, k) in &[(1, 5, 3), (7, 37, 100), (101, 200, 1152), (12, 1152, 64)] {
+            let a = quantize_rows(&rng.normal_vec(m * k), k, None, QMAX_A8).unwrap();
+            let w = Int8Weight::quantize(&rng.normal_vec(n * k), n, k, None, QMAX_A8).unwrap();
+            let bias = rng.normal_vec(n);
+            for b in [None, Some(&bias[..])] {
+                let mut want = vec![0f32; m * n];
+                dequantize(&scalar_reference(&a, &w), &a, &w, b, &mut want);
+                let mut got = vec![f32::NAN; m * n];
+                linear_f32(&a, &w, b, &mut got).unwrap();
+                assert_eq!(got, want, "{m}x{n}x{k}, bias {}", b.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn vector_quantization_equals_the_portable_one() {
+        let mut rng = Rng::new(9);
+        for len in [1, 15, 16, 17, 100, 1152, 4611] {
+            let mut x: Vec<f32> = rng.normal_vec(len).iter().map(|v| v * 3.0).collect();
+            let s: Vec<f32> = (0..len).map(|i| 0.25 + (i % 9) as f32 * 0.3).collect();
+            // Ties at the rounding points, zeros and (for the longer rows) non-finite values.
+            x[0] = 0.0;
+            if len > 20 {
+                (x[3], x[5], x[7]) = (f32::NAN, -0.0, 1e30);
+            }
+            for qmax in [QMAX_A8, QMAX_A6] {
+                for sm in [None, Some(&s[..])] {
+                    let (mut q1, mut q2) = (vec![0i8; len], vec![1i8; len]);
+                    let s1 = quantize_row(&x, sm, qmax, &mut q1);
+                    let s2 = quantize_row_portable(&x, sm, qmax, &mut q2);
+                    assert_eq!((s1.to_bits(), &q1), (s2.to_bits(), &q2), "len {len} qmax {qmax} smooth {}", sm.is_some());
+                }
+            }
+        }
+        let ties: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.5).chain([127.0]).collect();
+        let (mut q1, mut q2) = (vec![0i8; ties.len()], vec![0i8; ties.len()]);
+        assert_eq!(quantize_row(&ties, None, QMAX_A8, &mut q1), quantize_row_portable(&ties, None, QMAX_A8, &mut q2));
+        assert_eq!(q1, q2);
+        for v in [f32::INFINITY, f32::NAN] {
+            let x = [1.0, v, -2.0];
+            let (mut q1, mut q2) = ([0i8; 3], [0i8; 3]);
+            let (s1, s2) = (quantize_row(&x, None, QMAX_A8, &mut q1), quantize_row_portable(&x, None, QMAX_A8, &mut q2));
+            assert_eq!((s1.to_bits(), q1), (s2.to_bits(), q2), "{v}");
+        }
     }
 
     #[test]

@@ -8,3 +8,5 @@ pub mod int8;
 pub mod plan;
 pub mod preset;
 pub mod qdir;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;

@@ -290,7 +290,7 @@ impl<'a> Keys<'a> {
     fn new(k: &'a QuantBlocks, heads: usize, lens: &[usize]) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let vnni = crate::quant::int8::vnni_available().then(|| {
+            let vnni = crate::quant::vnni::available().then(|| {
                 let (rows, dp, k4) = (k.rows_pad, k.dp, k.dp / 4);
                 let mut packed = vec![0i8; k.q.len()];
                 let mut sums = vec![0i32; k.q.len() / dp];
@@ -322,7 +322,7 @@ impl<'a> Keys<'a> {
         s.resize(tq * lk, 0);
         #[cfg(target_arch = "x86_64")]
         if let Some((packed, sums)) = &self.vnni {
-            // SAFETY: vnni_available() checked the instruction sets; rows_pad (a multiple
+            // SAFETY: vnni::available() checked the instruction sets; rows_pad (a multiple
             // of 64) covers lk rounded up to whole 16-key blocks.
             unsafe { vnni::scores(q, tq, dp, &packed[gh * rows * dp..][..rows * dp], &sums[gh * rows..][..rows], lk, s) };
             return;

@@ -66,6 +66,27 @@ fn act_in_place(v: &mut [f32], act: Activation) {
 }
 }
 
+/// A zeroed buffer for a large output. On Linux it asks for transparent huge
+/// pages before the first write: where THP is in `madvise` mode, a fresh 75 MB
+/// output otherwise takes ~18,000 page faults as the GEMM first writes it, about
+/// a third of a W8A8 linear's time on this project's VM (measured: 32 ms extra
+/// at 4050x1152x4608, 11 ms with huge pages).
+fn output_buffer(len: usize) -> Vec<f32> {
+    let v = vec![0f32; len];
+    #[cfg(target_os = "linux")]
+    if len * 4 >= 8 << 20 {
+        const HUGE: usize = 2 << 20;
+        let (p, bytes) = (v.as_ptr() as usize, len * 4);
+        let (start, end) = (p.next_multiple_of(HUGE), (p + bytes) / HUGE * HUGE);
+        if end > start {
+            // SAFETY: advice on whole pages inside our own allocation; it changes no
+            // contents, and a failure only means no huge pages.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
+}
+
 impl CpuBackend {
     /// `x W^T + b` for `x` viewed as `[rows, k]`.
     fn matmul_bias(&self, x: &Tensor, w: &Linear) -> Result<(Vec<f32>, usize)> {
@@ -73,7 +94,7 @@ impl CpuBackend {
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let n = w.out_features;
         let xs = x.f32()?;
-        let mut out = vec![0f32; rows * n];
+        let mut out = output_buffer(rows * n);
         // Below ~4M multiply-adds the GEMM's own threading costs more than it saves.
         let threads = if rows * n * k < (1 << 22) { 1 } else { rayon::current_num_threads() };
         match &w.weight {

@@ -1,0 +1,86 @@
+//! Pieces shared by the AVX-512 VNNI integer GEMMs ([`int8`](super::int8),
+//! [`int4`](super::int4)): feature detection, the activation operand, where a
+//! tile's results go, and the masked stores of the epilogues.
+//!
+//! Both GEMMs broadcast 4 consecutive int8 activations of one row (one 32-bit
+//! element) as the *signed* operand of `vpdpbusd` and keep the weights, stored
+//! unsigned (`w + 128` for int8, the nibble `q + 8` for int4), in registers as
+//! its *unsigned* operand. The shift costs one per-row (per-group) correction,
+//! `shift * sum_k a[m, k]`, and needs no copy of the activations.
+
+use super::int8::QuantRows;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+use std::borrow::Cow;
+
+/// Output channels per block: one 512-bit register of int32 accumulators.
+pub const NB: usize = 16;
+
+/// Whether this CPU has AVX-512 (F, BW) with the VNNI int8 dot products.
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Where a tile's results go: exact int32 accumulators, or dequantized f32
+/// (each GEMM documents its order of operations).
+#[derive(Clone, Copy)]
+pub enum Out {
+    I32(*mut i32),
+    F32 { y: *mut f32, a_scale: *const f32, bias: *const f32 },
+}
+// SAFETY: the GEMMs' tasks write disjoint regions; the scale and bias pointers are read-only.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// The activations as rows of `width` bytes (`width >= cols`, a multiple of 4):
+/// borrowed when the rows already have that width, else copied with zero padding.
+/// Padding is exact: zero activations add nothing, whatever the weight bytes.
+pub fn padded_rows(a: &QuantRows, width: usize) -> Cow<'_, [i8]> {
+    if width == a.cols {
+        return Cow::Borrowed(&a.q);
+    }
+    let mut p = vec![0i8; a.rows * width];
+    p.par_chunks_mut(width).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(d, s)| d[..s.len()].copy_from_slice(s));
+    Cow::Owned(p)
+}
+
+/// `shift * sum_{k in g} a[m, k]` for each row `m` and group `g` of `group`
+/// inputs (`[rows, groups]`, wrapping: the GEMMs' results are exact modulo 2^32
+/// and fit int32).
+pub fn group_sums(a: &QuantRows, group: usize, shift: i32) -> Vec<i32> {
+    let groups = a.cols.div_ceil(group);
+    let mut s = vec![0i32; a.rows * groups];
+    s.par_chunks_mut(groups).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(s, row)| row_group_sums(row, group, shift, s));
+    s
+}
+
+crate::backend::cpu::simd::multiversion! {
+fn row_group_sums(row: &[i8], group: usize, shift: i32, sums: &mut [i32]) {
+    for (sg, chunk) in sums.iter_mut().zip(row.chunks(group)) {
+        *sg = chunk.iter().map(|&x| x as i32).sum::<i32>().wrapping_mul(shift);
+    }
+}
+}
+
+/// Lanes of the 16-channel block starting at `ch0` that exist (`ch0 < n`).
+#[inline(always)]
+pub fn live_mask(n: usize, ch0: usize) -> __mmask16 {
+    let live = (n - ch0).min(NB);
+    if live == NB {
+        0xFFFF
+    } else {
+        (1u16 << live) - 1
+    }
+}
+
+/// Stores `v` to `y[row, ch0 ..]` (`y` is `[rows, n]`), adding `bias[ch0 ..]` if
+/// there is one: the last step of both dequantizations.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn store_f32(y: *mut f32, bias: *const f32, n: usize, row: usize, ch0: usize, mut v: __m512) {
+    let mask = live_mask(n, ch0);
+    if !bias.is_null() {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.add(ch0)));
+    }
+    _mm512_mask_storeu_ps(y.add(row * n + ch0), mask, v);
+}
