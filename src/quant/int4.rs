@@ -29,8 +29,6 @@ const NB: usize = 16;
 /// An int4 linear weight `[n, k]`; see the module documentation for the format.
 #[derive(Clone, Debug)]
 pub struct Int4Weight {
-    /// `[n, k.div_ceil(2)]` bytes, nibbles `q + 8` (the CUDA kernels' layout).
-    pub packed: Vec<u8>,
     /// `[n, groups]` f32.
     pub scale: Vec<f32>,
     pub n: usize,
@@ -44,6 +42,8 @@ pub struct Int4Weight {
     /// byte `4c + j` holds input `8i + j` (low nibble) and `8i + 4 + j` (high
     /// nibble) of channel `c`, so the low nibbles are one `vpdpbusd` operand
     /// for inputs `8i .. 8i+3` and the high ones for `8i+4 .. 8i+7`. Padding is 8 (zero).
+    /// The only copy of the values held: the documented row-major packing is
+    /// rebuilt on demand ([`Int4Weight::packed`]).
     vnni: Vec<u8>,
     /// `scale` transposed to `[groups, n padded to 16]`, for 16-channel vector loads.
     scale_gn: Vec<f32>,
@@ -161,7 +161,6 @@ impl Int4Weight {
             );
         }
         let mut w = Int4Weight {
-            packed,
             scale,
             n,
             k,
@@ -176,7 +175,8 @@ impl Int4Weight {
         for ch in 0..n {
             let (b, c) = (ch / NB, ch % NB);
             for kk in 0..k {
-                let nib = w.nibble(ch, kk);
+                let b_in = packed[ch * kb + kk / 2];
+                let nib = if kk % 2 == 0 { b_in & 0x0F } else { b_in >> 4 };
                 let (i, r) = (kk / 8, kk % 8);
                 let byte = &mut vnni[(b * k8 + i) * 64 + 4 * c + r % 4];
                 *byte = if r < 4 {
@@ -199,12 +199,30 @@ impl Int4Weight {
     }
 
     fn nibble(&self, ch: usize, kk: usize) -> u8 {
-        let b = self.packed[ch * self.k.div_ceil(2) + kk / 2];
-        if kk % 2 == 0 {
+        let k8 = self.groups * W4_GROUP / 8;
+        let (r, c) = (kk % 8, ch % NB);
+        let b = self.vnni[((ch / NB) * k8 + kk / 8) * 64 + 4 * c + r % 4];
+        if r < 4 {
             b & 0x0F
         } else {
             b >> 4
         }
+    }
+
+    /// The documented packing: `[n, k.div_ceil(2)]` bytes, nibbles `q + 8` (an odd
+    /// row's last high nibble 8), as quantized checkpoints store it and the CUDA
+    /// backend uploads it.
+    pub fn packed(&self) -> Vec<u8> {
+        let kb = self.k.div_ceil(2);
+        let mut out = vec![0x88u8; self.n * kb];
+        out.par_chunks_mut(kb).enumerate().for_each(|(ch, row)| {
+            for kk in 0..self.k {
+                let nib = self.nibble(ch, kk);
+                let b = &mut row[kk / 2];
+                *b = if kk % 2 == 0 { (*b & 0xF0) | nib } else { (*b & 0x0F) | nib << 4 };
+            }
+        });
+        out
     }
 
     /// The signed values `q[n, k]`, row-major (the exact reference's operand).
@@ -589,6 +607,17 @@ mod tests {
         let w = Int4Weight::quantize(&wf, n, k, s.as_deref(), qmax).unwrap();
         let a = quantize_rows(&x, k, w.inv_smooth.as_deref(), qmax).unwrap();
         (a, w, x, wf)
+    }
+
+    #[test]
+    fn the_vnni_layout_is_the_only_copy_and_round_trips() {
+        for (n, k) in [(1, 1), (5, 7), (16, 64), (17, 130)] {
+            let q: Vec<i8> = (0..n * k).map(|i| ((i * 7 + i / 3) % 15) as i8 - 7).collect();
+            let packed = pack(&q, n, k);
+            let w = Int4Weight::from_parts(packed.clone(), vec![0.25; n * k.div_ceil(W4_GROUP)], n, k, None, QMAX_A8).unwrap();
+            assert_eq!(w.packed(), packed, "[{n}, {k}]");
+            assert_eq!(w.unpack(), q, "[{n}, {k}]");
+        }
     }
 
     #[test]

@@ -161,9 +161,6 @@ const NB: usize = 16;
 /// layout the VNNI kernel reads.
 #[derive(Clone, Debug)]
 pub struct Int8Weight {
-    /// Row-major `[n, k]` (the CUDA kernel's layout, the exact reference and
-    /// what quantized checkpoints store).
-    pub q: Vec<i8>,
     pub scale: Vec<f32>,
     pub n: usize,
     pub k: usize,
@@ -174,7 +171,8 @@ pub struct Int8Weight {
     /// `q + 128` as unsigned bytes in blocks of 16 channels x 4 consecutive k
     /// (`[n / 16][k / 4][16][4]`, 64 bytes = one register per k-group), channels
     /// padded to 16 and k to 4 with 0 (so padding adds nothing whatever the
-    /// activation bytes there).
+    /// activation bytes there). The only copy of the values held: the row-major
+    /// form is rebuilt on demand ([`Int8Weight::row_major`]).
     packed: Vec<u8>,
     /// `scale` padded with zeros to whole blocks, for vector loads.
     scale_pad: Vec<f32>,
@@ -219,7 +217,21 @@ impl Int8Weight {
         });
         let mut scale_pad = scale.clone();
         scale_pad.resize(blocks * NB, 0.0);
-        Ok(Int8Weight { q, scale, n, k, inv_smooth, act_qmax, packed, scale_pad })
+        Ok(Int8Weight { scale, n, k, inv_smooth, act_qmax, packed, scale_pad })
+    }
+
+    /// The values `q[n, k]`, row-major (the CUDA kernel's layout, the exact
+    /// reference's operand and what quantized checkpoints store).
+    pub fn row_major(&self) -> Vec<i8> {
+        let k4 = self.k.div_ceil(4);
+        let mut q = vec![0i8; self.n * self.k];
+        q.par_chunks_mut(self.k).enumerate().for_each(|(ch, row)| {
+            let (b, c) = (ch / NB, ch % NB);
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = (self.packed[((b * k4 + kk / 4) * NB + c) * 4 + kk % 4] as i16 - 128) as i8;
+            }
+        });
+        q
     }
 }
 
@@ -265,8 +277,9 @@ pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [
 /// The portable kernel (no VNNI): plain integer loops, vectorized by the compiler.
 pub fn gemm_portable(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
     let (k, n) = (w.k, w.n);
+    let wq = w.row_major();
     acc.par_chunks_mut(n).zip(a.q.par_chunks(k)).for_each(|(out, ar)| {
-        for (o, wr) in out.iter_mut().zip(w.q.chunks(k)) {
+        for (o, wr) in out.iter_mut().zip(wq.chunks(k)) {
             *o = ar.iter().zip(wr).map(|(&x, &y)| x as i32 * y as i32).sum();
         }
     });
@@ -411,17 +424,30 @@ mod tests {
     use crate::rng::Rng;
 
     fn scalar_reference(a: &QuantRows, w: &Int8Weight) -> Vec<i32> {
+        let wq = w.row_major();
         let mut out = vec![0i32; a.rows * w.n];
         for m in 0..a.rows {
             for n in 0..w.n {
                 let mut s = 0i64;
                 for k in 0..w.k {
-                    s += a.q[m * w.k + k] as i64 * w.q[n * w.k + k] as i64;
+                    s += a.q[m * w.k + k] as i64 * wq[n * w.k + k] as i64;
                 }
                 out[m * w.n + n] = s as i32;
             }
         }
         out
+    }
+
+    #[test]
+    fn the_packed_weight_is_the_only_copy_and_round_trips() {
+        let mut rng = Rng::new(11);
+        for (n, k) in [(1, 1), (7, 5), (16, 64), (33, 130)] {
+            let q: Vec<i8> = (0..n * k).map(|_| ((rng.uniform() * 255.0) as i32 - 127).clamp(-127, 127) as i8).collect();
+            let w = Int8Weight::from_parts(q.clone(), vec![0.5; n], n, k, None, QMAX_A8).unwrap();
+            assert_eq!(w.row_major(), q, "[{n}, {k}]");
+            // Held: the padded VNNI copy and the scales, about one byte per value.
+            assert!(w.packed.len() <= n.div_ceil(16) * 16 * k.div_ceil(4) * 4);
+        }
     }
 
     #[test]

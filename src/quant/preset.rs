@@ -127,7 +127,7 @@ impl WeightStats {
             LinearWeight::F32(_) => 4 * n * k,
             LinearWeight::Half(_) => 2 * n * k,
             LinearWeight::Int8(q) => n * k + 4 * q.scale.len() + q.inv_smooth.as_ref().map_or(0, |v| 4 * v.len()),
-            LinearWeight::Int4(q) => q.packed.len() + 4 * q.scale.len() + q.inv_smooth.as_ref().map_or(0, |v| 4 * v.len()),
+            LinearWeight::Int4(q) => n * k.div_ceil(2) + 4 * q.scale.len() + q.inv_smooth.as_ref().map_or(0, |v| 4 * v.len()),
         }
     }
 

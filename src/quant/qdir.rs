@@ -143,12 +143,12 @@ fn weight_tensors(stored: &str, l: &Linear, float: &Tensor) -> Result<Vec<(Strin
             None
         }
         LinearWeight::Int8(q) => {
-            out.push((format!("{stored}.weight"), Tensor::new(&[n, k], crate::tensor::Storage::I8(q.q.clone()))?));
+            out.push((format!("{stored}.weight"), Tensor::new(&[n, k], crate::tensor::Storage::I8(q.row_major()))?));
             out.push((format!("{stored}.weight_scale"), Tensor::from_f32(&[n], q.scale.clone())?));
             q.inv_smooth.as_ref()
         }
         LinearWeight::Int4(q) => {
-            out.push((format!("{stored}.weight"), Tensor::new(&[n, k.div_ceil(2)], crate::tensor::Storage::U8(q.packed.clone()))?));
+            out.push((format!("{stored}.weight"), Tensor::new(&[n, k.div_ceil(2)], crate::tensor::Storage::U8(q.packed()))?));
             out.push((format!("{stored}.weight_scale"), Tensor::from_f32(&[n, q.groups], q.scale.clone())?));
             q.inv_smooth.as_ref()
         }

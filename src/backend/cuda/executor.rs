@@ -708,11 +708,12 @@ impl CudaBackend {
         }
         let (n, k) = (q.n, q.k);
         let kq = k.next_multiple_of(16);
+        let rows = q.row_major();
         let padded: Vec<i8> = if kq == k {
-            q.q.clone()
+            rows
         } else {
             let mut p = vec![0i8; n * kq];
-            p.par_chunks_mut(kq).zip(q.q.par_chunks(k)).for_each(|(d, s)| d[..k].copy_from_slice(s));
+            p.par_chunks_mut(kq).zip(rows.par_chunks(k)).for_each(|(d, s)| d[..k].copy_from_slice(s));
             p
         };
         let d = Arc::new(DevInt8 {
@@ -732,7 +733,7 @@ impl CudaBackend {
         if let Some((_, d)) = self.int4.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(d.clone());
         }
-        let (w, kq) = super::w4_device_layout(&q.packed, q.n, q.k).map_err(anyhow::Error::msg)?;
+        let (w, kq) = super::w4_device_layout(&q.packed(), q.n, q.k).map_err(anyhow::Error::msg)?;
         ensure!(q.scale.len() == q.n * (kq / W4_GROUP), "int4 weight: {} scales for [{}, {}] in groups of {W4_GROUP}", q.scale.len(), q.n, q.k);
         let d = Arc::new(DevInt4 {
             w: self.upload_raw(DType::U8, &w, "an int4 weight")?,

@@ -949,7 +949,7 @@ fn gemm_w4a8_case(
     for (dst, src) in a.chunks_exact_mut(lda).zip(qa.q.chunks_exact(k)) {
         dst[..k].copy_from_slice(src);
     }
-    let (wdev, kp) = w4_device_layout(&wq.packed, n, k).unwrap();
+    let (wdev, kp) = w4_device_layout(&wq.packed(), n, k).unwrap();
     assert_eq!(kp, k);
     let mut w = vec![0u8; n * ldw];
     for (dst, src) in w.chunks_exact_mut(ldw).zip(wdev.chunks_exact(k / 2)) {
