@@ -172,3 +172,27 @@ fn cuda_graphs_flag_is_documented_and_checked() {
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", "x.gif", "--cuda-graphs", "maybe"]);
     assert!(!ok && err.contains("--cuda-graphs"), "{err}");
 }
+
+/// `--report FILE.json` on the bundled demo model: the documented fields, each
+/// consistent with the run (a full computation: every step and block computed).
+#[test]
+fn generate_writes_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gif, report) = (dir.path().join("v.gif"), dir.path().join("r.json"));
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--steps", "6", "--output", s(&gif), "--report", s(&report)]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let f = |path: &[&str]| path.iter().fold(&r, |v, k| &v[*k]).as_f64().unwrap_or_else(|| panic!("{path:?} in {r}"));
+    let (text, denoise, decode, total) = (f(&["stages_s", "text"]), f(&["stages_s", "denoise"]), f(&["stages_s", "decode"]), f(&["stages_s", "total"]));
+    assert!(text > 0.0 && denoise > 0.0 && decode == 0.0, "the demo model has no VAE: {r}");
+    assert!(total >= text + denoise + f(&["stages_s", "write"]), "{r}");
+    assert!(f(&["peak_memory_bytes"]) > 1e6, "{r}");
+    assert_eq!((f(&["steps"]), f(&["steps_computed"])), (6.0, 6.0));
+    // The demo DiT has 3 spatial and 3 temporal blocks.
+    assert_eq!((f(&["block_evals", "computed"]), f(&["block_evals", "possible"])), (36.0, 36.0));
+    assert_eq!(r["outputs"][0].as_str().unwrap(), s(&gif));
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", s(&gif), "--report", s(&dir.path().join("r.txt"))]);
+    assert!(!ok && err.contains("--report") && err.contains("FILE.json"), "{err}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", s(&gif), "--report", "/nonexistent/r.json"]);
+    assert!(!ok && err.contains("--report"), "{err}");
+}

@@ -25,7 +25,9 @@ fn static_k_skips_forwards_and_stays_close() {
     let blocks = 2 * model.cfg.depth;
     let mut counting = Counting::new(&mut k2, blocks);
     let (fast, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut counting, &mut |_, _| {}).unwrap();
+    counting.finish();
     // Steps 0, 2, 4, 5 computed: 4 of 6 forwards.
+    assert_eq!(counting.steps_computed, 4);
     assert_eq!(counting.blocks_computed, 4 * blocks);
     assert_eq!(counting.blocks_total, 6 * blocks);
     let e = rel_l2(fast.f32().unwrap(), full.f32().unwrap());

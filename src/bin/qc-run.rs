@@ -278,6 +278,11 @@ struct GenerateArgs {
     /// quantized to int8 (per block of 64 rows, K mean-smoothed), exact int32 products.
     #[arg(long)]
     qk_int8: bool,
+    /// Also write a JSON report to FILE.json: seconds per stage (`stages_s`: text, denoise, decode,
+    /// write, total), `peak_memory_bytes`, `steps_computed` of `steps`, `block_evals` (`computed`,
+    /// `possible`), and the run's settings (see the README's "The report file").
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
     /// Calibration directory (from `qc-run calibrate`) whose per-input-channel importance vectors are
     /// folded into the --quant weights (activations divided by them as they are quantized).
     #[arg(long, value_name = "DIR")]
@@ -530,6 +535,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         qk_int8: a.qk_int8,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
+    if let Some(r) = &a.report {
+        anyhow::ensure!(r.extension().is_some_and(|e| e == "json"), "--report {}: the report is JSON, name it FILE.json", r.display());
+        qc::output::check_writable(r).with_context(|| format!("--report {}", r.display()))?;
+    }
+    let t_all = std::time::Instant::now();
     let plan = plan(&paths, &prompts, &opts)?;
     for p in plan.prompts() {
         eprintln!("prompt: {p}");
@@ -557,7 +567,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let be = dev.get();
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let (video, report) = plan.run(be, &opts, &mut NoHooks, &mut |e| match e {
+    let mut policy = qc::cache::Reference;
+    let mut counting = qc::cache::Counting::new(&mut policy, plan.blocks_per_forward());
+    let (video, report) = plan.run(be, &opts, &mut counting, &mut |e| match e {
         Event::Stage(name) => {
             bar.set_message(name.to_string());
             bar.tick();
@@ -581,6 +593,26 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let w = report.dit_weights;
     eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight read per step, {:.2} held)", w.bytes as f64 / (1u64 << 20) as f64, report.dit_precision, w.step_bits, w.bits());
+    counting.finish();
+    if let Some(path) = &a.report {
+        let stage = |prefix: &str| report.stages.iter().filter(|(n, _)| n.starts_with(prefix)).map(|s| s.1).sum::<f64>();
+        let json = serde_json::json!({
+            "stages_s": {"text": stage("text encoder"), "denoise": stage("denoising"), "decode": stage("VAE decode"), "write": write_s, "total": t_all.elapsed().as_secs_f64()},
+            "peak_memory_bytes": report.peak_rss_bytes,
+            "steps": opts.steps,
+            "steps_computed": counting.steps_computed,
+            "block_evals": {"computed": counting.blocks_computed, "possible": counting.blocks_total},
+            "device": be.name(),
+            "prompts": report.prompts,
+            "latent": report.latent,
+            "seed": opts.seed,
+            "quant": report.dit_precision,
+            "dit_weight_bits_per_step": w.step_bits,
+            "dit_weight_bytes": w.bytes,
+            "outputs": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        });
+        qc::io::write_atomic(path, (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
+    }
     for p in written {
         println!("{}", p.display());
     }

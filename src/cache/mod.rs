@@ -49,18 +49,27 @@ pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
     bail!("unknown mode {name:?}; known: reference, static:K")
 }
 
-/// Wraps a policy and counts the DiT block evaluations it lets happen, and
-/// those a full computation would have done.
+/// Wraps a policy and counts the denoising steps that run the DiT and the
+/// DiT block evaluations it lets happen, against those a full computation
+/// would have done. The policy's graph keys pass through, so CUDA graphs still
+/// replay: a replayed step calls no hook inside the forward, so it is counted
+/// as the eager step of the same key was (same key, same blocks: the
+/// [`ForwardHooks::graph_key`] contract).
 pub struct Counting<'a> {
     pub inner: &'a mut dyn ForwardHooks,
+    pub steps_computed: usize,
     pub blocks_computed: usize,
     pub blocks_total: usize,
     pub blocks_per_forward: usize,
+    /// The graph key of the step in progress and the blocks it computed so far.
+    step: Option<(Option<u64>, usize)>,
+    /// Blocks computed by the last eager step of each graph key.
+    per_key: std::collections::HashMap<u64, usize>,
 }
 
 impl<'a> Counting<'a> {
     pub fn new(inner: &'a mut dyn ForwardHooks, blocks_per_forward: usize) -> Self {
-        Counting { inner, blocks_computed: 0, blocks_total: 0, blocks_per_forward }
+        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, per_key: Default::default() }
     }
 
     /// Fraction of block evaluations actually computed.
@@ -70,17 +79,44 @@ impl<'a> Counting<'a> {
         }
         self.blocks_computed as f64 / self.blocks_total as f64
     }
+
+    /// Closes the step in progress: a keyed step that called no block hook was replayed.
+    fn close_step(&mut self) {
+        if let Some((key, blocks)) = self.step.take() {
+            match key {
+                Some(k) if blocks == 0 => self.blocks_computed += self.per_key.get(&k).copied().unwrap_or(0),
+                Some(k) => {
+                    self.per_key.insert(k, blocks);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The counts once sampling is over (closes the last step).
+    pub fn finish(&mut self) {
+        self.close_step();
+    }
 }
 
 impl ForwardHooks for Counting<'_> {
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+        self.close_step();
         self.blocks_total += self.blocks_per_forward;
-        self.inner.step_action(step, steps)
+        let a = self.inner.step_action(step, steps);
+        if a == StepAction::Compute {
+            self.steps_computed += 1;
+            self.step = Some((None, 0));
+        }
+        a
     }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         let a = self.inner.block_action(id);
         if a == BlockAction::Compute {
             self.blocks_computed += 1;
+            if let Some((_, n)) = &mut self.step {
+                *n += 1;
+            }
         }
         a
     }
@@ -90,7 +126,13 @@ impl ForwardHooks for Counting<'_> {
     fn wants_trace(&self) -> bool {
         self.inner.wants_trace()
     }
-    // graph_key stays None: a replayed step would not call block_action, so the count would miss it.
+    fn graph_key(&mut self, step: usize, steps: usize) -> Option<u64> {
+        let key = self.inner.graph_key(step, steps);
+        if let Some((k, _)) = &mut self.step {
+            *k = key;
+        }
+        key
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +145,27 @@ mod tests {
         let computed: Vec<usize> = (0..8).filter(|&i| p.step_action(i, 8) == StepAction::Compute).collect();
         assert_eq!(computed, vec![0, 3, 6, 7]);
         assert!(policy("static:0").is_err() && policy("magic").is_err() && policy("static:2").is_ok());
+    }
+
+    /// The sampler's hook calls for 7 steps of static:3 with CUDA graphs: computed steps 0, 3
+    /// and 6; step 0 runs eagerly (4 blocks), step 3 is a replay (no block hook), step 6 (the
+    /// last) eagerly again. Every computed step counts its 4 blocks.
+    #[test]
+    fn counting_sees_replayed_steps() {
+        let mut inner = StaticK { k: 3 };
+        let mut c = Counting::new(&mut inner, 4);
+        let id = BlockId { kind: crate::model::stdit3::BlockKind::Spatial, index: 0 };
+        for step in 0..7 {
+            if c.step_action(step, 7) == StepAction::Compute {
+                assert_eq!(c.graph_key(step, 7), Some(0));
+                if step != 3 {
+                    for _ in 0..4 {
+                        c.block_action(id);
+                    }
+                }
+            }
+        }
+        c.finish();
+        assert_eq!((c.steps_computed, c.blocks_computed, c.blocks_total), (3, 12, 28));
     }
 }

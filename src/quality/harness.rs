@@ -140,6 +140,7 @@ pub fn run_all(
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;
+                counting.finish();
                 let dit_seconds = report.stages.iter().find(|(n, _)| n.starts_with("denoising")).map_or(0.0, |s| s.1);
                 let s = video.shape().to_vec();
                 let shape = [s[1], s[2], s[3], s[4]];
