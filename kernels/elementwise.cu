@@ -92,23 +92,26 @@ __device__ __forceinline__ void bias_add(const QcBiasAddArgs& a) {
         bias_add_rows<T, 1>(a);
 }
 
-// x[r, c] += gate[b, c] * y[r, c] (b = r / rows_per_sample): one block per row.
+// x[r, c] += gate[e(r), c] * y[r, c] (qc_types.h; gate f32, or absent): one block per row.
 // bf16 rounds the product before the add, as PyTorch's x + gate * y.
 template <typename T, int V>
 __device__ __forceinline__ void gated_residual_rows(const QcGatedResidualArgs& a) {
     T* __restrict__ x = dev_ptr<T>(a.x);
     const T* __restrict__ y = dev_ptr<const T>(a.y);
-    const T* __restrict__ gate = dev_ptr<const T>(a.gate);
+    const float* __restrict__ gate = dev_ptr<const float>(a.gate);
+    const int* __restrict__ gi = dev_ptr<const int>(a.group_index);
     const int nv = a.cols / V;
     for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
         T* xr = x + r * a.cols;
         const T* yr = y + r * a.cols;
-        const T* gr = gate + (r / a.rows_per_sample) * a.gate_stride;
+        const int64_t g0 = r / a.group_size;
+        const float* gr = gate ? gate + (gi ? gi[g0] : g0) * a.gate_stride : nullptr;
         for (int i = threadIdx.x; i < nv; i += blockDim.x) {
             float u[V], v[V], g[V];
             load_f32<V>(xr, i, u);
             load_f32<V>(yr, i, v);
-            load_f32<V>(gr, i, g);
+#pragma unroll
+            for (int j = 0; j < V; ++j) g[j] = gr ? gr[i * V + j] : 1.0f;
 #pragma unroll
             for (int j = 0; j < V; ++j) u[j] += round_to<T>(g[j] * v[j]);
             store_f32<V>(xr, i, u);
@@ -119,8 +122,8 @@ __device__ __forceinline__ void gated_residual_rows(const QcGatedResidualArgs& a
 template <typename T>
 __device__ __forceinline__ void gated_residual(const QcGatedResidualArgs& a) {
     constexpr int V = Vec16<T>::N;
-    if (a.cols % V == 0 && a.gate_stride % V == 0 && aligned16(dev_ptr<const T>(a.x)) &&
-        aligned16(dev_ptr<const T>(a.y)) && aligned16(dev_ptr<const T>(a.gate)))
+    // x and y in 16-byte vectors when every row allows it (the f32 gate is read per element).
+    if (a.cols % V == 0 && aligned16(dev_ptr<const T>(a.x)) && aligned16(dev_ptr<const T>(a.y)))
         gated_residual_rows<T, V>(a);
     else
         gated_residual_rows<T, 1>(a);

@@ -126,17 +126,21 @@ typedef struct QcBiasAddArgs {
 } QcBiasAddArgs;
 
 /*
- * qc_gated_residual_{f32,bf16} (row kernel):
- *   x[r, c] += gate[b, c] * y[r, c], b = r / rows_per_sample,
- *   gate[b, c] at gate + b * gate_stride + c; x, y contiguous [rows, cols].
- *   x must not overlap y or gate.
+ * qc_gated_residual_{f32,bf16} (row kernel; the cached-residual reuse op):
+ *   x[r, c] += gate[e(r), c] * y[r, c]   (x, y of T; bf16 rounds the product
+ *   before the add, as PyTorch's x + gate * y), or x[r, c] += y[r, c] when gate == 0;
+ *   e(r) = group_index ? group_index[r / group_size] : r / group_size
+ *   (group_index: int32 [ceil(rows / group_size)], the CPU backend's RowGroups);
+ *   gate f32 (a modulation table's chunk), gate[e, c] at gate + e * gate_stride + c;
+ *   x, y contiguous [rows, cols]. x must not overlap y or gate.
  */
 typedef struct QcGatedResidualArgs {
     qc_dptr x;
     qc_dptr y;
     qc_dptr gate;
+    qc_dptr group_index;
     int64_t rows;
-    int64_t rows_per_sample; /* >= 1 */
+    int64_t group_size; /* >= 1 */
     int64_t gate_stride;
     int32_t cols;
     int32_t _pad;

@@ -220,6 +220,10 @@ pub trait Backend: ConvOps + Send + Sync {
 
     /// LayerNorm without affine over the last dim, then `* (1 + scale) + shift` when given.
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor>;
+    /// `x += gate * y` per row (`x += y` without a gate), `y` holding the same rows as `x`: a
+    /// sub-module's contribution added from its output before the gate (the
+    /// cached-residual reuse op; `linear_residual` fuses the same add into the GEMM).
+    fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()>;
 
     /// In place on `[rows, heads * head_dim]`: RMS norm with `weight` over each head,
     /// then rotary embedding with position `row % seq_len` when `rope` is given.

@@ -163,6 +163,9 @@ impl Backend for RecordingBackend<'_> {
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {
         self.inner.layer_norm_modulate(x, eps, modulation)
     }
+    fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        self.inner.add_gated(x, y, gate)
+    }
     fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {
         self.inner.qk_norm_rope(x, heads, weight, eps, rope)
     }

@@ -129,6 +129,26 @@ impl CpuBackend {
     }
 }
 
+/// `r += gate * y` row by row (`r += y` without a gate), `[rows, n]`: the
+/// accumulation of `linear_residual` and `add_gated`.
+fn gated_accumulate(r: &mut [f32], y: &[f32], rows: usize, n: usize, gate: Option<ModRef>) -> Result<()> {
+    match gate {
+        None => r.par_chunks_mut(ROW_CHUNK_ELEMS).zip(y.par_chunks(ROW_CHUNK_ELEMS)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)),
+        Some(g) => {
+            check_mod(&g, rows, n, "gated residual")?;
+            let table = g.table.f32()?;
+            let gs = g.groups.group_size;
+            r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().with_min_len(chunk_rows(n)).for_each(|(row, (a, b))| {
+                let gv = mod_vec(&g, table, g.groups.index[row / gs], n);
+                for ((a, b), gg) in a.iter_mut().zip(b).zip(gv) {
+                    *a += gg * b;
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -148,22 +168,14 @@ impl Backend for CpuBackend {
         let (y, rows) = self.matmul_bias(x, w)?;
         let n = w.out_features;
         ensure!(residual.numel() == rows * n, "residual {:?} does not match linear output [{rows}, {n}]", residual.shape());
-        let r = residual.f32_mut()?;
-        match gate {
-            None => r.par_chunks_mut(ROW_CHUNK_ELEMS).zip(y.par_chunks(ROW_CHUNK_ELEMS)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)),
-            Some(g) => {
-                check_mod(&g, rows, n, "gated residual")?;
-                let table = g.table.f32()?;
-                let gs = g.groups.group_size;
-                r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().with_min_len(chunk_rows(n)).for_each(|(row, (a, b))| {
-                    let gv = mod_vec(&g, table, g.groups.index[row / gs], n);
-                    for ((a, b), gg) in a.iter_mut().zip(b).zip(gv) {
-                        *a += gg * b;
-                    }
-                });
-            }
-        }
-        Ok(())
+        gated_accumulate(residual.f32_mut()?, &y, rows, n, gate)
+    }
+
+    fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        ensure!(x.numel() == y.numel() && x.shape().last() == y.shape().last(), "add_gated: x {:?} and y {:?} do not hold the same rows", x.shape(), y.shape());
+        let (rows, n) = rows_of(x);
+        let y = y.f32()?;
+        gated_accumulate(x.f32_mut()?, &y, rows, n, gate)
     }
 
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {

@@ -390,6 +390,30 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        ensure!(x.numel() == y.numel() && x.shape().last() == y.shape().last(), "add_gated: x {:?} and y {:?} do not hold the same rows", x.shape(), y.shape());
+        let (rows, n) = rows_of(x);
+        ensure!(n > 0 && n <= i32::MAX as usize, "add_gated: {n} columns");
+        let gate_dev = match &gate {
+            None => None,
+            Some(g) => {
+                let (table, chunks) = self.mod_table(g, rows, n, "gated add")?;
+                Some((table, chunks, self.group_index(g.groups)?))
+            }
+        };
+        let xb = self.own(x, DType::BF16)?;
+        let yb = self.dev(y, DType::BF16)?;
+        let (gate_addr, gate_stride, gi, gs) = match (&gate, &gate_dev) {
+            (Some(g), Some((table, chunks, gi))) => (table.address() + (g.chunk * n * 4) as u64, chunks * n, gi.as_ref().map_or(0, |b| b.address()), g.groups.group_size),
+            _ => (0, 0, 0, 1),
+        };
+        let args = QcGatedResidualArgs { x: xb.address(), y: yb.address(), gate: gate_addr, group_index: gi, rows: rows as i64, group_size: gs as i64, gate_stride: gate_stride as i64, cols: n as i32, _pad: 0 };
+        if rows > 0 {
+            self.run("qc_gated_residual_bf16", launch_cfg::rows(rows as i64, n as i64, 2), args)?;
+        }
+        Ok(())
+    }
+
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {
         let (rows, c) = rows_of(x);
         let dt = float_dtype(&[x]);

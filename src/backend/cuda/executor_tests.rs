@@ -837,3 +837,46 @@ fn per_range_plan_matches_cpu_with_and_without_graphs() {
     let (zc, _) = sample(&cpu, &host_model, &cfg, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
     check("per-range plan: GPU vs CPU", &eager, &zc, 5e-2);
 }
+
+/// Sub-module actions on the GPU (the unfused compute path, kept outputs, and
+/// their reuse through qc_gated_residual with the modulation table's gate and
+/// x_mask's indexed row groups): keeping every output matches the CPU; reusing
+/// them on the same input reproduces the kept forward bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn sub_module_reuse_matches_cpu() {
+    use crate::model::stdit3::{BlockId, ForwardHooks, SubAction, SubModule};
+    struct Keep {
+        reuse: bool,
+        kept: std::collections::HashMap<(usize, usize, SubModule), Tensor>,
+    }
+    impl ForwardHooks for Keep {
+        fn sub_action(&mut self, _id: BlockId, _sub: SubModule) -> SubAction {
+            if self.reuse { SubAction::Reuse } else { SubAction::ComputeAndStore }
+        }
+        fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+            self.kept.insert((id.kind as usize, id.index, sub), output);
+        }
+        fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+            self.kept.get(&(id.kind as usize, id.index, sub))
+        }
+    }
+    let be = gpu();
+    let cpu = CpuBackend::new();
+    let host_model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    let mut model = Stdit3::load(&fixture("stdit3-tiny")).unwrap();
+    model.prepare(&be).unwrap();
+    for name in ["stdit3-tiny-forward.safetensors", "stdit3-tiny-forward-xmask.safetensors"] {
+        let inp = ForwardInputs::read(&fixture(name)).unwrap();
+        let d = DitInput { x: &inp.x, timestep: &inp.timestep, fps: &inp.fps, height: inp.height[0], width: inp.width[0], x_mask: inp.x_mask.as_deref() };
+        let text = model.encode_text(&be, &inp.y, inp.mask.as_deref(), &mut NoHooks).unwrap();
+        let mut keep = Keep { reuse: false, kept: Default::default() };
+        let kept = model.forward(&be, &d, &text, &mut keep).unwrap();
+        let cpu_text = host_model.encode_text(&cpu, &inp.y, inp.mask.as_deref(), &mut NoHooks).unwrap();
+        let cpu_out = host_model.forward(&cpu, &d, &cpu_text, &mut NoHooks).unwrap();
+        check(&format!("{name}: GPU forward with kept outputs vs the CPU"), &kept, &cpu_out, 2e-2);
+        keep.reuse = true;
+        let reused = model.forward(&be, &d, &text, &mut keep).unwrap();
+        same(&format!("{name}: reuse vs the kept forward"), &reused, &Tensor::from_f32(kept.shape(), host(&kept)).unwrap());
+    }
+}

@@ -472,40 +472,40 @@ fn bias_add_bf16() {
 fn gated_residual<T: Elem>() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new();
-    for (rows, cols, per) in [(10usize, 1152usize, 4usize), (7, 21, 2)] {
-        let samples = rows.div_ceil(per);
+    // (rows, cols, group size, group index given, gate given)
+    for (rows, cols, per, indexed, gated) in [(10usize, 1152usize, 4usize, false, true), (7, 21, 2, false, true), (12, 72, 3, true, true), (5, 40, 1, false, false)] {
+        let groups = rows.div_ceil(per);
         let x = q::<T>(&rng.vec(rows * cols, 2.0));
         let y = q::<T>(&rng.vec(rows * cols, 2.0));
-        let table = q::<T>(&rng.vec(samples * 6 * cols, 1.0)); // gate = chunk 2 of [B, 6, C]
-        let (dx, dy, dt) = (g.up::<T>(&x), g.up::<T>(&y), g.up::<T>(&table));
+        // A modulation table [entries, 6, C] in f32, the gate its chunk 2; with an index, group
+        // g reads entry index[g] (reversed, as x_mask's t0 entries are out of order).
+        let entries = groups + 1;
+        let table: Vec<f32> = rng.vec(entries * 6 * cols, 1.0);
+        let index: Vec<i32> = (0..groups).map(|g| (groups - g) as i32).collect();
+        let (dx, dy, dt) = (g.up::<T>(&x), g.up::<T>(&y), g.up::<f32>(&table));
+        let di = g.up_raw::<i32>(&index);
         let name = format!("qc_gated_residual_{}", T::SUFFIX);
         let args = QcGatedResidualArgs {
             x: g.addr(&dx, 0),
             y: g.addr(&dy, 0),
-            gate: g.addr(&dt, 2 * cols),
+            gate: if gated { g.addr(&dt, 2 * cols) } else { 0 },
+            group_index: if indexed { g.addr(&di, 0) } else { 0 },
             rows: rows as i64,
-            rows_per_sample: per as i64,
+            group_size: per as i64,
             gate_stride: 6 * cols as i64,
             cols: cols as i32,
             _pad: 0,
         };
-        g.run(
-            &name,
-            launch_cfg::rows(rows as i64, cols as i64, T::BYTES),
-            args,
-        );
+        g.run(&name, launch_cfg::rows(rows as i64, cols as i64, T::BYTES), args);
         let reference: Vec<f64> = (0..rows * cols)
             .map(|i| {
                 let (r, c) = (i / cols, i % cols);
-                x[i] as f64 + table[(r / per) * 6 * cols + 2 * cols + c] as f64 * y[i] as f64
+                let e = if indexed { index[r / per] as usize } else { r / per };
+                let gate = if gated { table[e * 6 * cols + 2 * cols + c] as f64 } else { 1.0 };
+                x[i] as f64 + gate * y[i] as f64
             })
             .collect();
-        check(
-            &format!("{name} {rows}x{cols}"),
-            &g.down(&dx),
-            &reference,
-            T::TOL,
-        );
+        check(&format!("{name} {rows}x{cols} per {per} indexed {indexed} gated {gated}"), &g.down(&dx), &reference, T::TOL);
     }
 }
 

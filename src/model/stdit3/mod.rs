@@ -10,7 +10,7 @@ pub use weights::{BlockWeights, Stdit3Weights, SubModule};
 use crate::backend::{Activation, AttnSpec, Backend, ModRef, PatchGrid, Rope, RowGroups};
 use crate::checkpoint::Checkpoint;
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::Path;
 
 const NORM_EPS: f32 = 1e-6;
@@ -36,6 +36,22 @@ pub enum BlockAction {
     Skip,
 }
 
+/// What the executor does with one sub-module (self-attention, cross-attention,
+/// MLP) of a block it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubAction {
+    /// Compute it (the fused kernels).
+    Compute,
+    /// Compute it and hand its output before the gate to
+    /// [`ForwardHooks::store`], for reuse at later steps.
+    ComputeAndStore,
+    /// Do not compute it: add `gate * cached` with this step's gate and the
+    /// output [`ForwardHooks::cached`] holds (the cached-residual reuse op).
+    Reuse,
+    /// Leave it out (identity): its work is not done at all.
+    Skip,
+}
+
 /// What the sampler does at one denoising step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepAction {
@@ -53,6 +69,17 @@ pub trait ForwardHooks {
     }
     fn block_action(&mut self, _id: BlockId) -> BlockAction {
         BlockAction::Compute
+    }
+    /// For a computed block, what happens to each of its sub-modules.
+    fn sub_action(&mut self, _id: BlockId, _sub: SubModule) -> SubAction {
+        SubAction::Compute
+    }
+    /// Receives a sub-module's output before the gate (`[B * N, C]`, the whole
+    /// classifier-free-guidance batch) when its action was `ComputeAndStore`.
+    fn store(&mut self, _id: BlockId, _sub: SubModule, _output: Tensor) {}
+    /// The output stored for a sub-module, which a `Reuse` action adds.
+    fn cached(&self, _id: BlockId, _sub: SubModule) -> Option<&Tensor> {
+        None
     }
     /// Named intermediates, called only when `wants_trace` is true.
     fn observe(&mut self, _name: &str, _value: &Tensor) {}
@@ -330,7 +357,7 @@ impl Stdit3 {
                     BlockKind::Temporal => cfg.depth + id.index,
                 };
                 let mods = be.modulation_table(&bw.scale_shift_table, &t_mlp)?;
-                self.block(be, bw, id.kind, &mut x, &mods, &groups, text, kv_index, dims)?;
+                self.block(be, bw, id, &mut x, &mods, &groups, text, kv_index, dims, hooks)?;
             }
             if hooks.wants_trace() {
                 let name = match id.kind {
@@ -377,11 +404,57 @@ impl Stdit3 {
 
     /// One spatial or temporal block, updating `x` (`[B*T*S, C]`) in place.
     #[allow(clippy::too_many_arguments)]
-    fn block(&self, be: &dyn Backend, bw: &BlockWeights, kind: BlockKind, x: &mut Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn block(&self, be: &dyn Backend, bw: &BlockWeights, id: BlockId, x: &mut Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims, hooks: &mut dyn ForwardHooks) -> Result<()> {
+        let m = |chunk| ModRef { table: mods, chunk, groups };
+        // Each sub-module: computed, computed with its pre-gate output kept, served from
+        // the kept output (gate * cached: the cached-residual reuse op), or left out.
+        let subs = [(SubModule::SelfAttention, Some(2)), (SubModule::CrossAttention, None), (SubModule::Mlp, Some(5))];
+        for (sub, gate) in subs {
+            let gate = gate.map(m);
+            match hooks.sub_action(id, sub) {
+                SubAction::Skip => {}
+                SubAction::Reuse => {
+                    let cached = hooks.cached(id, sub).ok_or_else(|| anyhow!("{:?} block {} {sub:?}: reuse asked, but nothing is cached", id.kind, id.index))?;
+                    be.add_gated(x, cached, gate)?;
+                }
+                SubAction::Compute => {
+                    let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
+                    be.linear_residual(&input, proj, x, gate)?;
+                }
+                SubAction::ComputeAndStore => {
+                    let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
+                    let out = be.linear(&input, proj, Activation::None)?;
+                    be.add_gated(x, &out, gate)?;
+                    hooks.store(id, sub, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A sub-module up to its output projection: the projection's input and the projection.
+    #[allow(clippy::too_many_arguments)]
+    fn sub_module<'w>(&self, be: &dyn Backend, bw: &'w BlockWeights, kind: BlockKind, sub: SubModule, x: &Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims) -> Result<(Tensor, &'w crate::backend::Linear)> {
+        let m = |chunk| ModRef { table: mods, chunk, groups };
         let cfg = &self.cfg;
         let (c, heads, hd) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim());
-        let m = |chunk| ModRef { table: mods, chunk, groups };
         let n = d.t * d.s;
+        match sub {
+            SubModule::SelfAttention => {}
+            SubModule::CrossAttention => {
+                // Cross-attention to each sample's own caption tokens: no norm, no gate.
+                let q = be.linear(x, &bw.cross_q, Activation::None)?;
+                let (k, v) = &text.kv[kv_index];
+                let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
+                spec.qk_int8 = self.qk_int8;
+                return Ok((be.attention(&q, k, v, &spec, None)?, &bw.cross_proj));
+            }
+            SubModule::Mlp => {
+                let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(3), m(4))))?;
+                return Ok((be.linear(&hmod, &bw.fc1, Activation::GeluTanh)?, &bw.fc2));
+            }
+        }
 
         // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.
         let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(0), m(1))))?;
@@ -402,20 +475,7 @@ impl Stdit3 {
         if temporal {
             a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
         }
-        be.linear_residual(&a, &bw.proj, x, Some(m(2)))?;
-
-        // Cross-attention to each sample's own caption tokens: no norm, no gate.
-        let q = be.linear(x, &bw.cross_q, Activation::None)?;
-        let (k, v) = &text.kv[kv_index];
-        let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
-        spec.qk_int8 = self.qk_int8;
-        let o = be.attention(&q, k, v, &spec, None)?;
-        be.linear_residual(&o, &bw.cross_proj, x, None)?;
-
-        // MLP.
-        let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(3), m(4))))?;
-        let hidden = be.linear(&hmod, &bw.fc1, Activation::GeluTanh)?;
-        be.linear_residual(&hidden, &bw.fc2, x, Some(m(5)))
+        Ok((a, &bw.proj))
     }
 }
 
