@@ -196,3 +196,20 @@ fn generate_writes_its_report() {
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--output", s(&gif), "--report", "/nonexistent/r.json"]);
     assert!(!ok && err.contains("--report"), "{err}");
 }
+
+/// `--cache`: a policy by name; an unknown one is refused before any work.
+#[test]
+fn cache_flag_selects_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gif, report) = (dir.path().join("v.gif"), dir.path().join("r.json"));
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--cache", "static:2", "--output", s(&gif), "--report", s(&report)]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // The demo's 30 steps: steps 0, 2, ..., 28 and the last one computed.
+    assert_eq!((r["steps"].as_u64(), r["steps_computed"].as_u64()), (Some(30), Some(16)));
+    assert_eq!((r["block_evals"]["computed"].as_u64(), r["block_evals"]["possible"].as_u64()), (Some(16 * 6), Some(30 * 6)));
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--cache", "pab", "--output", s(&gif)]);
+    assert!(ok, "{err}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "magic", "--output", s(&gif)]);
+    assert!(!ok && err.contains("--cache") && err.contains("static:K, pab"), "{err}");
+}

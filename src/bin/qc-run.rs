@@ -278,6 +278,12 @@ struct GenerateArgs {
     /// quantized to int8 (per block of 64 rows, K mean-smoothed), exact int32 products.
     #[arg(long)]
     qk_int8: bool,
+    /// Caching policy: none (compute every step and block), static:K (compute every K-th step, reuse
+    /// the last velocity in between), pab (Pyramid Attention Broadcast: in the middle of the
+    /// trajectory, spatial attention computed every 2 steps, temporal every 4, cross every 6, each
+    /// reused with the current gate in between).
+    #[arg(long, default_value = "none", value_name = "POLICY")]
+    cache: String,
     /// Also write a JSON report to FILE.json: seconds per stage (`stages_s`: text, denoise, decode,
     /// write, total), `peak_memory_bytes`, `steps_computed` of `steps`, `block_evals` (`computed`,
     /// `possible`), and the run's settings (see the README's "The report file").
@@ -535,6 +541,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         qk_int8: a.qk_int8,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
+    let mut policy = qc::cache::policy(&a.cache).context("--cache")?;
     if let Some(r) = &a.report {
         anyhow::ensure!(r.extension().is_some_and(|e| e == "json"), "--report {}: the report is JSON, name it FILE.json", r.display());
         qc::output::check_writable(r).with_context(|| format!("--report {}", r.display()))?;
@@ -567,8 +574,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let be = dev.get();
     let bar = ProgressBar::new(opts.steps as u64);
     bar.set_style(ProgressStyle::with_template("{msg:>14} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let mut policy = qc::cache::Reference;
-    let mut counting = qc::cache::Counting::new(&mut policy, plan.blocks_per_forward());
+    let mut counting = qc::cache::Counting::new(policy.as_mut(), plan.blocks_per_forward());
     let (video, report) = plan.run(be, &opts, &mut counting, &mut |e| match e {
         Event::Stage(name) => {
             bar.set_message(name.to_string());

@@ -2,7 +2,9 @@
 //! serves from earlier results. Each policy is a [`ForwardHooks`]; the
 //! paper's HLC/SRAP and the peers' policies join `static:K` here.
 
-use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction};
+use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, SubAction, SubModule};
+
+pub mod pab;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -35,10 +37,16 @@ impl ForwardHooks for Reference {
     }
 }
 
-/// An acceleration mode by name: `reference` or `static:K`.
+/// The names `policy` accepts.
+pub const POLICY_NAMES: &str = "none (or reference), static:K, pab";
+
+/// A caching policy by name: `none` / `reference` (compute everything), `static:K`, `pab`.
 pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
-    if name == "reference" {
+    if name == "reference" || name == "none" {
         return Ok(Box::new(Reference));
+    }
+    if name == "pab" {
+        return Ok(Box::new(pab::Pab::default()));
     }
     if let Some(k) = name.strip_prefix("static:") {
         match k.parse::<usize>() {
@@ -46,7 +54,7 @@ pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
             _ => bail!("mode {name:?}: K must be a positive integer"),
         }
     }
-    bail!("unknown mode {name:?}; known: reference, static:K")
+    bail!("unknown caching policy {name:?}; known: {POLICY_NAMES}")
 }
 
 /// Wraps a policy and counts the denoising steps that run the DiT and the
@@ -100,6 +108,18 @@ impl<'a> Counting<'a> {
 }
 
 impl ForwardHooks for Counting<'_> {
+    fn timestep(&mut self, t: f32) {
+        self.inner.timestep(t)
+    }
+    fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
+        self.inner.sub_action(id, sub)
+    }
+    fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+        self.inner.store(id, sub, output)
+    }
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+        self.inner.cached(id, sub)
+    }
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         self.close_step();
         self.blocks_total += self.blocks_per_forward;

@@ -102,6 +102,7 @@ pub fn sample(
     for (i, t) in ts.iter().enumerate() {
         let dt = step_sizes(&ts, i, cfg.num_timesteps);
         // The previous velocity is dropped before a computing step (nothing else holds it).
+        hooks.timestep(t[0]);
         let reuse = match (hooks.step_action(i, ts.len()), last_v.take()) {
             (StepAction::ReusePrevious, Some(v)) => Some(v),
             _ => None,

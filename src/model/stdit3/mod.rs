@@ -16,7 +16,7 @@ use std::path::Path;
 const NORM_EPS: f32 = 1e-6;
 const FREQ_DIM: usize = 256;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BlockKind {
     Spatial,
     Temporal,
@@ -63,6 +63,9 @@ pub enum StepAction {
 /// Callbacks through which policies (caching, pruning) steer sampling and the
 /// forward, and tracing observes it. Every method defaults to "compute, ignore".
 pub trait ForwardHooks {
+    /// Called by the sampler before each step's `step_action` with the step's
+    /// timestep (0..1000, the first sample's).
+    fn timestep(&mut self, _t: f32) {}
     /// Called by the sampler before step `step` of `steps`.
     fn step_action(&mut self, _step: usize, _steps: usize) -> StepAction {
         StepAction::Compute
