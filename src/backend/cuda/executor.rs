@@ -821,4 +821,28 @@ impl CudaBackend {
         ensure!(m.groups.index.iter().all(|&e| e < s[0]), "{what}: row group entry out of range of table {s:?}");
         Ok((self.dev(m.table, DType::F32)?, s[1]))
     }
+
+    /// A gate operand `gate[e(r), c]` on the device (`QC_EPI_GATED_RESIDUAL`, `qc_gated_residual`):
+    /// the table and group index uploaded, and their addresses (0 without a gate).
+    pub(crate) fn gate_operand(&self, gate: Option<&ModRef>, rows: usize, n: usize, what: &str) -> Result<GateOperand> {
+        let Some(g) = gate else { return Ok(GateOperand { addr: 0, stride: 0, group_index: 0, group_size: 1, _buffers: None }) };
+        let (table, chunks) = self.mod_table(g, rows, n, what)?;
+        let gi = self.group_index(g.groups)?;
+        Ok(GateOperand {
+            addr: table.address() + (g.chunk * n * 4) as u64,
+            stride: chunks * n,
+            group_index: gi.as_ref().map_or(0, |b| b.address()),
+            group_size: g.groups.group_size,
+            _buffers: Some((table, gi)),
+        })
+    }
+}
+
+/// A gate on the device (see [`CudaBackend::gate_operand`]); holds its buffers until launched.
+pub(crate) struct GateOperand {
+    pub addr: u64,
+    pub stride: usize,
+    pub group_index: u64,
+    pub group_size: usize,
+    _buffers: Option<(DeviceBuffer, Option<DeviceBuffer>)>,
 }

@@ -359,21 +359,11 @@ impl Backend for CudaBackend {
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let n = w.out_features;
         ensure!(residual.numel() == rows * n, "residual {:?} does not match linear output [{rows}, {n}]", residual.shape());
-        let gate_dev = match &gate {
-            None => None,
-            Some(g) => {
-                let (table, chunks) = self.mod_table(g, rows, n, "gated residual")?;
-                Some((table, chunks, self.group_index(g.groups)?))
-            }
-        };
+        let g = self.gate_operand(gate.as_ref(), rows, n, "gated residual")?;
         let r = self.own(residual, DType::BF16)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let (gate_addr, gate_stride, gi, gs) = match (&gate, &gate_dev) {
-            (Some(g), Some((table, chunks, gi))) => (table.address() + (g.chunk * n * 4) as u64, chunks * n, gi.as_ref().map_or(0, |b| b.address()), g.groups.group_size),
-            _ => (0, 0, 0, 1),
-        };
         let np = n.next_multiple_of(8);
         let (target, ld, padded) = if np == n {
             (r.address(), n, None)
@@ -382,7 +372,7 @@ impl Backend for CudaBackend {
             self.copy_rows(DType::BF16, r.address(), p.address(), rows, n, (n, np), (0, 0), 0, None)?;
             (p.address(), np, Some(p))
         };
-        let d = GemmDst { out: target, ldo: ld, epilogue: QC_EPI_GATED_RESIDUAL, residual: target, ldr: ld, gate: gate_addr, gate_stride, group_index: gi, group_size: gs };
+        let d = GemmDst { out: target, ldo: ld, epilogue: QC_EPI_GATED_RESIDUAL, residual: target, ldr: ld, gate: g.addr, gate_stride: g.stride, group_index: g.group_index, group_size: g.group_size };
         self.gemm_into(x, w, rows, &d)?;
         if let Some(p) = padded {
             self.copy_rows(DType::BF16, p.address(), r.address(), rows, n, (np, n), (0, 0), 0, None)?;
@@ -394,20 +384,10 @@ impl Backend for CudaBackend {
         ensure!(x.numel() == y.numel() && x.shape().last() == y.shape().last(), "add_gated: x {:?} and y {:?} do not hold the same rows", x.shape(), y.shape());
         let (rows, n) = rows_of(x);
         ensure!(n > 0 && n <= i32::MAX as usize, "add_gated: {n} columns");
-        let gate_dev = match &gate {
-            None => None,
-            Some(g) => {
-                let (table, chunks) = self.mod_table(g, rows, n, "gated add")?;
-                Some((table, chunks, self.group_index(g.groups)?))
-            }
-        };
+        let g = self.gate_operand(gate.as_ref(), rows, n, "gated add")?;
         let xb = self.own(x, DType::BF16)?;
         let yb = self.dev(y, DType::BF16)?;
-        let (gate_addr, gate_stride, gi, gs) = match (&gate, &gate_dev) {
-            (Some(g), Some((table, chunks, gi))) => (table.address() + (g.chunk * n * 4) as u64, chunks * n, gi.as_ref().map_or(0, |b| b.address()), g.groups.group_size),
-            _ => (0, 0, 0, 1),
-        };
-        let args = QcGatedResidualArgs { x: xb.address(), y: yb.address(), gate: gate_addr, group_index: gi, rows: rows as i64, group_size: gs as i64, gate_stride: gate_stride as i64, cols: n as i32, _pad: 0 };
+        let args = QcGatedResidualArgs { x: xb.address(), y: yb.address(), gate: g.addr, group_index: g.group_index, rows: rows as i64, group_size: g.group_size as i64, gate_stride: g.stride as i64, cols: n as i32, _pad: 0 };
         if rows > 0 {
             self.run("qc_gated_residual_bf16", launch_cfg::rows(rows as i64, n as i64, 2), args)?;
         }
