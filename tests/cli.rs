@@ -213,3 +213,17 @@ fn cache_flag_selects_a_policy() {
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "magic", "--output", s(&gif)]);
     assert!(!ok && err.contains("--cache") && err.contains("static:K, pab"), "{err}");
 }
+
+/// `qc-bench gpu` without a GPU: it says so, measures the CPU kernels at
+/// scaled-down shapes instead, and fails (so that a device check cannot look green).
+#[test]
+fn bench_gpu_without_a_gpu_runs_the_cpu_kernels_scaled_down() {
+    if qc::backend::cuda::probe().is_ok() {
+        eprintln!("skipped: a CUDA device is present");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_qc-bench")).args(["gpu"]).output().expect("qc-bench starts");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.contains("no usable CUDA GPU") && stdout.contains("scaled-down") && stdout.contains("sampling step"), "{stdout}");
+}

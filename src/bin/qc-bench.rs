@@ -161,7 +161,17 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),
         Some(Command::Torch(a)) => torch(&a),
-        Some(Command::Gpu(a)) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick, full: a.full }),
+        Some(Command::Gpu(a)) => match qc::backend::cuda::probe() {
+            Ok(_) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick, full: a.full }),
+            Err(why) => {
+                // No GPU: the CPU kernels at scaled-down shapes, said so, and still a failure
+                // (tools/gpu-check on a machine whose GPU is unusable must not look green).
+                println!("# qc-bench gpu: no usable CUDA GPU ({why}): the CPU kernels at scaled-down shapes instead (qc-bench cpu --depth 1 --height 120 --width 212 --frames 17 --reps 1)\n");
+                let scaled = CpuArgs { depth: 1, height: 120, width: 212, frames: 17, reps: 1, ..CpuArgs::parse_from_defaults() };
+                cpu(&scaled)?;
+                anyhow::bail!("qc-bench gpu: no usable CUDA GPU ({why}); only the CPU kernels were measured")
+            }
+        },
         None => cpu(&CpuArgs::parse_from_defaults()),
     }
 }

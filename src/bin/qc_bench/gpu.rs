@@ -609,7 +609,7 @@ fn failure(ms: &Ms) -> String {
 }
 
 pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
-    let info = qcuda::probe().map_err(|why| anyhow!("qc-bench gpu: no usable CUDA GPU ({why}); nothing measured"))?;
+    let info = qcuda::probe().map_err(|why| anyhow!("qc-bench gpu: no usable CUDA GPU ({why})"))?;
     println!("# qc-bench gpu: {info}");
     println!();
     println!(
