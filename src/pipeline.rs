@@ -243,6 +243,13 @@ pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> R
     );
     let dit = check_quantization(paths, opts)?;
     ensure!(opts.steps > 0, "--steps must be at least 1");
+    // Open-Sora's transform scales time by sqrt(floor(frames / 17) * 5): 0 below 17 frames,
+    // which makes the first step's timestep 0 / 0.
+    ensure!(
+        !opts.timestep_transform || opts.frames == 1 || opts.frames >= 17,
+        "--frames {}: Open-Sora's timestep transform is undefined below 17 frames (it divides 0 by 0 at the first step); use at least 17 frames, 1 for an image, or --timestep-transform off",
+        opts.frames
+    );
     ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
     let latent = match &vae_cfg {
         Some(v) => v.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width))?,

@@ -227,3 +227,13 @@ fn bench_gpu_without_a_gpu_runs_the_cpu_kernels_scaled_down() {
     assert!(!out.status.success() && !stderr.contains("panicked"), "{stderr}");
     assert!(stdout.contains("no usable CUDA GPU") && stdout.contains("scaled-down") && stdout.contains("sampling step"), "{stdout}");
 }
+
+/// Open-Sora's timestep transform below 17 frames: refused up front, naming the flags.
+#[test]
+fn timestep_transform_needs_17_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let gif = dir.path().join("v.gif");
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--frames", "9", "--timestep-transform", "on", "--output", s(&gif)]);
+    assert!(!ok && err.contains("--frames 9") && err.contains("--timestep-transform off"), "{err}");
+    assert!(!gif.exists());
+}
