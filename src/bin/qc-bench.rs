@@ -92,7 +92,7 @@ struct QualityArgs {
     /// JSON list of {prompt, colour, direction} [default: tools/train-demo/heldout_prompts.json].
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, static:K, pab),
+    /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, static:K, pab, adacache),
     /// a quantization preset (w8a8, w4a8, w4a6, aigq; add -is to fold in the importance vectors of
     /// --calibration, e.g. w4a6-is, then -qk8 for int8 Q K^T attention, e.g. w8a8-is-qk8), or both joined
     /// by + (w8a8+static:2). aigq runs the plan of --calibration (its quantized checkpoint when it has one).

@@ -281,7 +281,8 @@ struct GenerateArgs {
     /// Caching policy: none (compute every step and block), static:K (compute every K-th step, reuse
     /// the last velocity in between), pab (Pyramid Attention Broadcast: in the middle of the
     /// trajectory, spatial attention computed every 2 steps, temporal every 4, cross every 6, each
-    /// reused with the current gate in between).
+    /// reused with the current gate in between), adacache (after each computed step, how fast block 0's
+    /// attention output changes decides how many steps reuse every sub-module's output).
     #[arg(long, default_value = "none", value_name = "POLICY")]
     cache: String,
     /// Also write a JSON report to FILE.json: seconds per stage (`stages_s`: text, denoise, decode,

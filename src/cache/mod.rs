@@ -4,6 +4,7 @@
 
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 
+pub mod adacache;
 pub mod pab;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -38,15 +39,18 @@ impl ForwardHooks for Reference {
 }
 
 /// The names `policy` accepts.
-pub const POLICY_NAMES: &str = "none (or reference), static:K, pab";
+pub const POLICY_NAMES: &str = "none (or reference), static:K, pab, adacache";
 
-/// A caching policy by name: `none` / `reference` (compute everything), `static:K`, `pab`.
+/// A caching policy by name: `none` / `reference` (compute everything), `static:K`, `pab`, `adacache`.
 pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
     if name == "reference" || name == "none" {
         return Ok(Box::new(Reference));
     }
     if name == "pab" {
         return Ok(Box::new(pab::Pab::default()));
+    }
+    if name == "adacache" {
+        return Ok(Box::new(adacache::AdaCache::default()));
     }
     if let Some(k) = name.strip_prefix("static:") {
         match k.parse::<usize>() {
@@ -58,8 +62,8 @@ pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
 }
 
 /// Wraps a policy and counts the denoising steps that run the DiT and the
-/// DiT block evaluations it lets happen, against those a full computation
-/// would have done. The policy's graph keys pass through, so CUDA graphs still
+/// DiT block evaluations it lets happen (a block counts when at least one of
+/// its sub-modules is computed), against those a full computation would have done. The policy's graph keys pass through, so CUDA graphs still
 /// replay: a replayed step calls no hook inside the forward, so it is counted
 /// as the eager step of the same key was (same key, same blocks: the
 /// [`ForwardHooks::graph_key`] contract).
@@ -71,13 +75,16 @@ pub struct Counting<'a> {
     pub blocks_per_forward: usize,
     /// The graph key of the step in progress and the blocks it computed so far.
     step: Option<(Option<u64>, usize)>,
+    /// A block the policy computes whose sub-modules have not yet computed anything
+    /// (a block whose sub-modules are all reused or skipped is not a block evaluation).
+    block_open: bool,
     /// Blocks computed by the last eager step of each graph key.
     per_key: std::collections::HashMap<u64, usize>,
 }
 
 impl<'a> Counting<'a> {
     pub fn new(inner: &'a mut dyn ForwardHooks, blocks_per_forward: usize) -> Self {
-        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, per_key: Default::default() }
+        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default() }
     }
 
     /// Fraction of block evaluations actually computed.
@@ -112,7 +119,15 @@ impl ForwardHooks for Counting<'_> {
         self.inner.timestep(t)
     }
     fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
-        self.inner.sub_action(id, sub)
+        let a = self.inner.sub_action(id, sub);
+        if self.block_open && matches!(a, SubAction::Compute | SubAction::ComputeAndStore) {
+            self.block_open = false;
+            self.blocks_computed += 1;
+            if let Some((_, n)) = &mut self.step {
+                *n += 1;
+            }
+        }
+        a
     }
     fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
         self.inner.store(id, sub, output)
@@ -132,12 +147,7 @@ impl ForwardHooks for Counting<'_> {
     }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         let a = self.inner.block_action(id);
-        if a == BlockAction::Compute {
-            self.blocks_computed += 1;
-            if let Some((_, n)) = &mut self.step {
-                *n += 1;
-            }
-        }
+        self.block_open = a == BlockAction::Compute;
         a
     }
     fn observe(&mut self, name: &str, value: &Tensor) {
@@ -181,11 +191,38 @@ mod tests {
                 if step != 3 {
                     for _ in 0..4 {
                         c.block_action(id);
+                        for sub in [SubModule::SelfAttention, SubModule::CrossAttention, SubModule::Mlp] {
+                            c.sub_action(id, sub);
+                        }
                     }
                 }
             }
         }
         c.finish();
         assert_eq!((c.steps_computed, c.blocks_computed, c.blocks_total), (3, 12, 28));
+    }
+
+    /// A block whose sub-modules are all reused (or skipped) is not a block evaluation;
+    /// one computed sub-module makes it one.
+    #[test]
+    fn counting_counts_blocks_that_compute_something() {
+        struct Reusing(bool);
+        impl ForwardHooks for Reusing {
+            fn sub_action(&mut self, _id: BlockId, sub: SubModule) -> SubAction {
+                if self.0 && sub == SubModule::Mlp { SubAction::Compute } else { SubAction::Reuse }
+            }
+        }
+        let id = BlockId { kind: crate::model::stdit3::BlockKind::Temporal, index: 1 };
+        for (mlp, want) in [(false, 0), (true, 1)] {
+            let mut inner = Reusing(mlp);
+            let mut c = Counting::new(&mut inner, 1);
+            c.step_action(0, 1);
+            c.block_action(id);
+            for sub in [SubModule::SelfAttention, SubModule::CrossAttention, SubModule::Mlp] {
+                c.sub_action(id, sub);
+            }
+            c.finish();
+            assert_eq!((c.blocks_computed, c.blocks_total), (want, 1));
+        }
     }
 }

@@ -79,7 +79,7 @@ pub struct Mode {
     pub hooks: Box<dyn ForwardHooks>,
 }
 
-/// A mode: a cache policy (`reference`, `static:K`, `pab`), a quantization preset
+/// A mode: a cache policy (`reference`, `static:K`, `pab`, `adacache`), a quantization preset
 /// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
 /// calibration are folded in, e.g. `w4a6-is`, then `-qk8` for int8 Q K^T attention; `aigq`: the
 /// calibration's plan), or a preset and a policy joined
