@@ -208,8 +208,12 @@ fn cache_flag_selects_a_policy() {
     // The demo's 30 steps: steps 0, 2, ..., 28 and the last one computed.
     assert_eq!((r["steps"].as_u64(), r["steps_computed"].as_u64()), (Some(30), Some(16)));
     assert_eq!((r["block_evals"]["computed"].as_u64(), r["block_evals"]["possible"].as_u64()), (Some(16 * 6), Some(30 * 6)));
-    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--cache", "pab", "--output", s(&gif)]);
+    assert_eq!(r["cache_peak_bytes"].as_u64(), Some(0), "static:2 keeps velocities, no sub-module outputs");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--cache", "pab", "--output", s(&gif), "--report", s(&report)]);
     assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // pab keeps both attentions of each of the 6 blocks: [2 x 256 tokens, 64] f32 each.
+    assert_eq!(r["cache_peak_bytes"].as_u64(), Some(6 * 2 * 512 * 64 * 4), "{r}");
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "magic", "--output", s(&gif)]);
     assert!(!ok && err.contains("--cache") && err.contains("static:K, pab"), "{err}");
 }

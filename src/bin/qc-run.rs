@@ -545,7 +545,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut policy = qc::cache::policy(&a.cache).context("--cache")?;
     if let Some(r) = &a.report {
         anyhow::ensure!(r.extension().is_some_and(|e| e == "json"), "--report {}: the report is JSON, name it FILE.json", r.display());
-        qc::output::check_writable(r).with_context(|| format!("--report {}", r.display()))?;
+        let dir = r.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(dir.is_dir() && !r.is_dir(), "--report {}: directory {} does not exist, or the path is a directory", r.display(), dir.display());
+        let probe = dir.join(format!(".qc-report-test-{}", std::process::id()));
+        std::fs::write(&probe, b"").with_context(|| format!("--report {}: {} is not writable", r.display(), dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
     }
     let t_all = std::time::Instant::now();
     let plan = plan(&paths, &prompts, &opts)?;
@@ -602,13 +606,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
     eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight read per step, {:.2} held)", w.bytes as f64 / (1u64 << 20) as f64, report.dit_precision, w.step_bits, w.bits());
     counting.finish();
     if let Some(path) = &a.report {
-        let stage = |prefix: &str| report.stages.iter().filter(|(n, _)| n.starts_with(prefix)).map(|s| s.1).sum::<f64>();
+        let stage = |prefix: &str| report.stages.iter().filter(|(n, _)| n.starts_with(prefix)).fold(0.0, |a, s| a + s.1);
         let json = serde_json::json!({
             "stages_s": {"text": stage("text encoder"), "denoise": stage("denoising"), "decode": stage("VAE decode"), "write": write_s, "total": t_all.elapsed().as_secs_f64()},
             "peak_memory_bytes": report.peak_rss_bytes,
             "steps": opts.steps,
             "steps_computed": counting.steps_computed,
             "block_evals": {"computed": counting.blocks_computed, "possible": counting.blocks_total},
+            "cache_peak_bytes": counting.cache_peak_bytes,
             "device": be.name(),
             "prompts": report.prompts,
             "latent": report.latent,

@@ -80,11 +80,14 @@ pub struct Counting<'a> {
     block_open: bool,
     /// Blocks computed by the last eager step of each graph key.
     per_key: std::collections::HashMap<u64, usize>,
+    /// Bytes of the sub-module outputs the policy keeps (the latest per sub-module), and their peak.
+    kept_bytes: std::collections::HashMap<(BlockId, SubModule), usize>,
+    pub cache_peak_bytes: usize,
 }
 
 impl<'a> Counting<'a> {
     pub fn new(inner: &'a mut dyn ForwardHooks, blocks_per_forward: usize) -> Self {
-        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default() }
+        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default(), kept_bytes: Default::default(), cache_peak_bytes: 0 }
     }
 
     /// Fraction of block evaluations actually computed.
@@ -130,6 +133,8 @@ impl ForwardHooks for Counting<'_> {
         a
     }
     fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+        self.kept_bytes.insert((id, sub), crate::tensor::byte_len(output.dtype(), output.numel()));
+        self.cache_peak_bytes = self.cache_peak_bytes.max(self.kept_bytes.values().sum());
         self.inner.store(id, sub, output)
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
@@ -224,5 +229,12 @@ mod tests {
             c.finish();
             assert_eq!((c.blocks_computed, c.blocks_total), (want, 1));
         }
+        // Kept outputs: the latest per sub-module, their peak in bytes.
+        let mut inner = Reusing(false);
+        let mut c = Counting::new(&mut inner, 1);
+        c.store(id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
+        c.store(id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
+        c.store(id, SubModule::SelfAttention, Tensor::zeros(&[2, 8]));
+        assert_eq!(c.cache_peak_bytes, 4 * (32 + 16));
     }
 }

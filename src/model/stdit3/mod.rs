@@ -22,7 +22,7 @@ pub enum BlockKind {
     Temporal,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockId {
     pub kind: BlockKind,
     pub index: usize,
