@@ -29,6 +29,15 @@ __device__ __forceinline__ void guidance(const QcGuidanceArgs& a) {
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void axpby(const QcAxpbyArgs& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const T* y = dev_ptr<const T>(p.y);
+    T* out = dev_ptr<T>(p.out);
+    for (int64_t i = global_thread_id(); i < p.n; i += global_thread_count())
+        out[i] = from_f32<T>(__fadd_rn(__fmul_rn(p.a, to_f32(x[i])), __fmul_rn(p.b, to_f32(y[i]))));
+}
+
 __device__ __forceinline__ void euler(const QcEulerArgs& a) {
     float* __restrict__ z = dev_ptr<float>(a.z);
     const float* __restrict__ v = dev_ptr<const float>(a.v);
@@ -55,6 +64,14 @@ extern "C" __global__ void __launch_bounds__(256) qc_guidance_f32(const QcGuidan
 // y = uncond + scale (cond - uncond), flat, bf16.
 extern "C" __global__ void __launch_bounds__(256) qc_guidance_bf16(const QcGuidanceArgs a) {
     qc::exec::guidance<qc::bf16>(a);
+}
+// out = a x + b y, flat, f32.
+extern "C" __global__ void __launch_bounds__(256) qc_axpby_f32(const QcAxpbyArgs a) {
+    qc::exec::axpby<float>(a);
+}
+// out = a x + b y, flat, bf16.
+extern "C" __global__ void __launch_bounds__(256) qc_axpby_bf16(const QcAxpbyArgs a) {
+    qc::exec::axpby<qc::bf16>(a);
 }
 // z += v * dt[i / per_sample], flat, f32.
 extern "C" __global__ void __launch_bounds__(256) qc_euler_f32(const QcEulerArgs a) {

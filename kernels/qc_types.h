@@ -344,6 +344,19 @@ typedef struct QcGuidanceArgs {
 } QcGuidanceArgs;
 
 /*
+ * qc_axpby_{f32,bf16}: out[i] = a * x[i] + b * y[i] for i < n (the CPU's
+ *   order: two products, then the sum, each rounded). out may equal x and/or y.
+ */
+typedef struct QcAxpbyArgs {
+    qc_dptr x;
+    qc_dptr y;
+    qc_dptr out;
+    int64_t n;
+    float a;
+    float b;
+} QcAxpbyArgs;
+
+/*
  * qc_euler_f32: the sampler's Euler step, all f32:
  *   z[i] += v[i] * dt[i / per_sample]   for i < n (z, v: [n]; dt: [n / per_sample]).
  *   z must not overlap v or dt.

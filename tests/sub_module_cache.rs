@@ -32,7 +32,7 @@ impl ForwardHooks for Scripted {
         self.calls += 1;
         (self.action)(id, sub)
     }
-    fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+    fn store(&mut self, _be: &dyn qc::backend::Backend, id: BlockId, sub: SubModule, output: Tensor) {
         self.kept.insert(key(id, sub), output);
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {

@@ -283,6 +283,10 @@ pub trait Backend: ConvOps + Send + Sync {
     /// `out = uncond + scale * (cond - uncond)`.
     fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor>;
 
+    /// `out = a * x + b * y`, same shapes (residuals of cached features: `out - in`,
+    /// and their extrapolation across steps).
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor>;
+
     /// `z[b] += dt[b] * v[b]` over the leading (batch) dim.
     fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()>;
 

@@ -92,7 +92,10 @@ struct QualityArgs {
     /// JSON list of {prompt, colour, direction} [default: tools/train-demo/heldout_prompts.json].
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, static:K, pab, adacache),
+    /// Accelerated modes to compare with the reference, comma-separated: a cache policy (reference, hlc,
+    /// hlc-separate-cfg, srap, hlc+srap, teacache, pab, adacache, static:K; NAME@T sets its --cache-threshold,
+    /// e.g. hlc@0.3 or hlc+srap@0.3,0.1), quantcache:fast or quantcache:quality (--accel, from the model's
+    /// QuantCache calibration),
     /// a quantization preset (w8a8, w4a8, w4a6, aigq; add -is to fold in the importance vectors of
     /// --calibration, e.g. w4a6-is, then -qk8 for int8 Q K^T attention, e.g. w8a8-is-qk8), or both joined
     /// by + (w8a8+static:2). aigq runs the plan of --calibration (its quantized checkpoint when it has one).
@@ -496,7 +499,7 @@ fn quality(a: &QualityArgs) -> Result<()> {
     let paths = ModelPaths::in_dir(&dir);
     let total = cases.len() * a.seeds.len() * (a.modes.len() + 1);
     let mut done = 0;
-    let (runs, strips) = harness::run_all(&be, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
+    let (runs, strips) = harness::run_all(&be, &dir, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
         done += 1;
         eprint!("\r[{done}/{total}] {what:<80}");
     })?;

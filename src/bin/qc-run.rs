@@ -278,13 +278,31 @@ struct GenerateArgs {
     /// quantized to int8 (per block of 64 rows, K mean-smoothed), exact int32 products.
     #[arg(long)]
     qk_int8: bool,
-    /// Caching policy: none (compute every step and block), static:K (compute every K-th step, reuse
-    /// the last velocity in between), pab (Pyramid Attention Broadcast: in the middle of the
-    /// trajectory, spatial attention computed every 2 steps, temporal every 4, cross every 6, each
-    /// reused with the current gate in between), adacache (after each computed step, how fast block 0's
-    /// attention output changes decides how many steps reuse every sub-module's output).
+    /// Caching policy: none (compute every step and block); hlc (Hierarchical Latent Caching: after
+    /// each computed step the blocks' measured rate of change decides how many steps are served by
+    /// extrapolating the last two computed velocities, and which slow blocks reuse their cached
+    /// sub-module outputs at the next computed step); hlc-separate-cfg (the same, the guidance halves
+    /// deciding separately); srap (blocks whose output barely differs from their input are skipped);
+    /// hlc+srap (both); teacache (accumulated rescaled change of the first block's modulated input;
+    /// under the threshold the block stack's cached residual is reused); pab (Pyramid Attention
+    /// Broadcast: spatial attention reused 1 step in 2, temporal 3 in 4, cross 5 in 6, mid-trajectory);
+    /// adacache (block 0's attention change picks from a codebook how many steps reuse every
+    /// sub-module's output); static:K (compute every K-th step, reuse the last velocity in between).
     #[arg(long, default_value = "none", value_name = "POLICY")]
     cache: String,
+    /// The --cache policy's threshold [defaults: hlc 0.2 (accumulated predicted relative change, 0.001-10),
+    /// srap 0.1 (relative contribution under which a block is skipped, 0-1), hlc+srap "HLC,SRAP",
+    /// teacache 0.1 (accumulated rescaled distance, 0.001-10), pab 2 (spatial broadcast range in steps;
+    /// temporal 2x, cross 3x), adacache 1 (multiplies the codebook's rate bounds)]. Larger is faster.
+    #[arg(long, value_name = "T")]
+    cache_threshold: Option<String>,
+    /// Acceleration: none, or quantcache (AIGQ + HLC + SRAP from the model's QuantCache calibration:
+    /// its quantized checkpoint and jointly calibrated cache thresholds; `DIR/quantcache/` of a float
+    /// model, or a quantized --model QDIR written by `qc-run calibrate --accel`) with preset fast (the
+    /// default: the most speed at PSNR >= 28 dB on the calibration prompts) or quality (>= 32 dB).
+    /// Replaces --quant, --cache and --cache-threshold.
+    #[arg(long, default_value = "none", value_name = "none|quantcache|quantcache:fast|quantcache:quality")]
+    accel: String,
     /// Also write a JSON report to FILE.json: seconds per stage (`stages_s`: text, denoise, decode,
     /// write, total), `peak_memory_bytes`, `steps_computed` of `steps`, `block_evals` (`computed`,
     /// `possible`), and the run's settings (see the README's "The report file").
@@ -542,7 +560,24 @@ fn generate(a: GenerateArgs) -> Result<()> {
         qk_int8: a.qk_int8,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
-    let mut policy = qc::cache::policy(&a.cache).context("--cache")?;
+    let mut opts = opts;
+    let mut policy = match qc::cache::accel::preset_name(&a.accel)? {
+        None => {
+            let calib = model_dir.as_deref().map(qc::cache::CacheCalibration::for_model).transpose()?.unwrap_or_default();
+            qc::cache::policy_with(&a.cache, a.cache_threshold.as_deref(), &calib).with_context(|| format!("--cache {}", a.cache))?
+        }
+        Some(preset) => {
+            for (set, flag) in [(opts.quant != QuantPreset::None, "--quant"), (a.cache != "none", "--cache"), (a.cache_threshold.is_some(), "--cache-threshold"), (a.calibration.is_some(), "--calibration")] {
+                anyhow::ensure!(!set, "--accel {} sets the quantization and the caching itself: leave {flag} out", a.accel);
+            }
+            let dir = model_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--accel {} needs a model directory (--model DIR), not separate --dit/--t5/--tokenizer", a.accel))?;
+            let accel = qc::cache::accel::Accel::for_model(dir, preset)?;
+            eprintln!("accel: quantcache:{preset} from {} ({} at {}; aigq plan {:.2} bits)", accel.dir.display(), accel.preset.cache, accel.preset.threshold, accel.importance.meta["plan_bits"].as_f64().unwrap_or(f64::NAN));
+            opts.quant = QuantPreset::Aigq;
+            opts.importance = Some(accel.importance.clone());
+            accel.policy()?
+        }
+    };
     if let Some(r) = &a.report {
         anyhow::ensure!(r.extension().is_some_and(|e| e == "json"), "--report {}: the report is JSON, name it FILE.json", r.display());
         let dir = r.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -659,6 +694,14 @@ struct CalibrateArgs {
     /// Prompts (the first N of --prompts) whose trajectories measure the sensitivities.
     #[arg(long, default_value_t = 2, value_name = "N")]
     sensitivity_prompts: usize,
+    /// Also calibrate `--accel quantcache` jointly (needs --budget): the sensitivities are weighted by
+    /// HLC's caching schedule on the full-precision model (a served step is never quantized; a computed
+    /// step's error is carried over the steps it serves), then hlc+srap thresholds are measured with the
+    /// quantized checkpoint running against the full-precision videos and the presets fast (fewest block
+    /// evaluations at >= 29 dB mean PSNR on the prompts) and quality (>= 33 dB) written to QDIR/cache.json,
+    /// with TeaCache's rescaling polynomial fitted on the full-precision trajectories.
+    #[arg(long)]
+    accel: bool,
 }
 
 fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -704,7 +747,11 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         let sp = &prompts[..a.sensitivity_prompts.min(prompts.len())];
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("measuring sensitivity {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-        let (items, boundaries, fractions) = measure_sensitivity(&paths, sp, &opts, a.seeds[0], a.ranges, &imp, &mut |i, n| {
+        let weights = match a.accel {
+            true => Some(qc::cache::calibrate::serving_weights(&CpuBackend::new(), &paths, sp, &opts, qc::cache::hlc::Hlc::DEFAULT_THRESHOLD)?),
+            false => None,
+        };
+        let (items, boundaries, fractions) = measure_sensitivity(&paths, sp, &opts, a.seeds[0], a.ranges, &imp, weights.as_deref(), &mut |i, n| {
             bar.set_length((n * sp.len()) as u64);
             bar.set_position((i * sp.len()) as u64)
         })?;
@@ -720,7 +767,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
             .collect();
         imp.meta["budget"] = serde_json::json!(budget);
         imp.meta["plan_bits"] = serde_json::json!(bits);
-        imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized, only in these timestep ranges", "prompts": sp, "seed": a.seeds[0], "decisions": measured});
+        imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized, only in these timestep ranges", "prompts": sp, "seed": a.seeds[0], "decisions": measured, "step_weights": weights});
         imp.meta["plan"] = plan.to_json();
         let mut counts = [0usize; 4];
         for v in plan.units.values() {
@@ -744,10 +791,15 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         }
         None => None,
     };
+    anyhow::ensure!(!a.accel || a.budget.is_some(), "--accel calibrates a quantized checkpoint: give --budget BITS");
     imp.write_dir(&stats, &a.output, &mut |tmp| match quantized.as_mut() {
         Some((dit, plan)) => {
             qc::quant::qdir::write_dit(dit, plan, &paths.dit, &tmp.join("stdit3"))?;
-            qc::quant::qdir::link_components(&paths, model_dir.as_deref(), tmp)
+            qc::quant::qdir::link_components(&paths, model_dir.as_deref(), tmp)?;
+            if a.accel {
+                calibrate_accel(&paths, tmp, &prompts, &opts)?;
+            }
+            Ok(())
         }
         None => Ok(()),
     })?;
@@ -758,6 +810,30 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     eprintln!("calibrated {} block linears over {total} trajectories of {} steps in {:.1} s", stats.len(), opts.steps, t.elapsed().as_secs_f64());
     println!("{}", a.output.display());
     Ok(())
+}
+
+/// The caching half of `calibrate --accel`: TeaCache's polynomial and the
+/// quantcache presets, measured with the quantized checkpoint in `qdir`
+/// (still the temporary directory) running; written to `qdir/cache.json`.
+fn calibrate_accel(paths: &ModelPaths, qdir: &std::path::Path, prompts: &[String], opts: &GenerateOptions) -> Result<()> {
+    use qc::cache::{calibrate, CacheCalibration};
+    let be = CpuBackend::new();
+    let mut calib = CacheCalibration { teacache_coefficients: Some(calibrate::fit_teacache(&be, paths, prompts, opts)?), ..Default::default() };
+    let importance = std::sync::Arc::new(qc::quant::calibrate::Importance::from_dir(qdir)?);
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("choosing cache thresholds {bar:30} {pos}/{len} videos [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let measured = calibrate::choose_presets(&be, paths, importance, prompts, opts, &mut calib, &mut |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    for m in &measured {
+        eprintln!("  {} @ {:<10} PSNR {:>6.2} dB, blocks computed {:>5.1}%", m.cache, m.threshold, m.psnr_db, 100.0 * m.blocks_computed);
+    }
+    for (name, p) in &calib.presets {
+        eprintln!("quantcache:{name}: {} @ {} ({:.2} dB, {:.1}% of block evaluations on the calibration prompts)", p.cache, p.threshold, p.psnr_db, 100.0 * p.blocks_computed);
+    }
+    std::fs::write(qdir.join(CacheCalibration::FILE), serde_json::to_string_pretty(&calib)? + "\n").with_context(|| format!("writing {}", qdir.join(CacheCalibration::FILE).display()))
 }
 
 fn parse_quant(s: &str) -> Result<QuantPreset> {

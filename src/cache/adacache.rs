@@ -7,9 +7,10 @@
 //! gates): slowly changing features are reused longer. The first and the last
 //! steps are computed.
 
+use super::SubCache;
+use crate::backend::Backend;
 use crate::model::stdit3::{BlockId, BlockKind, ForwardHooks, StepAction, SubAction, SubModule};
 use crate::tensor::Tensor;
-use std::collections::HashMap;
 
 pub struct AdaCache {
     /// `(bound, steps)`, ascending bounds: a rate below `bound` means the
@@ -22,7 +23,7 @@ pub struct AdaCache {
     step: usize,
     steps: usize,
     last_probe: Option<(usize, Vec<f32>)>,
-    kept: HashMap<(BlockKind, usize, SubModule), Tensor>,
+    kept: SubCache,
 }
 
 impl Default for AdaCache {
@@ -30,7 +31,7 @@ impl Default for AdaCache {
     /// per step keep a result 6 steps, ... above 0.40 recompute every step.
     fn default() -> Self {
         let codebook = vec![(0.08, 6), (0.16, 5), (0.24, 4), (0.32, 3), (0.40, 2), (f32::INFINITY, 1)];
-        AdaCache { codebook, probe: BlockId { kind: BlockKind::Spatial, index: 0 }, reuse_left: 0, reusing: false, step: 0, steps: 0, last_probe: None, kept: HashMap::new() }
+        AdaCache { codebook, probe: BlockId { kind: BlockKind::Spatial, index: 0 }, reuse_left: 0, reusing: false, step: 0, steps: 0, last_probe: None, kept: SubCache::default() }
     }
 }
 
@@ -58,13 +59,13 @@ impl ForwardHooks for AdaCache {
         StepAction::Compute
     }
     fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
-        if self.reusing && self.kept.contains_key(&(id.kind, id.index, sub)) {
+        if self.reusing && self.kept.contains(id, sub) {
             SubAction::Reuse
         } else {
             SubAction::ComputeAndStore
         }
     }
-    fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+    fn store(&mut self, _be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
         if id == self.probe && sub == SubModule::SelfAttention {
             // The rate of change since the last computed step decides how long this one serves.
             if let Ok(now) = output.to_cpu().and_then(|t| t.to_f32()).and_then(|t| t.f32().map(|v| v.to_vec())) {
@@ -75,10 +76,13 @@ impl ForwardHooks for AdaCache {
                 self.last_probe = Some((self.step, now));
             }
         }
-        self.kept.insert((id.kind, id.index, sub), output);
+        self.kept.insert(id, sub, output);
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
-        self.kept.get(&(id.kind, id.index, sub))
+        self.kept.get(id, sub)
+    }
+    fn cache_bytes(&self) -> usize {
+        self.kept.bytes()
     }
 }
 
@@ -99,7 +103,7 @@ mod tests {
                     SubAction::Reuse => false,
                     _ => {
                         value *= 1.0 + change;
-                        p.store(probe, SubModule::SelfAttention, Tensor::from_f32(&[4], vec![value; 4]).unwrap());
+                        p.store(&crate::backend::cpu::CpuBackend::new(), probe, SubModule::SelfAttention, Tensor::from_f32(&[4], vec![value; 4]).unwrap());
                         true
                     }
                 }

@@ -2,12 +2,60 @@
 //! serves from earlier results. Each policy is a [`ForwardHooks`]; the
 //! paper's HLC/SRAP and the peers' policies join `static:K` here.
 
+use crate::backend::Backend;
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 
+pub mod accel;
 pub mod adacache;
+pub mod calibrate;
+pub mod hlc;
 pub mod pab;
+pub mod srap;
+pub mod teacache;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
+use std::collections::HashMap;
+
+/// Relative L1 distance `sum |a - b| / sum |b|` of each of `parts` equal
+/// row blocks (the guidance halves with `parts = 2`).
+pub fn divergence(_be: &dyn Backend, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<f32>> {
+    let (a, b) = (a.to_cpu()?.to_f32()?, b.to_cpu()?.to_f32()?);
+    let (a, b) = (a.f32()?, b.f32()?);
+    anyhow::ensure!(a.len() == b.len() && a.len() % parts == 0, "divergence: {} and {} elements in {parts} parts", a.len(), b.len());
+    let n = a.len() / parts;
+    Ok((0..parts)
+        .map(|p| {
+            let (num, den) = a[p * n..(p + 1) * n].iter().zip(&b[p * n..(p + 1) * n]).fold((0f64, 0f64), |(n, d), (x, y)| (n + (*x as f64 - *y as f64).abs(), d + (*y as f64).abs()));
+            (num / den.max(1e-30)) as f32
+        })
+        .collect())
+}
+
+/// The sub-module outputs a policy keeps across steps: the latest per block and
+/// sub-module, before the gate, as the forward computed them.
+#[derive(Default)]
+pub struct SubCache {
+    kept: HashMap<(BlockId, SubModule), Tensor>,
+}
+
+impl SubCache {
+    pub fn insert(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+        self.kept.insert((id, sub), output);
+    }
+    pub fn get(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+        self.kept.get(&(id, sub))
+    }
+    pub fn contains(&self, id: BlockId, sub: SubModule) -> bool {
+        self.kept.contains_key(&(id, sub))
+    }
+    pub fn clear(&mut self) {
+        self.kept.clear();
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.kept.values().map(|t| crate::tensor::byte_len(t.dtype(), t.numel())).sum()
+    }
+}
 
 /// `static:K`: compute every K-th step, reuse the last computed velocity in
 /// between (the naive baseline every caching policy must beat).
@@ -39,26 +87,179 @@ impl ForwardHooks for Reference {
 }
 
 /// The names `policy` accepts.
-pub const POLICY_NAMES: &str = "none (or reference), static:K, pab, adacache";
+pub const POLICY_NAMES: &str = "none, hlc, hlc-separate-cfg, srap, hlc+srap, teacache, pab, adacache, static:K";
 
-/// A caching policy by name: `none` / `reference` (compute everything), `static:K`, `pab`, `adacache`.
-pub fn policy(name: &str) -> Result<Box<dyn ForwardHooks>> {
-    if name == "reference" || name == "none" {
-        return Ok(Box::new(Reference));
+/// Caching parameters fitted to a model (`cache.json` beside its checkpoint,
+/// written by `qc-run calibrate --accel`): what policies read besides their threshold.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheCalibration {
+    /// TeaCache's rescaling polynomial (highest power first), fitted on the model's own
+    /// reference trajectories; without it the distances are not rescaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacache_coefficients: Option<Vec<f64>>,
+    /// `--accel quantcache` presets (name -> settings), calibrated jointly with quantization.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub presets: std::collections::BTreeMap<String, AccelPreset>,
+}
+
+/// One `--accel quantcache` preset: a caching policy and its threshold, run on the
+/// quantized checkpoint it is saved beside.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccelPreset {
+    pub cache: String,
+    pub threshold: String,
+    /// What calibration measured with these settings on its prompts.
+    pub psnr_db: f64,
+    pub blocks_computed: f64,
+}
+
+impl CacheCalibration {
+    pub const FILE: &'static str = "cache.json";
+
+    /// `DIR/cache.json`, or the empty calibration when there is none.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
-    if name == "pab" {
-        return Ok(Box::new(pab::Pab::default()));
-    }
-    if name == "adacache" {
-        return Ok(Box::new(adacache::AdaCache::default()));
-    }
-    if let Some(k) = name.strip_prefix("static:") {
-        match k.parse::<usize>() {
-            Ok(k) if k >= 1 => return Ok(Box::new(StaticK { k })),
-            _ => bail!("mode {name:?}: K must be a positive integer"),
+
+    /// A model directory's: `DIR/cache.json`, else its QuantCache calibration's.
+    pub fn for_model(dir: &std::path::Path) -> Result<Self> {
+        if dir.join(Self::FILE).exists() {
+            Self::from_dir(dir)
+        } else {
+            Self::from_dir(&accel::calibration_dir(dir))
         }
     }
-    bail!("unknown caching policy {name:?}; known: {POLICY_NAMES}")
+}
+
+/// Parses a threshold: a finite number in `range`.
+fn threshold(policy: &str, text: &str, range: std::ops::RangeInclusive<f32>) -> Result<f32> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && range.contains(&v) => Ok(v),
+        _ => bail!("--cache-threshold {text:?} for {policy}: expected a number in [{}, {}]", range.start(), range.end()),
+    }
+}
+
+/// A caching policy by name, with `--cache-threshold` when given (each policy's
+/// default otherwise) and the model's cache calibration:
+/// - `none`: compute everything (no threshold);
+/// - `hlc` (threshold: accumulated predicted change before a recomputation, default 0.2, in [0.001, 10]);
+///   `hlc-separate-cfg`: the same, the guidance halves deciding separately;
+/// - `srap` (threshold: relative contribution under which a block is skipped, default 0.1, in [0, 1]);
+/// - `hlc+srap` (thresholds `HLC,SRAP`, or one for HLC with SRAP's default);
+/// - `teacache` (threshold: accumulated rescaled distance, default 0.1, in [0.001, 10]);
+/// - `pab` (threshold: the spatial broadcast range in steps, temporal 2x and cross-attention 3x it, default 2);
+/// - `adacache` (threshold: multiplies the codebook's rate bounds, default 1, in [0.01, 100]);
+/// - `static:K` (no threshold).
+pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -> Result<Box<dyn ForwardHooks>> {
+    let no_threshold = |what: &str| -> Result<()> {
+        match thresh {
+            Some(t) => bail!("--cache-threshold {t:?}: {what} takes no threshold"),
+            None => Ok(()),
+        }
+    };
+    Ok(match name {
+        "none" | "reference" => {
+            no_threshold("--cache none")?;
+            Box::new(Reference)
+        }
+        "hlc" | "hlc-separate-cfg" => {
+            let mut h = hlc::Hlc::new(thresh.map_or(Ok(hlc::Hlc::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.001..=10.0))?);
+            h.separate_cfg = name == "hlc-separate-cfg";
+            Box::new(h)
+        }
+        "srap" => Box::new(srap::Srap::new(thresh.map_or(Ok(srap::Srap::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.0..=1.0))?)),
+        "hlc+srap" => {
+            let (h, s) = match thresh.map(|t| t.split_once(',').map_or((t, None), |(a, b)| (a, Some(b)))) {
+                None => (hlc::Hlc::DEFAULT_THRESHOLD, srap::Srap::DEFAULT_THRESHOLD),
+                Some((h, s)) => (threshold("hlc (in hlc+srap)", h, 0.001..=10.0)?, s.map_or(Ok(srap::Srap::DEFAULT_THRESHOLD), |s| threshold("srap (in hlc+srap)", s, 0.0..=1.0))?),
+            };
+            Box::new(Pruned { pruning: srap::Srap::new(s), caching: hlc::Hlc::new(h) })
+        }
+        "teacache" => {
+            let t = thresh.map_or(Ok(teacache::TeaCache::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.001..=10.0))?;
+            Box::new(teacache::TeaCache::new(t, calib.teacache_coefficients.clone().unwrap_or_else(|| vec![1.0, 0.0])))
+        }
+        "pab" => {
+            let mut p = pab::Pab::default();
+            if let Some(t) = thresh {
+                let r = threshold(name, t, 1.0..=30.0)?;
+                anyhow::ensure!(r.fract() == 0.0, "--cache-threshold {t:?} for pab: the spatial broadcast range is a whole number of steps");
+                (p.spatial, p.temporal, p.cross) = (r as usize, 2 * r as usize, 3 * r as usize);
+            }
+            Box::new(p)
+        }
+        "adacache" => {
+            let mut a = adacache::AdaCache::default();
+            if let Some(t) = thresh {
+                let m = threshold(name, t, 0.01..=100.0)?;
+                a.codebook.iter_mut().for_each(|c| c.0 *= m);
+            }
+            Box::new(a)
+        }
+        _ => match name.strip_prefix("static:") {
+            Some(k) => match k.parse::<usize>() {
+                Ok(k) if k >= 1 => {
+                    no_threshold("static:K")?;
+                    Box::new(StaticK { k })
+                }
+                _ => bail!("--cache {name:?}: K must be a positive integer"),
+            },
+            None => bail!("unknown caching policy {name:?}; known: {POLICY_NAMES}"),
+        },
+    })
+}
+
+/// A policy from a mode name `NAME` or `NAME@THRESHOLD` (the quality harness's
+/// spelling of `--cache NAME --cache-threshold THRESHOLD`).
+pub fn policy(spec: &str, calib: &CacheCalibration) -> Result<Box<dyn ForwardHooks>> {
+    let (name, thresh) = spec.split_once('@').map_or((spec, None), |(n, t)| (n, Some(t)));
+    policy_with(name, thresh, calib)
+}
+
+/// `hlc+srap`: SRAP prunes the blocks it finds redundant; HLC decides the steps
+/// and, in the blocks that run, which sub-modules are served from its cache.
+pub struct Pruned {
+    pub pruning: srap::Srap,
+    pub caching: hlc::Hlc,
+}
+
+impl ForwardHooks for Pruned {
+    fn timestep(&mut self, t: f32) {
+        self.caching.timestep(t);
+        self.pruning.timestep(t);
+    }
+    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+        self.pruning.step_action(step, steps);
+        self.caching.step_action(step, steps)
+    }
+    fn block_action(&mut self, id: BlockId) -> BlockAction {
+        self.pruning.block_action(id)
+    }
+    fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
+        self.caching.sub_action(id, sub)
+    }
+    fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+        self.caching.store(be, id, sub, output)
+    }
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+        self.caching.cached(id, sub)
+    }
+    fn cache_bytes(&self) -> usize {
+        self.caching.cache_bytes()
+    }
+    fn wants_block_io(&self, id: BlockId) -> bool {
+        self.pruning.wants_block_io(id)
+    }
+    fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
+        self.pruning.block_io(be, id, input, output)
+    }
 }
 
 /// Wraps a policy and counts the denoising steps that run the DiT and the
@@ -80,14 +281,15 @@ pub struct Counting<'a> {
     block_open: bool,
     /// Blocks computed by the last eager step of each graph key.
     per_key: std::collections::HashMap<u64, usize>,
-    /// Bytes of the sub-module outputs the policy keeps (the latest per sub-module), and their peak.
-    kept_bytes: std::collections::HashMap<(BlockId, SubModule), usize>,
+    /// The most memory the policy's caches held ([`ForwardHooks::cache_bytes`]).
     pub cache_peak_bytes: usize,
+    /// Steps that ran the DiT on the conditional half only.
+    pub steps_conditional: usize,
 }
 
 impl<'a> Counting<'a> {
     pub fn new(inner: &'a mut dyn ForwardHooks, blocks_per_forward: usize) -> Self {
-        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default(), kept_bytes: Default::default(), cache_peak_bytes: 0 }
+        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default(), cache_peak_bytes: 0, steps_conditional: 0 }
     }
 
     /// Fraction of block evaluations actually computed.
@@ -132,21 +334,52 @@ impl ForwardHooks for Counting<'_> {
         }
         a
     }
-    fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
-        self.kept_bytes.insert((id, sub), crate::tensor::byte_len(output.dtype(), output.numel()));
-        self.cache_peak_bytes = self.cache_peak_bytes.max(self.kept_bytes.values().sum());
-        self.inner.store(id, sub, output)
+    fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+        self.inner.store(be, id, sub, output);
+        self.cache_peak_bytes = self.cache_peak_bytes.max(self.inner.cache_bytes());
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
         self.inner.cached(id, sub)
     }
+    fn wants_block_io(&self, id: BlockId) -> bool {
+        self.inner.wants_block_io(id)
+    }
+    fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
+        self.inner.block_io(be, id, input, output)
+    }
+    fn wants_modulated_input(&self) -> bool {
+        self.inner.wants_modulated_input()
+    }
+    fn blocks_input(&mut self, be: &dyn Backend, x: &Tensor, modulated: Option<&Tensor>) {
+        self.inner.blocks_input(be, x, modulated)
+    }
+    fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
+        self.inner.blocks_output(be, x)?;
+        self.cache_peak_bytes = self.cache_peak_bytes.max(self.inner.cache_bytes());
+        Ok(())
+    }
+    fn cache_bytes(&self) -> usize {
+        self.inner.cache_bytes()
+    }
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         self.close_step();
         self.blocks_total += self.blocks_per_forward;
-        let a = self.inner.step_action(step, steps);
-        if a == StepAction::Compute {
-            self.steps_computed += 1;
-            self.step = Some((None, 0));
+        // The sampler computes a step that has nothing to reuse yet.
+        let a = match self.inner.step_action(step, steps) {
+            _ if step == 0 => StepAction::Compute,
+            a => a,
+        };
+        match a {
+            StepAction::Compute => {
+                self.steps_computed += 1;
+                self.step = Some((None, 0));
+            }
+            // Half the rows through every block: half the block evaluations.
+            StepAction::ComputeConditional => {
+                self.steps_conditional += 1;
+                self.blocks_computed += self.blocks_per_forward / 2;
+            }
+            StepAction::ReusePrevious | StepAction::Extrapolate => {}
         }
         a
     }
@@ -179,7 +412,8 @@ mod tests {
         let mut p = StaticK { k: 3 };
         let computed: Vec<usize> = (0..8).filter(|&i| p.step_action(i, 8) == StepAction::Compute).collect();
         assert_eq!(computed, vec![0, 3, 6, 7]);
-        assert!(policy("static:0").is_err() && policy("magic").is_err() && policy("static:2").is_ok());
+        let c = CacheCalibration::default();
+        assert!(policy("static:0", &c).is_err() && policy("magic", &c).is_err() && policy("static:2", &c).is_ok());
     }
 
     /// The sampler's hook calls for 7 steps of static:3 with CUDA graphs: computed steps 0, 3
@@ -230,11 +464,12 @@ mod tests {
             assert_eq!((c.blocks_computed, c.blocks_total), (want, 1));
         }
         // Kept outputs: the latest per sub-module, their peak in bytes.
-        let mut inner = Reusing(false);
+        let mut inner = pab::Pab::default();
         let mut c = Counting::new(&mut inner, 1);
-        c.store(id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
-        c.store(id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
-        c.store(id, SubModule::SelfAttention, Tensor::zeros(&[2, 8]));
+        let be = crate::backend::cpu::CpuBackend::new();
+        c.store(&be, id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
+        c.store(&be, id, SubModule::Mlp, Tensor::zeros(&[4, 8]));
+        c.store(&be, id, SubModule::SelfAttention, Tensor::zeros(&[2, 8]));
         assert_eq!(c.cache_peak_bytes, 4 * (32 + 16));
     }
 }

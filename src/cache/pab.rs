@@ -7,6 +7,8 @@
 //! (the paper's pyramid for Open-Sora). MLPs are always computed. Outside the
 //! window every attention is computed (and kept for the window's first reuses).
 
+use super::SubCache;
+use crate::backend::Backend;
 use crate::model::stdit3::{BlockId, BlockKind, ForwardHooks, SubAction, SubModule};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
@@ -23,14 +25,14 @@ pub struct Pab {
     step: usize,
     /// Per attention kind: the step it was last computed at.
     computed_at: HashMap<(BlockKind, SubModule), usize>,
-    kept: HashMap<(BlockKind, usize, SubModule), Tensor>,
+    kept: SubCache,
 }
 
 impl Default for Pab {
     /// The paper's pyramid for Open-Sora (spatial 2, temporal 4, cross 6) in its
     /// broadcast window (timesteps 540 to 930 for spatial and temporal; one window here).
     fn default() -> Self {
-        Pab { spatial: 2, temporal: 4, cross: 6, window: (540.0, 930.0), t: 1000.0, step: 0, computed_at: HashMap::new(), kept: HashMap::new() }
+        Pab { spatial: 2, temporal: 4, cross: 6, window: (540.0, 930.0), t: 1000.0, step: 0, computed_at: HashMap::new(), kept: SubCache::default() }
     }
 }
 
@@ -64,18 +66,21 @@ impl ForwardHooks for Pab {
         let kind = (id.kind, sub);
         let last = self.computed_at.get(&kind).copied();
         let fresh = last.is_some_and(|s| s != self.step && self.step - s < range);
-        if inside && fresh && self.kept.contains_key(&(id.kind, id.index, sub)) {
+        if inside && fresh && self.kept.contains(id, sub) {
             return SubAction::Reuse;
         }
         // Computed this step: every block of this kind computes it (the first asked decides).
         self.computed_at.insert(kind, self.step);
         SubAction::ComputeAndStore
     }
-    fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
-        self.kept.insert((id.kind, id.index, sub), output);
+    fn store(&mut self, _be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+        self.kept.insert(id, sub, output);
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
-        self.kept.get(&(id.kind, id.index, sub))
+        self.kept.get(id, sub)
+    }
+    fn cache_bytes(&self) -> usize {
+        self.kept.bytes()
     }
 }
 
@@ -89,6 +94,7 @@ mod tests {
     #[test]
     fn the_pyramid_of_ranges() {
         let mut p = Pab::default();
+        let be = crate::backend::cpu::CpuBackend::new();
         let id = |kind, index| BlockId { kind, index };
         let mut reused: HashMap<(BlockKind, SubModule), Vec<usize>> = HashMap::new();
         for step in 0..30 {
@@ -103,7 +109,7 @@ mod tests {
                                 assert!(p.cached(id(kind, index), sub).is_some());
                                 reused.entry((kind, sub)).or_default().push(step);
                             }
-                            SubAction::ComputeAndStore => p.store(id(kind, index), sub, Tensor::zeros(&[1])),
+                            SubAction::ComputeAndStore => p.store(&be, id(kind, index), sub, Tensor::zeros(&[1])),
                             SubAction::Compute => assert_eq!(sub, SubModule::Mlp),
                             SubAction::Skip => panic!("pab never skips"),
                         }

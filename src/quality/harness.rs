@@ -5,7 +5,7 @@
 use super::detector::detect;
 use super::{compare, VideoMetrics};
 use crate::backend::Backend;
-use crate::cache::{policy, Counting};
+use crate::cache::{policy, CacheCalibration, Counting};
 use crate::io::write_atomic;
 use crate::model::stdit3::ForwardHooks;
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
@@ -76,15 +76,23 @@ pub struct Mode {
     pub importance: bool,
     /// int8 Q K^T attention (`-qk8`).
     pub qk_int8: bool,
+    /// `quantcache:*`: the quantized checkpoint's calibration it runs.
+    pub accel: Option<std::sync::Arc<crate::quant::calibrate::Importance>>,
     pub hooks: Box<dyn ForwardHooks>,
 }
 
-/// A mode: a cache policy (`reference`, `static:K`, `pab`, `adacache`), a quantization preset
+/// A mode: a cache policy (`reference`, `hlc`, `srap`, `hlc+srap`, `teacache`, `pab`,
+/// `adacache`, `static:K`; `NAME@THRESHOLD` sets its threshold, e.g. `hlc@0.3`), a quantization preset
 /// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
 /// calibration are folded in, e.g. `w4a6-is`, then `-qk8` for int8 Q K^T attention; `aigq`: the
-/// calibration's plan), or a preset and a policy joined
-/// by `+` (`w8a8+static:2`).
-pub fn parse_mode(name: &str) -> Result<Mode> {
+/// calibration's plan), a preset and a policy joined
+/// by `+` (`w8a8+static:2`), or `quantcache:fast` / `quantcache:quality` (`--accel`, from the
+/// model's QuantCache calibration). `model_dir`: the model's directory (its cache calibration).
+pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
+    if let Some(preset) = crate::cache::accel::preset_name(name).ok().flatten() {
+        let accel = crate::cache::accel::Accel::for_model(model_dir, preset)?;
+        return Ok(Mode { quant: QuantPreset::Aigq, importance: false, qk_int8: false, accel: Some(accel.importance.clone()), hooks: accel.policy()? });
+    }
     let is_quant = |q: &str| {
         let q = q.strip_suffix("-qk8").unwrap_or(q);
         PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q))
@@ -106,13 +114,14 @@ pub fn parse_mode(name: &str) -> Result<Mode> {
     // aigq always reads the calibration (its plan and vectors).
     let importance = importance || quant == QuantPreset::Aigq;
     ensure!(!importance || quant != QuantPreset::None, "mode {name:?}: -is (importance vectors) needs a quantized preset");
-    Ok(Mode { quant, importance, qk_int8, hooks: policy(cache)? })
+    Ok(Mode { quant, importance, qk_int8, accel: None, hooks: policy(cache, &CacheCalibration::for_model(model_dir)?)? })
 }
 
 /// Generates every case with the reference and each mode; returns all runs
 /// (reference first) and, for the image strip, the videos of the first `strip` cases.
 pub fn run_all(
     be: &dyn Backend,
+    model_dir: &Path,
     paths: &ModelPaths,
     base: &GenerateOptions,
     cases: &[PromptCase],
@@ -123,7 +132,7 @@ pub fn run_all(
 ) -> Result<(Vec<Run>, Vec<Vec<Tensor>>)> {
     ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set and the seed list must not be empty");
     for m in modes {
-        ensure!(!parse_mode(m)?.importance || base.importance.is_some(), "mode {m:?} folds in importance vectors: pass --calibration DIR (written by qc-run calibrate)");
+        ensure!(!parse_mode(m, model_dir)?.importance || base.importance.is_some(), "mode {m:?} folds in importance vectors: pass --calibration DIR (written by qc-run calibrate)");
     }
     let mut runs = Vec::new();
     let mut strips = Vec::new();
@@ -134,8 +143,8 @@ pub fn run_all(
             let mut row = Vec::new();
             for mode in &all_modes {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
-                let Mode { quant, importance, qk_int8, hooks: mut pol } = parse_mode(mode)?;
-                let importance = if importance { base.importance.clone() } else { None };
+                let Mode { quant, importance, qk_int8, accel, hooks: mut pol } = parse_mode(mode, model_dir)?;
+                let importance = if accel.is_some() { accel } else if importance { base.importance.clone() } else { None };
                 let opts = GenerateOptions { seed, quant, importance, qk_int8, ..base.clone() };
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());

@@ -220,6 +220,9 @@ impl Backend for RecordingBackend<'_> {
     fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
         self.inner.guidance(cond, uncond, scale)
     }
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        self.inner.axpby(a, x, b, y)
+    }
     fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()> {
         self.inner.euler_step(z, v, dt)
     }
@@ -628,15 +631,15 @@ impl PromptText {
     /// the reference's own latents of steps `steps` (teacher forcing: no
     /// compounding along the trajectory, so decisions add up): the sum over
     /// those steps of `|dt * (v' - v)|^2`, relative to the final latent's energy.
-    fn displacement(&self, be: &dyn Backend, dit: &Stdit3, opts: &GenerateOptions, r: &Reference, steps: &[usize]) -> Result<f64> {
+    fn displacement(&self, be: &dyn Backend, dit: &Stdit3, opts: &GenerateOptions, r: &Reference, steps: &[(usize, f64)]) -> Result<f64> {
         let (rf, geo) = schedule(opts);
         let ts = timesteps(&rf, &geo)?;
         let text = guidance_text(be, dit, &self.y, Some(&self.mask), &mut NoHooks)?;
         let mut sum = 0f64;
-        for &i in steps {
+        for &(i, weight) in steps {
             let v = guided_velocity(be, dit, &text, &r.zs[i], &[ts[i][0]; 2], &geo, rf.cfg_scale, &mut NoHooks)?;
             let d = r.dts[i] as f64;
-            sum += v.f32()?.iter().zip(&r.vs[i]).map(|(a, b)| (d * (*a as f64 - *b as f64)).powi(2)).sum::<f64>();
+            sum += weight * v.f32()?.iter().zip(&r.vs[i]).map(|(a, b)| (d * (*a as f64 - *b as f64)).powi(2)).sum::<f64>();
         }
         Ok(sum / r.energy.max(1e-30))
     }
@@ -648,8 +651,13 @@ impl PromptText {
 /// how far its guided velocities move the latent at the full-precision
 /// trajectory's steps of those ranges ([`PromptText::displacement`]), averaged
 /// over `prompts` (seed `seed`). No gradients: one forward per step of the
-/// decision's ranges, per choice and prompt.
-pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
+/// decision's ranges, per choice and prompt. With `step_weights` (a caching
+/// schedule's, [`crate::cache::calibrate::serving_weights`]) each step's
+/// displacement is weighted, and steps of weight 0 (served from the cache, never
+/// computed) are not measured.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, step_weights: Option<&[f64]>, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
+    ensure!(step_weights.is_none_or(|w| w.len() == opts.steps), "step weights for {} steps, calibration runs {}", step_weights.map_or(0, |w| w.len()), opts.steps);
     ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
     let (boundaries, fractions) = schedule_ranges(opts, ranges)?;
     let be = CpuBackend::new();
@@ -660,7 +668,11 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
     let mut items = plan_items(&mut base, &fractions, importance);
     let total = items.len() * (PLAN_CHOICES.len() - 1);
     for i in 0..items.len() {
-        let steps: Vec<usize> = (0..opts.steps).filter(|s| items[i].ranges.contains(&(s * ranges / opts.steps))).collect();
+        let steps: Vec<(usize, f64)> = (0..opts.steps)
+            .filter(|s| items[i].ranges.contains(&(s * ranges / opts.steps)))
+            .map(|s| (s, step_weights.map_or(1.0, |w| w[s])))
+            .filter(|s| s.1 > 0.0)
+            .collect();
         for c in 1..PLAN_CHOICES.len() {
             let mut level = vec![0; items.len()];
             level[i] = c;

@@ -3,7 +3,7 @@
 //! float32 order of operations so timesteps agree to the last bits.
 
 use crate::backend::{Backend, StepFn, StepGraphSession, StepInputs};
-use crate::model::stdit3::{DitInput, ForwardHooks, Stdit3, StepAction, TextCond};
+use crate::model::stdit3::{DitInput, ForwardHooks, NoHooks, Stdit3, StepAction, TextCond};
 use crate::sampler::graphs::{GraphPlanner, StepMode};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -98,47 +98,78 @@ pub fn sample(
 
     let mut z = z0.clone();
     let mut last_v: Option<Tensor> = None;
+    // The conditional and unconditional velocities of the last two steps that computed each.
+    let (mut cond_hist, mut uncond_hist) = (History::default(), History::default());
+    let mut cond_text: Option<TextCond> = None;
     let mut graphs = be.step_graphs().map(|session| (session, GraphPlanner::default()));
     for (i, t) in ts.iter().enumerate() {
         let dt = step_sizes(&ts, i, cfg.num_timesteps);
-        // The previous velocity is dropped before a computing step (nothing else holds it).
         hooks.timestep(t[0]);
-        let reuse = match (hooks.step_action(i, ts.len()), last_v.take()) {
-            (StepAction::ReusePrevious, Some(v)) => Some(v),
-            _ => None,
-        };
-        let v = match reuse {
-            Some(v) => {
-                let mut euler = |z: &mut Tensor| -> Result<Tensor> {
-                    be.euler_step(z, &v, &dt)?;
-                    Ok(v.clone())
-                };
-                match &mut graphs {
-                    // Bound, the step's upload goes to the session's buffer and leaves
-                    // a captured graph's memory as it was.
-                    Some((session, planner)) if planner.active() => session.run_bound(&StepInputs { timesteps: &[], step_sizes: &dt }, &mut z, &mut euler)?,
-                    _ => euler(&mut z)?,
-                }
+        let mut action = hooks.step_action(i, ts.len());
+        // Without a computed step to reuse, a reuse computes.
+        if action != StepAction::Compute && uncond_hist.is_empty() {
+            action = StepAction::Compute;
+        }
+        // The previous velocity is dropped before a computing step (nothing else holds it).
+        let previous = last_v.take();
+        let bound = |session: &mut Option<(Box<dyn StepGraphSession + '_>, GraphPlanner)>, z: &mut Tensor, step: &mut StepFn| -> Result<Tensor> {
+            match session {
+                // Bound, the step's upload goes to the session's buffer and leaves
+                // a captured graph's memory as it was.
+                Some((session, planner)) if planner.active() => session.run_bound(&StepInputs { timesteps: &[], step_sizes: &dt }, z, step),
+                _ => step(z),
             }
-            None => {
+        };
+        let v = match action {
+            StepAction::ReusePrevious | StepAction::Extrapolate | StepAction::ComputeConditional => {
+                let mut step = |z: &mut Tensor| -> Result<Tensor> {
+                    let v = match action {
+                        StepAction::ReusePrevious => previous.clone().ok_or_else(|| anyhow::anyhow!("no previous velocity"))?,
+                        StepAction::Extrapolate => be.guidance(&cond_hist.at(be, t[0])?, &uncond_hist.at(be, t[0])?, cfg.cfg_scale)?,
+                        _ => {
+                            let text = match &mut cond_text {
+                                Some(c) => &*c,
+                                None => cond_text.insert(text.first(be, b)?),
+                            };
+                            let cond = conditional_velocity(be, model, text, z, t, geo)?;
+                            let v = be.guidance(&cond, &uncond_hist.at(be, t[0])?, cfg.cfg_scale)?;
+                            cond_hist.push(t[0], cond);
+                            v
+                        }
+                    };
+                    be.euler_step(z, &v, &dt)?;
+                    Ok(v)
+                };
+                bound(&mut graphs, &mut z, &mut step)?
+            }
+            StepAction::Compute => {
                 let t_in: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
                 let key = match &graphs {
                     // Steps in different weight sets (per-range aigq plans) run other weights.
                     Some((_, planner)) if planner.active() => hooks.graph_key(i, ts.len()).map(|k| k.wrapping_mul(0x0100_0000_01b3) ^ model.phase_of(t[0]) as u64),
                     _ => None,
                 };
+                let mut halves = None;
                 let mut compute = |z: &mut Tensor| -> Result<Tensor> {
-                    let v = guided_velocity(be, model, &text, z, &t_in, geo, cfg.cfg_scale, hooks)?;
+                    let (cond, uncond) = velocity_halves(be, model, &text, z, &t_in, geo, hooks)?;
+                    let v = be.guidance(&cond, &uncond, cfg.cfg_scale)?;
                     be.euler_step(z, &v, &dt)?;
+                    halves = Some((cond, uncond));
                     Ok(v)
                 };
-                match (&mut graphs, key) {
+                let v = match (&mut graphs, key) {
                     (Some((session, planner)), Some(key)) => {
                         let inputs = StepInputs { timesteps: &t_in, step_sizes: &dt };
                         run_with_graphs(session.as_mut(), planner, key, ts.len() - 1 - i, &inputs, &mut z, &mut compute)?
                     }
                     _ => compute(&mut z)?,
+                };
+                // A replayed graph leaves no halves: policies that extrapolate run eagerly (no key).
+                if let Some((cond, uncond)) = halves {
+                    cond_hist.push(t[0], cond);
+                    uncond_hist.push(t[0], uncond);
                 }
+                v
             }
         };
         last_v = Some(v);
@@ -179,11 +210,53 @@ pub fn step_sizes(ts: &[Vec<f32>], i: usize, num_timesteps: f32) -> Vec<f32> {
 /// both, `t_in` has `2B` timesteps), combined with `cfg_scale`.
 #[allow(clippy::too_many_arguments)]
 pub fn guided_velocity(be: &dyn Backend, model: &Stdit3, text: &TextCond, z: &Tensor, t_in: &[f32], geo: &VideoGeometry, cfg_scale: f32, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+    let (cond, uncond) = velocity_halves(be, model, text, z, t_in, geo, hooks)?;
+    be.guidance(&cond, &uncond, cfg_scale)
+}
+
+/// The conditional and unconditional velocities at `z`, from one forward of both halves.
+fn velocity_halves(be: &dyn Backend, model: &Stdit3, text: &TextCond, z: &Tensor, t_in: &[f32], geo: &VideoGeometry, hooks: &mut dyn ForwardHooks) -> Result<(Tensor, Tensor)> {
     let b = z.shape()[0];
     let z_in = be.concat(&[z, z])?;
     let inp = DitInput { x: &z_in, timestep: t_in, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
     let pred = be.narrow(&model.forward(be, &inp, text, hooks)?, 1, 0, model.cfg.in_channels)?;
-    be.guidance(&be.narrow(&pred, 0, 0, b)?, &be.narrow(&pred, 0, b, b)?, cfg_scale)
+    Ok((be.narrow(&pred, 0, 0, b)?, be.narrow(&pred, 0, b, b)?))
+}
+
+/// The conditional velocity alone (`text` the conditional half's), from a forward of
+/// half the rows; no hooks are called inside it (policies' caches hold both halves).
+fn conditional_velocity(be: &dyn Backend, model: &Stdit3, text: &TextCond, z: &Tensor, t: &[f32], geo: &VideoGeometry) -> Result<Tensor> {
+    let inp = DitInput { x: z, timestep: t, fps: &geo.fps, height: geo.height[0], width: geo.width[0], x_mask: None };
+    be.narrow(&model.forward(be, &inp, text, &mut NoHooks)?, 1, 0, model.cfg.in_channels)
+}
+
+/// One guidance half's velocities at its last two computed steps, for reuse by
+/// linear extrapolation in t.
+#[derive(Default)]
+struct History {
+    entries: Vec<(f32, Tensor)>,
+}
+
+impl History {
+    fn push(&mut self, t: f32, v: Tensor) {
+        if self.entries.len() == 2 {
+            self.entries.remove(0);
+        }
+        self.entries.push((t, v));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The velocity at `t` on the line through the last two (the last one alone when only one).
+    fn at(&self, be: &dyn Backend, t: f32) -> Result<Tensor> {
+        match self.entries.as_slice() {
+            [(t0, v0), (t1, v1)] if t1 != t0 => be.guidance(v1, v0, 1.0 + (t - t1) / (t1 - t0)),
+            [.., (_, v)] => Ok(v.clone()),
+            [] => Err(anyhow::anyhow!("no computed velocity to extrapolate from")),
+        }
+    }
 }
 
 /// One computing step of graph key `key` as the planner decides (see `sampler::graphs`).

@@ -378,6 +378,12 @@ impl Backend for CpuBackend {
         Tensor::from_f32(cond.shape(), v)
     }
 
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        ensure!(x.shape() == y.shape(), "axpby: shapes {:?} and {:?} differ", x.shape(), y.shape());
+        let v: Vec<f32> = x.f32()?.par_iter().zip(y.f32()?.par_iter()).with_min_len(ROW_CHUNK_ELEMS).map(|(x, y)| a * x + b * y).collect();
+        Tensor::from_f32(x.shape(), v)
+    }
+
     fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()> {
         ensure!(z.shape() == v.shape(), "euler step: shapes {:?} and {:?} differ", z.shape(), v.shape());
         let b = z.shape().first().copied().unwrap_or(0);

@@ -319,4 +319,13 @@ fn guidance_and_euler() {
     for i in 0..24 {
         assert_eq!(m.f32().unwrap()[i], c.f32().unwrap()[i] * u.f32().unwrap()[i]);
     }
+    // Several sizes, including ones past the parallel split.
+    for n in [1usize, 777, 300_001] {
+        let (x, y) = (rand(&mut rng, &[n]), rand(&mut rng, &[n]));
+        let r = be.axpby(1.5, &x, -0.75, &y).unwrap();
+        for (i, v) in r.f32().unwrap().iter().enumerate() {
+            assert_eq!(*v, 1.5 * x.f32().unwrap()[i] + -0.75 * y.f32().unwrap()[i], "axpby {n} at {i}");
+        }
+    }
+    assert!(be.axpby(1.0, &c, 1.0, &rand(&mut rng, &[24])).is_err());
 }

@@ -821,6 +821,17 @@ impl Backend for CudaBackend {
         self.tensor(cond.shape(), out)
     }
 
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        ensure!(x.shape() == y.shape(), "axpby: shapes {:?} and {:?} differ", x.shape(), y.shape());
+        let dt = float_dtype(&[x, y]);
+        let (xb, yb) = (self.dev(x, dt)?, self.dev(y, dt)?);
+        let n = x.numel();
+        let out = self.alloc(dt, n)?;
+        let args = QcAxpbyArgs { x: xb.address(), y: yb.address(), out: out.address(), n: n as i64, a, b };
+        self.flat_kernel("qc_axpby", dt, n, false, args)?;
+        self.tensor(x.shape(), out)
+    }
+
     fn euler_step(&self, z: &mut Tensor, v: &Tensor, dt: &[f32]) -> Result<()> {
         ensure!(z.shape() == v.shape(), "euler step: shapes {:?} and {:?} differ", z.shape(), v.shape());
         let b = z.shape().first().copied().unwrap_or(0);

@@ -431,12 +431,14 @@ fn elementwise_and_sampler_ops_match_cpu() {
         same(&format!("add f32 {n}"), &be.add(&ad, &bd).unwrap(), &cpu.add(&a, &b).unwrap());
         same(&format!("mul f32 {n}"), &be.mul(&ad, &bd).unwrap(), &cpu.mul(&a, &b).unwrap());
         same(&format!("guidance f32 {n}"), &be.guidance(&ad, &bd, 7.0).unwrap(), &cpu.guidance(&a, &b, 7.0).unwrap());
+        same(&format!("axpby f32 {n}"), &be.axpby(1.5, &ad, -0.25, &bd).unwrap(), &cpu.axpby(1.5, &a, -0.25, &b).unwrap());
         check(&format!("silu f32 {n}"), &be.silu(&ad).unwrap(), &cpu.silu(&a).unwrap(), 1e-6);
         let (ab, bb) = (dev_bf16(&be, &a), dev_bf16(&be, &b));
         check(&format!("add bf16 {n}"), &be.add(&ab, &bb).unwrap(), &cpu.add(&a, &b).unwrap(), 1e-2);
         check(&format!("mul bf16 {n}"), &be.mul(&ab, &bb).unwrap(), &cpu.mul(&a, &b).unwrap(), 1e-2);
         check(&format!("silu bf16 {n}"), &be.silu(&ab).unwrap(), &cpu.silu(&a).unwrap(), 1e-2);
         check(&format!("guidance bf16 {n}"), &be.guidance(&ab, &bb, 4.5).unwrap(), &cpu.guidance(&a, &b, 4.5).unwrap(), 1e-2);
+        check(&format!("axpby bf16 {n}"), &be.axpby(1.0, &ab, -1.0, &bb).unwrap(), &cpu.axpby(1.0, &a, -1.0, &b).unwrap(), 1e-2);
     }
     // Euler step per sample, in place (host z becomes a device tensor).
     for (b, per) in [(1usize, 7usize), (3, 3 * 8 * 16 * 16)] {
@@ -854,7 +856,7 @@ fn sub_module_reuse_matches_cpu() {
         fn sub_action(&mut self, _id: BlockId, _sub: SubModule) -> SubAction {
             if self.reuse { SubAction::Reuse } else { SubAction::ComputeAndStore }
         }
-        fn store(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
+        fn store(&mut self, _be: &dyn crate::backend::Backend, id: BlockId, sub: SubModule, output: Tensor) {
             self.kept.insert((id.kind as usize, id.index, sub), output);
         }
         fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {

@@ -145,6 +145,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_mul_bf16",
     "qc_guidance_f32",
     "qc_guidance_bf16",
+    "qc_axpby_f32",
+    "qc_axpby_bf16",
     "qc_euler_f32",
     // attention.cu
     "qc_attention_d16_bf16",
@@ -231,6 +233,7 @@ kernel_args! {
     QcCfgEulerArgs => ["qc_cfg_euler_f32"];
     QcPatchArgs => ["qc_patchify_f32", "qc_patchify_bf16", "qc_unpatchify_f32", "qc_unpatchify_bf16"];
     QcGuidanceArgs => ["qc_guidance_f32", "qc_guidance_bf16"];
+    QcAxpbyArgs => ["qc_axpby_f32", "qc_axpby_bf16"];
     QcEulerArgs => ["qc_euler_f32"];
     QcAttentionArgs => [
         "qc_attention_d16_bf16",
@@ -1105,6 +1108,7 @@ mod tests {
         covered.extend(QcCfgEulerArgs::KERNELS);
         covered.extend(QcPatchArgs::KERNELS);
         covered.extend(QcGuidanceArgs::KERNELS);
+        covered.extend(QcAxpbyArgs::KERNELS);
         covered.extend(QcEulerArgs::KERNELS);
         covered.extend(QcAttentionArgs::KERNELS);
         covered.extend(QcAttentionBiasArgs::KERNELS);

@@ -58,6 +58,14 @@ pub enum StepAction {
     Compute,
     /// Reuse the previous step's guided velocity: the DiT is not run at all.
     ReusePrevious,
+    /// Extrapolate the conditional and unconditional velocities of the last two
+    /// computed steps linearly in t (the previous one when only one was computed):
+    /// the DiT is not run at all.
+    Extrapolate,
+    /// Run the DiT on the conditional half only and extrapolate the unconditional
+    /// velocity (classifier-free-guidance halves deciding separately): half the rows.
+    /// Block hooks are not called in such a forward (caches hold both halves).
+    ComputeConditional,
 }
 
 /// Callbacks through which policies (caching, pruning) steer sampling and the
@@ -79,7 +87,31 @@ pub trait ForwardHooks {
     }
     /// Receives a sub-module's output before the gate (`[B * N, C]`, the whole
     /// classifier-free-guidance batch) when its action was `ComputeAndStore`.
-    fn store(&mut self, _id: BlockId, _sub: SubModule, _output: Tensor) {}
+    fn store(&mut self, _be: &dyn Backend, _id: BlockId, _sub: SubModule, _output: Tensor) {}
+    /// Whether [`ForwardHooks::block_io`] wants block `id`'s input and output this step.
+    fn wants_block_io(&self, _id: BlockId) -> bool {
+        false
+    }
+    /// A computed block's input and output (`[B * N, C]`), when `wants_block_io`.
+    fn block_io(&mut self, _be: &dyn Backend, _id: BlockId, _input: &Tensor, _output: &Tensor) {}
+    /// Whether [`ForwardHooks::blocks_input`] wants the timestep-modulated input of
+    /// the first block (`modulate(norm1(x))`, TeaCache's signal) this step.
+    fn wants_modulated_input(&self) -> bool {
+        false
+    }
+    /// The embedded tokens entering the block stack and, when asked, the first
+    /// spatial block's modulated input; called before any block hook of the step.
+    fn blocks_input(&mut self, _be: &dyn Backend, _x: &Tensor, _modulated: Option<&Tensor>) {}
+    /// The tokens leaving the block stack, in place: a policy may keep
+    /// `x - input` (the stack's residual) or, at a step where it skipped every
+    /// block, add its kept residual.
+    fn blocks_output(&mut self, _be: &dyn Backend, _x: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes the policy's caches hold now (reported as the cache's peak).
+    fn cache_bytes(&self) -> usize {
+        0
+    }
     /// The output stored for a sub-module, which a `Reuse` action adds.
     fn cached(&self, _id: BlockId, _sub: SubModule) -> Option<&Tensor> {
         None
@@ -135,6 +167,16 @@ pub struct TextCond {
     pub offsets: Vec<usize>,
     /// Per block, spatial blocks first: `(k, v)`, each `[tokens, C]`.
     pub kv: Vec<(Tensor, Tensor)>,
+}
+
+impl TextCond {
+    /// The conditioning of the first `b` samples (the conditional half of a guidance batch).
+    pub fn first(&self, be: &dyn Backend, b: usize) -> Result<TextCond> {
+        ensure!(b <= self.batch, "text conditioning has {} samples, {b} asked", self.batch);
+        let tokens = self.offsets[b];
+        let kv = self.kv.iter().map(|(k, v)| Ok((be.narrow(k, 0, 0, tokens)?, be.narrow(v, 0, 0, tokens)?))).collect::<Result<_>>()?;
+        Ok(TextCond { batch: b, offsets: self.offsets[..=b].to_vec(), kv })
+    }
 }
 
 /// One forward's inputs besides the text.
@@ -353,6 +395,15 @@ impl Stdit3 {
         let blocks: Vec<(BlockId, &BlockWeights)> = spatial.iter().enumerate().flat_map(|(i, sb)| {
             [(BlockId { kind: BlockKind::Spatial, index: i }, sb), (BlockId { kind: BlockKind::Temporal, index: i }, &temporal[i])]
         }).collect();
+        let modulated = match (hooks.wants_modulated_input(), spatial.first()) {
+            (true, Some(b0)) => {
+                let mods = be.modulation_table(&b0.scale_shift_table, &t_mlp)?;
+                let m = |chunk| ModRef { table: &mods, chunk, groups: &groups };
+                Some(be.layer_norm_modulate(&x, NORM_EPS, Some((m(0), m(1))))?)
+            }
+            _ => None,
+        };
+        hooks.blocks_input(be, &x, modulated.as_ref());
         for (id, bw) in blocks {
             if hooks.block_action(id) == BlockAction::Compute {
                 let kv_index = match id.kind {
@@ -360,7 +411,11 @@ impl Stdit3 {
                     BlockKind::Temporal => cfg.depth + id.index,
                 };
                 let mods = be.modulation_table(&bw.scale_shift_table, &t_mlp)?;
+                let input = hooks.wants_block_io(id).then(|| x.clone());
                 self.block(be, bw, id, &mut x, &mods, &groups, text, kv_index, dims, hooks)?;
+                if let Some(input) = input {
+                    hooks.block_io(be, id, &input, &x);
+                }
             }
             if hooks.wants_trace() {
                 let name = match id.kind {
@@ -370,6 +425,8 @@ impl Stdit3 {
                 hooks.observe(&name, &x.clone().reshape(&[b, n, c])?);
             }
         }
+
+        hooks.blocks_output(be, &mut x)?;
 
         // Final layer: modulated by `t` itself (not t_block's output).
         let fmods = be.modulation_table(&self.w.final_scale_shift, &temb)?;
@@ -429,7 +486,7 @@ impl Stdit3 {
                     let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
                     let out = be.linear(&input, proj, Activation::None)?;
                     be.add_gated(x, &out, gate)?;
-                    hooks.store(id, sub, out);
+                    hooks.store(be, id, sub, out);
                 }
             }
         }

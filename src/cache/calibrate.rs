@@ -1,0 +1,212 @@
+//! Calibration of the caching side of `--accel quantcache` (`qc-run calibrate
+//! --accel`), and of TeaCache's rescaling polynomial. Two joint steps:
+//! - the caching schedule of the full-precision model weighs the AIGQ
+//!   sensitivity measurement ([`serving_weights`]): a step that HLC serves from
+//!   another step's velocity costs nothing to quantize, and a computed step's
+//!   error is carried over the steps it serves;
+//! - the cache thresholds are chosen with the quantized checkpoint running
+//!   ([`choose_presets`]), against the full-precision videos.
+
+use super::{hlc::Hlc, policy_with, AccelPreset, CacheCalibration, Counting, Reference};
+use crate::backend::Backend;
+use crate::model::stdit3::{ForwardHooks, StepAction};
+use crate::pipeline::{plan, GenerateOptions, ModelPaths};
+use crate::quality::compare;
+use crate::quant::calibrate::Importance;
+use crate::quant::preset::QuantPreset;
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+use std::sync::Arc;
+
+/// PSNR floors (dB, mean over the calibration prompts) of the presets; the
+/// thresholds are chosen with a 1 dB margin over the targets the presets promise
+/// (28 and 32 dB), because held-out prompts vary.
+pub const PRESET_FLOORS: [(&str, f64); 2] = [("fast", 29.0), ("quality", 33.0)];
+
+/// The HLC thresholds (with SRAP at its default) the presets are chosen from.
+pub const HLC_GRID: [f32; 9] = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0];
+
+/// Records which steps a policy computes, passing everything through.
+struct StepRecorder<'a> {
+    inner: &'a mut dyn ForwardHooks,
+    computed: Vec<bool>,
+}
+
+impl ForwardHooks for StepRecorder<'_> {
+    fn timestep(&mut self, t: f32) {
+        self.inner.timestep(t)
+    }
+    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+        let a = self.inner.step_action(step, steps);
+        self.computed.push(step == 0 || a == StepAction::Compute);
+        a
+    }
+    fn block_action(&mut self, id: crate::model::stdit3::BlockId) -> crate::model::stdit3::BlockAction {
+        self.inner.block_action(id)
+    }
+    fn sub_action(&mut self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> crate::model::stdit3::SubAction {
+        self.inner.sub_action(id, sub)
+    }
+    fn store(&mut self, be: &dyn Backend, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule, output: Tensor) {
+        self.inner.store(be, id, sub, output)
+    }
+    fn cached(&self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> Option<&Tensor> {
+        self.inner.cached(id, sub)
+    }
+}
+
+/// Per step, the weight of its quantization error under HLC at `threshold` on the
+/// full-precision model: `(1 + steps it serves)^2` for a computed step (its velocity
+/// error moves the latent at every step it serves), 0 for a served step; the mean
+/// over `prompts`.
+pub fn serving_weights(be: &dyn Backend, paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, threshold: f32) -> Result<Vec<f64>> {
+    ensure!(!prompts.is_empty(), "no calibration prompts");
+    let mut weights = vec![0f64; opts.steps];
+    for p in prompts {
+        let mut hlc = Hlc::new(threshold);
+        let mut rec = StepRecorder { inner: &mut hlc, computed: Vec::new() };
+        plan(paths, std::slice::from_ref(p), opts)?.run(be, opts, &mut rec, &mut |_| {})?;
+        let mut i = 0;
+        while i < rec.computed.len() {
+            let span = 1 + rec.computed[i + 1..].iter().take_while(|c| !**c).count();
+            weights[i] += (span * span) as f64 / prompts.len() as f64;
+            i += span;
+        }
+    }
+    Ok(weights)
+}
+
+/// Records TeaCache's fitting pairs: the relative L1 change of the first block's
+/// modulated input and of the block stack's output between consecutive steps.
+#[derive(Default)]
+struct TeaPairs {
+    previous: Option<(Tensor, Tensor)>,
+    modulated: Option<Tensor>,
+    pairs: Vec<(f64, f64)>,
+}
+
+impl ForwardHooks for TeaPairs {
+    fn wants_modulated_input(&self) -> bool {
+        true
+    }
+    fn blocks_input(&mut self, _be: &dyn Backend, _x: &Tensor, modulated: Option<&Tensor>) {
+        self.modulated = modulated.cloned();
+    }
+    fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
+        let m = self.modulated.take().ok_or_else(|| anyhow::anyhow!("no modulated input"))?;
+        if let Some((pm, px)) = &self.previous {
+            let dm = super::divergence(be, &m, pm, 1)?[0] as f64;
+            let dx = super::divergence(be, x, px, 1)?[0] as f64;
+            self.pairs.push((dm, dx));
+        }
+        self.previous = Some((m, x.clone()));
+        Ok(())
+    }
+}
+
+/// Least-squares polynomial of `degree` through `pairs` (highest power first).
+pub fn fit_polynomial(pairs: &[(f64, f64)], degree: usize) -> Result<Vec<f64>> {
+    let n = degree + 1;
+    ensure!(pairs.len() >= n, "{} points cannot fit a degree-{degree} polynomial", pairs.len());
+    // Normal equations on x scaled to [0, 1] (well conditioned), solved by Gaussian elimination.
+    let scale = pairs.iter().fold(0f64, |m, p| m.max(p.0.abs())).max(1e-30);
+    let mut a = vec![vec![0f64; n + 1]; n];
+    for &(x, y) in pairs {
+        let xs: Vec<f64> = (0..n).map(|k| (x / scale).powi(k as i32)).collect();
+        for r in 0..n {
+            for c in 0..n {
+                a[r][c] += xs[r] * xs[c];
+            }
+            a[r][n] += xs[r] * y;
+        }
+    }
+    for col in 0..n {
+        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())).unwrap_or(col);
+        a.swap(col, pivot);
+        ensure!(a[col][col].abs() > 1e-12, "the fitting points do not determine a degree-{degree} polynomial");
+        for r in 0..n {
+            if r != col {
+                let f = a[r][col] / a[col][col];
+                for c in col..=n {
+                    a[r][c] -= f * a[col][c];
+                }
+            }
+        }
+    }
+    // Coefficient k of x/scale is that of x^k divided by scale^k; highest power first.
+    Ok((0..n).rev().map(|k| a[k][n] / a[k][k] / scale.powi(k as i32)).collect())
+}
+
+/// TeaCache's rescaling polynomial (degree 4, as its authors fit it) from the
+/// full-precision trajectories of `prompts`.
+pub fn fit_teacache(be: &dyn Backend, paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> Result<Vec<f64>> {
+    let mut rec = TeaPairs::default();
+    for p in prompts {
+        rec.previous = None;
+        plan(paths, std::slice::from_ref(p), opts)?.run(be, opts, &mut rec, &mut |_| {})?;
+    }
+    fit_polynomial(&rec.pairs, 4)
+}
+
+/// One measured candidate of the preset search.
+pub struct Measured {
+    pub cache: String,
+    pub threshold: String,
+    pub psnr_db: f64,
+    pub blocks_computed: f64,
+}
+
+/// Runs `hlc+srap` at every [`HLC_GRID`] threshold on the quantized checkpoint of
+/// `importance` and compares with the full-precision videos of `paths`; each
+/// preset of [`PRESET_FLOORS`] takes the candidate with the fewest block
+/// evaluations whose mean PSNR reaches its floor (the best PSNR when none does).
+pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Importance>, prompts: &[String], opts: &GenerateOptions, calib: &mut CacheCalibration, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Measured>> {
+    ensure!(!prompts.is_empty(), "no calibration prompts");
+    let total = prompts.len() * (1 + HLC_GRID.len());
+    let mut references = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        references.push(plan(paths, std::slice::from_ref(p), opts)?.run(be, opts, &mut Reference, &mut |_| {})?.0);
+        progress(i + 1, total);
+    }
+    let quantized = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(importance), ..opts.clone() };
+    let mut measured = Vec::new();
+    for (g, th) in HLC_GRID.iter().enumerate() {
+        let threshold = format!("{th},{}", super::srap::Srap::DEFAULT_THRESHOLD);
+        let (mut psnr, mut blocks) = (0.0, 0.0);
+        for (i, (p, r)) in prompts.iter().zip(&references).enumerate() {
+            let mut pol = policy_with("hlc+srap", Some(&threshold), calib)?;
+            let pl = plan(paths, std::slice::from_ref(p), &quantized)?;
+            let mut counting = Counting::new(pol.as_mut(), pl.blocks_per_forward());
+            let (video, _) = pl.run(be, &quantized, &mut counting, &mut |_| {})?;
+            counting.finish();
+            let s = video.shape();
+            psnr += compare(r.f32()?, video.f32()?, [s[1], s[2], s[3], s[4]]).psnr.min(99.0) / prompts.len() as f64;
+            blocks += counting.computed_fraction() / prompts.len() as f64;
+            progress(prompts.len() * (g + 1) + i + 1, total);
+        }
+        measured.push(Measured { cache: "hlc+srap".into(), threshold, psnr_db: psnr, blocks_computed: blocks });
+    }
+    for (name, floor) in PRESET_FLOORS {
+        let pick = measured.iter().filter(|m| m.psnr_db >= floor).min_by(|a, b| a.blocks_computed.total_cmp(&b.blocks_computed)).or_else(|| measured.iter().max_by(|a, b| a.psnr_db.total_cmp(&b.psnr_db)));
+        if let Some(m) = pick {
+            calib.presets.insert(name.to_string(), AccelPreset { cache: m.cache.clone(), threshold: m.threshold.clone(), psnr_db: m.psnr_db, blocks_computed: m.blocks_computed });
+        }
+    }
+    Ok(measured)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polynomial_fit_recovers_a_cubic() {
+        let f = |x: f64| 2.0 * x * x * x - 0.5 * x + 0.25;
+        let pairs: Vec<(f64, f64)> = (0..40).map(|i| i as f64 * 0.013).map(|x| (x, f(x))).collect();
+        let c = fit_polynomial(&pairs, 4).unwrap();
+        for (got, want) in c.iter().zip([0.0, 2.0, 0.0, -0.5, 0.25]) {
+            assert!((got - want).abs() < 1e-6, "{c:?}");
+        }
+        assert!(fit_polynomial(&pairs[..3], 4).is_err());
+    }
+}
