@@ -215,7 +215,54 @@ fn cache_flag_selects_a_policy() {
     // pab keeps both attentions of each of the 6 blocks: [2 x 256 tokens, 64] f32 each.
     assert_eq!(r["cache_peak_bytes"].as_u64(), Some(6 * 2 * 512 * 64 * 4), "{r}");
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "magic", "--output", s(&gif)]);
-    assert!(!ok && err.contains("--cache") && err.contains("static:K, pab"), "{err}");
+    assert!(!ok && err.contains("--cache") && err.contains("hlc, hlc-separate-cfg, srap, hlc+srap, teacache, pab, adacache, static:K"), "{err}");
+}
+
+/// `--cache-threshold` and `--accel`: thresholds in range, for policies that have one;
+/// quantcache from the bundled model's calibration, alone.
+#[test]
+fn cache_thresholds_and_accel_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gif, report) = (dir.path().join("v.gif"), dir.path().join("r.json"));
+    let read = || -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap() };
+    let prompt = "a red circle moving right";
+    for policy in ["hlc", "hlc+srap", "teacache"] {
+        let (ok, err) = qc_run(&["generate", "--prompt", prompt, "--cache", policy, "--cache-threshold", "0.3", "--output", s(&gif), "--report", s(&report)]);
+        assert!(ok, "{policy}: {err}");
+        let r = read();
+        let (computed, possible) = (r["block_evals"]["computed"].as_u64().unwrap(), r["block_evals"]["possible"].as_u64().unwrap());
+        assert!(computed < possible / 2 && computed > 0, "{policy}: {r}");
+        assert_eq!((r["cache"].as_str(), r["cache_threshold"].as_str()), (Some(policy), Some("0.3")), "{r}");
+    }
+    let (ok, err) = qc_run(&["generate", "--prompt", prompt, "--accel", "quantcache", "--output", s(&gif), "--report", s(&report)]);
+    assert!(ok, "{err}");
+    let r = read();
+    assert!(r["quant"].as_str().unwrap().starts_with("aigq") && r["accel"].as_str() == Some("quantcache"), "{r}");
+    assert!(r["block_evals"]["computed"].as_u64().unwrap() < r["block_evals"]["possible"].as_u64().unwrap() / 2, "{r}");
+    for (args, expect) in [
+        (vec!["--cache", "hlc", "--cache-threshold", "99"], "expected a number in [0.001, 10]"),
+        (vec!["--cache", "hlc", "--cache-threshold", "fast"], "--cache-threshold \"fast\""),
+        (vec!["--cache", "static:2", "--cache-threshold", "0.3"], "static:K takes no threshold"),
+        (vec!["--cache-threshold", "0.3"], "--cache none takes no threshold"),
+        (vec!["--cache", "pab", "--cache-threshold", "2.5"], "whole number of steps"),
+        (vec!["--accel", "turbo"], "unknown --accel \"turbo\""),
+        (vec!["--accel", "quantcache", "--quant", "w8a8"], "leave --quant out"),
+        (vec!["--accel", "quantcache:quality", "--cache", "pab"], "leave --cache out"),
+    ] {
+        let mut all = vec!["generate", "--prompt", "x", "--output", s(&gif)];
+        all.extend(args.iter());
+        let (ok, err) = qc_run(&all);
+        assert!(!ok && err.contains(expect), "{args:?}: {err}");
+    }
+    // A float model without a QuantCache calibration.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    for part in ["stdit3", "t5", "tokenizer", "defaults.json"] {
+        std::os::unix::fs::symlink(demo.join(part), bare.join(part)).unwrap();
+    }
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--model", s(&bare), "--accel", "quantcache", "--output", s(&gif)]);
+    assert!(!ok && err.contains("has no QuantCache calibration") && err.contains("qc-run calibrate"), "{err}");
 }
 
 /// `qc-bench gpu` without a GPU: it says so, measures the CPU kernels at

@@ -561,6 +561,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
     let mut opts = opts;
+    let mut accel_cache: Option<(String, String)> = None;
     let mut policy = match qc::cache::accel::preset_name(&a.accel)? {
         None => {
             let calib = model_dir.as_deref().map(qc::cache::CacheCalibration::for_model).transpose()?.unwrap_or_default();
@@ -575,6 +576,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             eprintln!("accel: quantcache:{preset} from {} ({} at {}; aigq plan {:.2} bits)", accel.dir.display(), accel.preset.cache, accel.preset.threshold, accel.importance.meta["plan_bits"].as_f64().unwrap_or(f64::NAN));
             opts.quant = QuantPreset::Aigq;
             opts.importance = Some(accel.importance.clone());
+            accel_cache = Some((accel.preset.cache.clone(), accel.preset.threshold.clone()));
             accel.policy()?
         }
     };
@@ -649,6 +651,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "steps_computed": counting.steps_computed,
             "block_evals": {"computed": counting.blocks_computed, "possible": counting.blocks_total},
             "cache_peak_bytes": counting.cache_peak_bytes,
+            "steps_conditional_only": counting.steps_conditional,
+            "cache": accel_cache.as_ref().map_or(a.cache.as_str(), |c| c.0.as_str()),
+            "cache_threshold": accel_cache.as_ref().map(|c| c.1.as_str()).or(a.cache_threshold.as_deref()),
+            "accel": a.accel,
             "device": be.name(),
             "prompts": report.prompts,
             "latent": report.latent,

@@ -141,3 +141,64 @@ impl ForwardHooks for Hlc {
         self.state.kept.bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::stdit3::BlockKind;
+
+    /// Drives HLC over 30 steps of timesteps 1000..33 with one block whose
+    /// self-attention output changes by `change` per step in the conditional half
+    /// and `change_uncond` in the unconditional one; returns each step's action.
+    fn run(mut h: Hlc, change: f32, change_uncond: f32) -> Vec<StepAction> {
+        let be = CpuBackend::new();
+        let id = BlockId { kind: BlockKind::Spatial, index: 0 };
+        let (mut c, mut u) = (1.0f32, 1.0f32);
+        (0..30)
+            .map(|step| {
+                h.timestep(1000.0 * (1.0 - step as f32 / 30.0));
+                let a = h.step_action(step, 30);
+                // The output moves with time whether or not it is computed.
+                c *= 1.0 + change;
+                u *= 1.0 + change_uncond;
+                if a == StepAction::Compute {
+                    for sub in [SubModule::SelfAttention, SubModule::CrossAttention, SubModule::Mlp] {
+                        if h.sub_action(id, sub) == SubAction::ComputeAndStore {
+                            h.store(&be, id, sub, Tensor::from_f32(&[2, 2], vec![c, c, u, u]).unwrap());
+                        }
+                    }
+                }
+                a
+            })
+            .collect()
+    }
+
+    fn computed(actions: &[StepAction]) -> Vec<usize> {
+        (0..actions.len()).filter(|&i| actions[i] == StepAction::Compute).collect()
+    }
+
+    #[test]
+    fn slow_features_are_served_longer() {
+        // 1% per step (33 timesteps): a rate of 3e-4 per timestep; at threshold 0.2 a run
+        // may last 0.2 / 3e-4 = 660 timesteps, so max_reuse (6) bounds it.
+        let slow = run(Hlc::new(0.2), 0.01, 0.01);
+        assert_eq!(computed(&slow), vec![0, 1, 2, 3, 10, 17, 24, 29]);
+        assert!(slow.iter().all(|a| matches!(a, StepAction::Compute | StepAction::Extrapolate)));
+        // 5% per step: served until the predicted change (5% a step) reaches 0.2: one step computed in four.
+        let fast = run(Hlc::new(0.2), 0.05, 0.05);
+        assert_eq!(computed(&fast), vec![0, 1, 2, 3, 7, 11, 15, 19, 23, 27, 29]);
+        // 40% per step: every step computed.
+        assert_eq!(computed(&run(Hlc::new(0.2), 0.4, 0.4)).len(), 30);
+    }
+
+    #[test]
+    fn separate_guidance_halves_compute_the_conditional_half_alone() {
+        let mut h = Hlc::new(0.2);
+        h.separate_cfg = true;
+        let actions = run(h, 0.05, 0.001);
+        assert!(actions.contains(&StepAction::ComputeConditional), "{actions:?}");
+        // Shared decisions follow the faster half.
+        assert!(!run(Hlc::new(0.2), 0.05, 0.001).contains(&StepAction::ComputeConditional));
+    }
+}

@@ -63,3 +63,35 @@ impl ForwardHooks for Srap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::model::stdit3::BlockKind;
+
+    /// Two blocks: one adds 5% of its input, one 50%. At threshold 0.1 the first is
+    /// skipped after the warm-up, and measured again every `refresh` steps.
+    #[test]
+    fn blocks_that_add_little_are_skipped_and_remeasured() {
+        let be = CpuBackend::new();
+        let mut p = Srap::new(0.1);
+        let ids = [BlockId { kind: BlockKind::Spatial, index: 0 }, BlockId { kind: BlockKind::Temporal, index: 0 }];
+        let input = Tensor::from_f32(&[2, 2], vec![1.0, -2.0, 3.0, 4.0]).unwrap();
+        let mut skipped = vec![Vec::new(), Vec::new()];
+        for step in 0..12 {
+            p.step_action(step, 12);
+            for (b, (id, gain)) in ids.iter().zip([0.05f32, 0.5]).enumerate() {
+                if p.block_action(*id) == BlockAction::Skip {
+                    skipped[b].push(step);
+                } else {
+                    let out = Tensor::from_f32(&[2, 2], input.f32().unwrap().iter().map(|v| v * (1.0 + gain)).collect()).unwrap();
+                    p.block_io(&be, *id, &input, &out);
+                }
+            }
+        }
+        // Warm-up 0..3 computed; measured at 3, skipped 4..7, measured again at 8, skipped 9, 10; the last step computed.
+        assert_eq!(skipped[0], vec![4, 5, 6, 7, 9, 10]);
+        assert!(skipped[1].is_empty());
+    }
+}

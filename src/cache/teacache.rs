@@ -110,3 +110,35 @@ mod tests {
         assert_eq!(t.rescale(3.0), 2.0 * 9.0 - 3.0 + 0.5);
     }
 }
+
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// The modulated input changes by `d` (relative L1) each step; no rescaling.
+    /// At threshold 0.1 and d = 0.03, three steps accumulate under it: each
+    /// computed step is followed by three skipped ones, which add the cached residual.
+    #[test]
+    fn accumulated_distance_decides_and_the_residual_is_reused() {
+        let be = CpuBackend::new();
+        let mut p = TeaCache::new(0.1, vec![1.0, 0.0]);
+        let mut computed = Vec::new();
+        let mut m = 1.0f32;
+        for step in 0..10 {
+            p.step_action(step, 10);
+            let x = Tensor::from_f32(&[1, 2], vec![1.0, 2.0]).unwrap();
+            p.blocks_input(&be, &x, Some(&Tensor::from_f32(&[1, 2], vec![m, m]).unwrap()));
+            m *= 1.03;
+            let skip = p.block_action(BlockId { kind: crate::model::stdit3::BlockKind::Spatial, index: 0 }) == BlockAction::Skip;
+            // Computed: the blocks add (0.5, 0.5); skipped: the cached residual must add the same.
+            let mut out = if skip { x.clone() } else { Tensor::from_f32(&[1, 2], vec![1.5, 2.5]).unwrap() };
+            p.blocks_output(&be, &mut out).unwrap();
+            assert_eq!(out.f32().unwrap(), &[1.5, 2.5], "step {step}");
+            if !skip {
+                computed.push(step);
+            }
+        }
+        assert_eq!(computed, vec![0, 4, 8, 9]);
+    }
+}

@@ -287,6 +287,20 @@ fn run_with_graphs(session: &mut dyn StepGraphSession, planner: &mut GraphPlanne
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn history_extrapolates_linearly_in_t() {
+        let be = crate::backend::cpu::CpuBackend::new();
+        let mut h = super::History::default();
+        assert!(h.at(&be, 900.0).is_err());
+        h.push(1000.0, Tensor::from_f32(&[2], vec![1.0, 2.0]).unwrap());
+        assert_eq!(h.at(&be, 900.0).unwrap().f32().unwrap(), &[1.0, 2.0], "one entry: reused");
+        h.push(950.0, Tensor::from_f32(&[2], vec![2.0, 2.0]).unwrap());
+        assert_eq!(h.at(&be, 900.0).unwrap().f32().unwrap(), &[3.0, 2.0]);
+        h.push(900.0, Tensor::from_f32(&[2], vec![3.0, 1.0]).unwrap());
+        // Only the last two are kept.
+        assert_eq!(h.at(&be, 800.0).unwrap().f32().unwrap(), &[5.0, -1.0]);
+    }
+
     use super::*;
 
     /// A session that records what the sampler asked of it; the step it captures
