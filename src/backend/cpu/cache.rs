@@ -39,18 +39,38 @@ impl<'a> Floats<'a> {
         match self {
             Floats::F32(v) => &v[range],
             Floats::Bf16(v) => {
-                buf.clear();
-                buf.extend(v[range].iter().map(|x| x.to_f32()));
+                buf.resize(range.len(), 0.0);
+                widen_bf16(&v[range], buf);
                 buf
             }
         }
     }
 }
 
-/// `clamp(round(v / s), -127, 127)`, ties away from zero, NaN -> 0 (`as i32`).
+simd::multiversion! {
+/// `dst = src` widened to f32 (exact: the bf16 bits are the f32's high half).
+fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
+    }
+}
+}
+
+/// `1.5 * 2^23`: a whole number `r` in [-2^22, 2^22] added to it sits, exactly, in
+/// the low mantissa bits of the sum.
+const ROUNDER: f32 = 12_582_912.0;
+
+/// `clamp(round(v / s), -127, 127)`, ties away from zero, NaN -> 0. Clamped before
+/// rounding (the same result: 127 is whole), rounded from the exact fraction
+/// `t - trunc(t)`, and converted through the bits of `r + ROUNDER`: plain
+/// arithmetic, so the loop vectorizes (the compiler does each `as i32` on its own).
 #[inline(always)]
 fn quantize1(v: f32, s: f32) -> i8 {
-    ((v / s).round() as i32).clamp(-(CACHE_QMAX as i32), CACHE_QMAX as i32) as i8
+    let t = v / s;
+    let t = if t.is_nan() { 0.0 } else { t.clamp(-CACHE_QMAX, CACHE_QMAX) };
+    let whole = t.trunc();
+    let r = if (t - whole).abs() >= 0.5 { whole + 1f32.copysign(t) } else { whole };
+    ((r + ROUNDER).to_bits() as i32 - ROUNDER.to_bits() as i32) as i8
 }
 
 simd::multiversion! {

@@ -85,6 +85,13 @@ fn quantize_rows_i8_is_exact() {
     let (q, s) = be.quantize_rows_i8(&y).unwrap();
     assert_eq!(i8_data(&q), &[127, 3, -3, 1, -1, 1, 0, 0, 0, 0, 0, 0]);
     assert_eq!(s.f32().unwrap(), &[1.0, 0.0]);
+    // Non-finite values: NaN is left out of the maximum and quantizes to 0; an infinite
+    // maximum gives s = inf, every finite value 0 and inf / inf (NaN) 0 as well.
+    let y = Tensor::from_f32(&[2, 4], vec![f32::NAN, 2.0, -1.0, 0.0, f32::INFINITY, 1.0, f32::NEG_INFINITY, f32::NAN]).unwrap();
+    let (q, s) = be.quantize_rows_i8(&y).unwrap();
+    assert_eq!(i8_data(&q), &[0, 127, -64, 0, 0, 0, 0, 0]);
+    assert_eq!(s.f32().unwrap(), &[2.0 / 127.0, f32::INFINITY]);
+    assert_eq!(reference_quantize(y.f32().unwrap(), 4).0, i8_data(&q));
     // Higher-rank input: rows are all but the last dimension.
     let (q, s) = be.quantize_rows_i8(&rand(&mut rng, &[2, 3, 8])).unwrap();
     assert_eq!((q.shape(), s.shape()), (&[2usize, 3, 8][..], &[6usize][..]));

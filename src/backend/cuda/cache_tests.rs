@@ -81,6 +81,11 @@ fn quantize_rows_i8_matches_cpu_exactly() {
         let yf = Tensor::from_f32(&[rows, c], rng.normal_vec(rows * c)).unwrap();
         same_quantization(&format!("{rows}x{c} full f32"), &be.quantize_rows_i8(&dev_f32(&be, &yf)).unwrap(), &cpu.quantize_rows_i8(&yf).unwrap());
     }
+    // Non-finite values (NaN left out of the maximum and quantized to 0; an infinite maximum).
+    let y = Tensor::from_f32(&[3, 8], [f32::NAN, 2.0, -1.0, 0.0, 0.5, -0.25, 1.5, 3.0].into_iter().chain([f32::INFINITY, 1.0, f32::NEG_INFINITY, f32::NAN, 0.0, 2.0, -3.0, 7.0]).chain([0.0; 8]).collect()).unwrap();
+    let want = cpu.quantize_rows_i8(&y).unwrap();
+    same_quantization("non-finite f32", &be.quantize_rows_i8(&dev_f32(&be, &y)).unwrap(), &want);
+    same_quantization("non-finite bf16", &be.quantize_rows_i8(&dev_bf16(&be, &y)).unwrap(), &want);
     // A view at an odd element offset (rows not 16-byte aligned): the scalar path.
     let y = cache_input(&mut rng, 9, 35);
     let yd = dev_bf16(&be, &y);
