@@ -1070,8 +1070,8 @@ typedef struct QcCacheAddGatedI8Args {
 /*
  * Divergence sums in two deterministic passes (a fixed grid, no atomics): the
  * parts * part_len elements of a (and b, T) form `parts` contiguous parts.
- * qc_l1_partials_{f32,bf16} / qc_abs_sum_partials_{f32,bf16}: gridDim.x must be
- *   parts * blocks_per_part; block k sums part p = k / blocks_per_part over its
+ * qc_l1_partials_{f32,bf16} / qc_abs_sum_partials_{f32,bf16} (blockDim.x at
+ *   most 256; launch_cfg::divergence): gridDim.x must be parts * blocks_per_part; block k sums part p = k / blocks_per_part over its
  *   grid-stride share of the part (blocks_per_part blocks per part), in f32 per
  *   thread and then a block tree, and writes
  *     l1:      partials[2 k] = sum |a - b|,  partials[2 k + 1] = sum |b|

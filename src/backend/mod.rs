@@ -240,8 +240,10 @@ pub trait Backend: ConvOps + Send + Sync {
     /// (the dequantization fused into the reuse op; same gate semantics as add_gated).
     ///
     /// The cached value is `(q as f32) * s` (one f32 multiply), then added as `add_gated`
-    /// adds `y`, so on the CPU it equals `add_gated` with the dequantized tensor bit for
-    /// bit; the GPU rounds `gate * value` and the sum to bf16 as its `add_gated` does.
+    /// adds `y`: on the CPU bit for bit `add_gated` with the dequantized f32 tensor; on
+    /// the GPU (bf16 `x`) bit for bit its `add_gated` with the dequantized tensor rounded
+    /// to bf16 (`gate * value` and the sum rounded to bf16 as there). `q` I8 and `scales`
+    /// F32 as `quantize_rows_i8` returns them, on the host or the device.
     fn add_gated_i8(&self, x: &mut Tensor, q: &Tensor, scales: &Tensor, gate: Option<ModRef>) -> Result<()>;
 
     /// Divergence of `a` from `b` (same shapes, [rows, ..]), rows split into `parts` equal
