@@ -192,6 +192,11 @@ fn divergence_sums_match_cpu() {
     let (ad, bd) = (dev_bf16(&be, &a), dev_bf16(&be, &b));
     let (av, bv) = (be.narrow(&ad, 0, 1, 10).unwrap(), be.narrow(&bd, 0, 1, 10).unwrap());
     divergence_case(&be, &cpu, "odd-offset views", &cpu.narrow(&a, 0, 1, 10).unwrap(), &cpu.narrow(&b, 0, 1, 10).unwrap(), &av, &bv, 2);
+    // A download cannot be part of a CUDA graph: refused while a capture is under way.
+    be.set_capturing(true);
+    let refused = be.l1_distance(&ad, &bd, 1);
+    be.set_capturing(false);
+    assert!(refused.is_err(), "l1_distance inside a capture");
     // Empty parts; the errors of the CPU backend.
     assert_eq!(be.abs_sum(&dev_f32(&be, &Tensor::zeros(&[0, 4])), 2).unwrap(), vec![(0.0, 0.0); 2]);
     assert!(be.l1_distance(&ad, &ad, 2).is_err(), "11 rows in 2 parts");

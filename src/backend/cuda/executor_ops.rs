@@ -311,9 +311,7 @@ impl CudaBackend {
         let scores = self.tensor(&[rows, max_len], acc)?.to_cpu()?;
         Ok((out, scores))
     }
-}
 
-impl CudaBackend {
     /// The two sums per part of `l1_distance` / `abs_sum` (`kernel`: the first
     /// pass's name without its dtype suffix): the partials kernel, qc_sum_partials,
     /// then one download of `parts` pairs (which synchronizes the stream).
