@@ -53,6 +53,7 @@ template <> struct Raw<16> { typedef uint4 type; };
 template <> struct Raw<8> { typedef uint2 type; };
 template <> struct Raw<4> { typedef unsigned int type; };
 template <> struct Raw<2> { typedef unsigned short type; };
+template <> struct Raw<1> { typedef unsigned char type; };
 
 // The vector accessors below take (base, i) and touch base[i*N .. i*N + N),
 // base aligned to N * sizeof(T). They index base as an array of Raw vectors:
@@ -127,6 +128,23 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     v = lane < nwarps ? scratch[lane] : 0.0f;
     return warp_sum(v);
+}
+
+// Maximum over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. All threads must call it. scratch: __shared__
+// float[32], may be shared with block_sum.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    __syncthreads();  // the previous reduction's reads of scratch are done
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
 }
 
 // ------------------------------------------------------------- row norms

@@ -411,23 +411,6 @@ __device__ __forceinline__ void gemm_w8a8(const QcGemmI8Args& p) {
 
 namespace quant {
 
-// Max over the block (blockDim.x a multiple of 32, at most 1024); every thread
-// gets the result. All threads must call it; scratch: __shared__ float[32].
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int nwarps = blockDim.x >> 5;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    __syncthreads();  // earlier reads of scratch are done
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-}
-
 // V f32 values p[i*V .. i*V + V) in 16-byte (or, for V = 1, 4-byte) accesses.
 template <int V> __device__ __forceinline__ void load_f32s(const float* p, int64_t i, float (&o)[V]) {
     if constexpr (V <= 4) {

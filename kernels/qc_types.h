@@ -1034,4 +1034,75 @@ typedef struct QcResampleArgs {
     int32_t _pad;
 } QcResampleArgs;
 
+/* ----------------------------------------------------------------- cache.cu */
+
+/*
+ * Caches of sub-module outputs kept across denoising steps and the divergence
+ * measures of caching policies (Backend::quantize_rows_i8, add_gated_i8,
+ * l1_distance, abs_sum; the CPU backend, src/backend/cpu/cache.rs, defines them).
+ *
+ * qc_cache_quantize_{f32,bf16} (row kernel): row r of x (T, x + r * cols) ->
+ *   amax     = max_c |x[r, c]|
+ *   scale[r] = amax / 127                                   (f32 division)
+ *   q[r, c]  = amax > 0 ? clamp(roundf(x[r, c] / scale[r]), -127, 127) : 0
+ *   with x / scale a correctly rounded f32 division, roundf's ties away from
+ *   zero and a NaN quotient giving 0: the CPU's int8 values and scales bit for
+ *   bit from the same f32 values. q int8 contiguous [rows, cols], scale f32 [rows].
+ */
+typedef struct QcCacheQuantizeArgs {
+    qc_dptr x;
+    qc_dptr q;
+    qc_dptr scale;
+    int64_t rows;
+    int32_t cols;
+    int32_t _pad;
+} QcCacheQuantizeArgs;
+
+/*
+ * qc_cache_add_gated_i8_bf16 (row kernel; the cached-residual reuse op reading
+ *   an int8 cache):
+ *     v = bf16((float) q[r, c] * scale[r])       (the dequantized cache as bf16)
+ *     x[r, c] += bf16(gate[e(r), c] * v)         (or x[r, c] += v when gate == 0)
+ *   i.e. qc_gated_residual_bf16 on the dequantized bf16 cache, bit for bit;
+ *   e(r), gate, group_index, gate_stride as in QcGatedResidualArgs. x bf16 and
+ *   q int8 contiguous [rows, cols], scale f32 [rows]. x must not overlap the others.
+ */
+typedef struct QcCacheAddGatedI8Args {
+    qc_dptr x;
+    qc_dptr q;
+    qc_dptr scale;
+    qc_dptr gate;
+    qc_dptr group_index;
+    int64_t rows;
+    int64_t group_size; /* >= 1 */
+    int64_t gate_stride;
+    int32_t cols;
+    int32_t _pad;
+} QcCacheAddGatedI8Args;
+
+/*
+ * Divergence sums in two deterministic passes (a fixed grid, no atomics): the
+ * parts * part_len elements of a (and b, T) form `parts` contiguous parts.
+ * qc_l1_partials_{f32,bf16} / qc_abs_sum_partials_{f32,bf16} (blockDim.x at
+ *   most 256; launch_cfg::divergence): gridDim.x must be parts * blocks_per_part; block k sums part p = k / blocks_per_part over its
+ *   grid-stride share of the part (blocks_per_part blocks per part), in f32 per
+ *   thread and then a block tree, and writes
+ *     l1:      partials[2 k] = sum |a - b|,  partials[2 k + 1] = sum |b|
+ *     abs_sum: partials[2 k] = sum |a|,      partials[2 k + 1] = sum a^2  (b unused)
+ *   partials f32 [parts * blocks_per_part, 2].
+ * qc_sum_partials (any grid, loops over parts by block): for each part p and
+ *   j < 2, out[2 p + j] = (float) the sum of the part's blocks_per_part
+ *   partials[.., j] in f64 (per-thread strided sums, then a block tree).
+ *   out f32 [parts, 2]; a, b, part_len unused.
+ */
+typedef struct QcDivergenceArgs {
+    qc_dptr a;
+    qc_dptr b;
+    qc_dptr partials;
+    qc_dptr out;
+    int64_t part_len;
+    int32_t parts;
+    int32_t blocks_per_part;
+} QcDivergenceArgs;
+
 #endif /* QC_TYPES_H */

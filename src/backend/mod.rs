@@ -225,6 +225,41 @@ pub trait Backend: ConvOps + Send + Sync {
     /// cached-residual reuse op; `linear_residual` fuses the same add into the GEMM).
     fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()>;
 
+    /// Per-row symmetric int8 of `y` ([rows, C], f32 or bf16): returns `(q, scales)`,
+    /// `q` I8 [rows, C] with q = round_half_away(y / s) clamped to [-127, 127], `scales`
+    /// F32 [rows] with s = max_c |y| / 127 (a zero row: s = 0, q = 0). For caches kept
+    /// across steps in a quarter (f32) or half (bf16) of the memory.
+    ///
+    /// Exactly, in f32 with each operation rounded once: `s = amax / 127`, `q =
+    /// clamp((y / s).round(), -127, 127)` (`y / s` a true division, ties away from
+    /// zero; a NaN quotient gives 0). Both backends give the same `q` and `s` bit for
+    /// bit from the same f32 values (the GPU reads bf16 activations, widened exactly).
+    fn quantize_rows_i8(&self, y: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// `x += gate * (q * s)` per row: `add_gated` reading an int8 cache with per-row scales
+    /// (the dequantization fused into the reuse op; same gate semantics as add_gated).
+    ///
+    /// The cached value is `(q as f32) * s` (one f32 multiply), then added as `add_gated`
+    /// adds `y`: on the CPU bit for bit `add_gated` with the dequantized f32 tensor; on
+    /// the GPU (bf16 `x`) bit for bit its `add_gated` with the dequantized tensor rounded
+    /// to bf16 (`gate * value` and the sum rounded to bf16 as there). `q` I8 and `scales`
+    /// F32 as `quantize_rows_i8` returns them, on the host or the device.
+    fn add_gated_i8(&self, x: &mut Tensor, q: &Tensor, scales: &Tensor, gate: Option<ModRef>) -> Result<()>;
+
+    /// Divergence of `a` from `b` (same shapes, [rows, ..]), rows split into `parts` equal
+    /// contiguous parts (e.g. the two classifier-free-guidance halves): per part
+    /// `(sum |a - b|, sum |b|)`, accumulated in f64 on the CPU and f32 per block then f64/
+    /// f32 tree on the GPU. On the GPU one kernel (or two) and ONE small device-to-host copy.
+    ///
+    /// `rows` is the leading dimension (`shape[0]`), which `parts` (>= 1) must divide;
+    /// `a` and `b` are f32 or bf16. The relative L1 distance of part `p` is
+    /// `r[p].0 / r[p].1`. The result is deterministic (no atomics) on both backends.
+    /// It is read on the host, so a CUDA graph capture refuses it (like any download).
+    fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>>;
+
+    /// `(sum |a|, sum a^2)` per part, same split, for cheap statistics of a tensor (one small read).
+    fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>>;
+
     /// In place on `[rows, heads * head_dim]`: RMS norm with `weight` over each head,
     /// then rotary embedding with position `row % seq_len` when `rope` is given.
     fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()>;

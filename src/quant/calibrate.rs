@@ -166,6 +166,18 @@ impl Backend for RecordingBackend<'_> {
     fn add_gated(&self, x: &mut Tensor, y: &Tensor, gate: Option<ModRef>) -> Result<()> {
         self.inner.add_gated(x, y, gate)
     }
+    fn quantize_rows_i8(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.inner.quantize_rows_i8(y)
+    }
+    fn add_gated_i8(&self, x: &mut Tensor, q: &Tensor, scales: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        self.inner.add_gated_i8(x, q, scales, gate)
+    }
+    fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        self.inner.l1_distance(a, b, parts)
+    }
+    fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        self.inner.abs_sum(a, parts)
+    }
     fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {
         self.inner.qk_norm_rope(x, heads, weight, eps, rope)
     }

@@ -2,6 +2,9 @@
 
 mod attention;
 pub mod attention_int8;
+pub mod cache;
+#[cfg(test)]
+mod cache_tests;
 pub use attention::check_shapes as check_attention_shapes;
 mod conv;
 mod embed;
@@ -176,6 +179,22 @@ impl Backend for CpuBackend {
         let (rows, n) = rows_of(x);
         let y = y.f32()?;
         gated_accumulate(x.f32_mut()?, &y, rows, n, gate)
+    }
+
+    fn quantize_rows_i8(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        cache::quantize_rows_i8(y)
+    }
+
+    fn add_gated_i8(&self, x: &mut Tensor, q: &Tensor, scales: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        cache::add_gated_i8(x, q, scales, gate)
+    }
+
+    fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        cache::l1_distance(a, b, parts)
+    }
+
+    fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        cache::abs_sum(a, parts)
     }
 
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {

@@ -329,3 +329,53 @@ fn guidance_and_euler() {
     }
     assert!(be.axpby(1.0, &c, 1.0, &rand(&mut rng, &[24])).is_err());
 }
+
+/// The cache ops as a caching policy (src/cache/) uses them: a sub-module output kept
+/// as int8 with per-row scales, its change at a later step measured per CFG half by
+/// one small reduction, and the kept output added back with the later step's gate.
+#[test]
+fn int8_cache_is_kept_measured_and_reused_like_a_policy() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(17);
+    let (per, c) = (45, 64);
+    let rows = 2 * per;
+    let kept = rand(&mut rng, &[rows, c]);
+    // A later step's output: the conditional half moved by 1%, the unconditional one by 20%.
+    let drift = rand(&mut rng, &[rows, c]);
+    let later: Vec<f32> = kept.f32().unwrap().iter().zip(drift.f32().unwrap()).enumerate().map(|(i, (x, d))| x + if i < per * c { 0.01 } else { 0.2 } * d).collect();
+    let later = Tensor::from_f32(&[rows, c], later).unwrap();
+
+    let (q, s) = be.quantize_rows_i8(&kept).unwrap();
+    assert_eq!((q.numel(), s.numel()), (rows * c, rows), "one byte per value and one scale per row");
+
+    // Relative L1 per half from two floats each, as a policy's host-side mean |a - b| / mean |b|.
+    let sums = be.l1_distance(&later, &kept, 2).unwrap();
+    let (lv, kv) = (later.f32().unwrap(), kept.f32().unwrap());
+    for (half, &(d, m)) in sums.iter().enumerate() {
+        let r = half * per * c..(half + 1) * per * c;
+        let num: f64 = lv[r.clone()].iter().zip(&kv[r.clone()]).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum();
+        let den: f64 = kv[r].iter().map(|b| (*b as f64).abs()).sum();
+        assert!(((d / m) as f64 - num / den).abs() <= 1e-5 * num / den, "half {half}: {} vs {}", d / m, num / den);
+    }
+    let rate: Vec<f32> = sums.iter().map(|(d, m)| d / m).collect();
+    assert!(rate[0] < 0.02 && rate[1] > 0.1, "the halves' rates of change {rate:?}");
+
+    // Reuse with a per-sample gate: within half a quantization step (times the gate) of the f32 cache.
+    let table = rand(&mut rng, &[2, 6, c]);
+    let groups = RowGroups::per_sample(2, per);
+    let gate = ModRef { table: &table, chunk: 2, groups: &groups };
+    let x = rand(&mut rng, &[rows, c]);
+    let (mut from_i8, mut from_f32) = (x.clone(), x.clone());
+    be.add_gated_i8(&mut from_i8, &q, &s, Some(gate)).unwrap();
+    be.add_gated(&mut from_f32, &kept, Some(gate)).unwrap();
+    let (gi8, gf32, tv, sv) = (from_i8.f32().unwrap(), from_f32.f32().unwrap(), table.f32().unwrap(), s.f32().unwrap());
+    for (i, (a, b)) in gi8.iter().zip(gf32).enumerate() {
+        let (row, col) = (i / c, i % c);
+        let g = tv[((row / per) * 6 + 2) * c + col];
+        assert!((a - b).abs() <= 0.5 * g.abs() * sv[row] + 1e-5 * (1.0 + b.abs()), "element {i}: {a} vs {b}");
+    }
+    // The kept output's statistics, cheaply: sum |y| and sum y^2 per half.
+    let stats = be.abs_sum(&kept, 2).unwrap();
+    let sq: f64 = kv[..per * c].iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    assert!((stats[0].1 as f64 - sq).abs() <= 1e-5 * sq);
+}

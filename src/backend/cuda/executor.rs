@@ -20,6 +20,13 @@
 //!   `add_rows_broadcast`, `euler_step`) copy a shared buffer before writing
 //!   (copy on write). A host tensor given to an in-place op becomes a device
 //!   tensor.
+//! - The caching policies' ops (kernels/cache.cu): `quantize_rows_i8` gives an
+//!   int8 cache and f32 row scales in the arena, read back by `add_gated_i8`
+//!   like any activation. `l1_distance` and `abs_sum` are the ops that return
+//!   host values: two kernels (per-block partials, then one block summing them
+//!   in f64; no atomics, so the sums are reproducible) and one download of
+//!   `parts` pairs, which synchronizes the stream and is refused inside a CUDA
+//!   graph capture like any download.
 //!
 //! # Weights
 //! [`Backend::prepare_linear`] / [`Backend::prepare_tensor`] (called by

@@ -311,6 +311,41 @@ impl CudaBackend {
         let scores = self.tensor(&[rows, max_len], acc)?.to_cpu()?;
         Ok((out, scores))
     }
+
+    /// The two sums per part of `l1_distance` / `abs_sum` (`kernel`: the first
+    /// pass's name without its dtype suffix): the partials kernel, qc_sum_partials,
+    /// then one download of `parts` pairs (which synchronizes the stream).
+    fn divergence_sums(&self, kernel: &str, what: &str, a: &Tensor, b: Option<&Tensor>, part_len: usize, parts: usize) -> Result<Vec<(f32, f32)>> {
+        let inputs: Vec<&Tensor> = std::iter::once(a).chain(b).collect();
+        for t in &inputs {
+            ensure!(matches!(t.dtype(), DType::F32 | DType::BF16), "{what}: expected an f32 or bf16 tensor, got {}", t.dtype().name());
+        }
+        ensure!(parts <= i32::MAX as usize, "{what}: {parts} parts are too many for the kernel");
+        self.refuse_in_capture(&format!("{what}'s device-to-host copy"))?;
+        if part_len == 0 {
+            return Ok(vec![(0.0, 0.0); parts]);
+        }
+        // Both inputs in one dtype: f32 when they differ (bf16 widens exactly).
+        let dt = if inputs.iter().all(|t| t.dtype() == a.dtype()) { a.dtype() } else { DType::F32 };
+        let ab = self.dev(a, dt)?;
+        let bb = b.map(|b| self.dev(b, dt)).transpose()?;
+        let (grid, block, per_part) = launch_cfg::divergence(part_len as i64, parts as i64, byte_len(dt, 1));
+        let partials = self.alloc(DType::F32, 2 * grid as usize)?;
+        let out = self.alloc(DType::F32, 2 * parts)?;
+        let args = QcDivergenceArgs {
+            a: ab.address(),
+            b: bb.as_ref().map_or(0, |b| b.address()),
+            partials: partials.address(),
+            out: out.address(),
+            part_len: part_len as i64,
+            parts: parts as i32,
+            blocks_per_part: per_part as i32,
+        };
+        self.run(&format!("{kernel}_{}", Self::suffix(dt)?), (grid, block), args)?;
+        self.run("qc_sum_partials", launch_cfg::sum_partials(), args)?;
+        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&out.download().map_err(|e| anyhow!("{what}: {e}"))?);
+        Ok(sums.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+    }
 }
 
 impl Backend for CudaBackend {
@@ -392,6 +427,57 @@ impl Backend for CudaBackend {
             self.run("qc_gated_residual_bf16", launch_cfg::rows(rows as i64, n as i64, 2), args)?;
         }
         Ok(())
+    }
+
+    fn quantize_rows_i8(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dt = y.dtype();
+        ensure!(matches!(dt, DType::F32 | DType::BF16), "quantize_rows_i8: expected an f32 or bf16 tensor, got {}", dt.name());
+        let (rows, c) = rows_of(y);
+        ensure!(c <= i32::MAX as usize, "quantize_rows_i8: rows of {c} elements are too long for the kernel");
+        let q = self.alloc(DType::I8, rows * c)?;
+        let scales = self.alloc(DType::F32, rows)?;
+        if rows > 0 && c > 0 {
+            // In the input's own dtype: the f32 and bf16 values are read exactly.
+            let yb = self.dev(y, dt)?;
+            let args = QcCacheQuantizeArgs { x: yb.address(), q: q.address(), scale: scales.address(), rows: rows as i64, cols: c as i32, _pad: 0 };
+            self.run(&format!("qc_cache_quantize_{}", Self::suffix(dt)?), launch_cfg::rows(rows as i64, c as i64, byte_len(dt, 1)), args)?;
+        }
+        Ok((self.tensor(y.shape(), q)?, self.tensor(&[rows], scales)?))
+    }
+
+    fn add_gated_i8(&self, x: &mut Tensor, q: &Tensor, scales: &Tensor, gate: Option<ModRef>) -> Result<()> {
+        let (rows, n) = crate::backend::cpu::cache::check_add_gated_i8(x, q, scales)?;
+        ensure!(n <= i32::MAX as usize, "add_gated_i8: rows of {n} elements are too long for the kernel");
+        let g = self.gate_operand(gate.as_ref(), rows, n, "add_gated_i8")?;
+        let xb = self.own(x, DType::BF16)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let (qb, sb) = (self.dev(q, DType::I8)?, self.dev(scales, DType::F32)?);
+        let args = QcCacheAddGatedI8Args {
+            x: xb.address(),
+            q: qb.address(),
+            scale: sb.address(),
+            gate: g.addr,
+            group_index: g.group_index,
+            rows: rows as i64,
+            group_size: g.group_size as i64,
+            gate_stride: g.stride as i64,
+            cols: n as i32,
+            _pad: 0,
+        };
+        self.run("qc_cache_add_gated_i8_bf16", launch_cfg::rows(rows as i64, n as i64, 2), args)
+    }
+
+    fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        ensure!(a.shape() == b.shape(), "l1_distance: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let len = crate::backend::cpu::cache::part_len(a, parts, "l1_distance")?;
+        self.divergence_sums("qc_l1_partials", "l1_distance", a, Some(b), len, parts)
+    }
+
+    fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
+        let len = crate::backend::cpu::cache::part_len(a, parts, "abs_sum")?;
+        self.divergence_sums("qc_abs_sum_partials", "abs_sum", a, None, len, parts)
     }
 
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {

@@ -46,6 +46,8 @@ mod gpu_tests;
 mod tensor_ops_tests;
 #[cfg(all(test, qc_cuda_kernels))]
 mod baseline_tests;
+#[cfg(all(test, qc_cuda_kernels))]
+mod cache_tests;
 
 pub use arena::{estimate_arena_bytes, estimate_t5_arena_bytes, estimate_vae_arena_bytes, ArenaOom, ArenaStats};
 pub use buffer::DeviceBuffer;
@@ -195,6 +197,15 @@ pub const KERNEL_NAMES: &[&str] = &[
     "qc_attention_i8_d64",
     "qc_attention_i8_d96",
     "qc_attention_i8_d128",
+    // cache.cu
+    "qc_cache_quantize_f32",
+    "qc_cache_quantize_bf16",
+    "qc_cache_add_gated_i8_bf16",
+    "qc_l1_partials_f32",
+    "qc_l1_partials_bf16",
+    "qc_abs_sum_partials_f32",
+    "qc_abs_sum_partials_bf16",
+    "qc_sum_partials",
 ];
 
 /// A kernel argument struct from [`abi`], and the kernels that take it.
@@ -270,6 +281,15 @@ kernel_args! {
         "qc_depth_to_time_bf16",
         "qc_channel_affine_f32",
         "qc_channel_affine_bf16",
+    ];
+    QcCacheQuantizeArgs => ["qc_cache_quantize_f32", "qc_cache_quantize_bf16"];
+    QcCacheAddGatedI8Args => ["qc_cache_add_gated_i8_bf16"];
+    QcDivergenceArgs => [
+        "qc_l1_partials_f32",
+        "qc_l1_partials_bf16",
+        "qc_abs_sum_partials_f32",
+        "qc_abs_sum_partials_bf16",
+        "qc_sum_partials",
     ];
 }
 
@@ -856,6 +876,31 @@ pub mod launch_cfg {
         (grid as u32, block as u32)
     }
 
+    /// Threads per block of the divergence reductions' first pass (qc_l1_partials_*,
+    /// qc_abs_sum_partials_*) and of their final pass (qc_sum_partials).
+    pub const DIVERGENCE_THREADS: u32 = 256;
+    /// Most blocks of a divergence reduction's first pass (about 8 per SM on an
+    /// H100, enough to keep its memory busy), shared among the parts.
+    pub const DIVERGENCE_MAX_BLOCKS: i64 = 1024;
+
+    /// qc_l1_partials_* / qc_abs_sum_partials_* over `parts` parts of `part_len`
+    /// elements of `elem_bytes` bytes: `(grid, block, blocks_per_part)`, with
+    /// grid = parts * blocks_per_part (the kernels' requirement) and at least four
+    /// 16-byte vectors per thread. Depends only on its arguments, so the sums are
+    /// reproducible.
+    pub fn divergence(part_len: i64, parts: i64, elem_bytes: usize) -> (u32, u32, u32) {
+        let parts = parts.max(1);
+        let per_block = DIVERGENCE_THREADS as i64 * vec_width(elem_bytes) as i64 * 4;
+        let cap = (DIVERGENCE_MAX_BLOCKS / parts).max(1);
+        let per_part = ((part_len.max(1) + per_block - 1) / per_block).clamp(1, cap);
+        ((per_part * parts) as u32, DIVERGENCE_THREADS, per_part as u32)
+    }
+
+    /// qc_sum_partials: one block, looping over the parts.
+    pub fn sum_partials() -> (u32, u32) {
+        (1, DIVERGENCE_THREADS)
+    }
+
     /// Threads per attention block: 4 warps of 16 query rows (the kernels trap on any other).
     pub const ATTENTION_THREADS: u32 = 128;
     /// Query rows per attention work item.
@@ -1125,6 +1170,9 @@ mod tests {
         covered.extend(QcQkMeanArgs::KERNELS);
         covered.extend(QcQuantizeQkArgs::KERNELS);
         covered.extend(QcAttentionI8Args::KERNELS);
+        covered.extend(QcCacheQuantizeArgs::KERNELS);
+        covered.extend(QcCacheAddGatedI8Args::KERNELS);
+        covered.extend(QcDivergenceArgs::KERNELS);
         covered.sort_unstable();
         let mut all = KERNEL_NAMES.to_vec();
         all.sort_unstable();
@@ -1145,6 +1193,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<QcQkMeanArgs>(), 56);
         assert_eq!(std::mem::size_of::<QcQuantizeQkArgs>(), 88);
         assert_eq!(std::mem::size_of::<QcAttentionI8Args>(), 136);
+        assert_eq!(std::mem::size_of::<QcCacheQuantizeArgs>(), 40);
+        assert_eq!(std::mem::size_of::<QcCacheAddGatedI8Args>(), 72);
+        assert_eq!(std::mem::size_of::<QcDivergenceArgs>(), 48);
         let a = QcLayerNormArgs {
             rows: 3,
             cols: 4,
@@ -1224,6 +1275,12 @@ mod tests {
         assert_eq!(flat(1025, 4), (2, 256));
         assert_eq!(flat(0, 2), (1, 256));
         assert_eq!(per_row_threads(4, 16 * 36), (4, 576));
+        // Divergence: grid = parts * blocks per part, capped, one block for a small part.
+        assert_eq!(divergence(1, 2, 2), (2, 256, 1));
+        assert_eq!(divergence(2 * 8100 * 1152 / 2, 2, 2), (1024, 256, 512));
+        assert_eq!(divergence(256 * 8 * 4 * 3, 1, 2), (3, 256, 3));
+        assert_eq!(divergence(256 * 4 * 4 * 3 + 1, 1, 4), (4, 256, 4));
+        assert_eq!(divergence(1 << 30, 5000, 2), (5000, 256, 1));
     }
 
     /// launch_cfg::attention: the grid covers every (query tile, head, group)

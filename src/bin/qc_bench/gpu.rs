@@ -331,6 +331,86 @@ fn lt_gemm_ms(b: &Bench, bl: &Baseline, kind: LtKind, m: usize, k: usize, n: usi
     Ok(median(&t))
 }
 
+/// The cache ops of the caching policies (kernels/cache.cu) next to the reuse op
+/// they extend, on one sub-module output of `rows` x `c` (bf16 activations, a
+/// CFG pair: a per-sample f32 gate).
+#[derive(Clone, Copy, PartialEq)]
+enum CacheOp {
+    /// `add_gated` from a bf16 cache (qc_gated_residual_bf16).
+    AddGated,
+    /// `add_gated_i8` from an int8 cache with per-row scales.
+    AddGatedI8,
+    /// `quantize_rows_i8`: the bf16 output into the int8 cache.
+    Quantize,
+    /// `l1_distance` over the two halves, kernels only (the 16-byte download not included).
+    L1,
+}
+
+impl CacheOp {
+    fn label(self) -> &'static str {
+        match self {
+            CacheOp::AddGated => "qc_gated_residual_bf16 (add_gated, bf16 cache)",
+            CacheOp::AddGatedI8 => "qc_cache_add_gated_i8_bf16 (add_gated_i8)",
+            CacheOp::Quantize => "qc_cache_quantize_bf16 (quantize_rows_i8)",
+            CacheOp::L1 => "qc_l1_partials_bf16 + qc_sum_partials (l1_distance, 2 parts)",
+        }
+    }
+
+    /// Bytes each launch must move for `n` elements (reads + writes, the scales' 4 per row left out).
+    fn bytes(self, n: usize) -> f64 {
+        (match self {
+            CacheOp::AddGated => 6 * n,
+            CacheOp::AddGatedI8 => 5 * n,
+            CacheOp::Quantize => 3 * n,
+            CacheOp::L1 => 4 * n,
+        }) as f64
+    }
+}
+
+/// Median milliseconds of `op` on `rows` x `c` (each buffer is larger than twice the L2,
+/// so no rotation is needed at the block sizes it is called with).
+fn cache_op_ms(b: &Bench, op: CacheOp, rows: usize, c: usize) -> Result<f64> {
+    let n = rows * c;
+    let x = b.random(2 * n, false, 1)?;
+    let y = b.random(2 * n, false, 2)?;
+    let q = b.random(n, true, 3)?;
+    let scales = b.upload(&vec![0.01f32; rows])?;
+    let gate = b.upload(&vec![0.5f32; 2 * c])?;
+    let (grid, block, per_part) = launch_cfg::divergence((n / 2) as i64, 2, 2);
+    let partials = DevMem::new(&b.ctx, 8 * grid as usize)?;
+    let sums = DevMem::new(&b.ctx, 16)?;
+    let t = b.time_ms(|_| {
+        // SAFETY: x, y hold n bf16, q n int8, scales `rows` f32, gate [2, c] f32, partials
+        // 2 * grid f32 and sums 4 f32, as each struct describes.
+        unsafe {
+            match op {
+                CacheOp::AddGated => {
+                    let args = QcGatedResidualArgs { x: x.ptr, y: y.ptr, gate: gate.ptr, group_index: 0, rows: rows as i64, group_size: (rows / 2) as i64, gate_stride: c as i64, cols: c as i32, _pad: 0 };
+                    let (g, bl) = launch_cfg::rows(rows as i64, c as i64, 2);
+                    b.module.launch("qc_gated_residual_bf16", g, bl, &b.stream, &args)
+                }
+                CacheOp::AddGatedI8 => {
+                    let args = QcCacheAddGatedI8Args { x: x.ptr, q: q.ptr, scale: scales.ptr, gate: gate.ptr, group_index: 0, rows: rows as i64, group_size: (rows / 2) as i64, gate_stride: c as i64, cols: c as i32, _pad: 0 };
+                    let (g, bl) = launch_cfg::rows(rows as i64, c as i64, 2);
+                    b.module.launch("qc_cache_add_gated_i8_bf16", g, bl, &b.stream, &args)
+                }
+                CacheOp::Quantize => {
+                    let args = QcCacheQuantizeArgs { x: y.ptr, q: q.ptr, scale: scales.ptr, rows: rows as i64, cols: c as i32, _pad: 0 };
+                    let (g, bl) = launch_cfg::rows(rows as i64, c as i64, 2);
+                    b.module.launch("qc_cache_quantize_bf16", g, bl, &b.stream, &args)
+                }
+                CacheOp::L1 => {
+                    let args = QcDivergenceArgs { a: x.ptr, b: y.ptr, partials: partials.ptr, out: sums.ptr, part_len: (n / 2) as i64, parts: 2, blocks_per_part: per_part as i32 };
+                    let (g, bl) = launch_cfg::sum_partials();
+                    b.module.launch("qc_l1_partials_bf16", grid, block, &b.stream, &args).and_then(|()| b.module.launch("qc_sum_partials", g, bl, &b.stream, &args))
+                }
+            }
+        }
+        .map_err(anyhow::Error::msg)
+    })?;
+    Ok(median(&t))
+}
+
 /// One self-attention problem of the DiT: `samples` samples of `frames` x `tokens`
 /// rows, `heads` heads of `head_dim`; spatial (each frame's tokens attend to each
 /// other) or temporal (each token position's frames, with RoPE).
@@ -761,6 +841,26 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
             let (ms, rate, x) = cells(m, sh.flops(), "TFLOP/s");
             println!("| baseline attention {what} | {} | {ms} | {rate} | {} | baseline | {}cuBLASLt S = QK^T (bf16), qc_softmax_rows_bf16, cuBLASLt PV; head-major inputs (no transposes counted){rope_note} |", sh.label(), pct(x, bf_peak), failure(m), rope_note = if sh.temporal { "; no RoPE" } else { "" });
         }
+    }
+    // The caching policies' ops on one 720p block output (2 x 15 x 3600 tokens x 1152).
+    let (cache_rows, cache_c) = (2 * 15 * 3600, 1152);
+    let copy_rate = copy.as_ref().ok().map(|ms| 2.0 * copy_bytes as f64 / (ms * 1e-3) / 1e9);
+    let mut add_gated_ms = None;
+    for op in [CacheOp::AddGated, CacheOp::AddGatedI8, CacheOp::Quantize, CacheOp::L1] {
+        let m = guarded(|| cache_op_ms(&b, op, cache_rows, cache_c));
+        let bytes = op.bytes(cache_rows * cache_c);
+        let (ms, rate, gbs) = match &m {
+            Ok(ms) => (format!("{ms:.3} ms"), format!("{:.0} GB/s", bytes / (ms * 1e-3) / 1e9), Some(bytes / (ms * 1e-3) / 1e9)),
+            Err(_) => ("-".to_string(), "-".to_string(), None),
+        };
+        if op == CacheOp::AddGated {
+            add_gated_ms = m.as_ref().ok().copied();
+        }
+        let vs = match (op, &m, add_gated_ms) {
+            (CacheOp::AddGated, _, _) | (_, Err(_), _) | (_, _, None) => "-".to_string(),
+            (_, Ok(ms), Some(base)) => format!("{:.2}x add_gated's time", ms / base),
+        };
+        println!("| {} | {cache_rows}x{cache_c} | {ms} | {rate} | {} | {vs} | {}{:.0} MB moved; % of the copy bandwidth |", op.label(), pct(gbs, copy_rate), failure(&m), bytes / 1e6);
     }
     // Free the kernels' buffers and cuBLASLt before the DiT needs the memory.
     drop(baseline);
