@@ -214,6 +214,11 @@ fn cache_flag_selects_a_policy() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     // pab keeps both attentions of each of the 6 blocks: [2 x 256 tokens, 64] f32 each.
     assert_eq!(r["cache_peak_bytes"].as_u64(), Some(6 * 2 * 512 * 64 * 4), "{r}");
+    // In int8 with a scale per token: 64 + 4 bytes a row.
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle moving right", "--cache", "pab", "--cache-int8", "--output", s(&gif), "--report", s(&report)]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["cache_peak_bytes"].as_u64(), Some(6 * 2 * 512 * (64 + 4)), "{r}");
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "magic", "--output", s(&gif)]);
     assert!(!ok && err.contains("--cache") && err.contains("hlc, hlc-separate-cfg, srap, hlc+srap, teacache, pab, adacache, static:K"), "{err}");
 }

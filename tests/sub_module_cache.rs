@@ -35,8 +35,8 @@ impl ForwardHooks for Scripted {
     fn store(&mut self, _be: &dyn qc::backend::Backend, id: BlockId, sub: SubModule, output: Tensor) {
         self.kept.insert(key(id, sub), output);
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
-        self.kept.get(&key(id, sub))
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<qc::backend::CachedRef<'_>> {
+        self.kept.get(&key(id, sub)).map(Into::into)
     }
 }
 

@@ -195,6 +195,42 @@ impl PatchGrid {
     }
 }
 
+/// A sub-module output kept across steps, as a caching policy stores it: as
+/// computed, or int8 with one scale per row ([`Backend::quantize_rows_i8`]).
+#[derive(Clone, Copy)]
+pub enum CachedRef<'a> {
+    Native(&'a Tensor),
+    Int8 { q: &'a Tensor, scales: &'a Tensor },
+}
+
+impl<'a> From<&'a Tensor> for CachedRef<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        CachedRef::Native(t)
+    }
+}
+
+impl CachedRef<'_> {
+    /// `x += gate * cached` (the cached-residual reuse op; dequantized in the same kernel for int8).
+    pub fn add_gated(self, be: &dyn Backend, x: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
+        match self {
+            CachedRef::Native(y) => be.add_gated(x, y, gate),
+            CachedRef::Int8 { q, scales } => be.add_gated_i8(x, q, scales, gate),
+        }
+    }
+
+    /// The kept values as a tensor shaped like `like` (dequantized for int8).
+    pub fn values(self, be: &dyn Backend, like: &Tensor) -> Result<Tensor> {
+        match self {
+            CachedRef::Native(y) => Ok(y.clone()),
+            CachedRef::Int8 { q, scales } => {
+                let mut z = be.axpby(0.0, like, 0.0, like)?;
+                be.add_gated_i8(&mut z, q, scales, None)?;
+                Ok(z)
+            }
+        }
+    }
+}
+
 /// Every op the DiT forward and the sampler need. All tensors are row-major;
 /// "rows" are tokens and the last dimension is the channel.
 pub trait Backend: ConvOps + Send + Sync {

@@ -296,6 +296,11 @@ struct GenerateArgs {
     /// temporal 2x, cross 3x), adacache 1 (multiplies the codebook's rate bounds)]. Larger is faster.
     #[arg(long, value_name = "T")]
     cache_threshold: Option<String>,
+    /// Keep the cached sub-module outputs of hlc, hlc+srap, pab and adacache in int8 with one scale
+    /// per token (a quarter of the f32 memory on the CPU, half of bf16 on the GPU), dequantized inside
+    /// the reuse op.
+    #[arg(long)]
+    cache_int8: bool,
     /// Acceleration: none, or quantcache (AIGQ + HLC + SRAP from the model's QuantCache calibration:
     /// its quantized checkpoint and jointly calibrated cache thresholds; `DIR/quantcache/` of a float
     /// model, or a quantized --model QDIR written by `qc-run calibrate --accel`) with preset fast (the
@@ -565,10 +570,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let mut policy = match qc::cache::accel::preset_name(&a.accel)? {
         None => {
             let calib = model_dir.as_deref().map(qc::cache::CacheCalibration::for_model).transpose()?.unwrap_or_default();
-            qc::cache::policy_with(&a.cache, a.cache_threshold.as_deref(), &calib).with_context(|| format!("--cache {}", a.cache))?
+            let precision = if a.cache_int8 { qc::cache::CachePrecision::Int8 } else { qc::cache::CachePrecision::Native };
+            qc::cache::policy_with(&a.cache, a.cache_threshold.as_deref(), &calib, precision).with_context(|| format!("--cache {}", a.cache))?
         }
         Some(preset) => {
-            for (set, flag) in [(opts.quant != QuantPreset::None, "--quant"), (a.cache != "none", "--cache"), (a.cache_threshold.is_some(), "--cache-threshold"), (a.calibration.is_some(), "--calibration")] {
+            for (set, flag) in [(opts.quant != QuantPreset::None, "--quant"), (a.cache != "none", "--cache"), (a.cache_threshold.is_some(), "--cache-threshold"), (a.calibration.is_some(), "--calibration"), (a.cache_int8, "--cache-int8")] {
                 anyhow::ensure!(!set, "--accel {} sets the quantization and the caching itself: leave {flag} out", a.accel);
             }
             let dir = model_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--accel {} needs a model directory (--model DIR), not separate --dit/--t5/--tokenizer", a.accel))?;
@@ -655,6 +661,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "cache": accel_cache.as_ref().map_or(a.cache.as_str(), |c| c.0.as_str()),
             "cache_threshold": accel_cache.as_ref().map(|c| c.1.as_str()).or(a.cache_threshold.as_deref()),
             "accel": a.accel,
+            "cache_int8": a.cache_int8,
             "device": be.name(),
             "prompts": report.prompts,
             "latent": report.latent,
@@ -703,8 +710,8 @@ struct CalibrateArgs {
     /// Also calibrate `--accel quantcache` jointly (needs --budget): the sensitivities are weighted by
     /// HLC's caching schedule on the full-precision model (a served step is never quantized; a computed
     /// step's error is carried over the steps it serves), then hlc+srap thresholds are measured with the
-    /// quantized checkpoint running against the full-precision videos and the presets fast (fewest block
-    /// evaluations at >= 29 dB mean PSNR on the prompts) and quality (>= 33 dB) written to QDIR/cache.json,
+    /// quantized checkpoint running against the full-precision videos and the presets fast (the largest
+    /// threshold up to which every one reaches 29 dB mean PSNR on the prompts) and quality (33 dB) written to QDIR/cache.json,
     /// with TeaCache's rescaling polynomial fitted on the full-precision trajectories.
     #[arg(long)]
     accel: bool,

@@ -58,6 +58,6 @@ impl Accel {
 
     /// A fresh caching policy of the preset (one per sampling run).
     pub fn policy(&self) -> Result<Box<dyn ForwardHooks>> {
-        policy_with(&self.preset.cache, Some(&self.preset.threshold), &self.calibration)
+        policy_with(&self.preset.cache, Some(&self.preset.threshold), &self.calibration, super::CachePrecision::Native)
     }
 }

@@ -7,7 +7,7 @@
 //! gates): slowly changing features are reused longer. The first and the last
 //! steps are computed.
 
-use super::SubCache;
+use super::{divergence, SubCache};
 use crate::backend::Backend;
 use crate::model::stdit3::{BlockId, BlockKind, ForwardHooks, StepAction, SubAction, SubModule};
 use crate::tensor::Tensor;
@@ -22,8 +22,8 @@ pub struct AdaCache {
     reusing: bool,
     step: usize,
     steps: usize,
-    last_probe: Option<(usize, Vec<f32>)>,
-    kept: SubCache,
+    last_probe: Option<(usize, Tensor)>,
+    pub kept: SubCache,
 }
 
 impl Default for AdaCache {
@@ -42,16 +42,12 @@ impl AdaCache {
     }
 }
 
-/// `mean |a - b| / mean |b|`.
-fn relative_l1(a: &[f32], b: &[f32]) -> f32 {
-    let (num, den) = a.iter().zip(b).fold((0f64, 0f64), |(n, d), (x, y)| (n + (*x as f64 - *y as f64).abs(), d + (*y as f64).abs()));
-    (num / den.max(1e-30)) as f32
-}
-
 impl ForwardHooks for AdaCache {
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         if step == 0 {
+            let precision = self.kept.precision;
             *self = AdaCache { codebook: std::mem::take(&mut self.codebook), probe: self.probe, ..AdaCache::default() };
+            self.kept.precision = precision;
         }
         (self.step, self.steps) = (step, steps);
         self.reusing = self.reuse_left > 0 && step + 1 < steps;
@@ -65,20 +61,19 @@ impl ForwardHooks for AdaCache {
             SubAction::ComputeAndStore
         }
     }
-    fn store(&mut self, _be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+    fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
         if id == self.probe && sub == SubModule::SelfAttention {
             // The rate of change since the last computed step decides how long this one serves.
-            if let Ok(now) = output.to_cpu().and_then(|t| t.to_f32()).and_then(|t| t.f32().map(|v| v.to_vec())) {
-                if let Some((at, before)) = &self.last_probe {
-                    let rate = relative_l1(&now, before) / (self.step - at).max(1) as f32;
-                    self.reuse_left = self.steps_for(rate) - 1;
+            if let Some((at, before)) = &self.last_probe {
+                if let Ok(d) = divergence(be, &output, before, 1) {
+                    self.reuse_left = self.steps_for(d[0] / (self.step - at).max(1) as f32) - 1;
                 }
-                self.last_probe = Some((self.step, now));
             }
+            self.last_probe = Some((self.step, output.clone()));
         }
-        self.kept.insert(id, sub, output);
+        self.kept.insert(be, id, sub, output);
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.kept.get(id, sub)
     }
     fn cache_bytes(&self) -> usize {

@@ -50,7 +50,7 @@ impl ForwardHooks for StepRecorder<'_> {
     fn store(&mut self, be: &dyn Backend, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule, output: Tensor) {
         self.inner.store(be, id, sub, output)
     }
-    fn cached(&self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.inner.cached(id, sub)
     }
 }
@@ -158,8 +158,8 @@ pub struct Measured {
 
 /// Runs `hlc+srap` at every [`HLC_GRID`] threshold on the quantized checkpoint of
 /// `importance` and compares with the full-precision videos of `paths`; each
-/// preset of [`PRESET_FLOORS`] takes the candidate with the fewest block
-/// evaluations whose mean PSNR reaches its floor (the best PSNR when none does).
+/// preset of [`PRESET_FLOORS`] takes the largest threshold such that it and every
+/// smaller one reach its floor in mean PSNR (the best PSNR when none does).
 pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Importance>, prompts: &[String], opts: &GenerateOptions, calib: &mut CacheCalibration, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Measured>> {
     ensure!(!prompts.is_empty(), "no calibration prompts");
     let total = prompts.len() * (1 + HLC_GRID.len());
@@ -174,7 +174,7 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
         let threshold = format!("{th},{}", super::srap::Srap::DEFAULT_THRESHOLD);
         let (mut psnr, mut blocks) = (0.0, 0.0);
         for (i, (p, r)) in prompts.iter().zip(&references).enumerate() {
-            let mut pol = policy_with("hlc+srap", Some(&threshold), calib)?;
+            let mut pol = policy_with("hlc+srap", Some(&threshold), calib, super::CachePrecision::Native)?;
             let pl = plan(paths, std::slice::from_ref(p), &quantized)?;
             let mut counting = Counting::new(pol.as_mut(), pl.blocks_per_forward());
             let (video, _) = pl.run(be, &quantized, &mut counting, &mut |_| {})?;
@@ -187,7 +187,10 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
         measured.push(Measured { cache: "hlc+srap".into(), threshold, psnr_db: psnr, blocks_computed: blocks });
     }
     for (name, floor) in PRESET_FLOORS {
-        let pick = measured.iter().filter(|m| m.psnr_db >= floor).min_by(|a, b| a.blocks_computed.total_cmp(&b.blocks_computed)).or_else(|| measured.iter().max_by(|a, b| a.psnr_db.total_cmp(&b.psnr_db)));
+        // The largest threshold before the first that misses the floor (PSNR measured on a few
+        // prompts is noisy: a lucky threshold past a failing one is not taken).
+        let reached = measured.iter().take_while(|m| m.psnr_db >= floor).last();
+        let pick = reached.or_else(|| measured.iter().max_by(|a, b| a.psnr_db.total_cmp(&b.psnr_db)));
         if let Some(m) = pick {
             calib.presets.insert(name.to_string(), AccelPreset { cache: m.cache.clone(), threshold: m.threshold.clone(), psnr_db: m.psnr_db, blocks_computed: m.blocks_computed });
         }

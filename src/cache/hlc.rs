@@ -22,7 +22,7 @@
 //!   `separate`, each half measures its own rate and a step where only the
 //!   conditional half is due runs the DiT on that half alone.
 
-use super::{divergence, SubCache};
+use super::{divergence, CachePrecision, SubCache};
 use crate::backend::Backend;
 use crate::model::stdit3::{BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 use crate::tensor::Tensor;
@@ -36,6 +36,8 @@ pub struct Hlc {
     pub max_reuse: usize,
     pub warmup: usize,
     pub separate_cfg: bool,
+    /// How the kept sub-module outputs are stored.
+    pub precision: CachePrecision,
     state: State,
 }
 
@@ -63,7 +65,7 @@ impl Hlc {
     pub const DEFAULT_THRESHOLD: f32 = 0.2;
 
     pub fn new(threshold: f32) -> Self {
-        Hlc { threshold, block_ratio: 0.5, max_reuse: 6, warmup: 4, separate_cfg: false, state: State::default() }
+        Hlc { threshold, block_ratio: 0.5, max_reuse: 6, warmup: 4, separate_cfg: false, precision: CachePrecision::Native, state: State::default() }
     }
 
     /// The mean divergence rate of the blocks, per half.
@@ -80,7 +82,7 @@ impl ForwardHooks for Hlc {
     }
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         if step == 0 {
-            self.state = State::default();
+            self.state = State { kept: SubCache { precision: self.precision, ..Default::default() }, ..Default::default() };
         }
         let s = &mut self.state;
         s.step = step;
@@ -125,16 +127,16 @@ impl ForwardHooks for Hlc {
         if sub == SubModule::SelfAttention {
             if let (Some(before), Some(at)) = (s.kept.get(id, sub), s.kept_t.get(&id)) {
                 let dt = (at - s.t).abs().max(1e-3);
-                if let Ok(d) = divergence(be, &output, before, 2) {
+                if let Ok(d) = before.values(be, &output).and_then(|before| divergence(be, &output, &before, 2)) {
                     s.rates.insert(id, [d[0] / dt, d[1] / dt]);
                 }
             }
             s.kept_t.insert(id, s.t);
             s.computed_t = Some(s.t);
         }
-        s.kept.insert(id, sub, output);
+        s.kept.insert(be, id, sub, output);
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.state.kept.get(id, sub)
     }
     fn cache_bytes(&self) -> usize {

@@ -2,7 +2,7 @@
 //! serves from earlier results. Each policy is a [`ForwardHooks`]; the
 //! paper's HLC/SRAP and the peers' policies join `static:K` here.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CachedRef};
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 
 pub mod accel;
@@ -17,33 +17,52 @@ use anyhow::{bail, Result};
 use std::collections::HashMap;
 
 /// Relative L1 distance `sum |a - b| / sum |b|` of each of `parts` equal
-/// row blocks (the guidance halves with `parts = 2`).
-pub fn divergence(_be: &dyn Backend, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<f32>> {
-    let (a, b) = (a.to_cpu()?.to_f32()?, b.to_cpu()?.to_f32()?);
-    let (a, b) = (a.f32()?, b.f32()?);
-    anyhow::ensure!(a.len() == b.len() && a.len() % parts == 0, "divergence: {} and {} elements in {parts} parts", a.len(), b.len());
-    let n = a.len() / parts;
-    Ok((0..parts)
-        .map(|p| {
-            let (num, den) = a[p * n..(p + 1) * n].iter().zip(&b[p * n..(p + 1) * n]).fold((0f64, 0f64), |(n, d), (x, y)| (n + (*x as f64 - *y as f64).abs(), d + (*y as f64).abs()));
-            (num / den.max(1e-30)) as f32
-        })
-        .collect())
+/// row blocks (the guidance halves with `parts = 2`): one reduction on the
+/// backend and one small read (on a GPU, the step's only host read).
+pub fn divergence(be: &dyn Backend, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<f32>> {
+    Ok(be.l1_distance(a, b, parts)?.into_iter().map(|(num, den)| num / den.max(1e-30)).collect())
+}
+
+/// How a policy stores the sub-module outputs it keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CachePrecision {
+    /// As computed (f32 on the CPU, bf16 on the GPU).
+    #[default]
+    Native,
+    /// int8 with one scale per row (token): a quarter of f32, half of bf16.
+    Int8,
+}
+
+enum Kept {
+    Native(Tensor),
+    Int8 { q: Tensor, scales: Tensor },
 }
 
 /// The sub-module outputs a policy keeps across steps: the latest per block and
-/// sub-module, before the gate, as the forward computed them.
+/// sub-module, before the gate.
 #[derive(Default)]
 pub struct SubCache {
-    kept: HashMap<(BlockId, SubModule), Tensor>,
+    pub precision: CachePrecision,
+    kept: HashMap<(BlockId, SubModule), Kept>,
 }
 
 impl SubCache {
-    pub fn insert(&mut self, id: BlockId, sub: SubModule, output: Tensor) {
-        self.kept.insert((id, sub), output);
+    pub fn insert(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+        let kept = match self.precision {
+            CachePrecision::Native => Kept::Native(output),
+            // A cache that cannot be quantized (an op error) stays as computed.
+            CachePrecision::Int8 => match be.quantize_rows_i8(&output) {
+                Ok((q, scales)) => Kept::Int8 { q, scales },
+                Err(_) => Kept::Native(output),
+            },
+        };
+        self.kept.insert((id, sub), kept);
     }
-    pub fn get(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
-        self.kept.get(&(id, sub))
+    pub fn get(&self, id: BlockId, sub: SubModule) -> Option<CachedRef<'_>> {
+        self.kept.get(&(id, sub)).map(|k| match k {
+            Kept::Native(t) => CachedRef::Native(t),
+            Kept::Int8 { q, scales } => CachedRef::Int8 { q, scales },
+        })
     }
     pub fn contains(&self, id: BlockId, sub: SubModule) -> bool {
         self.kept.contains_key(&(id, sub))
@@ -53,7 +72,11 @@ impl SubCache {
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.kept.values().map(|t| crate::tensor::byte_len(t.dtype(), t.numel())).sum()
+        let size = |t: &Tensor| crate::tensor::byte_len(t.dtype(), t.numel());
+        self.kept.values().map(|k| match k {
+            Kept::Native(t) => size(t),
+            Kept::Int8 { q, scales } => size(q) + size(scales),
+        }).sum()
     }
 }
 
@@ -157,7 +180,9 @@ fn threshold(policy: &str, text: &str, range: std::ops::RangeInclusive<f32>) -> 
 /// - `pab` (threshold: the spatial broadcast range in steps, temporal 2x and cross-attention 3x it, default 2);
 /// - `adacache` (threshold: multiplies the codebook's rate bounds, default 1, in [0.01, 100]);
 /// - `static:K` (no threshold).
-pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -> Result<Box<dyn ForwardHooks>> {
+///
+/// `precision`: how policies that keep sub-module outputs (hlc, pab, adacache) store them.
+pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration, precision: CachePrecision) -> Result<Box<dyn ForwardHooks>> {
     let no_threshold = |what: &str| -> Result<()> {
         match thresh {
             Some(t) => bail!("--cache-threshold {t:?}: {what} takes no threshold"),
@@ -172,6 +197,7 @@ pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -
         "hlc" | "hlc-separate-cfg" => {
             let mut h = hlc::Hlc::new(thresh.map_or(Ok(hlc::Hlc::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.001..=10.0))?);
             h.separate_cfg = name == "hlc-separate-cfg";
+            h.precision = precision;
             Box::new(h)
         }
         "srap" => Box::new(srap::Srap::new(thresh.map_or(Ok(srap::Srap::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.0..=1.0))?)),
@@ -180,7 +206,9 @@ pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -
                 None => (hlc::Hlc::DEFAULT_THRESHOLD, srap::Srap::DEFAULT_THRESHOLD),
                 Some((h, s)) => (threshold("hlc (in hlc+srap)", h, 0.001..=10.0)?, s.map_or(Ok(srap::Srap::DEFAULT_THRESHOLD), |s| threshold("srap (in hlc+srap)", s, 0.0..=1.0))?),
             };
-            Box::new(Pruned { pruning: srap::Srap::new(s), caching: hlc::Hlc::new(h) })
+            let mut caching = hlc::Hlc::new(h);
+            caching.precision = precision;
+            Box::new(Pruned { pruning: srap::Srap::new(s), caching })
         }
         "teacache" => {
             let t = thresh.map_or(Ok(teacache::TeaCache::DEFAULT_THRESHOLD), |t| threshold(name, t, 0.001..=10.0))?;
@@ -188,6 +216,7 @@ pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -
         }
         "pab" => {
             let mut p = pab::Pab::default();
+            p.kept.precision = precision;
             if let Some(t) = thresh {
                 let r = threshold(name, t, 1.0..=30.0)?;
                 anyhow::ensure!(r.fract() == 0.0, "--cache-threshold {t:?} for pab: the spatial broadcast range is a whole number of steps");
@@ -197,6 +226,7 @@ pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -
         }
         "adacache" => {
             let mut a = adacache::AdaCache::default();
+            a.kept.precision = precision;
             if let Some(t) = thresh {
                 let m = threshold(name, t, 0.01..=100.0)?;
                 a.codebook.iter_mut().for_each(|c| c.0 *= m);
@@ -216,11 +246,16 @@ pub fn policy_with(name: &str, thresh: Option<&str>, calib: &CacheCalibration) -
     })
 }
 
-/// A policy from a mode name `NAME` or `NAME@THRESHOLD` (the quality harness's
-/// spelling of `--cache NAME --cache-threshold THRESHOLD`).
+/// A policy from a mode name `NAME`, `NAME@THRESHOLD`, either followed by
+/// `/int8` (the quality harness's spelling of `--cache NAME --cache-threshold
+/// THRESHOLD --cache-int8`).
 pub fn policy(spec: &str, calib: &CacheCalibration) -> Result<Box<dyn ForwardHooks>> {
+    let (spec, precision) = match spec.strip_suffix("/int8") {
+        Some(s) => (s, CachePrecision::Int8),
+        None => (spec, CachePrecision::Native),
+    };
     let (name, thresh) = spec.split_once('@').map_or((spec, None), |(n, t)| (n, Some(t)));
-    policy_with(name, thresh, calib)
+    policy_with(name, thresh, calib, precision)
 }
 
 /// `hlc+srap`: SRAP prunes the blocks it finds redundant; HLC decides the steps
@@ -248,7 +283,7 @@ impl ForwardHooks for Pruned {
     fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
         self.caching.store(be, id, sub, output)
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.caching.cached(id, sub)
     }
     fn cache_bytes(&self) -> usize {
@@ -338,7 +373,7 @@ impl ForwardHooks for Counting<'_> {
         self.inner.store(be, id, sub, output);
         self.cache_peak_bytes = self.cache_peak_bytes.max(self.inner.cache_bytes());
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.inner.cached(id, sub)
     }
     fn wants_block_io(&self, id: BlockId) -> bool {

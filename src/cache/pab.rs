@@ -25,7 +25,7 @@ pub struct Pab {
     step: usize,
     /// Per attention kind: the step it was last computed at.
     computed_at: HashMap<(BlockKind, SubModule), usize>,
-    kept: SubCache,
+    pub kept: SubCache,
 }
 
 impl Default for Pab {
@@ -73,10 +73,10 @@ impl ForwardHooks for Pab {
         self.computed_at.insert(kind, self.step);
         SubAction::ComputeAndStore
     }
-    fn store(&mut self, _be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
-        self.kept.insert(id, sub, output);
+    fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
+        self.kept.insert(be, id, sub, output);
     }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.kept.get(id, sub)
     }
     fn cache_bytes(&self) -> usize {

@@ -7,7 +7,7 @@ mod weights;
 pub use config::Stdit3Config;
 pub use weights::{BlockWeights, Stdit3Weights, SubModule};
 
-use crate::backend::{Activation, AttnSpec, Backend, ModRef, PatchGrid, Rope, RowGroups};
+use crate::backend::{Activation, AttnSpec, Backend, CachedRef, ModRef, PatchGrid, Rope, RowGroups};
 use crate::checkpoint::Checkpoint;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -113,7 +113,7 @@ pub trait ForwardHooks {
         0
     }
     /// The output stored for a sub-module, which a `Reuse` action adds.
-    fn cached(&self, _id: BlockId, _sub: SubModule) -> Option<&Tensor> {
+    fn cached(&self, _id: BlockId, _sub: SubModule) -> Option<CachedRef<'_>> {
         None
     }
     /// Named intermediates, called only when `wants_trace` is true.
@@ -476,7 +476,7 @@ impl Stdit3 {
                 SubAction::Skip => {}
                 SubAction::Reuse => {
                     let cached = hooks.cached(id, sub).ok_or_else(|| anyhow!("{:?} block {} {sub:?}: reuse asked, but nothing is cached", id.kind, id.index))?;
-                    be.add_gated(x, cached, gate)?;
+                    cached.add_gated(be, x, gate)?;
                 }
                 SubAction::Compute => {
                     let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
