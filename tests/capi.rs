@@ -14,15 +14,16 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The directory holding libqc.so and libqc.a: the profile directory above this
-/// test executable's `deps/` (`cargo test` builds the library's every crate type).
+/// The directory holding libqc.so and libqc.a built from these sources: this test
+/// executable's own `target/PROFILE/deps/` (`cargo test` builds every crate type of
+/// the library there but copies none up to `target/PROFILE/`, as `cargo build` does).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/PROFILE/deps/TEST").to_path_buf();
+    let deps = exe.parent().expect("target/PROFILE/deps").to_path_buf();
     for lib in ["libqc.so", "libqc.a"] {
-        assert!(dir.join(lib).is_file(), "{} not found: build the library (cargo build --release)", dir.join(lib).display());
+        assert!(deps.join(lib).is_file(), "{} not found: cargo builds it with the tests (crate-type cdylib and staticlib)", deps.join(lib).display());
     }
-    dir
+    deps
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -137,4 +138,23 @@ fn misuse_gets_codes_and_messages() {
         .arg("1"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn header_and_library_name_the_same_functions() {
+    let Ok(out) = Command::new("nm").args(["-D", "--defined-only"]).arg(lib_dir().join("libqc.so")).output() else {
+        println!("note: nm is not on PATH: the exported symbols are not compared with include/qc.h");
+        return;
+    };
+    let exported: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(2)).filter(|s| s.starts_with("qc_")).map(String::from).collect();
+    // Every `qc_name(` in the header, declarations and the functions its comments name.
+    let header = std::fs::read_to_string(root().join("include/qc.h")).unwrap();
+    let mut declared = std::collections::BTreeSet::new();
+    for (i, _) in header.match_indices("qc_") {
+        let name: String = header[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if header[i + name.len()..].starts_with('(') {
+            declared.insert(name);
+        }
+    }
+    assert_eq!(exported, declared, "libqc.so's exported functions vs include/qc.h's");
 }
