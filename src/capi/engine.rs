@@ -353,3 +353,94 @@ pub unsafe extern "C" fn qc_result_free(result: *mut Generated) {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::probe;
+    use crate::capi::QC_ERR_CANCELLED;
+    use crate::backend::select::DeviceChoice;
+    use crate::tensor::rel_l2;
+
+    fn engine(device: DeviceChoice) -> Result<Engine> {
+        Engine::create(None, &Options { device, threads: 2, ..Options::default() })
+    }
+
+    fn no_progress() -> Progress {
+        Progress { callback: None, user: std::ptr::null_mut() }
+    }
+
+    #[test]
+    fn without_a_gpu_cuda_is_a_device_error_and_auto_runs_on_the_cpu() {
+        let Err(why) = probe() else {
+            println!("note: a GPU is usable here: the no-GPU answers are not tested");
+            return;
+        };
+        let e = engine(DeviceChoice::Cuda).err().expect("device cuda without a GPU must fail");
+        assert_eq!(e.code, QC_ERR_DEVICE, "{}", e.message);
+        assert!(e.message.contains("no usable CUDA GPU") && e.message.contains(&why), "{}", e.message);
+        let auto = engine(DeviceChoice::Auto).unwrap_or_else(|e| panic!("{}", e.message));
+        let device = auto.device.to_string_lossy();
+        assert!(device.starts_with("cpu") && device.contains("no usable CUDA GPU"), "{device}");
+    }
+
+    /// Held models give the frames `plan().run()` (qc-run's path, each model loaded for its stage) gives.
+    #[test]
+    fn engine_matches_a_run_that_loads_per_stage() {
+        use crate::pipeline::plan;
+        let e = engine(DeviceChoice::Cpu).unwrap_or_else(|e| panic!("{}", e.message));
+        let prompts = ["a red circle moving right".to_string()];
+        let params = Params { steps: Some(4), seed: Some(3), ..Params::default() };
+        let got = e.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        let opts = e.options(&params, 1).unwrap_or_else(|e| panic!("{}", e.message));
+        let paths = ModelPaths::in_dir(Path::new(crate::BUNDLED_MODEL));
+        let (video, _) = e.pool.install(|| plan(&paths, &prompts, &opts).unwrap().run(&crate::backend::cpu::CpuBackend::new(), &opts, &mut crate::model::stdit3::NoHooks, &mut |_| {})).unwrap();
+        let frames = quantize_frames(&video).unwrap();
+        let want: Vec<u8> = rgb_frames(&frames, 0).unwrap().concat();
+        assert!(got.data == want, "the engine's frames differ from plan().run()'s");
+
+        // Cancelled at step 2: stopped there, and the engine still generates.
+        let mut calls = 0;
+        unsafe extern "C" fn cancel_at_2(user: *mut c_void, step: c_int, _steps: c_int) -> c_int {
+            // SAFETY: `user` is the test's `calls` counter, alive for the call.
+            unsafe { *(user as *mut i32) += 1 };
+            (step >= 2) as c_int
+        }
+        let cancel = Progress { callback: Some(cancel_at_2), user: (&mut calls as *mut i32).cast() };
+        assert_eq!(e.generate(&prompts, &params, cancel).err().map(|e| e.code), Some(QC_ERR_CANCELLED));
+        assert_eq!(calls, 2);
+        assert!(e.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message)).data == want);
+    }
+
+    /// The demo model on the GPU through the engine: close to the CPU engine's
+    /// frames (bf16 activations: the pipeline tolerance of the executor tests),
+    /// the same bytes when generated again on the same engine (models, arena and
+    /// CUDA graphs reused), and a generation too large for the arena refused
+    /// with QC_ERR_DEVICE or done, never a crash.
+    #[test]
+    #[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+    fn cuda_engine_generates_what_the_cpu_engine_does() {
+        let gpu = engine(DeviceChoice::Cuda).unwrap_or_else(|e| panic!("{}", e.message));
+        let cpu = engine(DeviceChoice::Cpu).unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(gpu.device.to_string_lossy().starts_with("cuda"), "{:?}", gpu.device);
+        let prompts = ["a red ball moving left".to_string(), "a green triangle moving down".to_string()];
+        let params = Params { steps: Some(10), seed: Some(7), ..Params::default() };
+        let g = gpu.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        let c = cpu.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!((g.count, g.frames, g.height, g.width), (c.count, c.frames, c.height, c.width));
+        let to_f32 = |d: &[u8]| d.iter().map(|&v| v as f32 / 127.5 - 1.0).collect::<Vec<f32>>();
+        let err = rel_l2(&to_f32(&g.data), &to_f32(&c.data));
+        eprintln!("libqc demo, 10 steps, 2 prompts: GPU vs CPU frames rel err {err:.2e}");
+        assert!(err < 5e-2, "GPU vs CPU frames: relative L2 error {err:.3e}");
+        let again = gpu.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(again.data == g.data, "a second generation on the same GPU engine differs");
+
+        let large = Params { height: Some(512), width: Some(512), steps: Some(2), ..params.clone() };
+        match gpu.generate(&prompts, &large, no_progress()) {
+            Ok(v) => eprintln!("512x512 fit the arena ({} bytes of frames)", v.data.len()),
+            Err(e) => assert_eq!(e.code, QC_ERR_DEVICE, "{}", e.message),
+        }
+        let after = gpu.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(after.data == g.data, "the GPU engine differs after a refused generation");
+    }
+}
