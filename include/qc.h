@@ -219,7 +219,8 @@ const uint8_t *qc_result_data(const qc_result *result);
 /* Bytes at qc_result_data: count * frames * height * width * 3; 0 for NULL. */
 size_t qc_result_size(const qc_result *result);
 
-/* Frees a result. NULL: no-op. */
+/* Frees a result. NULL: no-op. A result does not depend on its engine: it
+ * stays valid after qc_engine_destroy until freed. */
 void qc_result_free(qc_result *result);
 
 #ifdef __cplusplus
