@@ -120,7 +120,17 @@ fn misuse_gets_codes_and_messages() {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("misuse");
     cc("tests/c/misuse.c", &exe, true);
-    let args = [root().join("models/demo"), root().join("README.md")];
+    // A copy of the demo model whose DiT config is not JSON.
+    let broken = dir.path().join("broken-model");
+    for part in ["stdit3", "t5", "tokenizer"] {
+        std::fs::create_dir_all(broken.join(part)).unwrap();
+        for f in std::fs::read_dir(root().join("models/demo").join(part)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, broken.join(part).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(broken.join("stdit3/config.json"), "{").unwrap();
+    let args = [root().join("models/demo"), broken, root().join("README.md")];
     let out = run(Command::new(&exe).args(&args).arg("2"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");

@@ -3,9 +3,10 @@
  * valgrind when it is installed). Every call must return the documented code
  * and a message, and never crash.
  *
- *   misuse MODEL_DIR A_FILE THREADS
+ *   misuse MODEL_DIR BROKEN_MODEL_DIR A_FILE THREADS
  *
- * MODEL_DIR: a model (the bundled demonstration model); A_FILE: any existing
+ * MODEL_DIR: a model (the bundled demonstration model); BROKEN_MODEL_DIR: a
+ * copy of it whose stdit3/config.json is not JSON; A_FILE: any existing
  * regular file; THREADS: worker threads per engine (1 under valgrind, where
  * idle workers' spinning is slow). Prints one line per failed check and
  * "N passed, M failed".
@@ -89,12 +90,14 @@ static void *run_job(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s MODEL_DIR A_FILE THREADS\n", argv[0]);
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s MODEL_DIR BROKEN_MODEL_DIR A_FILE THREADS\n", argv[0]);
         return 2;
     }
-    const char *model_dir = argv[1], *a_file = argv[2];
-    int threads = atoi(argv[3]);
+    const char *model_dir = argv[1], *broken_dir = argv[2], *a_file = argv[3];
+    int threads = atoi(argv[4]);
+    char part_dir[4096];
+    snprintf(part_dir, sizeof part_dir, "%s/stdit3", model_dir);
     CHECK(qc_abi_version() == QC_ABI_VERSION);
     CHECK(strstr(qc_version(), "quantcache") != NULL);
 
@@ -130,6 +133,11 @@ int main(int argc, char **argv) {
     EXPECT(qc_engine_create("/nonexistent/qc-model", options, &engine), QC_ERR_NOT_FOUND, "does not exist");
     CHECK(engine == NULL);
     EXPECT(qc_engine_create(a_file, options, &engine), QC_ERR_NOT_FOUND, "is a file, not a directory");
+    CHECK(engine == NULL);
+    /* A model part's directory given as the model: its parts are missing. */
+    EXPECT(qc_engine_create(part_dir, options, &engine), QC_ERR_NOT_FOUND, "DiT (stdit3) directory");
+    CHECK(engine == NULL);
+    EXPECT(qc_engine_create(broken_dir, options, &engine), QC_ERR_MODEL, "config.json");
     CHECK(engine == NULL);
     EXPECT(qc_engine_create(model_dir, options, &engine), QC_OK, "");
     CHECK(engine != NULL);
