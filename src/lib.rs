@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod capi;
 pub mod checkpoint;
 pub mod io;
 pub mod model;
@@ -15,6 +16,10 @@ pub mod rng;
 pub mod sampler;
 pub mod tensor;
 pub mod text;
+
+/// The demonstration model shipped in the repository (`models/demo`): qc-run's
+/// model when none is given, libqc's for a NULL model directory.
+pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
 
 /// Sizes the CPU worker pool (`--threads`); `None` keeps one thread per core.
 pub fn set_threads(n: Option<usize>) -> anyhow::Result<()> {

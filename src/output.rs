@@ -82,7 +82,7 @@ pub fn upscale_nearest(video: &Tensor, k: usize) -> Result<Tensor> {
 }
 
 /// Interleaved RGB frames of sample `b` from `[B, 3, T, H, W]` uint8.
-fn rgb_frames(frames: &Tensor, b: usize) -> Result<Vec<Vec<u8>>> {
+pub fn rgb_frames(frames: &Tensor, b: usize) -> Result<Vec<Vec<u8>>> {
     let s = frames.shape();
     ensure!(s.len() == 5 && s[1] == 3, "video frames must be [B, 3, T, H, W], got {s:?}");
     let Storage::U8(data) = frames.storage() else { bail!("video frames must be uint8") };

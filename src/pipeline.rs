@@ -1,7 +1,9 @@
 //! Prompt to video, as Open-Sora 1.2's inference script runs it: clean the
 //! prompts, tokenize, T5-encode, sample the DiT with rectified flow and CFG,
-//! decode with the video VAE. Each model is loaded for its stage and dropped
-//! after it, so at most one model's weights are in memory at a time.
+//! decode with the video VAE. [`Plan::run`] loads each model for its stage and
+//! drops it after, so at most one model's weights are in memory at a time;
+//! [`LoadedModels`] holds them all for generating many times (the C API's
+//! engine) through the same code ([`Plan::run_with`]).
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
@@ -11,12 +13,13 @@ use crate::model::vae::{VaeConfig, VideoVae};
 use crate::quant::calibrate::Importance;
 use crate::quant::preset::{quantize_blocks, QuantPreset, WeightStats};
 use crate::rng::Rng;
-use crate::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use crate::sampler::rflow::{sample_with_progress, RflowConfig, VideoGeometry};
 use crate::tensor::{Device, Tensor};
 use crate::text::clean::{append_score, prepare_prompt};
 use crate::text::tokenizer::T5Tokenizer;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where each part of the model lives. Without a VAE the model is pixel-space:
@@ -39,7 +42,10 @@ impl ModelPaths {
     fn check_exist(&self) -> Result<()> {
         for (what, p) in [("DiT (stdit3)", Some(&self.dit)), ("T5 text encoder", Some(&self.t5)), ("tokenizer", Some(&self.tokenizer)), ("VAE", self.vae.as_ref())] {
             if let Some(p) = p {
-                ensure!(p.is_dir(), "{what} directory {} does not exist", p.display());
+                if !p.is_dir() {
+                    // NotFound, so callers (the C API) can tell a missing part from a broken one.
+                    return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} directory {} does not exist", p.display())).into());
+                }
             }
         }
         Ok(())
@@ -151,16 +157,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A checked plan: configs read and cross-checked, geometry derived; no weights loaded yet.
-pub struct Plan {
+/// A model's parts checked together (directories, configs, tokenizer against
+/// the T5 vocabulary, widths, the quantization settings) and its tokenizer
+/// loaded; no weights loaded yet. Shared by the plans made from it.
+pub struct ModelConfigs {
     paths: ModelPaths,
     /// The DiT directory loaded: `paths.dit`, or a quantized checkpoint's (`--quant aigq --calibration QDIR`).
     dit: PathBuf,
     dit_cfg: Stdit3Config,
+    t5_cfg: T5Config,
     tokenizer: T5Tokenizer,
-    /// No VAE: the DiT's output is the video.
-    pixel_space: bool,
     vae_cfg: Option<VaeConfig>,
+}
+
+/// A checked plan: configs read and cross-checked, geometry derived; no weights loaded yet.
+pub struct Plan {
+    model: Arc<ModelConfigs>,
+    frames: usize,
     decoded: (usize, usize),
     latent: [usize; 3],
     prompts: Vec<String>,
@@ -212,62 +225,166 @@ fn check_quantization(paths: &ModelPaths, opts: &GenerateOptions) -> Result<Path
 /// tokenizer vs T5 vocabulary, geometry the VAE can produce, noise shape.
 pub fn plan(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions) -> Result<Plan> {
     ensure!(!prompts.is_empty(), "no prompt given");
-    paths.check_exist()?;
-    let dit_cfg = Stdit3Config::from_dir(&paths.dit)?;
-    let t5_cfg = T5Config::from_dir(&paths.t5)?;
-    let vae_cfg = paths.vae.as_deref().map(VaeConfig::from_dir).transpose()?;
-    let tokenizer = T5Tokenizer::from_dir(&paths.tokenizer)?;
-    ensure!(
-        tokenizer.vocab_size() <= t5_cfg.vocab_size,
-        "tokenizer {} has {} tokens but the T5 encoder {} embeds only {}: they do not belong together",
-        paths.tokenizer.display(),
-        tokenizer.vocab_size(),
-        paths.t5.display(),
-        t5_cfg.vocab_size
-    );
-    ensure!(
-        t5_cfg.d_model == dit_cfg.caption_channels,
-        "T5 width {} does not match the DiT's caption_channels {}",
-        t5_cfg.d_model,
-        dit_cfg.caption_channels
-    );
-    let latent_c = match &vae_cfg {
-        Some(v) => v.latent_channels()?,
-        None => 3,
-    };
-    ensure!(
-        latent_c == dit_cfg.in_channels,
-        "{} {latent_c} channels but the DiT has in_channels {}",
-        if vae_cfg.is_some() { "the VAE's latents have" } else { "without a VAE (pixel space) frames are RGB:" },
-        dit_cfg.in_channels
-    );
-    let dit = check_quantization(paths, opts)?;
-    ensure!(opts.steps > 0, "--steps must be at least 1");
-    // Open-Sora's transform scales time by sqrt(floor(frames / 17) * 5): 0 below 17 frames,
-    // which makes the first step's timestep 0 / 0.
-    ensure!(
-        !opts.timestep_transform || opts.frames == 1 || opts.frames >= 17,
-        "--frames {}: Open-Sora's timestep transform is undefined below 17 frames (it divides 0 by 0 at the first step); use at least 17 frames, 1 for an image, or --timestep-transform off",
-        opts.frames
-    );
-    ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
-    let latent = match &vae_cfg {
-        Some(v) => v.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width))?,
-        None => {
-            ensure!(opts.frames > 0 && opts.height > 0 && opts.width > 0, "frames, height and width must be positive, got {} frames of {}x{}", opts.frames, opts.height, opts.width);
-            [opts.frames, opts.height, opts.width]
+    Arc::new(ModelConfigs::check(paths, opts)?).plan(prompts, opts)
+}
+
+impl ModelConfigs {
+    /// The model-wide part of [`plan`]: everything but the prompts and the video's geometry.
+    pub fn check(paths: &ModelPaths, opts: &GenerateOptions) -> Result<Self> {
+        paths.check_exist()?;
+        let dit_cfg = Stdit3Config::from_dir(&paths.dit)?;
+        let t5_cfg = T5Config::from_dir(&paths.t5)?;
+        let vae_cfg = paths.vae.as_deref().map(VaeConfig::from_dir).transpose()?;
+        let tokenizer = T5Tokenizer::from_dir(&paths.tokenizer)?;
+        ensure!(
+            tokenizer.vocab_size() <= t5_cfg.vocab_size,
+            "tokenizer {} has {} tokens but the T5 encoder {} embeds only {}: they do not belong together",
+            paths.tokenizer.display(),
+            tokenizer.vocab_size(),
+            paths.t5.display(),
+            t5_cfg.vocab_size
+        );
+        ensure!(
+            t5_cfg.d_model == dit_cfg.caption_channels,
+            "T5 width {} does not match the DiT's caption_channels {}",
+            t5_cfg.d_model,
+            dit_cfg.caption_channels
+        );
+        let latent_c = match &vae_cfg {
+            Some(v) => v.latent_channels()?,
+            None => 3,
+        };
+        ensure!(
+            latent_c == dit_cfg.in_channels,
+            "{} {latent_c} channels but the DiT has in_channels {}",
+            if vae_cfg.is_some() { "the VAE's latents have" } else { "without a VAE (pixel space) frames are RGB:" },
+            dit_cfg.in_channels
+        );
+        let dit = check_quantization(paths, opts)?;
+        Ok(ModelConfigs { paths: paths.clone(), dit, dit_cfg, t5_cfg, tokenizer, vae_cfg })
+    }
+
+    /// The per-request part of [`plan`]: prompts, sampling settings, geometry, initial noise.
+    pub fn plan(self: &Arc<Self>, prompts: &[String], opts: &GenerateOptions) -> Result<Plan> {
+        ensure!(!prompts.is_empty(), "no prompt given");
+        ensure!(opts.steps > 0, "--steps must be at least 1");
+        // Open-Sora's transform scales time by sqrt(floor(frames / 17) * 5): 0 below 17 frames,
+        // which makes the first step's timestep 0 / 0.
+        ensure!(
+            !opts.timestep_transform || opts.frames == 1 || opts.frames >= 17,
+            "--frames {}: Open-Sora's timestep transform is undefined below 17 frames (it divides 0 by 0 at the first step); use at least 17 frames, 1 for an image, or --timestep-transform off",
+            opts.frames
+        );
+        ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
+        let latent = self.latent_size(opts)?;
+        if let Some(z) = &opts.init_noise {
+            let want = self.noise_shape(prompts.len(), latent);
+            ensure!(z.shape() == want, "initial noise z0 has shape {:?}; {} prompts of {} frames at {}x{} need {want:?}", z.shape(), prompts.len(), opts.frames, opts.height, opts.width);
+            if let Some(i) = z.find_non_finite() {
+                bail!("initial noise z0 contains NaN or infinity (flat index {i})");
+            }
         }
-    };
-    if let Some(z) = &opts.init_noise {
-        let want = [prompts.len(), dit_cfg.in_channels, latent[0], latent[1], latent[2]];
-        ensure!(z.shape() == want, "initial noise z0 has shape {:?}; {} prompts of {} frames at {}x{} need {want:?}", z.shape(), prompts.len(), opts.frames, opts.height, opts.width);
-        if let Some(i) = z.find_non_finite() {
-            bail!("initial noise z0 contains NaN or infinity (flat index {i})");
+        let prompts = prompts.iter().map(|p| if opts.raw_prompt { append_score(p, opts.aes) } else { prepare_prompt(p, opts.aes) }).collect();
+        let decoded = self.vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
+        Ok(Plan { model: self.clone(), frames: opts.frames, latent, prompts, decoded })
+    }
+
+    /// The latent `[T, h, w]` of a video of `opts`' frames and size.
+    pub fn latent_size(&self, opts: &GenerateOptions) -> Result<[usize; 3]> {
+        match &self.vae_cfg {
+            Some(v) => v.latent_size(opts.frames, opts.height, opts.width).with_context(|| format!("the VAE cannot produce {} frames of {}x{} pixels", opts.frames, opts.height, opts.width)),
+            None => {
+                ensure!(opts.frames > 0 && opts.height > 0 && opts.width > 0, "frames, height and width must be positive, got {} frames of {}x{}", opts.frames, opts.height, opts.width);
+                Ok([opts.frames, opts.height, opts.width])
+            }
         }
     }
-    let prompts = prompts.iter().map(|p| if opts.raw_prompt { append_score(p, opts.aes) } else { prepare_prompt(p, opts.aes) }).collect();
-    let decoded = vae_cfg.as_ref().map_or((opts.height, opts.width), |v| v.decoded_size(opts.height, opts.width));
-    Ok(Plan { paths: paths.clone(), dit, dit_cfg, tokenizer, pixel_space: vae_cfg.is_none(), vae_cfg, latent, prompts, decoded })
+
+    /// The initial noise's shape `[B, C, T, h, w]` for `prompts` videos of latent `latent`.
+    pub fn noise_shape(&self, prompts: usize, latent: [usize; 3]) -> [usize; 5] {
+        [prompts, self.dit_cfg.in_channels, latent[0], latent[1], latent[2]]
+    }
+
+    /// The T5 encoder, loaded and prepared on `be`.
+    fn load_t5(&self, be: &dyn Backend) -> Result<T5Encoder> {
+        let mut t5 = T5Encoder::load(&self.paths.t5)?;
+        t5.prepare(be)?;
+        Ok(t5)
+    }
+
+    /// The DiT at `opts`' precision, prepared on `be`.
+    fn load_dit(&self, be: &dyn Backend, opts: &GenerateOptions) -> Result<LoadedDit> {
+        let mut dit = Stdit3::load(&self.dit)?;
+        let (weights, precision) = match dit.stored_plan.clone() {
+            Some(stored) => {
+                crate::quant::qdir::check_plan(&mut dit, &stored, &self.dit.display().to_string())?;
+                (WeightStats::of_model(&mut dit, &stored)?, "aigq (quantized checkpoint)".to_string())
+            }
+            None => (quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?, opts.quant.name().to_string()),
+        };
+        dit.qk_int8 = opts.qk_int8;
+        dit.prepare(be)?;
+        Ok(LoadedDit { model: dit, weights, precision })
+    }
+}
+
+/// The VAE in `dir`, loaded and prepared on `be`.
+fn load_vae(dir: &Path, be: &dyn Backend) -> Result<VideoVae> {
+    let mut vae = VideoVae::load(dir)?;
+    vae.prepare(be)?;
+    Ok(vae)
+}
+
+/// The DiT as loaded for a run, and how its block linears are stored.
+struct LoadedDit {
+    model: Stdit3,
+    weights: WeightStats,
+    precision: String,
+}
+
+/// Every model of a [`ModelConfigs`] loaded and prepared on one backend, to
+/// generate many times without loading again ([`Plan::run_with`]); the
+/// model-wide settings of `GenerateOptions` (quant, importance, qk_int8) are
+/// fixed at load.
+pub struct LoadedModels {
+    t5: T5Encoder,
+    dit: LoadedDit,
+    vae: Option<VideoVae>,
+    quant: QuantPreset,
+    importance: Option<Arc<Importance>>,
+    qk_int8: bool,
+}
+
+impl LoadedModels {
+    /// Loads T5, the DiT (quantized as `opts` says) and the VAE, prepared on `be`.
+    pub fn load(model: &ModelConfigs, be: &dyn Backend, opts: &GenerateOptions) -> Result<Self> {
+        Ok(LoadedModels {
+            t5: model.load_t5(be)?,
+            dit: model.load_dit(be, opts)?,
+            vae: model.paths.vae.as_deref().map(|dir| load_vae(dir, be)).transpose()?,
+            quant: opts.quant,
+            importance: opts.importance.clone(),
+            qk_int8: opts.qk_int8,
+        })
+    }
+
+    /// Refuses options whose model-wide settings differ from those the models were loaded with.
+    fn check_options(&self, opts: &GenerateOptions) -> Result<()> {
+        let same_importance = match (&self.importance, &opts.importance) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        ensure!(
+            self.quant == opts.quant && same_importance && self.qk_int8 == opts.qk_int8,
+            "the loaded models were quantized as {} (qk_int8 {}); this run asks for {} (qk_int8 {}) or other importance vectors: load them again",
+            self.quant.name(),
+            self.qk_int8,
+            opts.quant.name(),
+            opts.qk_int8
+        );
+        Ok(())
+    }
 }
 
 impl Plan {
@@ -281,12 +398,24 @@ impl Plan {
 
     /// True when the model has no VAE (the DiT generates pixels).
     pub fn pixel_space(&self) -> bool {
-        self.pixel_space
+        self.model.vae_cfg.is_none()
     }
 
     /// The VAE's configuration (none for a pixel-space model).
     pub fn vae_config(&self) -> Option<&VaeConfig> {
-        self.vae_cfg.as_ref()
+        self.model.vae_cfg.as_ref()
+    }
+
+    /// Bytes of GPU memory for activations the CUDA backend's arena needs for this plan:
+    /// the larger of the denoising stage (T5, then the DiT on the CFG batch) and the VAE
+    /// decode, which runs after the DiT's activations are freed.
+    pub fn cuda_arena_bytes(&self) -> u64 {
+        use crate::backend::cuda::{estimate_arena_bytes, estimate_t5_arena_bytes, estimate_vae_arena_bytes};
+        let (dit, t5, b) = (&self.model.dit_cfg, &self.model.t5_cfg, self.prompts.len());
+        let denoise = estimate_arena_bytes(dit, 2 * b, self.latent, dit.model_max_length) + estimate_t5_arena_bytes(t5.d_model, t5.d_ff, b * dit.model_max_length);
+        let (h, w) = self.decoded;
+        let vae = self.vae_config().map_or(0, |v| estimate_vae_arena_bytes(v, b, self.frames, h, w));
+        denoise.max(vae)
     }
 
     /// Height and width the VAE will decode (the request rounded down to its pixel grid).
@@ -296,65 +425,82 @@ impl Plan {
 
     /// DiT block evaluations in one forward (spatial + temporal blocks).
     pub fn blocks_per_forward(&self) -> usize {
-        2 * self.dit_cfg.depth
+        2 * self.model.dit_cfg.depth
     }
 
     /// The prompts through the tokenizer and T5: the DiT's caption input `[B, 1, L, C]`
     /// and the token mask (`[B * L]`, 1 for real tokens).
     pub fn encode_text(&self, be: &dyn Backend) -> Result<(Tensor, Vec<i64>)> {
-        let (b, l) = (self.prompts.len(), self.dit_cfg.model_max_length);
+        self.encode_text_with(be, &self.model.load_t5(be)?)
+    }
+
+    fn encode_text_with(&self, be: &dyn Backend, t5: &T5Encoder) -> Result<(Tensor, Vec<i64>)> {
+        let m = &self.model;
+        let (b, l) = (self.prompts.len(), m.dit_cfg.model_max_length);
         let refs: Vec<&str> = self.prompts.iter().map(|s| s.as_str()).collect();
-        let (ids, mask) = self.tokenizer.encode_batch(&refs, l)?;
-        let mut t5 = T5Encoder::load(&self.paths.t5)?;
-        t5.prepare(be)?;
+        let (ids, mask) = m.tokenizer.encode_batch(&refs, l)?;
         let y = t5.encode(be, &ids, &mask, b)?;
-        Ok((y.reshape(&[b, 1, l, self.dit_cfg.caption_channels])?, mask))
+        Ok((y.reshape(&[b, 1, l, m.dit_cfg.caption_channels])?, mask))
     }
 
     /// The DiT directory this plan loads.
     pub fn dit_dir(&self) -> &Path {
-        &self.dit
+        &self.model.dit
     }
 
     /// Runs every stage, sampling under `hooks` (a caching policy, or none); returns the decoded video `[B, 3, frames, H, W]` in about [-1, 1].
     pub fn run(self, be: &dyn Backend, opts: &GenerateOptions, hooks: &mut dyn ForwardHooks, progress: &mut dyn FnMut(Event)) -> Result<(Tensor, Report)> {
+        self.run_with(be, None, opts, hooks, &mut |e| {
+            progress(e);
+            Ok(())
+        })
+    }
+
+    /// [`Plan::run`] with `models` loaded once (by [`LoadedModels::load`] on `be`, with
+    /// the same model-wide options), or with `None` each model loaded for its stage and
+    /// dropped after it. An error `progress` returns stops the run and is returned
+    /// (how a caller cancels: it is checked after each stage starts and each step).
+    pub fn run_with(&self, be: &dyn Backend, models: Option<&LoadedModels>, opts: &GenerateOptions, hooks: &mut dyn ForwardHooks, progress: &mut dyn FnMut(Event) -> Result<()>) -> Result<(Tensor, Report)> {
+        if let Some(m) = models {
+            m.check_options(opts)?;
+        }
         let mut report = Report { prompts: self.prompts.clone(), latent: self.latent, ..Report::default() };
         let b = self.prompts.len();
         let timed = |name: &str, report: &mut Report, t: Instant| report.stages.push((name.to_string(), t.elapsed().as_secs_f64()));
 
-        progress(Event::Stage("text encoder"));
+        progress(Event::Stage("text encoder"))?;
         let t = Instant::now();
-        let (y, mask) = self.encode_text(be)?;
+        let (y, mask) = match models {
+            Some(m) => self.encode_text_with(be, &m.t5)?,
+            None => self.encode_text(be)?,
+        };
         timed("text encoder (T5)", &mut report, t);
 
-        progress(Event::Stage("denoising"));
+        progress(Event::Stage("denoising"))?;
         let t = Instant::now();
         let [lt, lh, lw] = self.latent;
+        let in_channels = self.model.dit_cfg.in_channels;
         let z0 = match &opts.init_noise {
             Some(z) => z.clone(),
             None => {
                 let mut rng = Rng::new(opts.seed);
-                Tensor::from_f32(&[b, self.dit_cfg.in_channels, lt, lh, lw], rng.normal_vec(b * self.dit_cfg.in_channels * lt * lh * lw))?
+                Tensor::from_f32(&[b, in_channels, lt, lh, lw], rng.normal_vec(b * in_channels * lt * lh * lw))?
             }
         };
         let z = {
-            let mut dit = Stdit3::load(&self.dit)?;
-            report.dit_weights = match dit.stored_plan.clone() {
-                Some(stored) => {
-                    report.dit_precision = "aigq (quantized checkpoint)".into();
-                    crate::quant::qdir::check_plan(&mut dit, &stored, &self.dit.display().to_string())?;
-                    WeightStats::of_model(&mut dit, &stored)?
-                }
+            let loaded;
+            let dit = match models {
+                Some(m) => &m.dit,
                 None => {
-                    report.dit_precision = opts.quant.name().into();
-                    quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?
+                    loaded = self.model.load_dit(be, opts)?;
+                    &loaded
                 }
             };
-            dit.qk_int8 = opts.qk_int8;
-            dit.prepare(be)?;
+            report.dit_weights = dit.weights;
+            report.dit_precision = dit.precision.clone();
             let rf = RflowConfig { num_steps: opts.steps, cfg_scale: opts.cfg, use_timestep_transform: opts.timestep_transform, ..RflowConfig::default() };
             let geo = VideoGeometry { height: vec![opts.height as f32; b], width: vec![opts.width as f32; b], num_frames: vec![opts.frames as f32; b], fps: vec![opts.fps; b] };
-            sample(be, &dit, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
+            sample_with_progress(be, &dit.model, &rf, &z0, &y, Some(&mask), &geo, hooks, &mut |i, n| progress(Event::Step(i, n)))?.0
         };
         // A latent on the GPU comes back to the host here (which also waits for the
         // GPU, so the stage's time is complete; the VAE checks it there), then
@@ -362,19 +508,25 @@ impl Plan {
         let z = if z.device() == Device::Cuda { z.to_cpu()?.to_f32()? } else { z };
         timed("denoising (STDiT3)", &mut report, t);
 
-        let video = match &self.paths.vae {
+        let video = match &self.model.paths.vae {
+            None => z,
             Some(dir) => {
-                progress(Event::Stage("VAE decode"));
+                progress(Event::Stage("VAE decode"))?;
                 let t = Instant::now();
-                let mut vae = VideoVae::load(dir)?;
-                vae.prepare(be)?;
+                let loaded;
+                let vae = match models.and_then(|m| m.vae.as_ref()) {
+                    Some(vae) => vae,
+                    None => {
+                        loaded = load_vae(dir, be)?;
+                        &loaded
+                    }
+                };
                 let video = vae.decode(be, &z, opts.frames)?;
                 // The video comes back to the host as f32 (bf16 on the GPU).
                 let video = if video.device() == Device::Cuda { video.to_cpu()?.to_f32()? } else { video };
                 timed("VAE decode", &mut report, t);
                 video
             }
-            None => z,
         };
         report.peak_rss_bytes = peak_rss_bytes();
         Ok((video, report))

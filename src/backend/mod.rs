@@ -7,6 +7,7 @@
 pub mod conv;
 pub mod cpu;
 pub mod cuda;
+pub mod select;
 
 pub use conv::ConvOps;
 

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use qc::backend::cpu::CpuBackend;
-use qc::backend::cuda::{self as qcuda, CudaBackend};
-use qc::backend::Backend;
+use qc::backend::cuda as qcuda;
+use qc::backend::select::{DeviceBackend, DeviceChoice};
 use qc::io::write_safetensors;
 use qc::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Trace};
@@ -20,6 +20,7 @@ use qc::quant::preset::QuantPreset;
 use qc::tensor::{Storage, Tensor};
 use qc::text::clean::prepare_prompt;
 use qc::text::tokenizer::T5Tokenizer;
+use qc::BUNDLED_MODEL;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -87,9 +88,6 @@ struct ModelArgs {
     vae: Option<PathBuf>,
 }
 
-/// The demonstration model shipped in the repository.
-const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
-
 impl ModelArgs {
     /// The model directory in use, if any, and the part paths.
     fn paths(&self) -> Result<(Option<PathBuf>, ModelPaths)> {
@@ -121,17 +119,6 @@ impl ModelArgs {
     }
 }
 
-/// `--device`: where the model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum DeviceChoice {
-    /// The CPU backend (the reference).
-    Cpu,
-    /// The CUDA backend on GPU 0 (bf16 activations); an error when no GPU is usable.
-    Cuda,
-    /// The GPU when one is usable, else the CPU with a one-line notice.
-    Auto,
-}
-
 #[derive(Args)]
 struct DeviceArgs {
     /// Where to compute: cpu, cuda (GPU 0, bf16 activations; its memory arena is sized from the
@@ -149,58 +136,23 @@ struct GraphArgs {
     cuda_graphs: Option<String>,
 }
 
-/// The backend `--device` chose.
-enum Be {
-    Cpu(CpuBackend),
-    Cuda(Box<CudaBackend>),
+/// What qc-run prints and sets on the backend `--device` chose.
+trait CliBackend {
+    /// Applies `--cuda-graphs` (CUDA only; without the flag the backend follows QC_CUDA_GRAPHS).
+    fn set_graphs(&self, g: &GraphArgs);
+    /// Prints the GPU arena's peak use and what CUDA graphs did (CUDA only).
+    fn report(&self);
 }
 
-impl Be {
-    /// The backend for `choice`; `arena_bytes` sizes the CUDA arena (unless QC_CUDA_ARENA_MB is set).
-    fn new(choice: DeviceChoice, arena_bytes: impl FnOnce() -> u64) -> Result<Self> {
-        let cuda = |arena_bytes: u64| -> Result<Self> {
-            let bytes = qcuda::arena_bytes_from_env()?.unwrap_or(arena_bytes);
-            let be = CudaBackend::with_arena_bytes(bytes)?;
-            eprintln!("device: {} (arena {:.0} MiB)", be.gpu(), bytes as f64 / (1u64 << 20) as f64);
-            Ok(Be::Cuda(Box::new(be)))
-        };
-        match choice {
-            DeviceChoice::Cpu => Ok(Be::Cpu(CpuBackend::new())),
-            DeviceChoice::Cuda => {
-                qcuda::probe().map_err(|why| anyhow::anyhow!("--device cuda: no usable CUDA GPU ({why}); use --device cpu or --device auto"))?;
-                cuda(arena_bytes())
-            }
-            DeviceChoice::Auto => match qcuda::probe() {
-                Ok(_) => cuda(arena_bytes()),
-                Err(why) => {
-                    eprintln!("note: no usable CUDA GPU ({why}): running on the CPU");
-                    Ok(Be::Cpu(CpuBackend::new()))
-                }
-            },
-        }
-    }
-
-    fn get(&self) -> &dyn Backend {
-        match self {
-            Be::Cpu(b) => b,
-            Be::Cuda(b) => b.as_ref(),
-        }
-    }
-
-    fn is_cuda(&self) -> bool {
-        matches!(self, Be::Cuda(_))
-    }
-
-    /// Applies `--cuda-graphs` (CUDA only; without the flag the backend follows QC_CUDA_GRAPHS).
+impl CliBackend for DeviceBackend {
     fn set_graphs(&self, g: &GraphArgs) {
-        if let (Be::Cuda(b), Some(v)) = (self, &g.cuda_graphs) {
+        if let (DeviceBackend::Cuda(b), Some(v)) = (self, &g.cuda_graphs) {
             b.set_cuda_graphs(v == "on");
         }
     }
 
-    /// Prints the GPU arena's peak use and what CUDA graphs did (CUDA only).
     fn report(&self) {
-        if let Be::Cuda(b) = self {
+        if let DeviceBackend::Cuda(b) = self {
             eprintln!("GPU arena: {}", b.arena_stats());
             let g = b.graph_stats();
             if g != Default::default() {
@@ -208,6 +160,11 @@ impl Be {
             }
         }
     }
+}
+
+/// Prints the backend's notice (the GPU and its arena, or the fallback to the CPU).
+fn notice(line: String) {
+    eprintln!("{line}");
 }
 
 /// A result tensor on the host as f32 (GPU activations are bf16 on the device).
@@ -453,7 +410,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let mut model = Stdit3::load(&a.dit)?;
     let inp = ForwardInputs::read(&a.inputs)?;
     let xs = inp.x.shape().to_vec();
-    let dev = Be::new(a.device.device, || {
+    let dev = DeviceBackend::new(a.device.device, notice, || {
         let mut bytes = qcuda::estimate_arena_bytes(&model.cfg, xs[0], [xs[2], xs[3], xs[4]], inp.y.shape()[2]);
         if a.trace {
             // Every block's output is kept for the trace: one residual stream each.
@@ -487,7 +444,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     let inp = SampleInputs::read(&a.inputs)?;
     let zs = inp.z0.shape().to_vec();
     // Classifier-free guidance runs the DiT on twice the samples.
-    let dev = Be::new(a.device.device, || qcuda::estimate_arena_bytes(&model.cfg, 2 * zs[0], [zs[2], zs[3], zs[4]], inp.y.shape()[2]))?;
+    let dev = DeviceBackend::new(a.device.device, notice, || qcuda::estimate_arena_bytes(&model.cfg, 2 * zs[0], [zs[2], zs[3], zs[4]], inp.y.shape()[2]))?;
     dev.set_graphs(&a.graphs);
     let be = dev.get();
     model.prepare(be)?;
@@ -603,21 +560,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let (h, w) = plan.decoded_size();
         eprintln!("note: the VAE decodes whole latent pixels: the video will be {h}x{w}");
     }
-    let dev = Be::new(a.device.device, || {
-        let dit = qc::model::stdit3::Stdit3Config::from_dir(&paths.dit);
-        let t5 = qc::model::t5::T5Config::from_dir(&paths.t5);
-        match (dit, t5) {
-            (Ok(dit), Ok(t5)) => {
-                let rows = prompts.len() * dit.model_max_length;
-                let denoise = qcuda::estimate_arena_bytes(&dit, 2 * prompts.len(), plan.latent(), dit.model_max_length) + qcuda::estimate_t5_arena_bytes(t5.d_model, t5.d_ff, rows);
-                // The VAE runs after the DiT's activations are freed.
-                let (h, w) = plan.decoded_size();
-                let vae = plan.vae_config().map_or(0, |v| qcuda::estimate_vae_arena_bytes(v, prompts.len(), opts.frames, h, w));
-                denoise.max(vae)
-            }
-            _ => qcuda::DEFAULT_ARENA_BYTES,
-        }
-    })?;
+    let dev = DeviceBackend::new(a.device.device, notice, || plan.cuda_arena_bytes())?;
     dev.set_graphs(&a.graphs);
     let be = dev.get();
     let bar = ProgressBar::new(opts.steps as u64);
@@ -856,7 +799,7 @@ fn parse_quant(s: &str) -> Result<QuantPreset> {
 fn encode_text(a: EncodeTextArgs) -> Result<()> {
     let tok = T5Tokenizer::from_dir(&a.tokenizer)?;
     let mut t5 = T5Encoder::load(&a.t5)?;
-    let dev = Be::new(a.device.device, || qcuda::estimate_t5_arena_bytes(t5.cfg.d_model, t5.cfg.d_ff, a.prompt.len() * a.max_length))?;
+    let dev = DeviceBackend::new(a.device.device, notice, || qcuda::estimate_t5_arena_bytes(t5.cfg.d_model, t5.cfg.d_ff, a.prompt.len() * a.max_length))?;
     let be = dev.get();
     t5.prepare(be)?;
     anyhow::ensure!(tok.vocab_size() <= t5.cfg.vocab_size, "tokenizer has {} tokens but the T5 encoder embeds only {}", tok.vocab_size(), t5.cfg.vocab_size);

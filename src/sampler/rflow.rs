@@ -66,11 +66,6 @@ pub fn timesteps(cfg: &RflowConfig, geo: &VideoGeometry) -> Result<Vec<Vec<f32>>
 /// Runs the sampler from `z0` (`[B, C, T, H, W]` noise) with captions `y`
 /// (`[B, 1, L, C_caption]`) and their `mask` (`[B, L]`). Returns the final
 /// latent and the timesteps used. `progress(step, steps)` is called after each step.
-///
-/// On a backend with step graphs ([`Backend::step_graphs`], the CUDA backend
-/// unless turned off) the computing steps whose hooks give a
-/// [`graph_key`](ForwardHooks::graph_key) are captured once and replayed (see
-/// `sampler::graphs`); the result is the same, bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
@@ -82,6 +77,31 @@ pub fn sample(
     geo: &VideoGeometry,
     hooks: &mut dyn ForwardHooks,
     progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Tensor, Vec<Vec<f32>>)> {
+    sample_with_progress(be, model, cfg, z0, y, mask, geo, hooks, &mut |i, n| {
+        progress(i, n);
+        Ok(())
+    })
+}
+
+/// [`sample`] whose `progress(step, steps)` can stop it: an error it returns
+/// ends sampling after that step and is returned (how a caller cancels).
+///
+/// On a backend with step graphs ([`Backend::step_graphs`], the CUDA backend
+/// unless turned off) the computing steps whose hooks give a
+/// [`graph_key`](ForwardHooks::graph_key) are captured once and replayed (see
+/// `sampler::graphs`); the result is the same, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_with_progress(
+    be: &dyn Backend,
+    model: &Stdit3,
+    cfg: &RflowConfig,
+    z0: &Tensor,
+    y: &Tensor,
+    mask: Option<&[i64]>,
+    geo: &VideoGeometry,
+    hooks: &mut dyn ForwardHooks,
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<(Tensor, Vec<Vec<f32>>)> {
     let zs = z0.shape();
     ensure!(zs.len() == 5, "initial noise z0 must be [B, C, T, H, W], got {zs:?}");
@@ -173,7 +193,7 @@ pub fn sample(
             }
         };
         last_v = Some(v);
-        progress(i + 1, ts.len());
+        progress(i + 1, ts.len())?;
     }
     Ok((z, ts))
 }
