@@ -119,11 +119,23 @@ int qc_options_set_threads(qc_options *options, int threads);
  * (qc-run calibrate --budget) runs as stored with "none". */
 int qc_options_set_quant(qc_options *options, const char *quant);
 
-/* Caching policy used by every generation (a fresh policy each time):
- * "none", "static:K" (K >= 1), "pab" or "adacache". */
+/* Caching policy used by every generation (a fresh policy each time), as
+ * qc-run generate --cache names them: "none", "hlc", "hlc-separate-cfg",
+ * "srap", "hlc+srap", "teacache", "pab", "adacache" or "static:K" (K >= 1). */
 int qc_options_set_cache(qc_options *options, const char *cache);
 
-/* Acceleration preset (sets quantization and caching together): "none". */
+/* The caching policy's threshold as text, as qc-run generate --cache-threshold
+ * takes it (e.g. "0.3", or "0.3,0.1" for hlc+srap); checked against the policy
+ * by qc_engine_create (QC_ERR_INVALID_ARGUMENT). NULL: the policy's default. */
+int qc_options_set_cache_threshold(qc_options *options, const char *threshold);
+
+/* Acceleration preset (sets quantization and caching together): "none",
+ * "quantcache" (= "quantcache:fast") or "quantcache:quality": the model's
+ * QuantCache calibration (its quantized checkpoint and jointly calibrated cache
+ * thresholds, from qc-run calibrate --accel; model_dir/quantcache/ of a float
+ * model; the bundled model ships one). Leave quant and cache at "none" with it
+ * (else qc_engine_create fails with QC_ERR_INVALID_ARGUMENT); a model without a
+ * calibration fails with QC_ERR_MODEL. */
 int qc_options_set_accel(qc_options *options, const char *accel);
 
 /* ---- engine ----------------------------------------------------------- */

@@ -250,7 +250,7 @@ fn cache_thresholds_and_accel_are_checked() {
         (vec!["--cache", "static:2", "--cache-threshold", "0.3"], "static:K takes no threshold"),
         (vec!["--cache-threshold", "0.3"], "--cache none takes no threshold"),
         (vec!["--cache", "pab", "--cache-threshold", "2.5"], "whole number of steps"),
-        (vec!["--accel", "turbo"], "unknown --accel \"turbo\""),
+        (vec!["--accel", "turbo"], "unknown acceleration preset \"turbo\" (--accel)"),
         (vec!["--accel", "quantcache", "--quant", "w8a8"], "leave --quant out"),
         (vec!["--accel", "quantcache:quality", "--cache", "pab"], "leave --cache out"),
     ] {

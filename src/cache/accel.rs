@@ -19,7 +19,7 @@ pub fn preset_name(accel: &str) -> Result<Option<&'static str>> {
         "none" => None,
         "quantcache" | "quantcache:fast" => Some("fast"),
         "quantcache:quality" => Some("quality"),
-        _ => bail!("unknown --accel {accel:?}; known: {ACCEL_NAMES}"),
+        _ => bail!("unknown acceleration preset {accel:?} (--accel); known: {ACCEL_NAMES}"),
     })
 }
 

@@ -9,6 +9,8 @@ use crate::backend::select::DeviceBackend;
 use crate::output::{quantize_frames, rgb_frames};
 use crate::pipeline::{Event, GenerateOptions, LoadedModels, ModelConfigs, ModelDefaults, ModelPaths};
 use crate::tensor::Tensor;
+use crate::cache::CacheCalibration;
+use crate::quant::preset::QuantPreset;
 use std::ffi::{c_char, c_float, c_int, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, TryLockError};
@@ -24,7 +26,8 @@ pub struct Engine {
     configs: Arc<ModelConfigs>,
     /// The model's generation defaults with the engine-wide settings (quantization).
     defaults: GenerateOptions,
-    cache: String,
+    /// The caching policy of every generation: name, threshold, the model's cache calibration.
+    cache: (String, Option<String>, CacheCalibration),
     pool: rayon::ThreadPool,
     /// The backend in words (`qc_engine_device`).
     device: CString,
@@ -93,13 +96,24 @@ impl Engine {
             .build()
             .map_err(|e| Error::new(QC_ERR_INTERNAL, format!("starting {} worker threads: {e}", options.threads)))?;
         // Everything runs on the engine's pool: the process-wide one stays untouched.
-        let (configs, defaults, device, state) = pool.install(|| {
+        let (configs, defaults, device, state, cache) = pool.install(|| {
             let model = |e: anyhow::Error| Error::from_anyhow(QC_ERR_MODEL, e);
             let mut defaults = ModelDefaults::from_dir(&dir).map_err(model)?.options();
             defaults.quant = options.quant;
-            match options.accel {
-                Accel::None => {}
-            }
+            let cache = match options.accel {
+                Accel::None => (options.cache.clone(), options.cache_threshold.clone(), CacheCalibration::for_model(&dir).map_err(model)?),
+                Accel::QuantCache(preset) => {
+                    if options.quant != QuantPreset::None || options.cache != "none" || options.cache_threshold.is_some() {
+                        return Err(Error::invalid("accel \"quantcache\" sets the quantization and the caching itself: leave quant, cache and cache threshold at their defaults"));
+                    }
+                    let accel = crate::cache::accel::Accel::for_model(&dir, preset).map_err(model)?;
+                    defaults.quant = QuantPreset::Aigq;
+                    defaults.importance = Some(accel.importance.clone());
+                    (accel.preset.cache.clone(), Some(accel.preset.threshold.clone()), accel.calibration.clone())
+                }
+            };
+            // A threshold that does not fit the policy is refused now, not at the first generation.
+            crate::cache::policy_with(&cache.0, cache.1.as_deref(), &cache.2, Default::default()).map_err(|e| Error::invalid(format!("{e:#}")))?;
             let configs = Arc::new(ModelConfigs::check(&ModelPaths::in_dir(&dir), &defaults).map_err(model)?);
             let mut notice = String::new();
             // The GPU arena is sized for one video of the model's default size.
@@ -109,9 +123,9 @@ impl Engine {
             let name = backend.get().name();
             let device = if notice.is_empty() { name } else { format!("{name}; {notice}") };
             let device = CString::new(device.replace('\0', " ")).unwrap_or_default();
-            Ok((configs, defaults, device, State { backend, models }))
+            Ok((configs, defaults, device, State { backend, models }, cache))
         })?;
-        Ok(Engine { configs, defaults, cache: options.cache.clone(), pool, device, state: Mutex::new(state) })
+        Ok(Engine { configs, defaults, cache, pool, device, state: Mutex::new(state) })
     }
 
     /// The generation options of `params` for `prompts` videos, sizes checked.
@@ -163,11 +177,11 @@ impl Engine {
         let opts = self.options(params, prompts.len())?;
         let plan = self.configs.plan(prompts, &opts).map_err(|e| Error::from_anyhow(QC_ERR_INVALID_ARGUMENT, e))?;
         let state = &mut *state;
-        let cache = self.cache.as_str();
+        let (cache, threshold, calibration) = &self.cache;
         let on_gpu = state.backend.is_cuda();
         let fps = opts.fps;
         let video = self.pool.install(move || -> anyhow::Result<Tensor> {
-            let mut policy = crate::cache::policy(cache)?;
+            let mut policy = crate::cache::policy_with(cache, threshold.as_deref(), calibration, Default::default())?;
             let (video, _) = plan.run_with(state.backend.get(), Some(&state.models), &opts, policy.as_mut(), &mut |e| match e {
                 Event::Step(i, n) => progress.step(i, n),
                 Event::Stage(_) => Ok(()),
@@ -358,6 +372,7 @@ pub unsafe extern "C" fn qc_result_free(result: *mut Generated) {
 mod tests {
     use super::*;
     use crate::backend::cuda::probe;
+    use crate::capi::options::accel_from_name;
     use crate::capi::QC_ERR_CANCELLED;
     use crate::backend::select::DeviceChoice;
     use crate::tensor::rel_l2;
@@ -410,6 +425,33 @@ mod tests {
         assert_eq!(e.generate(&prompts, &params, cancel).err().map(|e| e.code), Some(QC_ERR_CANCELLED));
         assert_eq!(calls, 2);
         assert!(e.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message)).data == want);
+    }
+
+    /// accel quantcache runs the bundled model's QuantCache calibration as qc-run's
+    /// `--accel quantcache` does (the same quantized checkpoint and policy, so the
+    /// same frames as `plan().run()` with them); it refuses quant or cache set beside
+    /// it, and a cache threshold that does not fit the policy is refused at create.
+    #[test]
+    fn accel_quantcache_runs_the_models_calibration() {
+        use crate::pipeline::plan;
+        let options = Options { threads: 2, accel: accel_from_name("quantcache").unwrap(), ..Options::default() };
+        let e = Engine::create(None, &options).unwrap_or_else(|e| panic!("{}", e.message));
+        let prompts = ["a blue square moving up".to_string()];
+        let params = Params { seed: Some(5), ..Params::default() };
+        let got = e.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
+        let accel = crate::cache::accel::Accel::for_model(Path::new(crate::BUNDLED_MODEL), "fast").unwrap();
+        let opts = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(accel.importance.clone()), ..e.options(&params, 1).unwrap_or_else(|e| panic!("{}", e.message)) };
+        let paths = ModelPaths::in_dir(Path::new(crate::BUNDLED_MODEL));
+        let (video, _) = e.pool.install(|| plan(&paths, &prompts, &opts).unwrap().run(&crate::backend::cpu::CpuBackend::new(), &opts, accel.policy().unwrap().as_mut(), &mut |_| {})).unwrap();
+        let want: Vec<u8> = rgb_frames(&quantize_frames(&video).unwrap(), 0).unwrap().concat();
+        assert!(got.data == want, "accel quantcache through libqc differs from the pipeline run with its calibration");
+        let both = Options { quant: QuantPreset::W8A8, ..options.clone() };
+        let err = Engine::create(None, &both).err().expect("quant beside accel must be refused");
+        assert!(err.code == QC_ERR_INVALID_ARGUMENT && err.message.contains("leave quant, cache"), "{}", err.message);
+        let bad = Options { threads: 2, cache: "hlc".into(), cache_threshold: Some("99".into()), ..Options::default() };
+        let err = Engine::create(None, &bad).err().expect("a threshold out of range must be refused");
+        assert!(err.code == QC_ERR_INVALID_ARGUMENT && err.message.contains("[0.001, 10]"), "{}", err.message);
+        assert!(accel_from_name("turbo").is_err());
     }
 
     /// The demo model on the GPU through the engine: close to the CPU engine's

@@ -14,14 +14,14 @@ use std::ffi::{c_char, c_float, c_int};
 pub enum Accel {
     /// Nothing beyond the quant and cache options as set.
     None,
+    /// `--accel quantcache:PRESET`: the model's QuantCache calibration (its
+    /// quantized checkpoint and the preset's caching), as `qc-run` runs it.
+    QuantCache(&'static str),
 }
 
-/// The acceleration preset called `name`.
+/// The acceleration preset called `name` (`qc-run generate --accel`'s names).
 pub fn accel_from_name(name: &str) -> anyhow::Result<Accel> {
-    match name {
-        "none" => Ok(Accel::None),
-        _ => anyhow::bail!("unknown acceleration preset {name:?}; known: none"),
-    }
+    Ok(crate::cache::accel::preset_name(name)?.map_or(Accel::None, Accel::QuantCache))
 }
 
 /// `qc_options`: how an engine is made.
@@ -31,14 +31,16 @@ pub struct Options {
     /// CPU worker threads of the engine's own pool; 0 is one per core.
     pub threads: usize,
     pub quant: QuantPreset,
-    /// A caching policy name as `crate::cache::policy` takes it; a new policy is made per generation.
+    /// A caching policy name as `crate::cache::policy_with` takes it; a new policy is made per generation.
     pub cache: String,
+    /// Its threshold (`--cache-threshold`), checked at create; `None`: the policy's default.
+    pub cache_threshold: Option<String>,
     pub accel: Accel,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { device: DeviceChoice::Cpu, threads: 0, quant: QuantPreset::None, cache: "none".into(), accel: Accel::None }
+        Options { device: DeviceChoice::Cpu, threads: 0, quant: QuantPreset::None, cache: "none".into(), cache_threshold: None, accel: Accel::None }
     }
 }
 
@@ -159,7 +161,7 @@ pub unsafe extern "C" fn qc_options_set_quant(options: *mut Options, quant: *con
     }
 }
 
-/// `cache`: a caching policy ("none", "static:K", "pab", "adacache").
+/// `cache`: a caching policy (`qc-run generate --cache`'s names).
 ///
 /// # Safety
 /// `options` is NULL or a live `qc_options`; `cache` is NULL or a NUL-terminated string.
@@ -169,14 +171,30 @@ pub unsafe extern "C" fn qc_options_set_cache(options: *mut Options, cache: *con
     unsafe {
         set_option("qc_options_set_cache", options, |o| {
             let name = arg_str(cache, "cache")?;
-            crate::cache::policy(name).map_err(|e| Error::invalid(format!("{e:#}")))?;
+            crate::cache::policy_with(name, None, &Default::default(), Default::default()).map_err(|e| Error::invalid(format!("{e:#}")))?;
             o.cache = name.to_string();
             Ok(())
         })
     }
 }
 
-/// `accel`: an acceleration preset ("none").
+/// `threshold`: the caching policy's threshold as text (`--cache-threshold`), checked
+/// against the policy at `qc_engine_create`; NULL restores the policy's default.
+///
+/// # Safety
+/// `options` is NULL or a live `qc_options`; `threshold` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn qc_options_set_cache_threshold(options: *mut Options, threshold: *const c_char) -> c_int {
+    // SAFETY: forwarded caller promises.
+    unsafe {
+        set_option("qc_options_set_cache_threshold", options, |o| {
+            o.cache_threshold = if threshold.is_null() { None } else { Some(arg_str(threshold, "threshold")?.to_string()) };
+            Ok(())
+        })
+    }
+}
+
+/// `accel`: an acceleration preset ("none", "quantcache", "quantcache:fast", "quantcache:quality").
 ///
 /// # Safety
 /// `options` is NULL or a live `qc_options`; `accel` is NULL or a NUL-terminated string.
