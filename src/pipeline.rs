@@ -149,6 +149,13 @@ pub struct Report {
     pub dit_precision: String,
 }
 
+/// Memory the system can still give (Linux `MemAvailable`), if known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The process's peak resident memory (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -421,6 +428,14 @@ impl Plan {
     /// Height and width the VAE will decode (the request rounded down to its pixel grid).
     pub fn decoded_size(&self) -> (usize, usize) {
         self.decoded
+    }
+
+    /// Token rows of one DiT forward (both guidance halves) and the hidden width:
+    /// the shape of each sub-module output a caching policy keeps.
+    pub fn forward_rows(&self) -> (usize, usize) {
+        let dit = &self.model.dit_cfg;
+        let tokens: usize = self.latent.iter().zip(dit.patch()).map(|(n, p)| n.div_ceil(p)).product();
+        (2 * self.prompts.len() * tokens, dit.hidden_size)
     }
 
     /// DiT block evaluations in one forward (spatial + temporal blocks).

@@ -268,6 +268,10 @@ fn cache_thresholds_and_accel_are_checked() {
     }
     let (ok, err) = qc_run(&["generate", "--prompt", "x", "--model", s(&bare), "--accel", "quantcache", "--output", s(&gif)]);
     assert!(!ok && err.contains("has no QuantCache calibration") && err.contains("qc-run calibrate"), "{err}");
+    // A cache larger than the machine: refused before sampling, with what it needs
+    // (64 frames of 1024x1024: 16.8 M token rows, 3 x 6 kept outputs of 64 f32 each: 72 GiB).
+    let (ok, err) = qc_run(&["generate", "--prompt", "x", "--cache", "hlc", "--frames", "64", "--height", "1024", "--width", "1024", "--output", s(&gif)]);
+    assert!(!ok && err.contains("--cache hlc: its caches need 72.00 GiB") && err.contains("--cache-int8"), "{err}");
 }
 
 /// `qc-bench gpu` without a GPU: it says so, measures the CPU kernels at

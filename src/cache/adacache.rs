@@ -79,6 +79,10 @@ impl ForwardHooks for AdaCache {
     fn cache_bytes(&self) -> usize {
         self.kept.bytes()
     }
+    /// Every sub-module of every block, and the probe's last output.
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, blocks: usize, elem: usize) -> usize {
+        3 * blocks * self.kept.precision.tensor_bytes(rows, channels, elem) + rows * channels * elem
+    }
 }
 
 #[cfg(test)]

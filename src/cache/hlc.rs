@@ -142,6 +142,10 @@ impl ForwardHooks for Hlc {
     fn cache_bytes(&self) -> usize {
         self.state.kept.bytes()
     }
+    /// Every sub-module of every block.
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, blocks: usize, elem: usize) -> usize {
+        3 * blocks * self.precision.tensor_bytes(rows, channels, elem)
+    }
 }
 
 #[cfg(test)]

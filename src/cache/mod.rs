@@ -38,6 +38,16 @@ enum Kept {
     Int8 { q: Tensor, scales: Tensor },
 }
 
+impl CachePrecision {
+    /// Bytes of one kept `[rows, channels]` output at `elem` bytes per computed value.
+    pub fn tensor_bytes(self, rows: usize, channels: usize, elem: usize) -> usize {
+        match self {
+            CachePrecision::Native => rows * channels * elem,
+            CachePrecision::Int8 => rows * (channels + 4),
+        }
+    }
+}
+
 /// The sub-module outputs a policy keeps across steps: the latest per block and
 /// sub-module, before the gate.
 #[derive(Default)]
@@ -289,6 +299,9 @@ impl ForwardHooks for Pruned {
     fn cache_bytes(&self) -> usize {
         self.caching.cache_bytes()
     }
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, blocks: usize, elem: usize) -> usize {
+        self.caching.cache_bytes_needed(rows, channels, blocks, elem)
+    }
     fn wants_block_io(&self, id: BlockId) -> bool {
         self.pruning.wants_block_io(id)
     }
@@ -396,6 +409,9 @@ impl ForwardHooks for Counting<'_> {
     fn cache_bytes(&self) -> usize {
         self.inner.cache_bytes()
     }
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, blocks: usize, elem: usize) -> usize {
+        self.inner.cache_bytes_needed(rows, channels, blocks, elem)
+    }
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         self.close_step();
         self.blocks_total += self.blocks_per_forward;
@@ -498,6 +514,10 @@ mod tests {
             c.finish();
             assert_eq!((c.blocks_computed, c.blocks_total), (want, 1));
         }
+        // What a policy says it will keep matches what it keeps (pab: both attentions of each block).
+        let p = pab::Pab::default();
+        assert_eq!(p.cache_bytes_needed(4, 8, 1, 4), 2 * 4 * 8 * 4);
+        assert_eq!(CachePrecision::Int8.tensor_bytes(4, 8, 4), 4 * (8 + 4));
         // Kept outputs: the latest per sub-module, their peak in bytes.
         let mut inner = pab::Pab::default();
         let mut c = Counting::new(&mut inner, 1);

@@ -82,6 +82,10 @@ impl ForwardHooks for Pab {
     fn cache_bytes(&self) -> usize {
         self.kept.bytes()
     }
+    /// Self- and cross-attention of every block.
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, blocks: usize, elem: usize) -> usize {
+        2 * blocks * self.kept.precision.tensor_bytes(rows, channels, elem)
+    }
 }
 
 #[cfg(test)]

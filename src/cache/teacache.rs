@@ -95,6 +95,10 @@ impl ForwardHooks for TeaCache {
             _ => Ok(()),
         }
     }
+    /// The stack's residual, the previous modulated input and the stack's input.
+    fn cache_bytes_needed(&self, rows: usize, channels: usize, _blocks: usize, elem: usize) -> usize {
+        3 * rows * channels * elem
+    }
     fn cache_bytes(&self) -> usize {
         [&self.state.residual, &self.state.previous_modulated].iter().filter_map(|t| t.as_ref()).map(|t| crate::tensor::byte_len(t.dtype(), t.numel())).sum()
     }

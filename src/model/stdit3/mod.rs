@@ -112,6 +112,12 @@ pub trait ForwardHooks {
     fn cache_bytes(&self) -> usize {
         0
     }
+    /// Bytes the policy's caches will hold at most for forwards of `rows` tokens of
+    /// `channels` over `blocks` blocks, at `elem` bytes per value as computed (4 for
+    /// f32 on the CPU, 2 for the GPU's bf16): checked against the memory before sampling.
+    fn cache_bytes_needed(&self, _rows: usize, _channels: usize, _blocks: usize, _elem: usize) -> usize {
+        0
+    }
     /// The output stored for a sub-module, which a `Reuse` action adds.
     fn cached(&self, _id: BlockId, _sub: SubModule) -> Option<CachedRef<'_>> {
         None
