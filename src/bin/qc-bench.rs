@@ -20,6 +20,8 @@ use std::time::Instant;
 mod cublaslt;
 #[path = "qc_bench/gpu.rs"]
 mod gpu;
+#[path = "qc_bench/schedule.rs"]
+mod schedule;
 
 #[derive(Parser)]
 #[command(name = "qc-bench", version, about = "Benchmarks of the quantcache engine (CPU backend; `gpu`: the CUDA kernels)")]
@@ -47,6 +49,10 @@ enum Command {
     /// full-size DiT (random weights) at 240p and 720p in bf16 and W8A8. Without a usable GPU
     /// it says so and exits 1.
     Gpu(GpuArgs),
+    /// Each caching mode's decisions on the demonstration model, replayed on a DiT of Open-Sora
+    /// 1.2's width (random weights) and timed over the whole sampling loop against the full
+    /// computation in the same run (--device cpu or cuda).
+    Schedule(schedule::ScheduleArgs),
 }
 
 #[derive(Args)]
@@ -164,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Cpu(a)) => cpu(&a),
         Some(Command::Quality(a)) => quality(&a),
         Some(Command::Torch(a)) => torch(&a),
+        Some(Command::Schedule(a)) => schedule::schedule(&a),
         Some(Command::Gpu(a)) => match qc::backend::cuda::probe() {
             Ok(_) => gpu::gpu(&gpu::GpuBenchArgs { reps: a.reps, quick: a.quick, full: a.full }),
             Err(why) => {

@@ -10,6 +10,7 @@ pub mod adacache;
 pub mod calibrate;
 pub mod hlc;
 pub mod pab;
+pub mod replay;
 pub mod srap;
 pub mod teacache;
 use crate::tensor::Tensor;
