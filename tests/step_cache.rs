@@ -33,3 +33,31 @@ fn static_k_skips_forwards_and_stays_close() {
     let e = rel_l2(fast.f32().unwrap(), full.f32().unwrap());
     assert!(e > 1e-6, "skipping steps must change the result ({e})");
 }
+
+/// A schedule recorded by `Counting` and replayed (`cache::replay`) on the same
+/// model reproduces the policy's run bit for bit: step extrapolation (hlc), the
+/// block stack's residual (teacache), kept sub-module outputs.
+#[test]
+fn a_replayed_schedule_reproduces_the_policy() {
+    use qc::cache::replay::Replay;
+    use qc::model::stdit3::ForwardHooks;
+    let be = CpuBackend::new();
+    let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
+    let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
+    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let cfg = RflowConfig { num_steps: 8, ..RflowConfig::default() };
+    let mut hlc = qc::cache::hlc::Hlc::new(5.0);
+    hlc.warmup = 2;
+    let policies: Vec<Box<dyn ForwardHooks>> = vec![Box::new(hlc), Box::new(qc::cache::teacache::TeaCache::new(10.0, vec![1.0, 0.0]))];
+    for mut policy in policies {
+        let mut counting = Counting::new(policy.as_mut(), 2 * model.cfg.depth);
+        counting.schedule = Some(Vec::new());
+        let (cached, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut counting, &mut |_, _| {}).unwrap();
+        counting.finish();
+        assert!(counting.blocks_computed < counting.blocks_total, "the policy must skip work here");
+        let schedule = counting.schedule.take().unwrap();
+        let mut replay = Replay::new(schedule, model.cfg.depth, model.cfg.depth);
+        let (replayed, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut replay, &mut |_, _| {}).unwrap();
+        assert_eq!(replayed.f32().unwrap(), cached.f32().unwrap());
+    }
+}

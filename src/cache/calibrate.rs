@@ -26,35 +26,6 @@ pub const PRESET_FLOORS: [(&str, f64); 2] = [("fast", 29.0), ("quality", 33.0)];
 /// The HLC thresholds (with SRAP at its default) the presets are chosen from.
 pub const HLC_GRID: [f32; 9] = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0];
 
-/// Records which steps a policy computes, passing everything through.
-struct StepRecorder<'a> {
-    inner: &'a mut dyn ForwardHooks,
-    computed: Vec<bool>,
-}
-
-impl ForwardHooks for StepRecorder<'_> {
-    fn timestep(&mut self, t: f32) {
-        self.inner.timestep(t)
-    }
-    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
-        let a = self.inner.step_action(step, steps);
-        self.computed.push(step == 0 || a == StepAction::Compute);
-        a
-    }
-    fn block_action(&mut self, id: crate::model::stdit3::BlockId) -> crate::model::stdit3::BlockAction {
-        self.inner.block_action(id)
-    }
-    fn sub_action(&mut self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> crate::model::stdit3::SubAction {
-        self.inner.sub_action(id, sub)
-    }
-    fn store(&mut self, be: &dyn Backend, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule, output: Tensor) {
-        self.inner.store(be, id, sub, output)
-    }
-    fn cached(&self, id: crate::model::stdit3::BlockId, sub: crate::model::stdit3::SubModule) -> Option<crate::backend::CachedRef<'_>> {
-        self.inner.cached(id, sub)
-    }
-}
-
 /// Per step, the weight of its quantization error under HLC at `threshold` on the
 /// full-precision model: `(1 + steps it serves)^2` for a computed step (its velocity
 /// error moves the latent at every step it serves), 0 for a served step; the mean
@@ -64,11 +35,14 @@ pub fn serving_weights(be: &dyn Backend, paths: &ModelPaths, prompts: &[String],
     let mut weights = vec![0f64; opts.steps];
     for p in prompts {
         let mut hlc = Hlc::new(threshold);
-        let mut rec = StepRecorder { inner: &mut hlc, computed: Vec::new() };
-        plan(paths, std::slice::from_ref(p), opts)?.run(be, opts, &mut rec, &mut |_| {})?;
+        let pl = plan(paths, std::slice::from_ref(p), opts)?;
+        let mut rec = Counting::new(&mut hlc, pl.blocks_per_forward());
+        rec.schedule = Some(Vec::new());
+        pl.run(be, opts, &mut rec, &mut |_| {})?;
+        let computed: Vec<bool> = rec.schedule.unwrap_or_default().iter().map(|s| s.action == Some(StepAction::Compute)).collect();
         let mut i = 0;
-        while i < rec.computed.len() {
-            let span = 1 + rec.computed[i + 1..].iter().take_while(|c| !**c).count();
+        while i < computed.len() {
+            let span = 1 + computed[i + 1..].iter().take_while(|c| !**c).count();
             weights[i] += (span * span) as f64 / prompts.len() as f64;
             i += span;
         }

@@ -334,11 +334,13 @@ pub struct Counting<'a> {
     pub cache_peak_bytes: usize,
     /// Steps that ran the DiT on the conditional half only.
     pub steps_conditional: usize,
+    /// When set, every decision is recorded here, step by step (see [`replay`]).
+    pub schedule: Option<Vec<replay::StepRecord>>,
 }
 
 impl<'a> Counting<'a> {
     pub fn new(inner: &'a mut dyn ForwardHooks, blocks_per_forward: usize) -> Self {
-        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default(), cache_peak_bytes: 0, steps_conditional: 0 }
+        Counting { inner, steps_computed: 0, blocks_computed: 0, blocks_total: 0, blocks_per_forward, step: None, block_open: false, per_key: Default::default(), cache_peak_bytes: 0, steps_conditional: 0, schedule: None }
     }
 
     /// Fraction of block evaluations actually computed.
@@ -374,6 +376,9 @@ impl ForwardHooks for Counting<'_> {
     }
     fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
         let a = self.inner.sub_action(id, sub);
+        if let Some(s) = self.schedule.as_mut().and_then(|s| s.last_mut()) {
+            s.subs.insert((id, sub), a);
+        }
         if self.block_open && matches!(a, SubAction::Compute | SubAction::ComputeAndStore) {
             self.block_open = false;
             self.blocks_computed += 1;
@@ -433,11 +438,17 @@ impl ForwardHooks for Counting<'_> {
             }
             StepAction::ReusePrevious | StepAction::Extrapolate => {}
         }
+        if let Some(s) = self.schedule.as_mut() {
+            s.push(replay::StepRecord { action: Some(a), ..Default::default() });
+        }
         a
     }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         let a = self.inner.block_action(id);
         self.block_open = a == BlockAction::Compute;
+        if let Some(s) = self.schedule.as_mut().and_then(|s| s.last_mut()) {
+            s.blocks.insert(id, a);
+        }
         a
     }
     fn observe(&mut self, name: &str, value: &Tensor) {

@@ -1,4 +1,5 @@
-//! A caching schedule recorded on one model and replayed on another (the same
+//! A caching schedule recorded on one model (by [`super::Counting`] with a
+//! `schedule`) and replayed on another (the same
 //! decisions at every step, block and sub-module), so that a policy's speed can
 //! be timed at full Open-Sora width with the decisions it makes on the
 //! demonstration model (`qc-bench schedule`). Blocks of the second model take
@@ -23,60 +24,6 @@ impl StepRecord {
     /// Whether the step ran the DiT and skipped every block (TeaCache's reuse of the stack residual).
     fn stack_reused(&self) -> bool {
         matches!(self.action, Some(StepAction::Compute)) && !self.blocks.is_empty() && self.blocks.values().all(|a| *a == BlockAction::Skip)
-    }
-}
-
-/// Records the decisions of `inner` while passing everything through.
-pub struct Recorder<'a> {
-    pub inner: &'a mut dyn ForwardHooks,
-    pub steps: Vec<StepRecord>,
-}
-
-impl ForwardHooks for Recorder<'_> {
-    fn timestep(&mut self, t: f32) {
-        self.inner.timestep(t)
-    }
-    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
-        let a = self.inner.step_action(step, steps);
-        // The sampler computes a step that has nothing to reuse yet.
-        let a = if step == 0 { StepAction::Compute } else { a };
-        self.steps.push(StepRecord { action: Some(a), ..Default::default() });
-        a
-    }
-    fn block_action(&mut self, id: BlockId) -> BlockAction {
-        let a = self.inner.block_action(id);
-        if let Some(s) = self.steps.last_mut() {
-            s.blocks.insert(id, a);
-        }
-        a
-    }
-    fn sub_action(&mut self, id: BlockId, sub: SubModule) -> SubAction {
-        let a = self.inner.sub_action(id, sub);
-        if let Some(s) = self.steps.last_mut() {
-            s.subs.insert((id, sub), a);
-        }
-        a
-    }
-    fn store(&mut self, be: &dyn Backend, id: BlockId, sub: SubModule, output: Tensor) {
-        self.inner.store(be, id, sub, output)
-    }
-    fn cached(&self, id: BlockId, sub: SubModule) -> Option<CachedRef<'_>> {
-        self.inner.cached(id, sub)
-    }
-    fn wants_block_io(&self, id: BlockId) -> bool {
-        self.inner.wants_block_io(id)
-    }
-    fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
-        self.inner.block_io(be, id, input, output)
-    }
-    fn wants_modulated_input(&self) -> bool {
-        self.inner.wants_modulated_input()
-    }
-    fn blocks_input(&mut self, be: &dyn Backend, x: &Tensor, modulated: Option<&Tensor>) {
-        self.inner.blocks_input(be, x, modulated)
-    }
-    fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
-        self.inner.blocks_output(be, x)
     }
 }
 

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use qc::backend::select::{DeviceBackend, DeviceChoice};
-use qc::cache::replay::{Recorder, Replay};
+use qc::cache::replay::Replay;
 use qc::cache::Counting;
 use qc::model::stdit3::{ForwardHooks, NoHooks, Stdit3, Stdit3Config, Stdit3Weights};
 use qc::pipeline::{plan, ModelDefaults, ModelPaths};
@@ -95,10 +95,10 @@ pub fn schedule(a: &ScheduleArgs) -> Result<()> {
         let p = plan(&paths, std::slice::from_ref(&a.prompt), &opts)?;
         let blocks = p.blocks_per_forward();
         let mut counting = Counting::new(hooks.as_mut(), blocks);
-        let mut rec = Recorder { inner: &mut counting, steps: Vec::new() };
-        p.run(&cpu, &opts, &mut rec, &mut |_| {})?;
-        let steps = rec.steps;
+        counting.schedule = Some(Vec::new());
+        p.run(&cpu, &opts, &mut counting, &mut |_| {})?;
         counting.finish();
+        let steps = counting.schedule.take().unwrap_or_default();
         let model = if m.quant == QuantPreset::None { &float } else { &quantized };
         let secs = run(model, &mut Replay::new(steps, demo_depth, a.depth))?;
         let label = if m.quant == QuantPreset::None { mode.clone() } else { format!("{mode} (block linears {})", a.quant_as.name()) };
