@@ -294,6 +294,12 @@ pub trait Backend: ConvOps + Send + Sync {
     /// It is read on the host, so a CUDA graph capture refuses it (like any download).
     fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>>;
 
+    /// [`Backend::l1_distance`] of every pair, read back at once: on the GPU every
+    /// pair's reduction, then ONE small download (a policy's per-step read).
+    fn l1_distances(&self, pairs: &[(&Tensor, &Tensor)], parts: usize) -> Result<Vec<Vec<(f32, f32)>>> {
+        pairs.iter().map(|(a, b)| self.l1_distance(a, b, parts)).collect()
+    }
+
     /// `(sum |a|, sum a^2)` per part, same split, for cheap statistics of a tensor (one small read).
     fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>>;
 

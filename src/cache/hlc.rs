@@ -22,7 +22,7 @@
 //!   `separate`, each half measures its own rate and a step where only the
 //!   conditional half is due runs the DiT on that half alone.
 
-use super::{divergence, CachePrecision, SubCache};
+use super::{divergence_of, CachePrecision, SubCache};
 use crate::backend::Backend;
 use crate::model::stdit3::{BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 use crate::tensor::Tensor;
@@ -59,6 +59,9 @@ struct State {
     kept: SubCache,
     /// Timestep at which each block's self-attention output in `kept` was computed.
     kept_t: HashMap<BlockId, f32>,
+    /// This step's self-attention outputs and the ones they replace, with the timestep
+    /// distance: measured together at the end of the step (one read back).
+    pending: Vec<(BlockId, Tensor, Tensor, f32)>,
 }
 
 impl Hlc {
@@ -126,15 +129,27 @@ impl ForwardHooks for Hlc {
         let s = &mut self.state;
         if sub == SubModule::SelfAttention {
             if let (Some(before), Some(at)) = (s.kept.get(id, sub), s.kept_t.get(&id)) {
-                let dt = (at - s.t).abs().max(1e-3);
-                if let Ok(d) = before.values(be, &output).and_then(|before| divergence(be, &output, &before, 2)) {
-                    s.rates.insert(id, [d[0] / dt, d[1] / dt]);
+                if let Ok(before) = before.values(be, &output) {
+                    s.pending.push((id, output.clone(), before, (at - s.t).abs().max(1e-3)));
                 }
             }
             s.kept_t.insert(id, s.t);
             s.computed_t = Some(s.t);
         }
         s.kept.insert(be, id, sub, output);
+    }
+    /// The step's divergence rates, all blocks in one reduction and one read back.
+    fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> anyhow::Result<()> {
+        let pending = std::mem::take(&mut self.state.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(&Tensor, &Tensor)> = pending.iter().map(|(_, now, before, _)| (now, before)).collect();
+        for ((id, _, _, dt), sums) in pending.iter().zip(be.l1_distances(&pairs, 2)?) {
+            let d = divergence_of(&sums);
+            self.state.rates.insert(*id, [d[0] / dt, d[1] / dt]);
+        }
+        Ok(())
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {
         self.state.kept.get(id, sub)
@@ -174,6 +189,7 @@ mod tests {
                             h.store(&be, id, sub, Tensor::from_f32(&[2, 2], vec![c, c, u, u]).unwrap());
                         }
                     }
+                    h.blocks_output(&be, &mut Tensor::zeros(&[2, 2])).unwrap();
                 }
                 a
             })

@@ -21,7 +21,12 @@ use std::collections::HashMap;
 /// row blocks (the guidance halves with `parts = 2`): one reduction on the
 /// backend and one small read (on a GPU, the step's only host read).
 pub fn divergence(be: &dyn Backend, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<f32>> {
-    Ok(be.l1_distance(a, b, parts)?.into_iter().map(|(num, den)| num / den.max(1e-30)).collect())
+    Ok(divergence_of(&be.l1_distance(a, b, parts)?))
+}
+
+/// Relative L1 distances from `l1_distance`'s sums.
+pub fn divergence_of(sums: &[(f32, f32)]) -> Vec<f32> {
+    sums.iter().map(|(num, den)| num / den.max(1e-30)).collect()
 }
 
 /// How a policy stores the sub-module outputs it keeps.
@@ -305,6 +310,9 @@ impl ForwardHooks for Pruned {
     }
     fn wants_block_io(&self, id: BlockId) -> bool {
         self.pruning.wants_block_io(id)
+    }
+    fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
+        self.caching.blocks_output(be, x)
     }
     fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
         self.pruning.block_io(be, id, input, output)

@@ -316,14 +316,25 @@ impl CudaBackend {
     /// pass's name without its dtype suffix): the partials kernel, qc_sum_partials,
     /// then one download of `parts` pairs (which synchronizes the stream).
     fn divergence_sums(&self, kernel: &str, what: &str, a: &Tensor, b: Option<&Tensor>, part_len: usize, parts: usize) -> Result<Vec<(f32, f32)>> {
+        self.refuse_in_capture(&format!("{what}'s device-to-host copy"))?;
+        let out = self.zeros(DType::F32, 2 * parts)?;
+        self.divergence_into(kernel, what, a, b, part_len, parts, out.address())?;
+        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&out.download().map_err(|e| anyhow!("{what}: {e}"))?);
+        Ok(sums.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+    }
+
+    /// Launches the reduction of `a` (against `b`) writing its `2 * parts` sums at device
+    /// address `out` (zeroed by the caller).
+    #[allow(clippy::too_many_arguments)]
+    fn divergence_into(&self, kernel: &str, what: &str, a: &Tensor, b: Option<&Tensor>, part_len: usize, parts: usize, out: u64) -> Result<()> {
         let inputs: Vec<&Tensor> = std::iter::once(a).chain(b).collect();
         for t in &inputs {
             ensure!(matches!(t.dtype(), DType::F32 | DType::BF16), "{what}: expected an f32 or bf16 tensor, got {}", t.dtype().name());
         }
         ensure!(parts <= i32::MAX as usize, "{what}: {parts} parts are too many for the kernel");
-        self.refuse_in_capture(&format!("{what}'s device-to-host copy"))?;
+        // Empty parts: `out` holds zeros already (the callers allocate it zeroed).
         if part_len == 0 {
-            return Ok(vec![(0.0, 0.0); parts]);
+            return Ok(());
         }
         // Both inputs in one dtype: f32 when they differ (bf16 widens exactly).
         let dt = if inputs.iter().all(|t| t.dtype() == a.dtype()) { a.dtype() } else { DType::F32 };
@@ -331,20 +342,17 @@ impl CudaBackend {
         let bb = b.map(|b| self.dev(b, dt)).transpose()?;
         let (grid, block, per_part) = launch_cfg::divergence(part_len as i64, parts as i64, byte_len(dt, 1));
         let partials = self.alloc(DType::F32, 2 * grid as usize)?;
-        let out = self.alloc(DType::F32, 2 * parts)?;
         let args = QcDivergenceArgs {
             a: ab.address(),
             b: bb.as_ref().map_or(0, |b| b.address()),
             partials: partials.address(),
-            out: out.address(),
+            out,
             part_len: part_len as i64,
             parts: parts as i32,
             blocks_per_part: per_part as i32,
         };
         self.run(&format!("{kernel}_{}", Self::suffix(dt)?), (grid, block), args)?;
-        self.run("qc_sum_partials", launch_cfg::sum_partials(), args)?;
-        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&out.download().map_err(|e| anyhow!("{what}: {e}"))?);
-        Ok(sums.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+        self.run("qc_sum_partials", launch_cfg::sum_partials(), args)
     }
 }
 
@@ -473,6 +481,19 @@ impl Backend for CudaBackend {
         ensure!(a.shape() == b.shape(), "l1_distance: shapes {:?} and {:?} differ", a.shape(), b.shape());
         let len = crate::backend::cpu::cache::part_len(a, parts, "l1_distance")?;
         self.divergence_sums("qc_l1_partials", "l1_distance", a, Some(b), len, parts)
+    }
+
+    fn l1_distances(&self, pairs: &[(&Tensor, &Tensor)], parts: usize) -> Result<Vec<Vec<(f32, f32)>>> {
+        self.refuse_in_capture("l1_distances' device-to-host copy")?;
+        let out = self.zeros(DType::F32, 2 * parts * pairs.len())?;
+        for (i, (a, b)) in pairs.iter().enumerate() {
+            ensure!(a.shape() == b.shape(), "l1_distances: pair {i}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+            let len = crate::backend::cpu::cache::part_len(a, parts, "l1_distances")?;
+            self.divergence_into("qc_l1_partials", "l1_distances", a, Some(b), len, parts, out.address() + (i * 2 * parts * 4) as u64)?;
+        }
+        // Every pair's sums in one download.
+        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&out.download().map_err(|e| anyhow!("l1_distances: {e}"))?);
+        Ok(sums.chunks_exact(2 * parts).map(|s| s.chunks_exact(2).map(|p| (p[0], p[1])).collect()).collect())
     }
 
     fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
