@@ -196,6 +196,17 @@ impl PatchGrid {
     }
 }
 
+/// Sums of a reduction not yet read back (`[parts, 2]` f32, host or device):
+/// [`Backend::l1_distance_deferred`], read by [`Backend::read_sums`].
+pub struct PendingSums(pub Tensor);
+
+impl PendingSums {
+    /// `(sum |a - b|, sum |b|)` per part from the host copy `host` of these sums.
+    pub fn to_pairs(&self, host: &Tensor) -> Result<Vec<(f32, f32)>> {
+        Ok(host.f32()?.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+    }
+}
+
 /// A sub-module output kept across steps, as a caching policy stores it: as
 /// computed, or int8 with one scale per row ([`Backend::quantize_rows_i8`]).
 #[derive(Clone, Copy)]
@@ -294,10 +305,17 @@ pub trait Backend: ConvOps + Send + Sync {
     /// It is read on the host, so a CUDA graph capture refuses it (like any download).
     fn l1_distance(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>>;
 
-    /// [`Backend::l1_distance`] of every pair, read back at once: on the GPU every
-    /// pair's reduction, then ONE small download (a policy's per-step read).
-    fn l1_distances(&self, pairs: &[(&Tensor, &Tensor)], parts: usize) -> Result<Vec<Vec<(f32, f32)>>> {
-        pairs.iter().map(|(a, b)| self.l1_distance(a, b, parts)).collect()
+    /// [`Backend::l1_distance`] launched but not read back: its sums stay where they
+    /// were computed (on the GPU, `parts x 2` floats in the arena) until
+    /// [`Backend::read_sums`] reads many of them at once (a policy's one read per step).
+    fn l1_distance_deferred(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<PendingSums> {
+        let sums = self.l1_distance(a, b, parts)?;
+        Ok(PendingSums(Tensor::from_f32(&[parts, 2], sums.iter().flat_map(|&(d, m)| [d, m]).collect())?))
+    }
+
+    /// The sums of every pending reduction, in one read back (one download on the GPU).
+    fn read_sums(&self, pending: &[PendingSums]) -> Result<Vec<Vec<(f32, f32)>>> {
+        pending.iter().map(|p| p.to_pairs(&p.0.to_cpu()?.to_f32()?)).collect()
     }
 
     /// `(sum |a|, sum a^2)` per part, same split, for cheap statistics of a tensor (one small read).

@@ -23,7 +23,7 @@
 //!   conditional half is due runs the DiT on that half alone.
 
 use super::{divergence_of, CachePrecision, SubCache};
-use crate::backend::Backend;
+use crate::backend::{Backend, PendingSums};
 use crate::model::stdit3::{BlockId, ForwardHooks, StepAction, SubAction, SubModule};
 use crate::tensor::Tensor;
 use std::collections::{HashMap, HashSet};
@@ -59,9 +59,9 @@ struct State {
     kept: SubCache,
     /// Timestep at which each block's self-attention output in `kept` was computed.
     kept_t: HashMap<BlockId, f32>,
-    /// This step's self-attention outputs and the ones they replace, with the timestep
-    /// distance: measured together at the end of the step (one read back).
-    pending: Vec<(BlockId, Tensor, Tensor, f32)>,
+    /// This step's measures (each block's self-attention output against the one it
+    /// replaces) and timestep distances, read back together at the end of the step.
+    pending: Vec<(BlockId, PendingSums, f32)>,
 }
 
 impl Hlc {
@@ -129,8 +129,8 @@ impl ForwardHooks for Hlc {
         let s = &mut self.state;
         if sub == SubModule::SelfAttention {
             if let (Some(before), Some(at)) = (s.kept.get(id, sub), s.kept_t.get(&id)) {
-                if let Ok(before) = before.values(be, &output) {
-                    s.pending.push((id, output.clone(), before, (at - s.t).abs().max(1e-3)));
+                if let Ok(sums) = before.values(be, &output).and_then(|before| be.l1_distance_deferred(&output, &before, 2)) {
+                    s.pending.push((id, sums, (at - s.t).abs().max(1e-3)));
                 }
             }
             s.kept_t.insert(id, s.t);
@@ -140,14 +140,10 @@ impl ForwardHooks for Hlc {
     }
     /// The step's divergence rates, all blocks in one reduction and one read back.
     fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> anyhow::Result<()> {
-        let pending = std::mem::take(&mut self.state.pending);
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let pairs: Vec<(&Tensor, &Tensor)> = pending.iter().map(|(_, now, before, _)| (now, before)).collect();
-        for ((id, _, _, dt), sums) in pending.iter().zip(be.l1_distances(&pairs, 2)?) {
+        let (measured, sums): (Vec<(BlockId, f32)>, Vec<PendingSums>) = std::mem::take(&mut self.state.pending).into_iter().map(|(id, s, dt)| ((id, dt), s)).unzip();
+        for ((id, dt), sums) in measured.into_iter().zip(be.read_sums(&sums)?) {
             let d = divergence_of(&sums);
-            self.state.rates.insert(*id, [d[0] / dt, d[1] / dt]);
+            self.state.rates.insert(id, [d[0] / dt, d[1] / dt]);
         }
         Ok(())
     }

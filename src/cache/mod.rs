@@ -312,6 +312,7 @@ impl ForwardHooks for Pruned {
         self.pruning.wants_block_io(id)
     }
     fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
+        self.pruning.blocks_output(be, x)?;
         self.caching.blocks_output(be, x)
     }
     fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {

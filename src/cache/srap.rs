@@ -6,8 +6,8 @@
 //! becomes important is brought back. The first `warmup` steps and the last step
 //! run every block.
 
-use super::divergence;
-use crate::backend::Backend;
+use super::divergence_of;
+use crate::backend::{Backend, PendingSums};
 use crate::model::stdit3::{BlockAction, BlockId, ForwardHooks, StepAction};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
@@ -20,13 +20,15 @@ pub struct Srap {
     last_step: bool,
     /// Per block: its relative contribution and the step it was measured at.
     measured: HashMap<BlockId, (f32, usize)>,
+    /// This step's measures, read back together at the end of the step.
+    pending: Vec<(BlockId, PendingSums)>,
 }
 
 impl Srap {
     pub const DEFAULT_THRESHOLD: f32 = 0.1;
 
     pub fn new(threshold: f32) -> Self {
-        Srap { threshold, refresh: 5, warmup: 4, step: 0, last_step: false, measured: HashMap::new() }
+        Srap { threshold, refresh: 5, warmup: 4, step: 0, last_step: false, measured: HashMap::new(), pending: Vec::new() }
     }
 
     /// Whether block `id` is skipped at this step.
@@ -58,9 +60,18 @@ impl ForwardHooks for Srap {
     }
     fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
         // sum |out - in| / sum |in|: the divergence of the output from the input.
-        if let Ok(d) = divergence(be, output, input, 1) {
-            self.measured.insert(id, (d[0], self.step));
+        if let Ok(sums) = be.l1_distance_deferred(output, input, 1) {
+            self.pending.push((id, sums));
         }
+    }
+    /// Every block's measure of this step, in one read back.
+    fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> anyhow::Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let (ids, sums): (Vec<BlockId>, Vec<PendingSums>) = pending.into_iter().unzip();
+        for (id, s) in ids.into_iter().zip(be.read_sums(&sums)?) {
+            self.measured.insert(id, (divergence_of(&s)[0], self.step));
+        }
+        Ok(())
     }
 }
 
@@ -89,6 +100,7 @@ mod tests {
                     p.block_io(&be, *id, &input, &out);
                 }
             }
+            p.blocks_output(&be, &mut input.clone()).unwrap();
         }
         // Warm-up 0..3 computed; measured at 3, skipped 4..7, measured again at 8, skipped 9, 10; the last step computed.
         assert_eq!(skipped[0], vec![4, 5, 6, 7, 9, 10]);

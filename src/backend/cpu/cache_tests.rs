@@ -192,11 +192,11 @@ fn l1_distance_and_abs_sum_match_f64_sums() {
     assert!(r.iter().all(|&(d, m)| d == 0.0 && m > 0.0));
     assert_sums("abs_sum 4-D", &be.abs_sum(&a, 2).unwrap(), &reference_sums(a.f32().unwrap(), None, 2));
     assert_eq!(be.abs_sum(&Tensor::zeros(&[0, 8]), 2).unwrap(), vec![(0.0, 0.0); 2]);
-    // Several pairs at once: each as l1_distance gives it; a bad pair is an error.
+    // Deferred, then read together: each as l1_distance gives it; a bad pair is an error.
     let (x, y) = (rand(&mut rng, &[6, 5]), rand(&mut rng, &[6, 5]));
-    let batched = be.l1_distances(&[(&a, &a), (&x, &y)], 2).unwrap();
-    assert_eq!(batched, vec![be.l1_distance(&a, &a, 2).unwrap(), be.l1_distance(&x, &y, 2).unwrap()]);
-    assert!(be.l1_distances(&[(&x, &a)], 2).is_err());
+    let pending = [be.l1_distance_deferred(&a, &a, 2).unwrap(), be.l1_distance_deferred(&x, &y, 2).unwrap()];
+    assert_eq!(be.read_sums(&pending).unwrap(), vec![be.l1_distance(&a, &a, 2).unwrap(), be.l1_distance(&x, &y, 2).unwrap()]);
+    assert!(be.l1_distance_deferred(&x, &a, 2).is_err());
 }
 
 #[test]

@@ -187,14 +187,15 @@ fn divergence_sums_match_cpu() {
         let ad = dev_bf16(&be, &a);
         assert!(be.l1_distance(&ad, &ad, 1).unwrap()[0].0 == 0.0, "l1 of a tensor with itself");
     }
-    // Several pairs read back at once: each pair's sums as l1_distance gives them, bit for bit
-    // (the same kernels into one buffer), including an empty pair.
+    // Deferred reductions read back at once: each pair's sums as l1_distance gives them, bit
+    // for bit (the same kernels; gathered on the device, one download), including an empty pair.
     let shapes = [(38usize, 1152usize), (14, 7), (0, 64), (2 * 6, 33)];
     let tensors: Vec<(Tensor, Tensor)> = shapes.iter().map(|&(r, c)| (dev_bf16(&be, &rnd(&mut rng, &[r, c], 1.0)), dev_bf16(&be, &rnd(&mut rng, &[r, c], 1.0)))).collect();
     let pairs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(a, b)| (a, b)).collect();
-    let batched = be.l1_distances(&pairs, 2).unwrap();
+    let pending: Vec<_> = pairs.iter().map(|(a, b)| be.l1_distance_deferred(a, b, 2).unwrap()).collect();
+    let batched = be.read_sums(&pending).unwrap();
     for (i, (a, b)) in pairs.iter().enumerate() {
-        assert_eq!(batched[i], be.l1_distance(a, b, 2).unwrap(), "l1_distances pair {i}");
+        assert_eq!(batched[i], be.l1_distance(a, b, 2).unwrap(), "deferred pair {i}");
     }
     // Views at odd offsets (parts not 16-byte aligned): the scalar path.
     let (a, b) = (rnd(&mut rng, &[11, 7], 1.0), rnd(&mut rng, &[11, 7], 1.0));

@@ -7,7 +7,7 @@ use super::buffer::DeviceBuffer;
 use super::executor::{float_dtype, host_slice, rows_of, CudaBackend};
 use super::graph::StepValues;
 use super::launch_cfg;
-use crate::backend::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope, StepGraphSession};
+use crate::backend::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, PendingSums, Rope, StepGraphSession};
 use crate::tensor::{byte_len, DType, Storage, Tensor};
 use anyhow::{anyhow, bail, ensure, Result};
 
@@ -483,17 +483,31 @@ impl Backend for CudaBackend {
         self.divergence_sums("qc_l1_partials", "l1_distance", a, Some(b), len, parts)
     }
 
-    fn l1_distances(&self, pairs: &[(&Tensor, &Tensor)], parts: usize) -> Result<Vec<Vec<(f32, f32)>>> {
-        self.refuse_in_capture("l1_distances' device-to-host copy")?;
-        let out = self.zeros(DType::F32, 2 * parts * pairs.len())?;
-        for (i, (a, b)) in pairs.iter().enumerate() {
-            ensure!(a.shape() == b.shape(), "l1_distances: pair {i}: shapes {:?} and {:?} differ", a.shape(), b.shape());
-            let len = crate::backend::cpu::cache::part_len(a, parts, "l1_distances")?;
-            self.divergence_into("qc_l1_partials", "l1_distances", a, Some(b), len, parts, out.address() + (i * 2 * parts * 4) as u64)?;
+    fn l1_distance_deferred(&self, a: &Tensor, b: &Tensor, parts: usize) -> Result<PendingSums> {
+        ensure!(a.shape() == b.shape(), "l1_distance: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let len = crate::backend::cpu::cache::part_len(a, parts, "l1_distance")?;
+        let out = self.zeros(DType::F32, 2 * parts)?;
+        self.divergence_into("qc_l1_partials", "l1_distance", a, Some(b), len, parts, out.address())?;
+        Ok(PendingSums(self.tensor(&[parts, 2], out)?))
+    }
+
+    fn read_sums(&self, pending: &[PendingSums]) -> Result<Vec<Vec<(f32, f32)>>> {
+        if pending.is_empty() {
+            return Ok(Vec::new());
         }
-        // Every pair's sums in one download.
-        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&out.download().map_err(|e| anyhow!("l1_distances: {e}"))?);
-        Ok(sums.chunks_exact(2 * parts).map(|s| s.chunks_exact(2).map(|p| (p[0], p[1])).collect()).collect())
+        self.refuse_in_capture("read_sums' device-to-host copy")?;
+        // Every pending result gathered on the device, then one download.
+        let all = self.concat(&pending.iter().map(|p| &p.0).collect::<Vec<_>>())?.to_cpu()?.to_f32()?;
+        let mut at = 0;
+        pending
+            .iter()
+            .map(|p| {
+                let n = p.0.shape()[0];
+                let part = Tensor::from_f32(&[n, 2], all.f32()?[2 * at..2 * (at + n)].to_vec())?;
+                at += n;
+                p.to_pairs(&part)
+            })
+            .collect()
     }
 
     fn abs_sum(&self, a: &Tensor, parts: usize) -> Result<Vec<(f32, f32)>> {
