@@ -60,12 +60,27 @@ struct State {
     /// Timestep at which each block's self-attention output in `kept` was computed.
     kept_t: HashMap<BlockId, f32>,
     /// This step's measures (each block's self-attention output against the one it
-    /// replaces) and timestep distances, read back together at the end of the step.
-    pending: Vec<(BlockId, PendingSums, f32)>,
+    /// replaces), read back together at the end of the step, and what they are of:
+    /// the block and the timestep distance.
+    pending: Vec<PendingSums>,
+    pending_of: Vec<(BlockId, f32)>,
 }
 
 impl Hlc {
     pub const DEFAULT_THRESHOLD: f32 = 0.2;
+
+    /// The measures launched during this step, to read back (with another policy's: `hlc+srap`).
+    pub fn take_measures(&mut self) -> Vec<PendingSums> {
+        std::mem::take(&mut self.state.pending)
+    }
+
+    /// Their sums as read back, in order: the blocks' divergence rates.
+    pub fn apply_measures(&mut self, read: Vec<Vec<(f32, f32)>>) {
+        for ((id, dt), sums) in std::mem::take(&mut self.state.pending_of).into_iter().zip(read) {
+            let d = divergence_of(&sums);
+            self.state.rates.insert(id, [d[0] / dt, d[1] / dt]);
+        }
+    }
 
     pub fn new(threshold: f32) -> Self {
         Hlc { threshold, block_ratio: 0.5, max_reuse: 6, warmup: 4, separate_cfg: false, precision: CachePrecision::Native, state: State::default() }
@@ -130,7 +145,8 @@ impl ForwardHooks for Hlc {
         if sub == SubModule::SelfAttention {
             if let (Some(before), Some(at)) = (s.kept.get(id, sub), s.kept_t.get(&id)) {
                 if let Ok(sums) = before.values(be, &output).and_then(|before| be.l1_distance_deferred(&output, &before, 2)) {
-                    s.pending.push((id, sums, (at - s.t).abs().max(1e-3)));
+                    s.pending.push(sums);
+                    s.pending_of.push((id, (at - s.t).abs().max(1e-3)));
                 }
             }
             s.kept_t.insert(id, s.t);
@@ -138,13 +154,11 @@ impl ForwardHooks for Hlc {
         }
         s.kept.insert(be, id, sub, output);
     }
-    /// The step's divergence rates, all blocks in one reduction and one read back.
+    /// The step's divergence rates, every block's measure in one read back.
     fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> anyhow::Result<()> {
-        let (measured, sums): (Vec<(BlockId, f32)>, Vec<PendingSums>) = std::mem::take(&mut self.state.pending).into_iter().map(|(id, s, dt)| ((id, dt), s)).unzip();
-        for ((id, dt), sums) in measured.into_iter().zip(be.read_sums(&sums)?) {
-            let d = divergence_of(&sums);
-            self.state.rates.insert(id, [d[0] / dt, d[1] / dt]);
-        }
+        let sums = self.take_measures();
+        let read = be.read_sums(&sums)?;
+        self.apply_measures(read);
         Ok(())
     }
     fn cached(&self, id: BlockId, sub: SubModule) -> Option<crate::backend::CachedRef<'_>> {

@@ -311,9 +311,16 @@ impl ForwardHooks for Pruned {
     fn wants_block_io(&self, id: BlockId) -> bool {
         self.pruning.wants_block_io(id)
     }
-    fn blocks_output(&mut self, be: &dyn Backend, x: &mut Tensor) -> Result<()> {
-        self.pruning.blocks_output(be, x)?;
-        self.caching.blocks_output(be, x)
+    /// Both policies' measures of the step in one read back.
+    fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> Result<()> {
+        let mut sums = self.pruning.take_measures();
+        let pruning = sums.len();
+        sums.extend(self.caching.take_measures());
+        let mut read = be.read_sums(&sums)?;
+        let caching = read.split_off(pruning);
+        self.pruning.apply_measures(read);
+        self.caching.apply_measures(caching);
+        Ok(())
     }
     fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
         self.pruning.block_io(be, id, input, output)

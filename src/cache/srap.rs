@@ -20,15 +20,28 @@ pub struct Srap {
     last_step: bool,
     /// Per block: its relative contribution and the step it was measured at.
     measured: HashMap<BlockId, (f32, usize)>,
-    /// This step's measures, read back together at the end of the step.
-    pending: Vec<(BlockId, PendingSums)>,
+    /// This step's measures, read back together at the end of the step, and their blocks.
+    pending: Vec<PendingSums>,
+    pending_of: Vec<BlockId>,
 }
 
 impl Srap {
     pub const DEFAULT_THRESHOLD: f32 = 0.1;
 
     pub fn new(threshold: f32) -> Self {
-        Srap { threshold, refresh: 5, warmup: 4, step: 0, last_step: false, measured: HashMap::new(), pending: Vec::new() }
+        Srap { threshold, refresh: 5, warmup: 4, step: 0, last_step: false, measured: HashMap::new(), pending: Vec::new(), pending_of: Vec::new() }
+    }
+
+    /// The measures launched during this step, to read back (with another policy's: `hlc+srap`).
+    pub fn take_measures(&mut self) -> Vec<PendingSums> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Their sums as read back, in order: the blocks' contributions.
+    pub fn apply_measures(&mut self, read: Vec<Vec<(f32, f32)>>) {
+        for (id, sums) in std::mem::take(&mut self.pending_of).into_iter().zip(read) {
+            self.measured.insert(id, (divergence_of(&sums)[0], self.step));
+        }
     }
 
     /// Whether block `id` is skipped at this step.
@@ -61,16 +74,15 @@ impl ForwardHooks for Srap {
     fn block_io(&mut self, be: &dyn Backend, id: BlockId, input: &Tensor, output: &Tensor) {
         // sum |out - in| / sum |in|: the divergence of the output from the input.
         if let Ok(sums) = be.l1_distance_deferred(output, input, 1) {
-            self.pending.push((id, sums));
+            self.pending.push(sums);
+            self.pending_of.push(id);
         }
     }
     /// Every block's measure of this step, in one read back.
     fn blocks_output(&mut self, be: &dyn Backend, _x: &mut Tensor) -> anyhow::Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        let (ids, sums): (Vec<BlockId>, Vec<PendingSums>) = pending.into_iter().unzip();
-        for (id, s) in ids.into_iter().zip(be.read_sums(&sums)?) {
-            self.measured.insert(id, (divergence_of(&s)[0], self.step));
-        }
+        let sums = self.take_measures();
+        let read = be.read_sums(&sums)?;
+        self.apply_measures(read);
         Ok(())
     }
 }
