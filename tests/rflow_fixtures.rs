@@ -6,7 +6,7 @@ use qc::backend::cpu::CpuBackend;
 use qc::checkpoint::Checkpoint;
 use qc::model::stdit3::inputs::SampleInputs;
 use qc::model::stdit3::{NoHooks, Stdit3};
-use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use qc::sampler::rflow::{sample, RflowConfig};
 use qc::tensor::rel_l2;
 
 fn check_case(name: &str) {
@@ -21,7 +21,7 @@ fn check_case(name: &str) {
         cfg_scale: meta("cfg_scale").parse().unwrap(),
         use_timestep_transform: meta("use_timestep_transform") == "true",
     };
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
     let mut steps_seen = 0;
     let (z, ts) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |i, _| steps_seen = i).unwrap();
     assert_eq!(steps_seen, cfg.num_steps);

@@ -7,7 +7,7 @@ use qc::backend::cpu::CpuBackend;
 use qc::cache::{Counting, StaticK};
 use qc::model::stdit3::inputs::SampleInputs;
 use qc::model::stdit3::{NoHooks, Stdit3};
-use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use qc::sampler::rflow::{sample, RflowConfig};
 use qc::tensor::rel_l2;
 
 #[test]
@@ -15,7 +15,7 @@ fn static_k_skips_forwards_and_stays_close() {
     let be = CpuBackend::new();
     let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
     let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
     let cfg = RflowConfig { num_steps: 6, ..RflowConfig::default() };
     let (full, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
     let mut k1 = StaticK { k: 1 };
@@ -44,7 +44,7 @@ fn a_replayed_schedule_reproduces_the_policy() {
     let be = CpuBackend::new();
     let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
     let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
     let cfg = RflowConfig { num_steps: 8, ..RflowConfig::default() };
     let mut hlc = qc::cache::hlc::Hlc::new(5.0);
     hlc.warmup = 2;

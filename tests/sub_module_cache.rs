@@ -6,7 +6,7 @@ mod common;
 use qc::backend::cpu::CpuBackend;
 use qc::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use qc::model::stdit3::{BlockId, DitInput, ForwardHooks, NoHooks, Stdit3, SubAction, SubModule};
-use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use qc::sampler::rflow::{sample, RflowConfig};
 use qc::tensor::{rel_l2, Tensor};
 use std::collections::HashMap;
 
@@ -83,7 +83,7 @@ fn reuse_across_steps_stays_close() {
     let be = CpuBackend::new();
     let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
     let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
     let cfg = RflowConfig { num_steps: 6, ..RflowConfig::default() };
     let (full, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
     let subs = 3 * 2 * model.cfg.depth;

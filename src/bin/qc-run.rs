@@ -10,7 +10,7 @@ use qc::backend::select::{DeviceBackend, DeviceChoice};
 use qc::io::write_safetensors;
 use qc::model::stdit3::inputs::{ForwardInputs, SampleInputs};
 use qc::model::stdit3::{DitInput, NoHooks, Stdit3, Trace};
-use qc::sampler::rflow::{sample, RflowConfig, VideoGeometry};
+use qc::sampler::rflow::{sample, RflowConfig};
 use qc::checkpoint::Checkpoint;
 use qc::model::t5::T5Encoder;
 use qc::model::vae::VideoVae;
@@ -465,7 +465,7 @@ fn sample_cmd(a: SampleArgs) -> Result<()> {
     anyhow::ensure!(cfg.cfg_scale.is_finite(), "--cfg must be a finite number");
     cfg.num_timesteps = parse("num_timesteps")?.map(|v| v as f32).unwrap_or(cfg.num_timesteps);
     cfg.use_timestep_transform = !a.no_timestep_transform && meta("use_timestep_transform").as_deref() != Some("false");
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
 
     let bar = ProgressBar::new(cfg.num_steps as u64);
     bar.set_style(ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}]").expect("valid template"));

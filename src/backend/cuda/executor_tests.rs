@@ -575,7 +575,7 @@ fn fixture_sampling() -> FixtureSampling {
         use_timestep_transform: inp.metadata.get("use_timestep_transform").map(|v| v != "false").unwrap_or(true),
         ..RflowConfig::default()
     };
-    let geo = VideoGeometry { height: inp.height.clone(), width: inp.width.clone(), num_frames: inp.num_frames.clone(), fps: inp.fps.clone() };
+    let geo = inp.geometry();
     let want = Checkpoint::open_file(&path).unwrap().load_f32("z").unwrap();
     FixtureSampling { inp, cfg, geo, want }
 }

@@ -113,6 +113,11 @@ impl ForwardInputs {
 }
 
 impl SampleInputs {
+    /// The per-sample video geometry the sampler conditions on.
+    pub fn geometry(&self) -> crate::sampler::rflow::VideoGeometry {
+        crate::sampler::rflow::VideoGeometry { height: self.height.clone(), width: self.width.clone(), num_frames: self.num_frames.clone(), fps: self.fps.clone() }
+    }
+
     pub fn read(path: &Path) -> Result<Self> {
         let r = Reader::open(path)?;
         let z0 = r.f32_tensor("z0", 5)?;
