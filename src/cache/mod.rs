@@ -520,6 +520,35 @@ mod tests {
         assert_eq!((c.steps_computed, c.blocks_computed, c.blocks_total), (3, 12, 28));
     }
 
+    /// An int8 cache keeps a quarter of the f32 bytes and gives back the values within half
+    /// a step of each row's scale, both when added by the reuse op and as a tensor (what HLC
+    /// measures against); a native cache gives them back exactly.
+    #[test]
+    fn int8_sub_cache_round_trips_within_its_scales() {
+        let be = crate::backend::cpu::CpuBackend::new();
+        let id = BlockId { kind: crate::model::stdit3::BlockKind::Spatial, index: 0 };
+        let mut rng = crate::rng::Rng::new(9);
+        for (rows, c) in [(3usize, 8usize), (17, 64), (2, 1152)] {
+            let y = Tensor::from_f32(&[rows, c], rng.normal_vec(rows * c)).unwrap();
+            let mut native = SubCache::default();
+            let mut int8 = SubCache { precision: CachePrecision::Int8, ..Default::default() };
+            native.insert(&be, id, SubModule::Mlp, y.clone());
+            int8.insert(&be, id, SubModule::Mlp, y.clone());
+            assert_eq!((native.bytes(), int8.bytes()), (rows * c * 4, rows * (c + 4)));
+            assert_eq!(native.get(id, SubModule::Mlp).unwrap().values(&be, &y).unwrap().f32().unwrap(), y.f32().unwrap());
+            let back = int8.get(id, SubModule::Mlp).unwrap().values(&be, &y).unwrap();
+            let mut added = Tensor::zeros(&[rows, c]);
+            int8.get(id, SubModule::Mlp).unwrap().add_gated(&be, &mut added, None).unwrap();
+            assert_eq!(added.f32().unwrap(), back.f32().unwrap());
+            for (r, (got, want)) in back.f32().unwrap().chunks(c).zip(y.f32().unwrap().chunks(c)).enumerate() {
+                let half_step = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0 / 2.0;
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() <= half_step * 1.001 + 1e-7, "{rows}x{c} row {r}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     /// A block whose sub-modules are all reused (or skipped) is not a block evaluation;
     /// one computed sub-module makes it one.
     #[test]
