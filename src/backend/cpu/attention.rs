@@ -4,7 +4,7 @@
 
 use super::gemm::{sgemm, MatRef};
 use super::math;
-use super::simd::multiversion;
+use super::attention_direct::attend_direct;
 use crate::backend::AttnSpec;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -19,15 +19,15 @@ const DIRECT_MAX_KEYS: usize = 128;
 const DIRECT_MAX_HEAD_DIM: usize = 32;
 
 /// One task's inputs: `tq` query rows and `lk` key/value rows of one head, rows `stride` apart.
-struct Tile<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    stride: usize,
-    tq: usize,
-    lk: usize,
-    d: usize,
-    scale: f32,
+pub(super) struct Tile<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    pub tq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub scale: f32,
 }
 
 /// A raw output pointer shared by tasks that write disjoint regions.
@@ -93,7 +93,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
 }
 
 /// Additive score bias rows for the tile's queries (`[tq, >= lk]`, rows `.1` apart).
-type BiasRows<'a> = Option<(&'a [f32], usize)>;
+pub(super) type BiasRows<'a> = Option<(&'a [f32], usize)>;
 
 /// `S = Q K^T` and `P V` through the GEMM, the softmax in between.
 fn attend_gemm(t: &Tile, bias: BiasRows, dst: &mut [f32], scores: &mut Vec<f32>) {
@@ -113,62 +113,6 @@ fn attend_gemm(t: &Tile, bias: BiasRows, dst: &mut [f32], scores: &mut Vec<f32>)
         let inv = 1.0 / sums[r];
         dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= inv);
     }
-}
-
-multiversion! {
-/// Few keys: `K` transposed once per tile; scores and outputs are accumulated
-/// 16 lanes at a time in registers (one vector FMA per key or head-dim element).
-fn attend_direct(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &mut Vec<f32>) {
-    const L: usize = 16;
-    let (lk, d, c) = (t.lk, t.d, t.stride);
-    // Keys padded to whole vectors with zero columns; their scores are computed and dropped.
-    let lkp = lk.div_ceil(L) * L;
-    scratch.clear();
-    scratch.resize(d * lkp + lkp, 0.0);
-    let (kt, s_pad) = scratch.split_at_mut(d * lkp);
-    for j in 0..lk {
-        for (dd, &kv) in t.k[j * c..][..d].iter().enumerate() {
-            kt[dd * lkp + j] = kv;
-        }
-    }
-    let full_d = d / L * L;
-    for r in 0..t.tq {
-        let q = &t.q[r * c..][..d];
-        for j0 in (0..lkp).step_by(L) {
-            let mut acc = [0f32; L];
-            for (dd, &qv) in q.iter().enumerate() {
-                let kr = &kt[dd * lkp + j0..][..L];
-                for i in 0..L {
-                    acc[i] += qv * kr[i];
-                }
-            }
-            s_pad[j0..j0 + L].copy_from_slice(&acc);
-        }
-        let s = &mut s_pad[..lk];
-        match bias {
-            None => s.iter_mut().for_each(|x| *x *= t.scale),
-            Some((bv, bl)) => s.iter_mut().zip(&bv[r * bl..][..lk]).for_each(|(x, b)| *x = *x * t.scale + b),
-        }
-        let inv = 1.0 / math::softmax_numerators_inline(s);
-        let s = &s_pad[..lk];
-        let o = &mut dst[r * c..][..d];
-        for d0 in (0..full_d).step_by(L) {
-            let mut acc = [0f32; L];
-            for (j, &p) in s.iter().enumerate() {
-                let vr = &t.v[j * c + d0..][..L];
-                for i in 0..L {
-                    acc[i] += p * vr[i];
-                }
-            }
-            for i in 0..L {
-                o[d0 + i] = acc[i] * inv;
-            }
-        }
-        for (dd, ov) in o.iter_mut().enumerate().skip(full_d) {
-            *ov = s.iter().enumerate().map(|(j, &p)| p * t.v[j * c + dd]).sum::<f32>() * inv;
-        }
-    }
-}
 }
 
 #[cfg(test)]

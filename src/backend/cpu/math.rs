@@ -53,7 +53,7 @@ pub fn softmax_numerators_inline(row: &mut [f32]) -> f32 {
             mx[i] = mx[i].max(c[i]);
         }
     }
-    let m = chunks.remainder().iter().chain(mx.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let m = chunks.remainder().iter().fold(reduce16(mx, f32::max), |a, &b| a.max(b));
     for x in row.iter_mut() {
         *x = exp(*x - m);
     }
@@ -64,7 +64,20 @@ pub fn softmax_numerators_inline(row: &mut [f32]) -> f32 {
             acc[i] += c[i];
         }
     }
-    chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+    chunks.remainder().iter().sum::<f32>() + reduce16(acc, |a, b| a + b)
+}
+
+/// `f` folded over 16 lanes as a tree (halves, quarters, ...): each level is one
+/// shuffle and one vector op, where a left-to-right fold is 15 dependent scalar
+/// ones, which dominated the softmax of short rows.
+#[inline(always)]
+pub fn reduce16(mut v: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            v[i] = f(v[i], v[i + w]);
+        }
+    }
+    v[0]
 }
 
 /// tanh through `1 - 2 / (e^{2x} + 1)`; absolute error ~1e-7.

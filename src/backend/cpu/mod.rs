@@ -1,6 +1,7 @@
 //! The CPU reference backend: defines every op's semantics, multi-threaded with rayon.
 
 mod attention;
+mod attention_direct;
 pub mod attention_int8;
 pub mod cache;
 #[cfg(test)]
