@@ -1,7 +1,9 @@
 //! CPU backend ops at the demonstration model's and Open-Sora 1.2's shapes,
 //! each timed next to a baseline measured in the same run:
 //! - attention (spatial, temporal, cross) against a straightforward scalar attention;
-//! - W8A8 and W4A8 linears against the f32 linear of the same layer.
+//! - W8A8 and W4A8 linears against the f32 linear of the same layer;
+//! - layer norm fused with the W8A8 linear's activation quantization against
+//!   the two ops one after the other.
 //!
 //! `cargo bench --bench cpu_ops [-- FILTER]` times the cases whose name holds
 //! FILTER (median of repeated runs); under
@@ -126,6 +128,25 @@ fn linear_cases(bench: bool, filter: &str, rng: &mut Rng, out: &mut Vec<Case>) {
     }
 }
 
+fn fused_norm_cases(bench: bool, filter: &str, rng: &mut Rng, out: &mut Vec<Case>) {
+    let shapes = [("fused norm + W8A8 linear, demo qkv", 512, 64, 192), ("fused norm + W8A8 linear, demo mlp.fc1", 512, 64, 256)];
+    let budget = Duration::from_millis(if bench { 1500 } else { 0 });
+    let be = CpuBackend::new();
+    for (name, rows, k, n) in shapes.into_iter().filter(|s| s.0.contains(filter)) {
+        let w = Tensor::from_f32(&[n, k], rng.normal_vec(n * k)).unwrap();
+        let f32_linear = Linear { weight: LinearWeight::F32(w), bias: None, in_features: k, out_features: n };
+        let smooth: Vec<f32> = rng.normal_vec(k).iter().map(|v| 1.0 + 0.5 * v.abs()).collect();
+        let ql = f32_linear.to_int8(Some(&smooth), 127).unwrap();
+        let x = Tensor::from_f32(&[rows, k], rng.normal_vec(rows * k)).unwrap();
+        let two_ops = || be.linear(&be.layer_norm_modulate(&x, 1e-6, None).unwrap(), &ql, Activation::None).unwrap();
+        let fused = || be.norm_modulate_linear(&x, 1e-6, None, &ql, Activation::None).unwrap();
+        assert_eq!(two_ops().f32().unwrap(), fused().f32().unwrap(), "{name}: fused and separate ops differ");
+        let base = median_time(budget, || drop(two_ops()));
+        let op = median_time(budget, || drop(fused()));
+        out.push(Case { name, baseline: "layer norm, then linear", base, op });
+    }
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` does not.
     let bench = std::env::args().any(|a| a == "--bench");
@@ -134,6 +155,7 @@ fn main() {
     let mut cases = Vec::new();
     attention_cases(bench, &filter, &mut rng, &mut cases);
     linear_cases(bench, &filter, &mut rng, &mut cases);
+    fused_norm_cases(bench, &filter, &mut rng, &mut cases);
     if !bench {
         println!("cpu_ops: {} cases checked against their baselines (run `cargo bench --bench cpu_ops` to time them)", cases.len());
         return;

@@ -268,6 +268,15 @@ pub trait Backend: ConvOps + Send + Sync {
 
     /// LayerNorm without affine over the last dim, then `* (1 + scale) + shift` when given.
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor>;
+
+    /// `linear(layer_norm_modulate(x, eps, modulation), w, act)`, the same values.
+    /// The CPU backend fuses it for integer weights: each row is normalized,
+    /// modulated, divided by the importance vector and quantized in one pass,
+    /// with no float copy of the normalized tensor. Others run the two ops.
+    fn norm_modulate_linear(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>, w: &Linear, act: Activation) -> Result<Tensor> {
+        let h = self.layer_norm_modulate(x, eps, modulation)?;
+        self.linear(&h, w, act)
+    }
     /// `x += gate * y` per row (`x += y` without a gate), `y` holding the same rows as `x`: a
     /// sub-module's contribution added from its output before the gate (the
     /// cached-residual reuse op; `linear_residual` fuses the same add into the GEMM).

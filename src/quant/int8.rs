@@ -138,13 +138,38 @@ pub struct QuantRows {
     pub cols: usize,
 }
 
-/// Quantizes every row of `x` (`[rows, cols]`) per token.
-pub fn quantize_rows(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<QuantRows> {
-    ensure!(cols > 0 && x.len() % cols == 0, "quantize: {} values are not rows of {cols}", x.len());
+fn check_quantize_args(cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<()> {
+    ensure!(cols > 0, "quantize: rows of 0 columns");
     ensure!(qmax == QMAX_A8 || qmax == QMAX_A6, "quantize: qmax must be {QMAX_A8} or {QMAX_A6}, got {qmax}");
     if let Some(s) = inv_smooth {
         ensure!(s.len() == cols, "quantize: smoothing vector has {} entries for {cols} columns", s.len());
     }
+    Ok(())
+}
+
+/// Quantizes `rows` rows of `cols` per token, each written by `produce(row,
+/// buf)` into a per-worker scratch row just before it is quantized: the
+/// producer op (layer norm + modulate) fused with the quantization, with no
+/// full-size float intermediate. Same values as producing every row, then
+/// [`quantize_rows`].
+pub fn quantize_produced_rows(rows: usize, cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, produce: impl Fn(usize, &mut [f32]) + Sync) -> Result<QuantRows> {
+    check_quantize_args(cols, inv_smooth, qmax)?;
+    let mut q = vec![0i8; rows * cols];
+    let mut scale = vec![0f32; rows];
+    q.par_chunks_mut(cols).zip(scale.par_iter_mut()).enumerate().with_min_len(64).for_each_init(
+        || vec![0f32; cols],
+        |buf, (row, (qr, s))| {
+            produce(row, buf);
+            *s = quantize_row(buf, inv_smooth, qmax, qr);
+        },
+    );
+    Ok(QuantRows { q, scale, rows, cols })
+}
+
+/// Quantizes every row of `x` (`[rows, cols]`) per token.
+pub fn quantize_rows(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<QuantRows> {
+    check_quantize_args(cols, inv_smooth, qmax)?;
+    ensure!(x.len() % cols == 0, "quantize: {} values are not rows of {cols}", x.len());
     let rows = x.len() / cols;
     let mut q = vec![0i8; x.len()];
     let mut scale = vec![0f32; rows];

@@ -75,6 +75,50 @@ fn act_in_place(v: &mut [f32], act: Activation) {
 /// output otherwise takes ~18,000 page faults as the GEMM first writes it, about
 /// a third of a W8A8 linear's time on this project's VM (measured: 32 ms extra
 /// at 4050x1152x4608, 11 ms with huge pages).
+/// How an integer linear quantizes its input rows: the importance vector's
+/// inverse and the activation range; `None` for float weights.
+fn activation_quantization(w: &Linear) -> Option<(Option<&[f32]>, i32)> {
+    match &w.weight {
+        LinearWeight::Int8(q) => Some((q.inv_smooth.as_deref(), q.act_qmax)),
+        LinearWeight::Int4(q) => Some((q.inv_smooth.as_deref(), q.act_qmax)),
+        LinearWeight::F32(_) | LinearWeight::Half(_) => None,
+    }
+}
+
+/// `out = a W^T + b` for an integer weight, the bias added by the dequantization
+/// in the documented order.
+fn integer_linear(a: &int8::QuantRows, w: &Linear, out: &mut [f32]) -> Result<()> {
+    let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+    match &w.weight {
+        LinearWeight::Int8(q) => int8::linear_f32(a, q, bias, out),
+        LinearWeight::Int4(q) => crate::quant::int4::linear_f32(a, q, bias, out),
+        LinearWeight::F32(_) | LinearWeight::Half(_) => bail!("integer_linear on a float weight"),
+    }
+}
+
+/// The shift and scale rows of each token row, checked once.
+struct RowModulation<'a> {
+    shift: (ModRef<'a>, &'a [f32]),
+    scale: (ModRef<'a>, &'a [f32]),
+    c: usize,
+}
+
+impl<'a> RowModulation<'a> {
+    fn new(modulation: Option<(ModRef<'a>, ModRef<'a>)>, rows: usize, c: usize) -> Result<Option<Self>> {
+        let Some((shift, scale)) = modulation else { return Ok(None) };
+        check_mod(&shift, rows, c, "modulate shift")?;
+        check_mod(&scale, rows, c, "modulate scale")?;
+        ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
+        let (st, sc) = (shift.table.f32()?, scale.table.f32()?);
+        Ok(Some(RowModulation { shift: (shift, st), scale: (scale, sc), c }))
+    }
+
+    fn row(&self, row: usize) -> (&'a [f32], &'a [f32]) {
+        let e = self.shift.0.groups.index[row / self.shift.0.groups.group_size];
+        (mod_vec(&self.shift.0, self.shift.1, e, self.c), mod_vec(&self.scale.0, self.scale.1, e, self.c))
+    }
+}
+
 fn output_buffer(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
     #[cfg(target_os = "linux")]
@@ -111,17 +155,10 @@ impl CpuBackend {
                 let ws = wide.f32()?;
                 sgemm(rows, n, k, MatRef { data: xs, rs: k, cs: 1 }, MatRef { data: ws, rs: 1, cs: k }, &mut out, n, false, threads);
             }
-            LinearWeight::Int8(q) => {
-                // Bias added by the dequantization, in the documented order.
-                let a = int8::quantize_rows(xs, k, q.inv_smooth.as_deref(), q.act_qmax)?;
-                let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-                int8::linear_f32(&a, q, bias, &mut out)?;
-                return Ok((out, rows));
-            }
-            LinearWeight::Int4(q) => {
-                let a = int8::quantize_rows(xs, k, q.inv_smooth.as_deref(), q.act_qmax)?;
-                let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-                crate::quant::int4::linear_f32(&a, q, bias, &mut out)?;
+            LinearWeight::Int8(_) | LinearWeight::Int4(_) => {
+                let (inv_smooth, qmax) = activation_quantization(w).ok_or_else(|| anyhow::anyhow!("integer weight without activation quantization"))?;
+                let a = int8::quantize_rows(xs, k, inv_smooth, qmax)?;
+                integer_linear(&a, w, &mut out)?;
                 return Ok((out, rows));
             }
         }
@@ -201,22 +238,34 @@ impl Backend for CpuBackend {
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor> {
         let (rows, c) = rows_of(x);
         let xs = x.f32()?;
+        let m = RowModulation::new(modulation, rows, c)?;
         let mut out = vec![0f32; xs.len()];
-        match modulation {
-            None => out.par_chunks_mut(c).zip(xs.par_chunks(c)).with_min_len(chunk_rows(c)).for_each(|(o, i)| norm::layer_norm_row(i, o, eps, None)),
-            Some((shift, scale)) => {
-                check_mod(&shift, rows, c, "modulate shift")?;
-                check_mod(&scale, rows, c, "modulate scale")?;
-                let (st, sc) = (shift.table.f32()?, scale.table.f32()?);
-                let gs = shift.groups.group_size;
-                ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
-                out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, (o, i))| {
-                    let e = shift.groups.index[row / gs];
-                    norm::layer_norm_row(i, o, eps, Some((mod_vec(&shift, st, e, c), mod_vec(&scale, sc, e, c))));
-                });
-            }
-        }
+        out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, (o, i))| {
+            norm::layer_norm_row(i, o, eps, m.as_ref().map(|m| m.row(row)));
+        });
         Tensor::from_f32(x.shape(), out)
+    }
+
+    fn norm_modulate_linear(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>, w: &Linear, act: Activation) -> Result<Tensor> {
+        let Some((inv_smooth, qmax)) = activation_quantization(w) else {
+            let h = self.layer_norm_modulate(x, eps, modulation)?;
+            return self.linear(&h, w, act);
+        };
+        let (rows, c) = rows_of(x);
+        ensure!(c == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
+        let xs = x.f32()?;
+        let m = RowModulation::new(modulation, rows, c)?;
+        let a = int8::quantize_produced_rows(rows, c, inv_smooth, qmax, |row, buf| {
+            norm::layer_norm_row(&xs[row * c..][..c], buf, eps, m.as_ref().map(|m| m.row(row)));
+        })?;
+        let mut out = output_buffer(rows * w.out_features);
+        integer_linear(&a, w, &mut out)?;
+        if act != Activation::None {
+            out.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, act));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = w.out_features;
+        Tensor::from_f32(&shape, out)
     }
 
     fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {

@@ -125,6 +125,44 @@ fn layer_norm_modulate_per_group() {
     }
 }
 
+/// The fused op gives exactly the two ops' values: integer weights (int8 and
+/// int4, with and without an importance vector, A8 and A6), per-group
+/// modulation or none, with and without GELU; float weights take the two ops.
+#[test]
+fn norm_modulate_linear_equals_the_two_ops() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(21);
+    for &(groups, size, k, n) in &[(1, 1, 64, 16), (3, 70, 64, 192), (2, 33, 128, 40)] {
+        let rows = groups * size;
+        let x = rand(&mut rng, &[rows, k]);
+        let rg = random_groups(&mut rng, groups, size, 2);
+        let table = rand(&mut rng, &[2, 6, k]);
+        let m = |chunk| ModRef { table: &table, chunk, groups: &rg };
+        let float = Linear::new(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
+        let smooth: Vec<f32> = rng.normal_vec(k).iter().map(|v| 0.5 + v.abs()).collect();
+        let layers = [
+            float.clone(),
+            float.to_int8(None, 127).unwrap(),
+            float.to_int8(Some(&smooth), 31).unwrap(),
+            float.to_int4(None, 127).unwrap(),
+            float.to_int4(Some(&smooth), 31).unwrap(),
+        ];
+        for (li, w) in layers.iter().enumerate() {
+            for modulation in [None, Some((m(0), m(1)))] {
+                for act in [Activation::None, Activation::GeluTanh] {
+                    let want = be.linear(&be.layer_norm_modulate(&x, 1e-6, modulation).unwrap(), w, act).unwrap();
+                    let got = be.norm_modulate_linear(&x, 1e-6, modulation, w, act).unwrap();
+                    assert_eq!(got.shape(), want.shape());
+                    assert_eq!(got.f32().unwrap(), want.f32().unwrap(), "rows {rows} k {k} n {n}, layer {li}, modulated {}, {act:?}", modulation.is_some());
+                }
+            }
+        }
+        let wrong = Linear::new(rand(&mut rng, &[n, k + 1]), None).unwrap().to_int8(None, 127).unwrap();
+        let err = be.norm_modulate_linear(&x, 1e-6, None, &wrong, Activation::None).unwrap_err().to_string();
+        assert!(err.contains("input features"), "{err}");
+    }
+}
+
 #[test]
 fn qk_norm_and_rope() {
     let be = CpuBackend::new();

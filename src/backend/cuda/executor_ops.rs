@@ -31,7 +31,52 @@ impl GemmDst {
     }
 }
 
+/// The activations of a GEMM: a float tensor (quantized in `gemm_into` for an
+/// integer weight), or int8 rows and their f32 scales already quantized by their
+/// producer (qc_layernorm_mod_q8_bf16), `[rows, kq]` as the weight's `kq`.
+#[derive(Clone, Copy)]
+enum GemmInput<'a> {
+    Float(&'a Tensor),
+    Quantized { q: u64, scale: u64 },
+}
+
 impl CudaBackend {
+    /// The int8 rows and scales of an integer GEMM's activations, and the buffers
+    /// holding them when quantized here (kept alive until the GEMM is launched).
+    fn integer_activations(&self, input: GemmInput, rows: usize, k: usize, kq: usize, inv_smooth: u64, qmax: i32) -> Result<(u64, u64, Option<(DeviceBuffer, DeviceBuffer)>)> {
+        match input {
+            GemmInput::Float(x) => {
+                let xb = self.dev_aligned(x, DType::BF16)?;
+                let (qa, scale) = self.quantize_activations(xb.address(), rows, k, kq, inv_smooth, qmax)?;
+                Ok((qa.address(), scale.address(), Some((qa, scale))))
+            }
+            GemmInput::Quantized { q, scale } => Ok((q, scale, None)),
+        }
+    }
+
+    /// `act(input W^T + b)` as a bf16 tensor of `shape` with its last dim `w.out_features`.
+    fn linear_rows(&self, input: GemmInput, rows: usize, shape: &[usize], w: &Linear, act: Activation) -> Result<Tensor> {
+        let n = w.out_features;
+        let mut shape = shape.to_vec();
+        *shape.last_mut().unwrap() = n;
+        let out = self.alloc(DType::BF16, rows * n)?;
+        if rows > 0 && n > 0 {
+            let np = n.next_multiple_of(8);
+            if np == n {
+                self.gemm_into(input, w, rows, &GemmDst::plain(out.address(), n, act))?;
+            } else {
+                let tmp = self.alloc(DType::BF16, rows * np)?;
+                self.gemm_into(input, w, rows, &GemmDst::plain(tmp.address(), np, act))?;
+                self.copy_rows(DType::BF16, tmp.address(), out.address(), rows, n, (np, n), (0, 0), 0, None)?;
+            }
+            if act == Activation::Silu {
+                let m = rows * n;
+                self.flat_kernel("qc_silu", DType::BF16, m, true, QcUnaryArgs { x: out.address(), y: out.address(), n: m as i64 })?;
+            }
+        }
+        self.tensor(&shape, out)
+    }
+
     /// `x` (bf16 `[rows, k]`) quantized per row for an integer GEMM (qc_quantize_rows_bf16):
     /// int8 `[rows, kq]` (columns past `k` zero) and the f32 row scales.
     fn quantize_activations(&self, x: u64, rows: usize, k: usize, kq: usize, inv_smooth: u64, qmax: i32) -> Result<(DeviceBuffer, DeviceBuffer)> {
@@ -56,9 +101,8 @@ impl CudaBackend {
     /// ([`CudaBackend::gemm_kernel`]), or qc_quantize_rows_bf16 + qc_gemm_w8a8 / qc_gemm_w4a8 for
     /// an int8 / int4 weight. `k` not a multiple of 8 (16 for int8, 64 for int4) is zero-padded
     /// in temporaries (int4: in the uploaded weight too).
-    fn gemm_into(&self, x: &Tensor, w: &Linear, rows: usize, d: &GemmDst) -> Result<()> {
+    fn gemm_into(&self, input: GemmInput, w: &Linear, rows: usize, d: &GemmDst) -> Result<()> {
         let (k, n) = (w.in_features, w.out_features);
-        let xb = self.dev_aligned(x, DType::BF16)?;
         let bias = match &w.bias {
             None => None,
             Some(b) => {
@@ -73,10 +117,10 @@ impl CudaBackend {
                 ensure!(q.n == n && q.k == k, "int8 weight [{}, {}] does not match the layer [{n}, {k}]", q.n, q.k);
                 let dq = self.weight_int8(q)?;
                 let kq = dq.kq;
-                let (qa, scale) = self.quantize_activations(xb.address(), rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
+                let (qa, scale, _keep) = self.integer_activations(input, rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
                 let args = QcGemmI8Args {
-                    a: qa.address(),
-                    a_scale: scale.address(),
+                    a: qa,
+                    a_scale: scale,
                     w: dq.q.address(),
                     w_scale: dq.scale.address(),
                     bias: bias_addr,
@@ -103,10 +147,10 @@ impl CudaBackend {
                 ensure!(q.n == n && q.k == k, "int4 weight [{}, {}] does not match the layer [{n}, {k}]", q.n, q.k);
                 let dq = self.weight_int4(q)?;
                 let kq = dq.kq;
-                let (qa, scale) = self.quantize_activations(xb.address(), rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
+                let (qa, scale, _keep) = self.integer_activations(input, rows, k, kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax)?;
                 let args = QcGemmW4Args {
-                    a: qa.address(),
-                    a_scale: scale.address(),
+                    a: qa,
+                    a_scale: scale,
                     w: dq.w.address(),
                     w_scale: dq.scale.address(),
                     bias: bias_addr,
@@ -130,6 +174,8 @@ impl CudaBackend {
                 self.run_gemm_w4a8(args)
             }
             LinearWeight::F32(_) | LinearWeight::Half(_) => {
+                let GemmInput::Float(x) = input else { bail!("a float weight's GEMM got quantized activations") };
+                let xb = self.dev_aligned(x, DType::BF16)?;
                 let wb = self.weight_bf16(w)?;
                 let (a, wt, kk, _keep) = if k % 8 == 0 {
                     (xb.address(), wb.address(), k, None)
@@ -376,25 +422,71 @@ impl Backend for CudaBackend {
     fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
         let (rows, k) = rows_of(x);
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
-        let n = w.out_features;
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = n;
-        let out = self.alloc(DType::BF16, rows * n)?;
-        if rows > 0 && n > 0 {
-            let np = n.next_multiple_of(8);
-            if np == n {
-                self.gemm_into(x, w, rows, &GemmDst::plain(out.address(), n, act))?;
-            } else {
-                let tmp = self.alloc(DType::BF16, rows * np)?;
-                self.gemm_into(x, w, rows, &GemmDst::plain(tmp.address(), np, act))?;
-                self.copy_rows(DType::BF16, tmp.address(), out.address(), rows, n, (np, n), (0, 0), 0, None)?;
-            }
-            if act == Activation::Silu {
-                let m = rows * n;
-                self.flat_kernel("qc_silu", DType::BF16, m, true, QcUnaryArgs { x: out.address(), y: out.address(), n: m as i64 })?;
-            }
+        self.linear_rows(GemmInput::Float(x), rows, x.shape(), w, act)
+    }
+
+    fn norm_modulate_linear(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>, w: &Linear, act: Activation) -> Result<Tensor> {
+        let (rows, k) = rows_of(x);
+        let integer = matches!(w.weight, LinearWeight::Int8(_) | LinearWeight::Int4(_));
+        // Fused where it gives the two ops' values: bf16 rows, which the separate
+        // layer norm stores in bf16 and the GEMM then quantizes.
+        if !integer || float_dtype(&[x]) != DType::BF16 || rows == 0 || k == 0 {
+            let h = self.layer_norm_modulate(x, eps, modulation)?;
+            return self.linear(&h, w, act);
         }
-        self.tensor(&shape, out)
+        ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
+        // The device weight is held until the GEMM is launched.
+        let (kq, inv_smooth, qmax, _weight): (usize, u64, i32, Box<dyn std::any::Any>) = match &w.weight {
+            LinearWeight::Int8(q) => {
+                ensure!(q.n == w.out_features && q.k == k, "int8 weight [{}, {}] does not match the layer [{}, {k}]", q.n, q.k, w.out_features);
+                let dq = self.weight_int8(q)?;
+                (dq.kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax, Box::new(dq))
+            }
+            LinearWeight::Int4(q) => {
+                ensure!(q.n == w.out_features && q.k == k, "int4 weight [{}, {}] does not match the layer [{}, {k}]", q.n, q.k, w.out_features);
+                let dq = self.weight_int4(q)?;
+                (dq.kq, dq.inv_smooth.as_ref().map_or(0, |s| s.address()), q.act_qmax, Box::new(dq))
+            }
+            LinearWeight::F32(_) | LinearWeight::Half(_) => bail!("norm_modulate_linear: a float weight reached the integer path"),
+        };
+        let xb = self.dev(x, DType::BF16)?;
+        let qa = if kq == k { self.alloc(DType::I8, rows * kq)? } else { self.zeros(DType::I8, rows * kq)? };
+        let q_scale = self.alloc(DType::F32, rows)?;
+        let mut args = QcLayerNormQ8Args {
+            x: xb.address(),
+            q: qa.address(),
+            q_scale: q_scale.address(),
+            shift: 0,
+            scale: 0,
+            group_index: 0,
+            inv_smooth,
+            rows: rows as i64,
+            x_row_stride: k as i64,
+            q_row_stride: kq as i64,
+            shift_stride: 0,
+            scale_stride: 0,
+            group_size: 1,
+            cols: k as i32,
+            eps,
+            qmax,
+            _pad: 0,
+        };
+        let mut keep = Vec::new();
+        if let Some((shift, scale)) = &modulation {
+            ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
+            let (sb, sa, ss, per) = self.mod_rows(shift, rows, k, DType::BF16, "modulate shift")?;
+            let (cb, ca, cs, _) = self.mod_rows(scale, rows, k, DType::BF16, "modulate scale")?;
+            keep.push(sb);
+            keep.push(cb);
+            args.shift = sa;
+            args.shift_stride = ss as i64;
+            args.scale = ca;
+            args.scale_stride = cs as i64;
+            args.group_size = per.max(1) as i64;
+        }
+        self.run("qc_layernorm_mod_q8_bf16", launch_cfg::rows(rows as i64, k as i64, 2), args)?;
+        drop(keep);
+        self.linear_rows(GemmInput::Quantized { q: qa.address(), scale: q_scale.address() }, rows, x.shape(), w, act)
     }
 
     fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
@@ -416,7 +508,7 @@ impl Backend for CudaBackend {
             (p.address(), np, Some(p))
         };
         let d = GemmDst { out: target, ldo: ld, epilogue: QC_EPI_GATED_RESIDUAL, residual: target, ldr: ld, gate: g.addr, gate_stride: g.stride, group_index: g.group_index, group_size: g.group_size };
-        self.gemm_into(x, w, rows, &d)?;
+        self.gemm_into(GemmInput::Float(x), w, rows, &d)?;
         if let Some(p) = padded {
             self.copy_rows(DType::BF16, p.address(), r.address(), rows, n, (np, n), (0, 0), 0, None)?;
         }

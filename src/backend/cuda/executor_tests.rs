@@ -197,6 +197,40 @@ fn int8_linear_matches_cpu() {
     }
 }
 
+/// `norm_modulate_linear` (qc_layernorm_mod_q8_bf16 + the integer GEMM) equals
+/// the separate layer norm and linear on the GPU exactly (bf16 rows, int8 and
+/// int4, A8 and A6, with and without importance vectors, per-sample and
+/// indexed modulation, GELU), and is close to the CPU's fused op.
+#[test]
+#[ignore = "needs a CUDA GPU: run tools/gpu-check"]
+fn norm_modulate_linear_matches_two_ops_and_cpu() {
+    let (be, cpu, mut rng) = (gpu(), CpuBackend::new(), rng("norm_modulate_linear"));
+    for (b, per, k, n) in [(2usize, 40usize, 64usize, 192usize), (1, 5, 24, 16), (3, 17, 1152, 256)] {
+        let rows = b * per;
+        let x = rnd(&mut rng, &[rows, k], 2.0);
+        let xd = dev_bf16(&be, &x);
+        let table = rnd(&mut rng, &[2 * b, 6, k], 0.5);
+        let indexed = RowGroups { group_size: per, index: (0..b).map(|g| b + (b - 1 - g)).collect() };
+        let per_sample = RowGroups::per_sample(b, per);
+        let l = linear(&mut rng, n, k, true);
+        let s: Vec<f32> = (0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let layers = [("w8a8", l.to_int8(None, 127).unwrap()), ("w8a6 smooth", l.to_int8(Some(&s), 31).unwrap()), ("w4a8 smooth", l.to_int4(Some(&s), 127).unwrap()), ("w4a6", l.to_int4(None, 31).unwrap())];
+        for (name, w) in &layers {
+            for (gname, g) in [("none", None), ("per sample", Some(&per_sample)), ("indexed", Some(&indexed))] {
+                let m = |chunk| g.map(|g| ModRef { table: &table, chunk, groups: g });
+                let modulation = m(0).zip(m(1));
+                for act in [Activation::None, Activation::GeluTanh] {
+                    let what = format!("{name} {rows}x{k}->{n} modulation {gname} {act:?}");
+                    let fused = be.norm_modulate_linear(&xd, 1e-6, modulation, w, act).unwrap();
+                    let two = be.linear(&be.layer_norm_modulate(&xd, 1e-6, modulation).unwrap(), w, act).unwrap();
+                    assert_eq!(host(&fused), host(&two), "{what}: fused and separate differ");
+                    check(&what, &fused, &cpu.norm_modulate_linear(&x, 1e-6, modulation, w, act).unwrap(), 2e-2);
+                }
+            }
+        }
+    }
+}
+
 /// Int4 (W4A8 / W4A6) layers through `Linear::to_int4` against the CPU backend:
 /// k a multiple of 64 or not (odd k: the upload and the activations are padded
 /// to whole groups), n not a multiple of 8, with and without smoothing, every

@@ -517,14 +517,12 @@ impl Stdit3 {
                 return Ok((be.attention(&q, k, v, &spec, None)?, &bw.cross_proj));
             }
             SubModule::Mlp => {
-                let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(3), m(4))))?;
-                return Ok((be.linear(&hmod, &bw.fc1, Activation::GeluTanh)?, &bw.fc2));
+                return Ok((be.norm_modulate_linear(x, NORM_EPS, Some((m(3), m(4))), &bw.fc1, Activation::GeluTanh)?, &bw.fc2));
             }
         }
 
         // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.
-        let hmod = be.layer_norm_modulate(x, NORM_EPS, Some((m(0), m(1))))?;
-        let qkv = be.linear(&hmod, &bw.qkv, Activation::None)?;
+        let qkv = be.norm_modulate_linear(x, NORM_EPS, Some((m(0), m(1))), &bw.qkv, Activation::None)?;
         let mut parts = be.split_last(&qkv, 3)?;
         let temporal = kind == BlockKind::Temporal;
         if temporal {
