@@ -40,6 +40,17 @@ enum GemmInput<'a> {
     Quantized { q: u64, scale: u64 },
 }
 
+/// Device addresses of a modulation's rows (held alive by `_keep` until the
+/// kernel reading them is launched): row `r` reads entry `r / rows_per`.
+struct ModulationOperands {
+    _keep: [DeviceBuffer; 2],
+    shift: u64,
+    shift_stride: i64,
+    scale: u64,
+    scale_stride: i64,
+    rows_per: i64,
+}
+
 impl CudaBackend {
     /// The int8 rows and scales of an integer GEMM's activations, and the buffers
     /// holding them when quantized here (kept alive until the GEMM is launched).
@@ -219,6 +230,22 @@ impl CudaBackend {
         }
         let cfg = if vectorized { launch_cfg::flat(n as i64, byte_len(dtype, 1)) } else { launch_cfg::flat_scalar(n as i64) };
         self.run(&format!("{name}_{}", Self::suffix(dtype)?), cfg, args)
+    }
+
+    /// A modulation's shift and scale operands for the layer-norm kernels.
+    fn modulation_operands(&self, modulation: Option<&(ModRef, ModRef)>, rows: usize, c: usize, dtype: DType) -> Result<Option<ModulationOperands>> {
+        let Some((shift, scale)) = modulation else { return Ok(None) };
+        ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
+        let (shift_buf, sa, ss, per) = self.mod_rows(shift, rows, c, dtype, "modulate shift")?;
+        let (scale_buf, ca, cs, _) = self.mod_rows(scale, rows, c, dtype, "modulate scale")?;
+        Ok(Some(ModulationOperands {
+            _keep: [shift_buf, scale_buf],
+            shift: sa,
+            shift_stride: ss as i64,
+            scale: ca,
+            scale_stride: cs as i64,
+            rows_per: per.max(1) as i64,
+        }))
     }
 
     /// `shift`/`scale` of a modulation for the row kernels: `(keep-alive, address,
@@ -471,21 +498,12 @@ impl Backend for CudaBackend {
             qmax,
             _pad: 0,
         };
-        let mut keep = Vec::new();
-        if let Some((shift, scale)) = &modulation {
-            ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
-            let (sb, sa, ss, per) = self.mod_rows(shift, rows, k, DType::BF16, "modulate shift")?;
-            let (cb, ca, cs, _) = self.mod_rows(scale, rows, k, DType::BF16, "modulate scale")?;
-            keep.push(sb);
-            keep.push(cb);
-            args.shift = sa;
-            args.shift_stride = ss as i64;
-            args.scale = ca;
-            args.scale_stride = cs as i64;
-            args.group_size = per.max(1) as i64;
+        let m = self.modulation_operands(modulation.as_ref(), rows, k, DType::BF16)?;
+        if let Some(m) = &m {
+            (args.shift, args.shift_stride, args.scale, args.scale_stride, args.group_size) = (m.shift, m.shift_stride, m.scale, m.scale_stride, m.rows_per);
         }
         self.run("qc_layernorm_mod_q8_bf16", launch_cfg::rows(rows as i64, k as i64, 2), args)?;
-        drop(keep);
+        drop(m);
         self.linear_rows(GemmInput::Quantized { q: qa.address(), scale: q_scale.address() }, rows, x.shape(), w, act)
     }
 
@@ -626,23 +644,14 @@ impl Backend for CudaBackend {
             cols: c as i32,
             eps,
         };
-        let mut keep = Vec::new();
-        if let Some((shift, scale)) = &modulation {
-            ensure!(shift.groups == scale.groups, "shift and scale use different row groups");
-            let (sb, sa, ss, per) = self.mod_rows(shift, rows, c, dt, "modulate shift")?;
-            let (cb, ca, cs, _) = self.mod_rows(scale, rows, c, dt, "modulate scale")?;
-            keep.push(sb);
-            keep.push(cb);
-            args.shift = sa;
-            args.shift_stride = ss as i64;
-            args.scale = ca;
-            args.scale_stride = cs as i64;
-            args.rows_per_sample = per.max(1) as i64;
+        let m = self.modulation_operands(modulation.as_ref(), rows, c, dt)?;
+        if let Some(m) = &m {
+            (args.shift, args.shift_stride, args.scale, args.scale_stride, args.rows_per_sample) = (m.shift, m.shift_stride, m.scale, m.scale_stride, m.rows_per);
         }
         if rows > 0 && c > 0 {
             self.run(&format!("qc_layernorm_mod_{}", Self::suffix(dt)?), launch_cfg::rows(rows as i64, c as i64, byte_len(dt, 1)), args)?;
         }
-        drop(keep);
+        drop(m);
         self.tensor(x.shape(), y)
     }
 
