@@ -166,6 +166,25 @@ impl AttnSpec {
         AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt(), qk_int8: false }
     }
 
+    /// The shape checks every backend's attention makes: `q` `[groups x q_len,
+    /// heads x head_dim]`, `k` and `v` alike and covering every kv range, and
+    /// the score bias, when given, `[heads, q_len, >= the longest range]`.
+    pub fn check(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let (g, lq, h, d) = (self.groups, self.q_len, self.heads, self.head_dim);
+        let c = h * d;
+        anyhow::ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);
+        anyhow::ensure!(k.shape() == v.shape(), "attention: k {:?} and v {:?} differ", k.shape(), v.shape());
+        anyhow::ensure!(self.kv_ranges.len() == g, "attention: {} kv ranges for {g} groups", self.kv_ranges.len());
+        anyhow::ensure!(self.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
+        let max_end = self.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        anyhow::ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
+        if let Some(b) = bias {
+            let (s, max_len) = (b.shape(), self.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0));
+            anyhow::ensure!(s.len() == 3 && s[0] == h && s[1] == lq && s[2] >= max_len, "attention: bias {s:?} is not [{h}, {lq}, >= {max_len}]");
+        }
+        Ok(())
+    }
+
     /// Ranges from cumulative offsets: group `g` owns `offsets[g]..offsets[g + 1]`.
     pub fn ranges_from_offsets(offsets: &[usize]) -> Vec<(usize, usize)> {
         offsets.windows(2).map(|w| (w[0], w[1])).collect()

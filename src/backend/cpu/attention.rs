@@ -7,7 +7,7 @@ use super::math;
 use super::attention_direct::attend_direct;
 use crate::backend::AttnSpec;
 use crate::tensor::Tensor;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 
 const Q_TILE: usize = 64;
@@ -36,30 +36,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// The shape checks shared by the float and the int8 attention.
-pub fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<()> {
-    let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
-    let c = h * d;
-    ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);
-    ensure!(k.shape() == v.shape(), "attention: k {:?} and v {:?} differ", k.shape(), v.shape());
-    ensure!(spec.kv_ranges.len() == g, "attention: {} kv ranges for {g} groups", spec.kv_ranges.len());
-    ensure!(spec.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
-    let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
-    ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
-    Ok(())
-}
-
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
-    check_shapes(q, k, v, spec)?;
+    spec.check(q, k, v, bias)?;
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;
-    let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
     let bias_v = match bias {
         None => None,
-        Some(b) => {
-            ensure!(b.shape().len() == 3 && b.shape()[0] == h && b.shape()[1] == lq && b.shape()[2] >= max_len, "attention: bias {:?} is not [{h}, {lq}, >= {max_len}]", b.shape());
-            Some((b.f32()?, b.shape()[2]))
-        }
+        Some(b) => Some((b.f32()?, b.shape()[2])),
     };
     let (qs, ks, vs) = (q.f32()?, k.f32()?, v.f32()?);
     let mut out = vec![0f32; g * lq * c];

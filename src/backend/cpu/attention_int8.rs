@@ -9,7 +9,6 @@
 //! the same order, so from the same (bf16-representable) inputs this op and
 //! the CUDA kernels hold the same int8 values, scales and int32 products.
 
-use super::attention::check_shapes;
 use super::gemm::{sgemm, MatRef};
 use super::math;
 use crate::backend::cuda::abi;
@@ -152,7 +151,7 @@ fn quantize_block(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, dp: u
 /// `S = Q K^T` of every (group, head) in exact int32, `[groups, heads, q_len, max kv length]`
 /// (entries past a group's keys 0): the integer products [`attention`] uses, for tests.
 pub fn scores_i32(q: &Tensor, k: &Tensor, spec: &AttnSpec) -> Result<Vec<i32>> {
-    check_shapes(q, k, k, spec)?;
+    spec.check(q, k, k, None)?;
     let qk = QuantQk::new(q.f32()?, k.f32()?, spec);
     let lens: Vec<usize> = spec.kv_ranges.iter().map(|r| r.1 - r.0).collect();
     let keys = Keys::new(&qk.k, spec.heads, &lens);
@@ -185,7 +184,7 @@ const DIRECT_MAX_HEAD_DIM: usize = 32;
 
 /// Softmax attention with int8 Q and K (see the module doc); `spec.qk_int8` routes here.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
-    check_shapes(q, k, v, spec)?;
+    spec.check(q, k, v, None)?;
     ensure!(bias.is_none(), "attention: qk_int8 takes no score bias (use the float attention)");
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let c = h * d;

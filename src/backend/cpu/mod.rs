@@ -6,7 +6,6 @@ pub mod attention_int8;
 pub mod cache;
 #[cfg(test)]
 mod cache_tests;
-pub use attention::check_shapes as check_attention_shapes;
 mod conv;
 mod embed;
 pub mod gemm;

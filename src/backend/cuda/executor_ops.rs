@@ -375,7 +375,7 @@ impl CudaBackend {
     /// `attention_int8::scores_i32` exactly.
     pub fn attention_i8_with_scores(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<(Tensor, Tensor)> {
         ensure!(spec.qk_int8, "attention_i8_with_scores: spec.qk_int8 is not set");
-        crate::backend::cpu::check_attention_shapes(q, k, v, spec)?;
+        spec.check(q, k, v, None)?;
         ensure!(launch_cfg::attention_i8_kernel(spec.head_dim).is_some(), "attention_i8_with_scores: no int8 kernel for head dim {}", spec.head_dim);
         let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
         let rows = spec.groups * spec.heads * spec.q_len;
@@ -740,19 +740,10 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+        spec.check(q, k, v, bias)?;
         let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
         let c = h * d;
-        ensure!(q.shape().last() == Some(&c) && q.numel() == g * lq * c, "attention: q {:?} is not [{} x {lq}, {c}]", q.shape(), g);
-        ensure!(k.shape() == v.shape(), "attention: k {:?} and v {:?} differ", k.shape(), v.shape());
-        ensure!(spec.kv_ranges.len() == g, "attention: {} kv ranges for {g} groups", spec.kv_ranges.len());
-        ensure!(spec.kv_ranges.iter().all(|&(a, b)| a <= b), "attention: a kv range ends before it starts");
         let max_end = spec.kv_ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        ensure!(k.shape().last() == Some(&c) && max_end * c <= k.numel(), "attention: k {:?} too small for kv ranges up to {max_end}", k.shape());
-        let max_len = spec.kv_ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
-        if let Some(b) = bias {
-            let s = b.shape();
-            ensure!(s.len() == 3 && s[0] == h && s[1] == lq && s[2] >= max_len, "attention: bias {s:?} is not [{h}, {lq}, >= {max_len}]");
-        }
         if spec.qk_int8 {
             ensure!(bias.is_none(), "attention: qk_int8 takes no score bias (use the float attention)");
             return self.attention_i8(q, k, v, spec, None);
