@@ -69,11 +69,6 @@ fn act_in_place(v: &mut [f32], act: Activation) {
 }
 }
 
-/// A zeroed buffer for a large output. On Linux it asks for transparent huge
-/// pages before the first write: where THP is in `madvise` mode, a fresh 75 MB
-/// output otherwise takes ~18,000 page faults as the GEMM first writes it, about
-/// a third of a W8A8 linear's time on this project's VM (measured: 32 ms extra
-/// at 4050x1152x4608, 11 ms with huge pages).
 /// How an integer linear quantizes its input rows: the importance vector's
 /// inverse and the activation range; `None` for float weights.
 fn activation_quantization(w: &Linear) -> Option<(Option<&[f32]>, i32)> {
@@ -93,6 +88,17 @@ fn integer_linear(a: &int8::QuantRows, w: &Linear, out: &mut [f32]) -> Result<()
         LinearWeight::Int4(q) => crate::quant::int4::linear_f32(a, q, bias, out),
         LinearWeight::F32(_) | LinearWeight::Half(_) => bail!("integer_linear on a float weight"),
     }
+}
+
+/// A linear layer's output rows after the activation, shaped as the input with
+/// its last dim `w.out_features`.
+fn linear_output(mut out: Vec<f32>, input_shape: &[usize], w: &Linear, act: Activation) -> Result<Tensor> {
+    if act != Activation::None {
+        out.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, act));
+    }
+    let mut shape = input_shape.to_vec();
+    *shape.last_mut().unwrap() = w.out_features;
+    Tensor::from_f32(&shape, out)
 }
 
 /// The shift and scale rows of each token row, checked once.
@@ -118,6 +124,11 @@ impl<'a> RowModulation<'a> {
     }
 }
 
+/// A zeroed buffer for a large output. On Linux it asks for transparent huge
+/// pages before the first write: where THP is in `madvise` mode, a fresh 75 MB
+/// output otherwise takes ~18,000 page faults as the GEMM first writes it, about
+/// a third of a W8A8 linear's time on this project's VM (measured: 32 ms extra
+/// at 4050x1152x4608, 11 ms with huge pages).
 fn output_buffer(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
     #[cfg(target_os = "linux")]
@@ -195,13 +206,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
-        let (mut out, _) = self.matmul_bias(x, w)?;
-        if act != Activation::None {
-            out.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, act));
-        }
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = w.out_features;
-        Tensor::from_f32(&shape, out)
+        let (out, _) = self.matmul_bias(x, w)?;
+        linear_output(out, x.shape(), w, act)
     }
 
     fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
@@ -259,12 +265,7 @@ impl Backend for CpuBackend {
         })?;
         let mut out = output_buffer(rows * w.out_features);
         integer_linear(&a, w, &mut out)?;
-        if act != Activation::None {
-            out.par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| act_in_place(c, act));
-        }
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = w.out_features;
-        Tensor::from_f32(&shape, out)
+        linear_output(out, x.shape(), w, act)
     }
 
     fn qk_norm_rope(&self, x: &mut Tensor, heads: usize, weight: &Tensor, eps: f32, rope: Option<Rope>) -> Result<()> {
