@@ -7,7 +7,7 @@
 //!
 //! `cargo bench --bench cpu_ops [-- FILTER]` times the cases whose name holds
 //! FILTER (median of repeated runs); under
-//! `cargo test --benches` every case runs once and its result is checked
+//! `cargo test --bench cpu_ops` every case runs once and its result is checked
 //! against the baseline's, so the bench cannot rot.
 
 use qc::backend::cpu::CpuBackend;
@@ -148,7 +148,7 @@ fn fused_norm_cases(bench: bool, filter: &str, rng: &mut Rng, out: &mut Vec<Case
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not.
+    // `cargo bench` passes --bench; `cargo test --bench cpu_ops` does not.
     let bench = std::env::args().any(|a| a == "--bench");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
     let mut rng = Rng::new(2026);
