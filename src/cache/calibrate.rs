@@ -125,6 +125,7 @@ pub fn fit_teacache(be: &dyn Backend, paths: &ModelPaths, prompts: &[String], op
 }
 
 /// One measured candidate of the preset search.
+#[derive(Clone, Debug)]
 pub struct Measured {
     pub cache: String,
     pub threshold: String,
@@ -170,21 +171,12 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
     for th in HLC_GRID {
         measured.push(measure("hlc+srap", format!("{th},{}", super::srap::Srap::DEFAULT_THRESHOLD))?);
     }
-    let mut picks = Vec::new();
-    for (name, floor) in PRESET_FLOORS {
-        // The largest threshold before the first that misses the floor (PSNR measured on a few
-        // prompts is noisy: a lucky threshold past a failing one is not taken).
-        let reached = measured.iter().take_while(|m| m.psnr_db >= floor).last();
-        let pick = reached.or_else(|| measured.iter().max_by(|a, b| a.psnr_db.total_cmp(&b.psnr_db)));
-        if let Some(m) = pick {
-            picks.push((name, Measured { cache: m.cache.clone(), threshold: m.threshold.clone(), psnr_db: m.psnr_db, blocks_computed: m.blocks_computed }));
-        }
-    }
+    let picks: Vec<(&str, Measured)> = PRESET_FLOORS.iter().filter_map(|&(name, floor)| pick(&measured, floor).map(|m| (name, m.clone()))).collect();
     let mut chosen = Vec::new();
     for (name, m) in picks {
         let hlc_threshold = m.threshold.split(',').next().unwrap_or_default().to_string();
         let plain = measure("hlc", hlc_threshold)?;
-        chosen.push((name, if plain.psnr_db == m.psnr_db && plain.blocks_computed == m.blocks_computed { plain } else { m }));
+        chosen.push((name, without_idle_srap(m, plain)));
     }
     for (name, m) in chosen {
         calib.presets.insert(name.to_string(), AccelPreset { cache: m.cache.clone(), threshold: m.threshold.clone(), psnr_db: m.psnr_db, blocks_computed: m.blocks_computed });
@@ -193,9 +185,54 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
     Ok(measured)
 }
 
+/// The largest threshold of the grid (`measured` in increasing order) before the
+/// first that misses `floor` in mean PSNR, or the best PSNR when the first
+/// misses: PSNR measured on a few prompts is noisy, and a lucky threshold past a
+/// failing one is not taken.
+fn pick(measured: &[Measured], floor: f64) -> Option<&Measured> {
+    let reached = measured.iter().take_while(|m| m.psnr_db >= floor).last();
+    reached.or_else(|| measured.iter().max_by(|a, b| a.psnr_db.total_cmp(&b.psnr_db)))
+}
+
+/// `plain` (`hlc` at the joint pick's HLC threshold) where it made the same
+/// videos as `joint` (`hlc+srap`): SRAP skipped nothing, and its measures cost a
+/// pass per block for nothing. The runs are deterministic, so equal means equal.
+fn without_idle_srap(joint: Measured, plain: Measured) -> Measured {
+    if plain.psnr_db == joint.psnr_db && plain.blocks_computed == joint.blocks_computed {
+        plain
+    } else {
+        joint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn m(cache: &str, threshold: &str, psnr_db: f64, blocks_computed: f64) -> Measured {
+        Measured { cache: cache.into(), threshold: threshold.into(), psnr_db, blocks_computed }
+    }
+
+    #[test]
+    fn presets_stop_at_the_first_threshold_below_the_floor() {
+        let grid = [m("hlc+srap", "0.1,0.1", 40.0, 0.5), m("hlc+srap", "0.2,0.1", 33.5, 0.4), m("hlc+srap", "0.3,0.1", 29.5, 0.33), m("hlc+srap", "0.4,0.1", 31.0, 0.3)];
+        // 0.4 passes 30 again, but after 0.3 failed it: not taken.
+        assert_eq!(pick(&grid, 30.0).unwrap().threshold, "0.2,0.1");
+        assert_eq!(pick(&grid, 29.0).unwrap().threshold, "0.4,0.1");
+        // Nothing reaches the floor: the best PSNR.
+        assert_eq!(pick(&grid, 45.0).unwrap().threshold, "0.1,0.1");
+        assert!(pick(&[], 30.0).is_none());
+    }
+
+    #[test]
+    fn idle_srap_is_dropped_and_active_srap_kept() {
+        let joint = || m("hlc+srap", "0.3,0.1", 31.43, 0.329);
+        let same = without_idle_srap(joint(), m("hlc", "0.3", 31.43, 0.329));
+        assert_eq!((same.cache.as_str(), same.threshold.as_str()), ("hlc", "0.3"));
+        // SRAP skipped blocks (fewer computed, other videos): the joint policy stays.
+        let kept = without_idle_srap(joint(), m("hlc", "0.3", 31.9, 0.35));
+        assert_eq!((kept.cache.as_str(), kept.threshold.as_str()), ("hlc+srap", "0.3,0.1"));
+    }
 
     #[test]
     fn polynomial_fit_recovers_a_cubic() {
