@@ -123,7 +123,16 @@ unsafe fn quantize_row_avx512(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, 
         let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
         let c = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
         let not_nan = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
-        _mm512_mask_cvtepi32_storeu_epi8(qp.add(i), mask, _mm512_maskz_cvttps_epi32(not_nan, c));
+        // Narrowed in a register, then a plain store: `vpmovdb` straight to memory
+        // (masked) was a third of this function on Zen 4 (measured).
+        let bytes = _mm512_cvtepi32_epi8(_mm512_maskz_cvttps_epi32(not_nan, c));
+        if mask == 0xFFFF {
+            _mm_storeu_si128(qp.add(i) as *mut __m128i, bytes);
+        } else {
+            let mut tail_bytes = [0i8; 16];
+            _mm_storeu_si128(tail_bytes.as_mut_ptr() as *mut __m128i, bytes);
+            std::ptr::copy_nonoverlapping(tail_bytes.as_ptr(), qp.add(i), len - i);
+        }
         i += 16;
     }
     scale

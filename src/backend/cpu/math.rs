@@ -93,6 +93,31 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(K * (x + 0.044_715 * x * x * x)))
 }
 
+/// [`gelu_tanh`] over a slice with AVX-512, as `x * e / (e + 1)` with `e =
+/// e^{2u}` (the same function: `(1 + tanh u) / 2 = 1 - 1 / (e + 1)`), the
+/// reciprocal from `vrcp14ps` and one Newton step (relative error ~4e-9): the
+/// division was half of the portable loop's time on Zen 4 (measured).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+pub unsafe fn gelu_tanh_avx512(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const K: f32 = 0.797_884_6;
+    let mut chunks = v.chunks_exact_mut(16);
+    for c in &mut chunks {
+        let mut e = [0f32; 16];
+        for (e, &x) in e.iter_mut().zip(c.iter()) {
+            *e = exp(2.0 * K * (x + 0.044_715 * x * x * x));
+        }
+        let (x, e) = (_mm512_loadu_ps(c.as_ptr()), _mm512_loadu_ps(e.as_ptr()));
+        let d = _mm512_add_ps(e, _mm512_set1_ps(1.0));
+        let r0 = _mm512_rcp14_ps(d);
+        // r = r0 (2 - d r0)
+        let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
+        _mm512_storeu_ps(c.as_mut_ptr(), _mm512_fnmadd_ps(x, r, x));
+    }
+    chunks.into_remainder().iter_mut().for_each(|x| *x = gelu_tanh(*x));
+}
+
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
@@ -114,6 +139,26 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp(-100.0), 0.0);
+    }
+
+    #[test]
+    fn gelu_avx512_matches_reference() {
+        if crate::backend::cpu::simd::level() != crate::backend::cpu::simd::Level::Avx512 {
+            eprintln!("no AVX-512 on this CPU");
+            return;
+        }
+        // Every 0.001 over [-12, 12] plus extremes, in a length with a remainder.
+        let mut xs: Vec<f32> = (0..24_003).map(|i| -12.0 + i as f32 * 0.001).collect();
+        xs.extend([-100.0, -88.0, 88.0, 100.0, f32::MAX, -f32::MAX, 0.0]);
+        let mut got = xs.clone();
+        // SAFETY: level() is Avx512.
+        unsafe { gelu_tanh_avx512(&mut got) };
+        for (&x, &g) in xs.iter().zip(&got) {
+            let xd = x as f64;
+            let want = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+            let want = if want.is_finite() { want } else { if x > 0.0 { xd } else { 0.0 } };
+            assert!((g as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) = {g}, want {want}");
+        }
     }
 
     #[test]

@@ -59,8 +59,17 @@ fn check_mod(m: &ModRef, rows: usize, c: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-simd::multiversion! {
 fn act_in_place(v: &mut [f32], act: Activation) {
+    #[cfg(target_arch = "x86_64")]
+    if act == Activation::GeluTanh && simd::level() == simd::Level::Avx512 {
+        // SAFETY: level() checked that the CPU has AVX-512.
+        return unsafe { math::gelu_tanh_avx512(v) };
+    }
+    act_portable(v, act)
+}
+
+simd::multiversion! {
+fn act_portable(v: &mut [f32], act: Activation) {
     match act {
         Activation::None => {}
         Activation::GeluTanh => v.iter_mut().for_each(|x| *x = math::gelu_tanh(*x)),
@@ -278,18 +287,11 @@ impl Backend for CpuBackend {
             ensure!(r.freqs.len() * 2 == d, "rope has {} frequencies, head dim is {d}", r.freqs.len());
             ensure!(r.seq_len > 0, "rope sequence length is 0");
         }
-        // (cos, sin) per position and frequency, computed once rather than per head and row.
-        let table: Vec<(f32, f32)> = rope.map_or(Vec::new(), |r| {
-            (0..r.seq_len).flat_map(|p| r.freqs.iter().map(move |&f| { let (s, c) = (p as f32 * f).sin_cos(); (c, s) })).collect()
-        });
-        x.f32_mut()?.par_chunks_mut(c).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, r)| {
-            for h in r.chunks_mut(d) {
-                norm::rms_norm_in_place(h, w, eps);
-                if let Some(rp) = &rope {
-                    norm::rope_in_place(h, &table[(row % rp.seq_len) * (d / 2)..][..d / 2]);
-                }
-            }
-        });
+        // Computed once rather than per head and row.
+        let table = rope.map_or(Vec::new(), |r| norm::rope_table(r.freqs, r.seq_len));
+        let per_chunk = chunk_rows(c);
+        let rope = rope.map(|r| (&table[..], r.seq_len));
+        x.f32_mut()?.par_chunks_mut(per_chunk * c).enumerate().for_each(|(i, rows)| norm::qk_norm_rope_rows(rows, c, i * per_chunk, w, eps, rope));
         Ok(())
     }
 

@@ -14,9 +14,26 @@ pub enum Level {
     Baseline,
 }
 
-/// What this CPU supports (x86-64-v4 / v3 / baseline).
+/// What this CPU supports (x86-64-v4 / v3 / baseline), detected once: the
+/// five feature checks cost more than a short row's work (measured: 1% of a
+/// demo step, called per row and per head).
 #[inline]
 pub fn level() -> Level {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(0);
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => Level::Avx512,
+        2 => Level::Avx2Fma,
+        3 => Level::Baseline,
+        _ => {
+            let l = detect();
+            LEVEL.store(match l { Level::Avx512 => 1, Level::Avx2Fma => 2, Level::Baseline => 3 }, Ordering::Relaxed);
+            l
+        }
+    }
+}
+
+fn detect() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
