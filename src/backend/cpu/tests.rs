@@ -88,7 +88,7 @@ fn int8_linear_matches_the_integer_reference_and_approximates_f32() {
             let a = int8::quantize_rows(x.f32().unwrap(), k, None, qmax).unwrap();
             let mut want = vec![0f32; rows * n];
             int8::dequantize(&int8::gemm_i32(&a, w).unwrap(), &a, w, Some(lin.bias.as_ref().unwrap().f32().unwrap()), &mut want);
-            want.iter_mut().for_each(|v| *v = crate::backend::cpu::math::gelu_tanh(*v));
+            super::act_in_place(&mut want, Activation::GeluTanh);
             assert_eq!(got.f32().unwrap(), &want[..], "int8 linear {rows}x{k}x{n} qmax {qmax}");
             let err = crate::tensor::rel_l2(got.f32().unwrap(), full.f32().unwrap());
             assert!(err < tol, "int8 linear vs f32: {err} (qmax {qmax}, {rows}x{k}x{n})");
