@@ -151,19 +151,24 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --bench cpu_ops` does not.
     let bench = std::env::args().any(|a| a == "--bench");
     let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
-    let mut rng = Rng::new(2026);
-    let mut cases = Vec::new();
-    attention_cases(bench, &filter, &mut rng, &mut cases);
-    linear_cases(bench, &filter, &mut rng, &mut cases);
-    fused_norm_cases(bench, &filter, &mut rng, &mut cases);
-    if !bench {
-        println!("cpu_ops: {} cases checked against their baselines (run `cargo bench --bench cpu_ops` to time them)", cases.len());
-        return;
-    }
-    println!("| op | baseline | baseline (us) | op (us) | speed-up |");
-    println!("| --- | --- | ---: | ---: | ---: |");
-    for c in &cases {
-        let (b, o) = (c.base.as_secs_f64() * 1e6, c.op.as_secs_f64() * 1e6);
-        println!("| {} | {} | {b:.1} | {o:.1} | {:.2}x |", c.name, c.baseline, b / o);
-    }
+    // As the binaries run: allocator tuning, and the ops called from a pool worker
+    // (from outside the pool every op pays a wake-up round trip).
+    qc::run_main(None, || {
+        let mut rng = Rng::new(2026);
+        let mut cases = Vec::new();
+        attention_cases(bench, &filter, &mut rng, &mut cases);
+        linear_cases(bench, &filter, &mut rng, &mut cases);
+        fused_norm_cases(bench, &filter, &mut rng, &mut cases);
+        if !bench {
+            println!("cpu_ops: {} cases checked against their baselines (run `cargo bench --bench cpu_ops` to time them)", cases.len());
+            return Ok(());
+        }
+        println!("| op | baseline | baseline (us) | op (us) | speed-up |");
+        println!("| --- | --- | ---: | ---: | ---: |");
+        for c in &cases {
+            let (b, o) = (c.base.as_secs_f64() * 1e6, c.op.as_secs_f64() * 1e6);
+            println!("| {} | {} | {b:.1} | {o:.1} | {:.2}x |", c.name, c.baseline, b / o);
+        }
+        Ok(())
+    });
 }
