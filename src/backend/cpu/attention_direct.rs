@@ -166,6 +166,50 @@ unsafe fn attend_direct_avx512(t: &Tile, bias: BiasRows, dst: &mut [f32], scratc
     attend::<Avx512>(t, bias, dst, scratch)
 }
 
+/// The softmax and `P V` of a tile whose scores are given (`t.q` and `t.k` are
+/// not read): `scores` holds the `t.tq` rows, each padded with [`PAD_SCORE`] to
+/// `lkp` (a multiple of 16) and overwritten. The attention with int8 Q and K
+/// computes its scores from int32 products and ends here.
+pub(super) fn softmax_values_direct(t: &Tile, scores: &mut [f32], lkp: usize, dst: &mut [f32]) {
+    assert!(lkp.is_multiple_of(LANES) && lkp >= t.lk && scores.len() >= t.tq * lkp);
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: level() checked that the CPU has AVX-512F.
+        return unsafe { softmax_values_avx512(t, scores, lkp, dst) };
+    }
+    softmax_values_loops(t, scores, lkp, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn softmax_values_avx512(t: &Tile, scores: &mut [f32], lkp: usize, dst: &mut [f32]) {
+    softmax_values_blocks::<Avx512>(t, scores, lkp, dst)
+}
+
+multiversion! {
+fn softmax_values_loops(t: &Tile, scores: &mut [f32], lkp: usize, dst: &mut [f32]) {
+    softmax_values_blocks::<Loops>(t, scores, lkp, dst)
+}
+}
+
+/// [`softmax_values`] over the tile's rows in blocks of 8, 4 and 1.
+#[inline(always)]
+fn softmax_values_blocks<P: Products>(t: &Tile, scores: &mut [f32], lkp: usize, dst: &mut [f32]) {
+    let mut r = 0;
+    while r + 8 <= t.tq {
+        softmax_values::<P, 8>(t, &mut scores[r * lkp..], lkp, r, dst);
+        r += 8;
+    }
+    if r + 4 <= t.tq {
+        softmax_values::<P, 4>(t, &mut scores[r * lkp..], lkp, r, dst);
+        r += 4;
+    }
+    while r < t.tq {
+        softmax_values::<P, 1>(t, &mut scores[r * lkp..], lkp, r, dst);
+        r += 1;
+    }
+}
+
 multiversion! {
 fn attend_direct_loops(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &mut Vec<f32>) {
     attend::<Loops>(t, bias, dst, scratch)
@@ -204,7 +248,7 @@ fn attend<P: Products>(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &mut 
 /// Rows `r0..r0 + N`: scaled scores, bias, softmax, then `P V` into `dst`.
 #[inline(always)]
 fn rows<P: Products, const N: usize>(t: &Tile, bias: BiasRows, dst: &mut [f32], kt: &[f32], scores: &mut [f32], r0: usize) {
-    let (lk, d, c) = (t.lk, t.d, t.stride);
+    let (lk, d) = (t.lk, t.d);
     let lkp = kt.len() / d;
     P::scores::<N>(t, kt, lkp, r0, scores);
     for n in 0..N {
@@ -214,8 +258,19 @@ fn rows<P: Products, const N: usize>(t: &Tile, bias: BiasRows, dst: &mut [f32], 
         }
         // Padding keys score far below any real one: their exponentials are 0, and
         // the softmax runs over whole vectors.
-        row[lk..].iter_mut().for_each(|x| *x = -1e30);
+        row[lk..].iter_mut().for_each(|x| *x = PAD_SCORE);
     }
+    softmax_values::<P, N>(t, scores, lkp, r0, dst);
+}
+
+/// A padding key's score: its exponential is 0.
+pub(super) const PAD_SCORE: f32 = -1e30;
+
+/// Rows `r0..r0 + N` from their scores (`scores[n * lkp..]`, padded with
+/// [`PAD_SCORE`] to `lkp`, a multiple of 16): softmax, then `P V` into `dst`.
+#[inline(always)]
+fn softmax_values<P: Products, const N: usize>(t: &Tile, scores: &mut [f32], lkp: usize, r0: usize, dst: &mut [f32]) {
+    let (lk, d, c) = (t.lk, t.d, t.stride);
     let inv = softmax_rows::<P, N>(&mut scores[..N * lkp], lkp);
     let full_d = d / LANES * LANES;
     for d0 in (0..full_d).step_by(LANES) {

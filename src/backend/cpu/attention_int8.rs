@@ -9,6 +9,8 @@
 //! the same order, so from the same (bf16-representable) inputs this op and
 //! the CUDA kernels hold the same int8 values, scales and int32 products.
 
+use super::attention::Tile;
+use super::attention_direct::{softmax_values_direct, PAD_SCORE};
 use super::gemm::{sgemm, MatRef};
 use super::math;
 use crate::backend::cuda::abi;
@@ -211,22 +213,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
             keys.scores(gh, lk, &qk.q.rows(gi, hi, h)[i0 * qk.q.dp..][..tq * qk.q.dp], tq, s_i32);
             // f = (q_scale * scale) * k_scale per key block, then s = (float) S * f.
             let qf = qk.q.scales(gi, hi, h)[ti] * spec.scale;
-            p.resize(tq * lk, 0.0);
-            let mut inv = [0f32; QK_BLOCK];
-            for (r, (row, srow)) in p.chunks_mut(lk).zip(s_i32.chunks(lk)).enumerate() {
-                for ((rb, sb), &ks) in row.chunks_mut(QK_BLOCK).zip(srow.chunks(QK_BLOCK)).zip(qk.k.scales(gi, hi, h)) {
-                    let f = qf * ks;
-                    rb.iter_mut().zip(sb).for_each(|(x, &v)| *x = v as f32 * f);
-                }
-                inv[r] = 1.0 / math::softmax_numerators(row);
-            }
             let off = (gi * lq + i0) * c + hi * d;
             // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(off), (tq - 1) * c + d) };
             let v_head = &vs[k0 * c + hi * d..];
-            if lk <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_HEAD_DIM {
-                pv_direct(p, lk, v_head, c, d, &inv[..tq], dst);
+            let direct = lk <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_HEAD_DIM;
+            // The direct kernel takes rows padded to whole vectors of 16 keys.
+            let lkp = if direct { lk.div_ceil(16) * 16 } else { lk };
+            p.clear();
+            p.resize(tq * lkp, PAD_SCORE);
+            for (row, srow) in p.chunks_mut(lkp).zip(s_i32.chunks(lk)) {
+                for ((rb, sb), &ks) in row[..lk].chunks_mut(QK_BLOCK).zip(srow.chunks(QK_BLOCK)).zip(qk.k.scales(gi, hi, h)) {
+                    let f = qf * ks;
+                    rb.iter_mut().zip(sb).for_each(|(x, &v)| *x = v as f32 * f);
+                }
+            }
+            if direct {
+                let tile = Tile { q: &[], k: &[], v: v_head, stride: c, tq, lk, d, scale: 1.0 };
+                softmax_values_direct(&tile, p, lkp, dst);
             } else {
+                let mut inv = [0f32; QK_BLOCK];
+                for (r, row) in p.chunks_mut(lk).enumerate() {
+                    inv[r] = 1.0 / math::softmax_numerators(row);
+                }
                 sgemm(tq, d, lk, MatRef { data: p, rs: lk, cs: 1 }, MatRef { data: v_head, rs: c, cs: 1 }, dst, c, false, 1);
                 for (r, &iv) in inv.iter().enumerate().take(tq) {
                     dst[r * c..r * c + d].iter_mut().for_each(|x| *x *= iv);
@@ -235,34 +244,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         },
     );
     Tensor::from_f32(&[g * lq, c], out)
-}
-
-super::simd::multiversion! {
-/// `dst[r] = inv[r] * sum_j p[r, j] v[j]` for the rows of `p` (`lk` apart), `v` and `dst`
-/// rows `c` apart, `d` columns: 16 columns at a time in registers, then the rest.
-fn pv_direct(p: &[f32], lk: usize, v: &[f32], c: usize, d: usize, inv: &[f32], dst: &mut [f32]) {
-    const L: usize = 16;
-    let full = d / L * L;
-    for (r, &iv) in inv.iter().enumerate() {
-        let pr = &p[r * lk..][..lk];
-        let o = &mut dst[r * c..][..d];
-        for d0 in (0..full).step_by(L) {
-            let mut acc = [0f32; L];
-            for (j, &pj) in pr.iter().enumerate() {
-                let vr = &v[j * c + d0..][..L];
-                for i in 0..L {
-                    acc[i] += pj * vr[i];
-                }
-            }
-            for i in 0..L {
-                o[d0 + i] = acc[i] * iv;
-            }
-        }
-        for (dd, ov) in o.iter_mut().enumerate().skip(full) {
-            *ov = pr.iter().enumerate().map(|(j, &pj)| pj * v[j * c + dd]).sum::<f32>() * iv;
-        }
-    }
-}
 }
 
 /// A raw output pointer shared by tasks that write disjoint regions.
@@ -450,6 +431,10 @@ mod tests {
             AttnSpec::ragged(67, 2, 72, AttnSpec::ranges_from_offsets(&[0, 5, 17, 17, 100])),
             AttnSpec::ragged(40, 2, 40, vec![(3, 90), (0, 30)]),
             AttnSpec::dense(1, 3, 1, 1, 128),
+            // The direct kernel's shapes (the demo's spatial and cross attention),
+            // with a group without keys.
+            AttnSpec::dense(2, 64, 64, 2, 16),
+            AttnSpec::ragged(21, 2, 32, AttnSpec::ranges_from_offsets(&[0, 12, 12, 40])),
         ];
         v.iter_mut().for_each(|s| s.qk_int8 = true);
         v
