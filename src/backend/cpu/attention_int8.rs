@@ -179,8 +179,9 @@ pub fn scores_i32(q: &Tensor, k: &Tensor, spec: &AttnSpec) -> Result<Vec<i32>> {
     Ok(out)
 }
 
-/// Up to this many keys and this head dim `P V` is a direct loop (one vector FMA per key
-/// and query row); above either, the GEMM (as in `attention.rs`).
+/// Up to this many keys and this head dim the softmax and `P V` are the float direct
+/// kernel's (row blocks in registers); above either, row softmax and the GEMM (as in
+/// `attention.rs`).
 const DIRECT_MAX_KEYS: usize = 128;
 const DIRECT_MAX_HEAD_DIM: usize = 32;
 
