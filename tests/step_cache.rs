@@ -34,6 +34,38 @@ fn static_k_skips_forwards_and_stays_close() {
     assert!(e > 1e-6, "skipping steps must change the result ({e})");
 }
 
+/// Served steps follow the policy's extrapolation slope: at slope 0 an
+/// extrapolated step is the last computed step's velocity (`static:2` exactly),
+/// at slope 1 it differs.
+#[test]
+fn extrapolation_follows_the_policy_slope() {
+    use qc::model::stdit3::{ForwardHooks, StepAction};
+    struct Extrapolating(f32);
+    impl ForwardHooks for Extrapolating {
+        fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+            if step % 2 == 0 || step + 1 == steps { StepAction::Compute } else { StepAction::Extrapolate }
+        }
+        fn extrapolation_slope(&self) -> f32 {
+            self.0
+        }
+    }
+    let be = CpuBackend::new();
+    let model = Stdit3::load(&common::fixture("stdit3-tiny")).unwrap();
+    let inp = SampleInputs::read(&common::fixture("rflow-tiny-video.safetensors")).unwrap();
+    let geo = inp.geometry();
+    let cfg = RflowConfig { num_steps: 6, ..RflowConfig::default() };
+    let run = |hooks: &mut dyn ForwardHooks| sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, hooks, &mut |_, _| {}).unwrap().0;
+    let reused = run(&mut StaticK { k: 2 });
+    let err = |a: &qc::tensor::Tensor, b: &qc::tensor::Tensor| rel_l2(a.f32().unwrap(), b.f32().unwrap());
+    // Equal up to rounding: the line's point at slope 0 is `v0 + 1 * (v1 - v0)`.
+    let flat = run(&mut Extrapolating(0.0));
+    assert!(err(&flat, &reused) < 1e-6, "slope 0 against static:2: {}", err(&flat, &reused));
+    let (linear, half) = (run(&mut Extrapolating(1.0)), run(&mut Extrapolating(0.5)));
+    let (e1, e_half) = (err(&linear, &reused), err(&half, &reused));
+    // Half the slope lands between reuse and the line.
+    assert!(e1 > 1e-3 && e_half > 1e-4 && e_half < e1, "slope 1: {e1}, slope 0.5: {e_half}");
+}
+
 /// A schedule recorded by `Counting` and replayed (`cache::replay`) on the same
 /// model reproduces the policy's run bit for bit: step extrapolation (hlc), the
 /// block stack's residual (teacache), kept sub-module outputs.

@@ -290,6 +290,9 @@ impl ForwardHooks for Pruned {
         self.pruning.step_action(step, steps);
         self.caching.step_action(step, steps)
     }
+    fn extrapolation_slope(&self) -> f32 {
+        self.caching.extrapolation_slope()
+    }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         self.pruning.block_action(id)
     }
@@ -455,9 +458,12 @@ impl ForwardHooks for Counting<'_> {
             StepAction::ReusePrevious | StepAction::Extrapolate => {}
         }
         if let Some(s) = self.schedule.as_mut() {
-            s.push(replay::StepRecord { action: Some(a), ..Default::default() });
+            s.push(replay::StepRecord { action: Some(a), slope: Some(self.inner.extrapolation_slope()), ..Default::default() });
         }
         a
+    }
+    fn extrapolation_slope(&self) -> f32 {
+        self.inner.extrapolation_slope()
     }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         let a = self.inner.block_action(id);

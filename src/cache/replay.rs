@@ -16,6 +16,8 @@ use std::collections::HashMap;
 #[derive(Clone, Debug, Default)]
 pub struct StepRecord {
     pub action: Option<StepAction>,
+    /// The policy's extrapolation slope at this step (1 when not recorded).
+    pub slope: Option<f32>,
     pub blocks: HashMap<BlockId, BlockAction>,
     pub subs: HashMap<(BlockId, SubModule), SubAction>,
 }
@@ -57,6 +59,9 @@ impl ForwardHooks for Replay {
     fn step_action(&mut self, step: usize, _steps: usize) -> StepAction {
         self.step = step;
         self.record().and_then(|r| r.action).unwrap_or(StepAction::Compute)
+    }
+    fn extrapolation_slope(&self) -> f32 {
+        self.record().and_then(|r| r.slope).unwrap_or(1.0)
     }
     fn block_action(&mut self, id: BlockId) -> BlockAction {
         let src = self.source(id);

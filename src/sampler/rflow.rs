@@ -126,6 +126,7 @@ pub fn sample_with_progress(
         let dt = step_sizes(&ts, i, cfg.num_timesteps);
         hooks.timestep(t[0]);
         let mut action = hooks.step_action(i, ts.len());
+        let slope = hooks.extrapolation_slope();
         // Without a computed step to reuse, a reuse computes.
         if action != StepAction::Compute && uncond_hist.is_empty() {
             action = StepAction::Compute;
@@ -145,14 +146,14 @@ pub fn sample_with_progress(
                 let mut step = |z: &mut Tensor| -> Result<Tensor> {
                     let v = match action {
                         StepAction::ReusePrevious => previous.clone().ok_or_else(|| anyhow::anyhow!("no previous velocity"))?,
-                        StepAction::Extrapolate => be.guidance(&cond_hist.at(be, t[0])?, &uncond_hist.at(be, t[0])?, cfg.cfg_scale)?,
+                        StepAction::Extrapolate => be.guidance(&cond_hist.at(be, t[0], slope)?, &uncond_hist.at(be, t[0], slope)?, cfg.cfg_scale)?,
                         _ => {
                             let text = match &mut cond_text {
                                 Some(c) => &*c,
                                 None => cond_text.insert(text.first(be, b)?),
                             };
                             let cond = conditional_velocity(be, model, text, z, t, geo)?;
-                            let v = be.guidance(&cond, &uncond_hist.at(be, t[0])?, cfg.cfg_scale)?;
+                            let v = be.guidance(&cond, &uncond_hist.at(be, t[0], slope)?, cfg.cfg_scale)?;
                             cond_hist.push(t[0], cond);
                             v
                         }
@@ -269,10 +270,11 @@ impl History {
         self.entries.is_empty()
     }
 
-    /// The velocity at `t` on the line through the last two (the last one alone when only one).
-    fn at(&self, be: &dyn Backend, t: f32) -> Result<Tensor> {
+    /// The velocity at `t` from the last one along the line through the last two,
+    /// its slope times `slope` (the last one alone when only one).
+    fn at(&self, be: &dyn Backend, t: f32, slope: f32) -> Result<Tensor> {
         match self.entries.as_slice() {
-            [(t0, v0), (t1, v1)] if t1 != t0 => be.guidance(v1, v0, 1.0 + (t - t1) / (t1 - t0)),
+            [(t0, v0), (t1, v1)] if t1 != t0 => be.guidance(v1, v0, 1.0 + slope * (t - t1) / (t1 - t0)),
             [.., (_, v)] => Ok(v.clone()),
             [] => Err(anyhow::anyhow!("no computed velocity to extrapolate from")),
         }
@@ -308,17 +310,20 @@ fn run_with_graphs(session: &mut dyn StepGraphSession, planner: &mut GraphPlanne
 #[cfg(test)]
 mod tests {
     #[test]
-    fn history_extrapolates_linearly_in_t() {
+    fn history_extrapolates_along_the_line_in_t() {
         let be = crate::backend::cpu::CpuBackend::new();
         let mut h = super::History::default();
-        assert!(h.at(&be, 900.0).is_err());
+        assert!(h.at(&be, 900.0, 1.0).is_err());
         h.push(1000.0, Tensor::from_f32(&[2], vec![1.0, 2.0]).unwrap());
-        assert_eq!(h.at(&be, 900.0).unwrap().f32().unwrap(), &[1.0, 2.0], "one entry: reused");
+        assert_eq!(h.at(&be, 900.0, 1.0).unwrap().f32().unwrap(), &[1.0, 2.0], "one entry: reused");
         h.push(950.0, Tensor::from_f32(&[2], vec![2.0, 2.0]).unwrap());
-        assert_eq!(h.at(&be, 900.0).unwrap().f32().unwrap(), &[3.0, 2.0]);
+        assert_eq!(h.at(&be, 900.0, 1.0).unwrap().f32().unwrap(), &[3.0, 2.0]);
+        // A quarter of the slope: a quarter of the way.
+        assert_eq!(h.at(&be, 900.0, 0.25).unwrap().f32().unwrap(), &[2.25, 2.0]);
+        assert_eq!(h.at(&be, 900.0, 0.0).unwrap().f32().unwrap(), &[2.0, 2.0], "slope 0: the last one");
         h.push(900.0, Tensor::from_f32(&[2], vec![3.0, 1.0]).unwrap());
         // Only the last two are kept.
-        assert_eq!(h.at(&be, 800.0).unwrap().f32().unwrap(), &[5.0, -1.0]);
+        assert_eq!(h.at(&be, 800.0, 1.0).unwrap().f32().unwrap(), &[5.0, -1.0]);
     }
 
     use super::*;

@@ -59,8 +59,9 @@ pub enum StepAction {
     /// Reuse the previous step's guided velocity: the DiT is not run at all.
     ReusePrevious,
     /// Extrapolate the conditional and unconditional velocities of the last two
-    /// computed steps linearly in t (the previous one when only one was computed):
-    /// the DiT is not run at all.
+    /// computed steps in t along their line, the slope scaled by the policy's
+    /// [`ForwardHooks::extrapolation_slope`] (the previous one when only one was
+    /// computed): the DiT is not run at all.
     Extrapolate,
     /// Run the DiT on the conditional half only and extrapolate the unconditional
     /// velocity (classifier-free-guidance halves deciding separately): half the rows.
@@ -77,6 +78,12 @@ pub trait ForwardHooks {
     /// Called by the sampler before step `step` of `steps`.
     fn step_action(&mut self, _step: usize, _steps: usize) -> StepAction {
         StepAction::Compute
+    }
+    /// The fraction of the line's slope an extrapolated velocity follows
+    /// ([`StepAction::Extrapolate`], [`StepAction::ComputeConditional`]): 1 is
+    /// linear extrapolation, 0 the last computed velocity.
+    fn extrapolation_slope(&self) -> f32 {
+        1.0
     }
     fn block_action(&mut self, _id: BlockId) -> BlockAction {
         BlockAction::Compute
