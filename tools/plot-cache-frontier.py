@@ -44,7 +44,7 @@ def main(src, out):
         if mode == "reference" or psnr == float("inf"):
             continue
         curves[curve(mode)].append((speed, psnr))
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=110)
     colours = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*X"
     for i, (name, pts) in enumerate(sorted(curves.items())):
@@ -57,7 +57,7 @@ def main(src, out):
     ax.set_ylabel("PSNR against the full computation (dB)")
     ax.set_title("Caching policies on the demonstration model (10 held-out prompts, 30 steps)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(out)
 

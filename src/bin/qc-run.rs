@@ -237,7 +237,8 @@ struct GenerateArgs {
     qk_int8: bool,
     /// Caching policy: none (compute every step and block); hlc (Hierarchical Latent Caching: after
     /// each computed step the blocks' measured rate of change decides how many steps are served by
-    /// extrapolating the last two computed velocities, and which slow blocks reuse their cached
+    /// extrapolating the last two computed velocities, along their line at min(1, 0.2 / threshold)
+    /// of its slope, and which slow blocks reuse their cached
     /// sub-module outputs at the next computed step); hlc-separate-cfg (the same, the guidance halves
     /// deciding separately); srap (blocks whose output barely differs from their input are skipped);
     /// hlc+srap (both); teacache (accumulated rescaled change of the first block's modulated input;

@@ -26,7 +26,7 @@ use std::sync::Arc;
 pub const PRESET_FLOORS: [(&str, f64); 2] = [("fast", 30.0), ("quality", 34.0)];
 
 /// The HLC thresholds (with SRAP at its default) the presets are chosen from.
-pub const HLC_GRID: [f32; 9] = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0];
+pub const HLC_GRID: [f32; 10] = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5];
 
 /// Per step, the weight of its quantization error under HLC at `threshold` on the
 /// full-precision model: `(1 + steps it serves)^2` for a computed step (its velocity

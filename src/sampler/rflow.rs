@@ -252,7 +252,7 @@ fn conditional_velocity(be: &dyn Backend, model: &Stdit3, text: &TextCond, z: &T
 }
 
 /// One guidance half's velocities at its last two computed steps, for reuse by
-/// linear extrapolation in t.
+/// extrapolation along their line in t.
 #[derive(Default)]
 struct History {
     entries: Vec<(f32, Tensor)>,
