@@ -184,3 +184,26 @@ fn model_defaults_apply_unless_flags_override_them() {
     let (ok, _, err) = qc_run(&["generate", "--model", s(&model), "--prompt", "a red ball", "--output", s(&out)]);
     assert!(!ok && err.contains("defaults.json"), "{err}");
 }
+
+/// The denoising stage times the loop alone: a run that loads the DiT reports the
+/// load as a stage of its own, and a run on loaded models has none.
+#[test]
+fn the_denoising_stage_leaves_out_loading_the_dit() {
+    use qc::backend::cpu::CpuBackend;
+    use qc::model::stdit3::NoHooks;
+    use qc::pipeline::{LoadedModels, ModelConfigs, ModelDefaults, ModelPaths, STAGE_DENOISE, STAGE_DIT_LOAD};
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let paths = ModelPaths::in_dir(&demo);
+    let opts = qc::pipeline::GenerateOptions { steps: 2, ..ModelDefaults::from_dir(&demo).unwrap().options() };
+    let be = CpuBackend::new();
+    let prompt = ["a red circle moving right".to_string()];
+    let configs = std::sync::Arc::new(ModelConfigs::check(&paths, &opts).unwrap());
+    let names = |r: &qc::pipeline::Report| r.stages.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
+    let (loading, r) = configs.plan(&prompt, &opts).unwrap().run(&be, &opts, &mut NoHooks, &mut |_| {}).unwrap();
+    assert!(names(&r).contains(&STAGE_DIT_LOAD.to_string()) && names(&r).contains(&STAGE_DENOISE.to_string()), "{:?}", names(&r));
+    assert!(r.seconds(STAGE_DIT_LOAD) > 0.0 && r.seconds("") >= r.seconds(STAGE_DIT_LOAD) + r.seconds(STAGE_DENOISE));
+    let models = LoadedModels::load(&configs, &be, &opts).unwrap();
+    let (loaded, r) = configs.plan(&prompt, &opts).unwrap().run_with(&be, Some(&models), &opts, &mut NoHooks, &mut |_| Ok(())).unwrap();
+    assert!(!names(&r).contains(&STAGE_DIT_LOAD.to_string()) && r.seconds(STAGE_DENOISE) > 0.0, "{:?}", names(&r));
+    assert_eq!(loading.f32().unwrap(), loaded.f32().unwrap());
+}

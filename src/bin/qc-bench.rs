@@ -568,8 +568,8 @@ fn torch(a: &TorchArgs) -> Result<()> {
     for _ in 0..a.reps.max(1) + 1 {
         let p = plan(&paths, std::slice::from_ref(&a.prompt), &opts)?;
         let (v, report) = p.run(&be, &opts, &mut NoHooks, &mut |_| {})?;
-        e_text.push(report.stages[0].1);
-        e_dit.push(report.stages[1].1);
+        e_text.push(report.seconds("text encoder"));
+        e_dit.push(report.seconds(qc::pipeline::STAGE_DENOISE));
         video = Some(v);
     }
     // The first run warms caches and page mappings; drop it as the median's outlier guard.

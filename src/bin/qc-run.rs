@@ -606,9 +606,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     eprintln!("  DiT block weights      {:>8.2} MiB ({}, {:.2} bits per weight read per step, {:.2} held)", w.bytes as f64 / (1u64 << 20) as f64, report.dit_precision, w.step_bits, w.bits());
     counting.finish();
     if let Some(path) = &a.report {
-        let stage = |prefix: &str| report.stages.iter().filter(|(n, _)| n.starts_with(prefix)).fold(0.0, |a, s| a + s.1);
+        let stage = |prefix: &str| report.seconds(prefix);
         let json = serde_json::json!({
-            "stages_s": {"text": stage("text encoder"), "denoise": stage("denoising"), "decode": stage("VAE decode"), "write": write_s, "total": t_all.elapsed().as_secs_f64()},
+            "stages_s": {"text": stage("text encoder"), "denoise": stage(qc::pipeline::STAGE_DIT_LOAD) + stage("denoising"), "decode": stage("VAE decode"), "write": write_s, "total": t_all.elapsed().as_secs_f64()},
             "peak_memory_bytes": report.peak_rss_bytes,
             "steps": opts.steps,
             "steps_computed": counting.steps_computed,

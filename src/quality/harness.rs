@@ -150,7 +150,7 @@ pub fn run_all(
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;
                 counting.finish();
-                let dit_seconds = report.stages.iter().find(|(n, _)| n.starts_with("denoising")).map_or(0.0, |s| s.1);
+                let dit_seconds = report.seconds(crate::pipeline::STAGE_DENOISE);
                 let s = video.shape().to_vec();
                 let shape = [s[1], s[2], s[3], s[4]];
                 let metrics = match &reference {
@@ -159,7 +159,7 @@ pub fn run_all(
                 };
                 runs.push(Run { case: ci, seed, mode: mode.clone(), metrics, follows_prompt: follows(&video, case)?, blocks_computed: counting.computed_fraction(),
                     dit_seconds,
-                    total_seconds: report.stages.iter().map(|s| s.1).sum(),
+                    total_seconds: report.seconds(""),
                     weight_bits: report.dit_weights.step_bits,
                     weight_bytes: report.dit_weights.bytes as f64,
                 });
