@@ -122,11 +122,13 @@ pub struct GenerateOptions {
     pub importance: Option<std::sync::Arc<Importance>>,
     /// The DiT's attention with int8 Q and K (`AttnSpec::qk_int8`).
     pub qk_int8: bool,
+    /// The DiT's attention with bf16 operands (`AttnSpec::bf16`).
+    pub attn_bf16: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None, importance: None, qk_int8: false }
+        GenerateOptions { frames: 51, height: 240, width: 426, steps: 30, cfg: 7.0, fps: 24.0, timestep_transform: true, aes: Some(6.5), raw_prompt: false, seed: 42, init_noise: None, quant: QuantPreset::None, importance: None, qk_int8: false, attn_bf16: false }
     }
 }
 
@@ -342,6 +344,7 @@ impl ModelConfigs {
             None => (quantize_blocks(&mut dit, opts.quant, opts.importance.as_deref())?, opts.quant.name().to_string()),
         };
         dit.qk_int8 = opts.qk_int8;
+        dit.attn_bf16 = opts.attn_bf16;
         dit.prepare(be)?;
         Ok(LoadedDit { model: dit, weights, precision })
     }
@@ -363,7 +366,7 @@ struct LoadedDit {
 
 /// Every model of a [`ModelConfigs`] loaded and prepared on one backend, to
 /// generate many times without loading again ([`Plan::run_with`]); the
-/// model-wide settings of `GenerateOptions` (quant, importance, qk_int8) are
+/// model-wide settings of `GenerateOptions` (quant, importance, qk_int8, attn_bf16) are
 /// fixed at load.
 pub struct LoadedModels {
     t5: T5Encoder,
@@ -372,6 +375,7 @@ pub struct LoadedModels {
     quant: QuantPreset,
     importance: Option<Arc<Importance>>,
     qk_int8: bool,
+    attn_bf16: bool,
 }
 
 impl LoadedModels {
@@ -384,6 +388,7 @@ impl LoadedModels {
             quant: opts.quant,
             importance: opts.importance.clone(),
             qk_int8: opts.qk_int8,
+            attn_bf16: opts.attn_bf16,
         })
     }
 
@@ -395,12 +400,14 @@ impl LoadedModels {
             _ => false,
         };
         ensure!(
-            self.quant == opts.quant && same_importance && self.qk_int8 == opts.qk_int8,
-            "the loaded models were quantized as {} (qk_int8 {}); this run asks for {} (qk_int8 {}) or other importance vectors: load them again",
+            self.quant == opts.quant && same_importance && self.qk_int8 == opts.qk_int8 && self.attn_bf16 == opts.attn_bf16,
+            "the loaded models were quantized as {} (qk_int8 {}, attn_bf16 {}); this run asks for {} (qk_int8 {}, attn_bf16 {}) or other importance vectors: load them again",
             self.quant.name(),
             self.qk_int8,
+            self.attn_bf16,
             opts.quant.name(),
-            opts.qk_int8
+            opts.qk_int8,
+            opts.attn_bf16
         );
         Ok(())
     }

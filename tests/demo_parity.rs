@@ -163,3 +163,40 @@ fn int8_qk_attention_stays_close_to_float() {
     eprintln!("sampling ({} steps), int8 QK vs float: relative L2 {err:.3e}", rf.num_steps);
     assert!(err < 3e-2, "int8-QK sampling relative L2 {err:.3e}");
 }
+
+/// The attention with bf16 operands (`Stdit3::attn_bf16`, what `--accel quantcache`
+/// runs) on the trained demo model: one forward and the whole CFG sampling run stay
+/// within bf16's precision of the float engine.
+#[test]
+fn bf16_attention_stays_close_to_float() {
+    let ck = parity();
+    let be = CpuBackend::new();
+    let mut model = Stdit3::load(&demo("stdit3")).unwrap();
+    let (x, y, mask) = (ck.load_f32("x").unwrap(), ck.load_f32("y").unwrap(), ints(&ck, "mask"));
+    let timestep = ck.load_f32("timestep").unwrap().into_f32().unwrap();
+    let fps = ck.load_f32("fps").unwrap().into_f32().unwrap();
+    let (height, width) = (ck.load_f32("height").unwrap().into_f32().unwrap(), ck.load_f32("width").unwrap().into_f32().unwrap());
+    let text = model.encode_text(&be, &y, Some(&mask), &mut NoHooks).unwrap();
+    let inp = DitInput { x: &x, timestep: &timestep, fps: &fps, height: height[0], width: width[0], x_mask: None };
+    let float = model.forward(&be, &inp, &text, &mut NoHooks).unwrap();
+    model.attn_bf16 = true;
+    let bf16 = model.forward(&be, &inp, &text, &mut NoHooks).unwrap();
+    let err = rel_l2(bf16.f32().unwrap(), float.f32().unwrap());
+    eprintln!("DiT forward, bf16 attention vs float: relative L2 {err:.3e}");
+    assert!(err > 0.0 && err < 5e-3, "bf16-attention forward relative L2 {err:.3e}");
+
+    let meta = ck.metadata();
+    let z0 = ck.load_f32("sample_z0").unwrap();
+    let (y, mask) = (ck.load_f32("sample_y").unwrap(), ints(&ck, "sample_mask"));
+    let s = z0.shape().to_vec();
+    let b = s[0];
+    let fps: f32 = meta["fps"].parse().unwrap();
+    let geo = VideoGeometry { height: vec![s[3] as f32; b], width: vec![s[4] as f32; b], num_frames: vec![s[2] as f32; b], fps: vec![fps; b] };
+    let rf = RflowConfig { num_steps: meta["sample_steps"].parse().unwrap(), cfg_scale: meta["sample_cfg"].parse().unwrap(), use_timestep_transform: false, ..RflowConfig::default() };
+    let (zb, _) = sample(&be, &model, &rf, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
+    model.attn_bf16 = false;
+    let (zf, _) = sample(&be, &model, &rf, &z0, &y, Some(&mask), &geo, &mut NoHooks, &mut |_, _| {}).unwrap();
+    let err = rel_l2(zb.f32().unwrap(), zf.f32().unwrap());
+    eprintln!("sampling ({} steps), bf16 attention vs float: relative L2 {err:.3e}", rf.num_steps);
+    assert!(err < 2e-2, "bf16-attention sampling relative L2 {err:.3e}");
+}

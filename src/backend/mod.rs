@@ -153,6 +153,9 @@ pub struct AttnSpec {
     /// attention_int8.cu) in exact integer products; no score bias then.
     /// False in the constructors.
     pub qk_int8: bool,
+    /// Compute both products with bf16 operands (Q, K, V and the softmax's
+    /// probabilities rounded to bf16, f32 accumulation); false in the constructors.
+    pub bf16: bool,
 }
 
 impl AttnSpec {
@@ -163,7 +166,7 @@ impl AttnSpec {
 
     /// Group `g` attends to `ranges[g]`, scale `1/sqrt(head_dim)`.
     pub fn ragged(q_len: usize, heads: usize, head_dim: usize, ranges: Vec<(usize, usize)>) -> Self {
-        AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt(), qk_int8: false }
+        AttnSpec { groups: ranges.len(), q_len, heads, head_dim, kv_ranges: ranges, scale: 1.0 / (head_dim as f32).sqrt(), qk_int8: false, bf16: false }
     }
 
     /// The shape checks every backend's attention makes: `q` `[groups x q_len,

@@ -235,6 +235,13 @@ struct GenerateArgs {
     /// quantized to int8 (per block of 64 rows, K mean-smoothed), exact int32 products.
     #[arg(long)]
     qk_int8: bool,
+    /// The DiT's self- and cross-attention with bf16 operands: Q, K, V and the softmax's
+    /// probabilities rounded to bf16, products accumulated in f32 (the GPU attention's precision).
+    /// On a CPU with AVX-512 BF16 the products run as `vdpbf16ps` (head dims of whole 16-channel
+    /// blocks, up to 32, and up to 128 keys), elsewhere the rounded operands go through the f32
+    /// attention. `--accel quantcache` turns it on.
+    #[arg(long)]
+    attn_bf16: bool,
     /// Caching policy: none (compute every step and block); hlc (Hierarchical Latent Caching: after
     /// each computed step the blocks' measured rate of change decides how many steps are served by
     /// extrapolating the last two computed velocities, along their line at min(1, 0.2 / threshold)
@@ -521,6 +528,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         quant: a.quant,
         importance: a.calibration.as_deref().map(Importance::from_dir).transpose()?.map(std::sync::Arc::new),
         qk_int8: a.qk_int8,
+        attn_bf16: a.attn_bf16,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
     let mut opts = opts;
@@ -538,8 +546,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             let dir = model_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--accel {} needs a model directory (--model DIR), not separate --dit/--t5/--tokenizer", a.accel))?;
             let accel = qc::cache::accel::Accel::for_model(dir, preset)?;
             eprintln!("accel: quantcache:{preset} from {} ({} at {}; aigq plan {:.2} bits)", accel.dir.display(), accel.preset.cache, accel.preset.threshold, accel.importance.meta["plan_bits"].as_f64().unwrap_or(f64::NAN));
-            opts.quant = QuantPreset::Aigq;
-            opts.importance = Some(accel.importance.clone());
+            accel.apply(&mut opts);
             accel_cache = Some((accel.preset.cache.clone(), accel.preset.threshold.clone()));
             accel.policy()?
         }

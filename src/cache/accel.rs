@@ -56,6 +56,14 @@ impl Accel {
         Ok(Accel { dir, importance: Arc::new(importance), preset, calibration })
     }
 
+    /// What the preset runs besides caching: the quantized checkpoint's plan and
+    /// importance vectors, and the attention with bf16 operands.
+    pub fn apply(&self, opts: &mut crate::pipeline::GenerateOptions) {
+        opts.quant = crate::quant::preset::QuantPreset::Aigq;
+        opts.importance = Some(self.importance.clone());
+        opts.attn_bf16 = true;
+    }
+
     /// A fresh caching policy of the preset (one per sampling run).
     pub fn policy(&self) -> Result<Box<dyn ForwardHooks>> {
         policy_with(&self.preset.cache, Some(&self.preset.threshold), &self.calibration, super::CachePrecision::Native)

@@ -150,7 +150,8 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
         done += 1;
         progress(done, total);
     }
-    let quantized = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(importance), ..opts.clone() };
+    // As `--accel quantcache` runs: the plan, and the attention with bf16 operands.
+    let quantized = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(importance), attn_bf16: true, ..opts.clone() };
     let mut measure = |cache: &str, threshold: String| -> Result<Measured> {
         let (mut psnr, mut blocks) = (0.0, 0.0);
         for (p, r) in prompts.iter().zip(&references) {

@@ -107,8 +107,7 @@ impl Engine {
                         return Err(Error::invalid("accel \"quantcache\" sets the quantization and the caching itself: leave quant, cache and cache threshold at their defaults"));
                     }
                     let accel = crate::cache::accel::Accel::for_model(&dir, preset).map_err(model)?;
-                    defaults.quant = QuantPreset::Aigq;
-                    defaults.importance = Some(accel.importance.clone());
+                    accel.apply(&mut defaults);
                     (accel.preset.cache.clone(), Some(accel.preset.threshold.clone()), accel.calibration.clone())
                 }
             };
@@ -440,7 +439,8 @@ mod tests {
         let params = Params { seed: Some(5), ..Params::default() };
         let got = e.generate(&prompts, &params, no_progress()).unwrap_or_else(|e| panic!("{}", e.message));
         let accel = crate::cache::accel::Accel::for_model(Path::new(crate::BUNDLED_MODEL), "fast").unwrap();
-        let opts = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(accel.importance.clone()), ..e.options(&params, 1).unwrap_or_else(|e| panic!("{}", e.message)) };
+        let mut opts = e.options(&params, 1).unwrap_or_else(|e| panic!("{}", e.message));
+        accel.apply(&mut opts);
         let paths = ModelPaths::in_dir(Path::new(crate::BUNDLED_MODEL));
         let (video, _) = e.pool.install(|| plan(&paths, &prompts, &opts).unwrap().run(&crate::backend::cpu::CpuBackend::new(), &opts, accel.policy().unwrap().as_mut(), &mut |_| {})).unwrap();
         let want: Vec<u8> = rgb_frames(&quantize_frames(&video).unwrap(), 0).unwrap().concat();

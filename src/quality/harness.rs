@@ -76,6 +76,8 @@ pub struct Mode {
     pub importance: bool,
     /// int8 Q K^T attention (`-qk8`).
     pub qk_int8: bool,
+    /// Attention with bf16 operands (`-bf16`; `quantcache:*` too).
+    pub attn_bf16: bool,
     /// `quantcache:*`: the quantized checkpoint's calibration it runs.
     pub accel: Option<std::sync::Arc<crate::quant::calibrate::Importance>>,
     pub hooks: Box<dyn ForwardHooks>,
@@ -84,16 +86,18 @@ pub struct Mode {
 /// A mode: a cache policy (`reference`, `hlc`, `srap`, `hlc+srap`, `teacache`, `pab`,
 /// `adacache`, `static:K`; `NAME@THRESHOLD` sets its threshold, e.g. `hlc@0.3`), a quantization preset
 /// (`w8a8`, `w4a8`, `w4a6`; with `-is` the importance vectors of the
-/// calibration are folded in, e.g. `w4a6-is`, then `-qk8` for int8 Q K^T attention; `aigq`: the
+/// calibration are folded in, e.g. `w4a6-is`, then `-qk8` for int8 Q K^T attention, then `-bf16`
+/// for attention with bf16 operands, e.g. `w8a8-bf16`; `aigq`: the
 /// calibration's plan), a preset and a policy joined
 /// by `+` (`w8a8+static:2`), or `quantcache:fast` / `quantcache:quality` (`--accel`, from the
 /// model's QuantCache calibration). `model_dir`: the model's directory (its cache calibration).
 pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
     if let Some(preset) = crate::cache::accel::preset_name(name).ok().flatten() {
         let accel = crate::cache::accel::Accel::for_model(model_dir, preset)?;
-        return Ok(Mode { quant: QuantPreset::Aigq, importance: false, qk_int8: false, accel: Some(accel.importance.clone()), hooks: accel.policy()? });
+        return Ok(Mode { quant: QuantPreset::Aigq, importance: false, qk_int8: false, attn_bf16: true, accel: Some(accel.importance.clone()), hooks: accel.policy()? });
     }
     let is_quant = |q: &str| {
+        let q = q.strip_suffix("-bf16").unwrap_or(q);
         let q = q.strip_suffix("-qk8").unwrap_or(q);
         PRESET_NAMES.contains(&q.strip_suffix("-is").unwrap_or(q))
     };
@@ -101,6 +105,10 @@ pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
         Some((q, c)) if is_quant(q) => (q, c),
         _ if is_quant(name) => (name, "reference"),
         _ => ("none", name),
+    };
+    let (q, attn_bf16) = match q.strip_suffix("-bf16") {
+        Some(q) => (q, true),
+        None => (q, false),
     };
     let (q, qk_int8) = match q.strip_suffix("-qk8") {
         Some(q) => (q, true),
@@ -114,7 +122,7 @@ pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
     // aigq always reads the calibration (its plan and vectors).
     let importance = importance || quant == QuantPreset::Aigq;
     ensure!(!importance || quant != QuantPreset::None, "mode {name:?}: -is (importance vectors) needs a quantized preset");
-    Ok(Mode { quant, importance, qk_int8, accel: None, hooks: policy(cache, &CacheCalibration::for_model(model_dir)?)? })
+    Ok(Mode { quant, importance, qk_int8, attn_bf16, accel: None, hooks: policy(cache, &CacheCalibration::for_model(model_dir)?)? })
 }
 
 /// Generates every case with the reference and each mode; returns all runs
@@ -143,9 +151,9 @@ pub fn run_all(
             let mut row = Vec::new();
             for mode in &all_modes {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
-                let Mode { quant, importance, qk_int8, accel, hooks: mut pol } = parse_mode(mode, model_dir)?;
+                let Mode { quant, importance, qk_int8, attn_bf16, accel, hooks: mut pol } = parse_mode(mode, model_dir)?;
                 let importance = if accel.is_some() { accel } else if importance { base.importance.clone() } else { None };
-                let opts = GenerateOptions { seed, quant, importance, qk_int8, ..base.clone() };
+                let opts = GenerateOptions { seed, quant, importance, qk_int8, attn_bf16, ..base.clone() };
                 let p = plan(paths, std::slice::from_ref(&case.prompt), &opts)?;
                 let mut counting = Counting::new(pol.as_mut(), p.blocks_per_forward());
                 let (video, report) = p.run(be, &opts, &mut counting, &mut |_| {})?;

@@ -39,6 +39,12 @@ unsafe impl Sync for OutPtr {}
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
     spec.check(q, k, v, bias)?;
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
+    let bf16_tiles = spec.bf16 && bf16_kernel_fits(spec);
+    if spec.bf16 && !bf16_tiles {
+        // Without the kernel: the operands rounded to bf16, the f32 attention on them.
+        let round = |t: &Tensor| -> Result<Tensor> { Tensor::from_f32(t.shape(), t.f32()?.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()) };
+        return attention(&round(q)?, &round(k)?, &round(v)?, &AttnSpec { bf16: false, ..spec.clone() }, bias);
+    }
     let c = h * d;
     let bias_v = match bias {
         None => None,
@@ -66,13 +72,33 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         let bias_rows = bias_v.map(|(bv, bl)| (&bv[(hi * lq + i0) * bl..], bl));
         // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+1)*d of group gi.
         let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(q_off), (tq - 1) * c + d) };
-        if lk <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_HEAD_DIM {
+        if bf16_tiles {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `bf16_kernel_fits` checked the CPU and the head dim.
+            unsafe {
+                super::attention_bf16::attend_bf16(&tile, bias_rows, dst, scratch)
+            };
+        } else if lk <= DIRECT_MAX_KEYS && d <= DIRECT_MAX_HEAD_DIM {
             attend_direct(&tile, bias_rows, dst, scratch);
         } else {
             attend_gemm(&tile, bias_rows, dst, scratch);
         }
     });
     Tensor::from_f32(&[g * lq, c], out)
+}
+
+/// Whether every tile of `spec` runs the bf16 kernel: an AVX-512 BF16 CPU, a
+/// head dim of whole 16-lane blocks, and key ranges the direct tiles take.
+fn bf16_kernel_fits(spec: &AttnSpec) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::attention_bf16::available() && super::attention_bf16::fits(spec.head_dim) && spec.head_dim <= DIRECT_MAX_HEAD_DIM && spec.kv_ranges.iter().all(|(a, b)| b - a <= DIRECT_MAX_KEYS)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = spec;
+        false
+    }
 }
 
 /// Additive score bias rows for the tile's queries (`[tq, >= lk]`, rows `.1` apart).

@@ -2,6 +2,8 @@
 
 mod attention;
 mod attention_direct;
+#[cfg(target_arch = "x86_64")]
+mod attention_bf16;
 pub mod attention_int8;
 pub mod cache;
 #[cfg(test)]

@@ -91,7 +91,7 @@ pub fn schedule(a: &ScheduleArgs) -> Result<()> {
     for mode in &a.modes {
         let m = parse_mode(mode, &dir).with_context(|| format!("mode {mode:?}"))?;
         let mut hooks = m.hooks;
-        let opts = qc::pipeline::GenerateOptions { seed: 0, quant: m.quant, importance: m.accel.clone(), qk_int8: m.qk_int8, ..demo_opts.clone() };
+        let opts = qc::pipeline::GenerateOptions { seed: 0, quant: m.quant, importance: m.accel.clone(), qk_int8: m.qk_int8, attn_bf16: m.attn_bf16, ..demo_opts.clone() };
         let p = plan(&paths, std::slice::from_ref(&a.prompt), &opts)?;
         let blocks = p.blocks_per_forward();
         let mut counting = Counting::new(hooks.as_mut(), blocks);

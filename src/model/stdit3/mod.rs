@@ -218,6 +218,8 @@ pub struct Stdit3 {
     pub stored_plan: Option<crate::quant::plan::Plan>,
     /// Self- and cross-attention with int8 Q and K ([`AttnSpec::qk_int8`]); off after loading.
     pub qk_int8: bool,
+    /// Self- and cross-attention with bf16 operands ([`AttnSpec::bf16`]); off after loading.
+    pub attn_bf16: bool,
 }
 
 /// The blocks used for timesteps below `below` (phases ordered by descending
@@ -241,7 +243,7 @@ impl Stdit3 {
         let ck = Checkpoint::open_dir(dir)?;
         let layout = crate::quant::qdir::Layout::of(&ck)?;
         let w = Stdit3Weights::load(&ck, &cfg, layout.as_ref().map(|l| &l.layers)).with_context(|| format!("loading STDiT3 weights from {}", dir.display()))?;
-        let mut model = Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false };
+        let mut model = Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false, attn_bf16: false };
         if let Some(layout) = layout {
             model.phases = crate::quant::qdir::load_phases(&ck, &layout, &model)?;
             model.stored_plan = Some(layout.plan);
@@ -251,7 +253,7 @@ impl Stdit3 {
 
     /// A model of these weights, one set for every timestep.
     pub fn new(cfg: Stdit3Config, w: Stdit3Weights) -> Self {
-        Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false }
+        Stdit3 { cfg, w, phases: Vec::new(), stored_plan: None, qk_int8: false, attn_bf16: false }
     }
 
     /// Moves the weights to where `be` computes, once after loading (see [`Backend::prepare_linear`]).
@@ -521,6 +523,7 @@ impl Stdit3 {
                 let (k, v) = &text.kv[kv_index];
                 let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
                 spec.qk_int8 = self.qk_int8;
+                spec.bf16 = self.attn_bf16;
                 return Ok((be.attention(&q, k, v, &spec, None)?, &bw.cross_proj));
             }
             SubModule::Mlp => {
@@ -542,6 +545,7 @@ impl Stdit3 {
         be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
         let mut spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
         spec.qk_int8 = self.qk_int8;
+        spec.bf16 = self.attn_bf16;
         let mut a = be.attention(&parts[0], &parts[1], &parts[2], &spec, None)?;
         if temporal {
             a = be.swap_middle(&a, [d.b, d.s, d.t, c])?;
