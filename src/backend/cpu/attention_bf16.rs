@@ -50,19 +50,18 @@ pub unsafe fn attend_bf16(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &m
     let (kt, vp, pp, qp): (&mut [u32], &mut [u32], &mut [u32], &mut [u32]) =
         (bytemuck::cast_slice_mut(kt), bytemuck::cast_slice_mut(vp), bytemuck::cast_slice_mut(pp), bytemuck::cast_slice_mut(qp));
 
-    // K: each key's channels converted 16 at a time (8 pairs), then transposed.
-    let mut row_pairs = [0u32; LANES / 2];
-    for j in 0..lkp {
+    // K: 16 keys x 16 channels at a time, converted (8 pairs per key) and transposed.
+    for j0 in (0..lkp).step_by(LANES) {
         for d0 in (0..d).step_by(LANES) {
-            if j < lk {
-                let b = _mm512_cvtneps_pbh(_mm512_loadu_ps(t.k.as_ptr().add(j * c + d0)));
-                _mm256_storeu_si256(row_pairs.as_mut_ptr() as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(b));
-            } else {
-                row_pairs = [0; LANES / 2];
-            }
-            for (p, &v) in row_pairs.iter().enumerate() {
-                kt[(d0 / 2 + p) * lkp + j] = v;
-            }
+            let rows: [__m256i; LANES] = std::array::from_fn(|i| {
+                let j = j0 + i;
+                if j < lk {
+                    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(t.k.as_ptr().add(j * c + d0))))
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
+            store_transposed(&rows, kt, lkp, d0 / 2, j0);
         }
     }
     // V: rows 2m and 2m + 1 interleaved, then converted (a missing odd row is zero).
@@ -91,6 +90,40 @@ pub unsafe fn attend_bf16(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &m
     while r < t.tq {
         rows::<1>(t, bias, dst, kt, vp, scores, pp, qp, lkp, r);
         r += 1;
+    }
+}
+
+/// `kt[(p0 + p) * lkp + j0 + j] = rows[j][p]` for 16 rows of 8 pairs: a 16 x 8
+/// transpose of 32-bit lanes in three rounds of 8 two-source permutes (the
+/// scalar stores it replaces were a tenth of the tile).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_transposed(rows: &[__m256i; LANES], kt: &mut [u32], lkp: usize, p0: usize, j0: usize) {
+    const A: [i32; 16] = [0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27];
+    const B: [i32; 16] = [4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31];
+    const C_LO: [i32; 16] = [0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23];
+    const C_HI: [i32; 16] = [8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31];
+    const O_LO: [i32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23];
+    const O_HI: [i32; 16] = [8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31];
+    let idx = |a: &[i32; 16]| _mm512_loadu_si512(a.as_ptr() as *const _);
+    let (a, b, c_lo, c_hi, o_lo, o_hi) = (idx(&A), idx(&B), idx(&C_LO), idx(&C_HI), idx(&O_LO), idx(&O_HI));
+    // z[i]: rows 2i and 2i + 1.
+    let z: [__m512i; 8] = std::array::from_fn(|i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(rows[2 * i]), rows[2 * i + 1]));
+    // Rows 4i..4i + 4 with pairs 0..4 (lane 4p + row) and pairs 4..8.
+    let fours: [[__m512i; 4]; 2] = [
+        std::array::from_fn(|i| _mm512_permutex2var_epi32(z[2 * i], a, z[2 * i + 1])),
+        std::array::from_fn(|i| _mm512_permutex2var_epi32(z[2 * i], b, z[2 * i + 1])),
+    ];
+    for (half, x) in fours.iter().enumerate() {
+        // Rows 0..8 and 8..16, two pairs each (lane 8p + row).
+        let (lo0, hi0) = (_mm512_permutex2var_epi32(x[0], c_lo, x[1]), _mm512_permutex2var_epi32(x[0], c_hi, x[1]));
+        let (lo1, hi1) = (_mm512_permutex2var_epi32(x[2], c_lo, x[3]), _mm512_permutex2var_epi32(x[2], c_hi, x[3]));
+        for (k, (e0, e1)) in [(lo0, lo1), (hi0, hi1)].into_iter().enumerate() {
+            for (m, sel) in [o_lo, o_hi].into_iter().enumerate() {
+                let p = p0 + 4 * half + 2 * k + m;
+                _mm512_storeu_si512(kt.as_mut_ptr().add(p * lkp + j0) as *mut _, _mm512_permutex2var_epi32(e0, sel, e1));
+            }
+        }
     }
 }
 
