@@ -1,6 +1,7 @@
 //! CPU backend ops at the demonstration model's and Open-Sora 1.2's shapes,
 //! each timed next to a baseline measured in the same run:
-//! - attention (spatial, temporal, cross) against a straightforward scalar attention;
+//! - attention (spatial, temporal, cross) against a straightforward scalar attention,
+//!   and at the demo's shapes with bf16 operands against the f32 attention;
 //! - W8A8 and W4A8 linears against the f32 linear of the same layer;
 //! - layer norm fused with the W8A8 linear's activation quantization against
 //!   the two ops one after the other.
@@ -89,6 +90,17 @@ fn attention_cases(bench: bool, filter: &str, rng: &mut Rng, out: &mut Vec<Case>
         let base = median_time(budget, || drop(scalar_attention(qs, ks, vs, &spec)));
         let op = median_time(budget, || drop(be.attention(&q, &k, &v, &spec, None).unwrap()));
         out.push(Case { name, baseline: "scalar attention", base, op });
+        if name.contains("demo") {
+            // The bf16 attention (`--attn-bf16`) against the f32 one it stands in for.
+            let bf16 = AttnSpec { bf16: true, ..spec.clone() };
+            let got = be.attention(&q, &k, &v, &bf16, None).unwrap();
+            let err = rel_l2(got.f32().unwrap(), &want);
+            assert!(err < 1e-2, "{name} bf16: relative L2 {err} against the scalar attention");
+            let base = median_time(budget, || drop(be.attention(&q, &k, &v, &spec, None).unwrap()));
+            let op = median_time(budget, || drop(be.attention(&q, &k, &v, &bf16, None).unwrap()));
+            let bf16_name: &'static str = Box::leak(format!("{name}, bf16 operands").into_boxed_str());
+            out.push(Case { name: bf16_name, baseline: "f32 attention", base, op });
+        }
     }
 }
 

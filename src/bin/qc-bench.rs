@@ -103,7 +103,7 @@ struct QualityArgs {
     /// e.g. hlc@0.3 or hlc+srap@0.3,0.1), quantcache:fast or quantcache:quality (--accel, from the model's
     /// QuantCache calibration),
     /// a quantization preset (w8a8, w4a8, w4a6, aigq; add -is to fold in the importance vectors of
-    /// --calibration, e.g. w4a6-is, then -qk8 for int8 Q K^T attention, e.g. w8a8-is-qk8), or both joined
+    /// --calibration, e.g. w4a6-is, then -qk8 for int8 Q K^T attention, e.g. w8a8-is-qk8, then -bf16 for attention with bf16 operands, e.g. w8a8-bf16), or both joined
     /// by + (w8a8+static:2). aigq runs the plan of --calibration (its quantized checkpoint when it has one).
     #[arg(long, default_value = "static:2", value_delimiter = ',')]
     modes: Vec<String>,

@@ -64,10 +64,11 @@ pub unsafe fn attend_bf16(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &m
             store_transposed(&rows, kt, lkp, d0 / 2, j0);
         }
     }
-    // V: rows 2m and 2m + 1 interleaved, then converted (a missing odd row is zero).
+    // V: rows 2m and 2m + 1 interleaved, then converted (a missing odd row is
+    // zero); only the pairs `P V` reads.
     let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for m in 0..pairs {
+    for m in 0..lk.div_ceil(2) {
         for d0 in (0..d).step_by(LANES) {
             let row = |j: usize| if j < lk { _mm512_loadu_ps(t.v.as_ptr().add(j * c + d0)) } else { _mm512_setzero_ps() };
             let (a, b) = (row(2 * m), row(2 * m + 1));
