@@ -129,7 +129,8 @@ int qc_options_set_cache(qc_options *options, const char *cache);
  * by qc_engine_create (QC_ERR_INVALID_ARGUMENT). NULL: the policy's default. */
 int qc_options_set_cache_threshold(qc_options *options, const char *threshold);
 
-/* Acceleration preset (sets quantization and caching together): "none",
+/* Acceleration preset (sets quantization, caching and the attention's bf16
+ * operands together): "none",
  * "quantcache" (= "quantcache:fast") or "quantcache:quality": the model's
  * QuantCache calibration (its quantized checkpoint and jointly calibrated cache
  * thresholds, from qc-run calibrate --accel; model_dir/quantcache/ of a float

@@ -30,6 +30,8 @@ def curve(mode):
         return "quantcache (aigq + hlc+srap, jointly calibrated)"
     if mode.startswith("aigq+"):
         return "aigq + hlc+srap, calibrated separately"
+    if mode.startswith("w8a8-bf16+"):
+        return "w8a8 + bf16 attention + hlc"
     if mode.startswith("w8a8+"):
         return "w8a8 + hlc"
     name = mode.split("@")[0]
