@@ -242,7 +242,7 @@ fn cache_thresholds_and_accel_are_checked() {
     let (ok, err) = qc_run(&["generate", "--prompt", prompt, "--accel", "quantcache", "--output", s(&gif), "--report", s(&report)]);
     assert!(ok, "{err}");
     let r = read();
-    assert!(r["quant"].as_str().unwrap().starts_with("aigq") && r["accel"].as_str() == Some("quantcache"), "{r}");
+    assert!(r["quant"].as_str().unwrap().starts_with("aigq") && r["accel"].as_str() == Some("quantcache") && r["attention"].as_str() == Some("bf16"), "{r}");
     assert!(r["block_evals"]["computed"].as_u64().unwrap() < r["block_evals"]["possible"].as_u64().unwrap() / 2, "{r}");
     for (args, expect) in [
         (vec!["--cache", "hlc", "--cache-threshold", "99"], "expected a number in [0.001, 10]"),
@@ -253,6 +253,8 @@ fn cache_thresholds_and_accel_are_checked() {
         (vec!["--accel", "turbo"], "unknown acceleration preset \"turbo\" (--accel)"),
         (vec!["--accel", "quantcache", "--quant", "w8a8"], "leave --quant out"),
         (vec!["--accel", "quantcache:quality", "--cache", "pab"], "leave --cache out"),
+        (vec!["--qk-int8", "--attn-bf16"], "--qk-int8 and --attn-bf16 are two precisions"),
+        (vec!["--accel", "quantcache", "--qk-int8"], "leave --qk-int8 out"),
     ] {
         let mut all = vec!["generate", "--prompt", "x", "--output", s(&gif)];
         all.extend(args.iter());

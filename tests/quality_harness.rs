@@ -33,7 +33,7 @@ fn quantized_modes_are_compared_with_full_precision() {
     let dir = tempfile::tempdir().unwrap();
     let (m, prompts) = fixture_model(dir.path());
     let out = dir.path().join("report");
-    let res = quality(&m, &prompts, "w8a8,w4a8,w4a6,w8a8+static:2,w8a8-qk8", "0", &out);
+    let res = quality(&m, &prompts, "w8a8,w4a8,w4a6,w8a8+static:2,w8a8-qk8,w8a8-bf16", "0", &out);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let md = std::fs::read_to_string(out.join("quality.md")).unwrap();
     let row = |mode: &str| md.lines().find(|l| l.starts_with(&format!("| {mode} |"))).unwrap_or_else(|| panic!("no {mode} row in {md}")).to_string();
@@ -52,6 +52,13 @@ fn quantized_modes_are_compared_with_full_precision() {
     let qk = row("w8a8-qk8");
     assert_eq!((cell(&qk, 7), cell(&qk, 8)), (cell(&w8, 7), cell(&w8, 8)));
     assert!(cell(&qk, 2) > 25.0 && cell(&qk, 2) < p8 + 1.0, "{qk}");
+    // bf16 attention operands on top of w8a8: the same weights, about w8a8's error.
+    let bf = row("w8a8-bf16");
+    assert_eq!((cell(&bf, 7), cell(&bf, 8)), (cell(&w8, 7), cell(&w8, 8)));
+    assert!(cell(&bf, 2) > 25.0 && cell(&bf, 2) < p8 + 1.0 && cell(&bf, 2).is_finite(), "{bf}");
+    let res = quality(&m, &prompts, "w8a8-qk8-bf16", "0", &out);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("-qk8 and -bf16"), "{err}");
 
     let res = quality(&m, &prompts, "aigq", "0", &out);
     let err = String::from_utf8_lossy(&res.stderr);

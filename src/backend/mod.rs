@@ -154,7 +154,9 @@ pub struct AttnSpec {
     /// False in the constructors.
     pub qk_int8: bool,
     /// Compute both products with bf16 operands (Q, K, V and the softmax's
-    /// probabilities rounded to bf16, f32 accumulation); false in the constructors.
+    /// probabilities rounded to bf16, f32 accumulation); false in the
+    /// constructors. The CUDA backend's attention always runs so (bf16
+    /// activations) and reads no flag.
     pub bf16: bool,
 }
 

@@ -531,6 +531,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         attn_bf16: a.attn_bf16,
     };
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
+    anyhow::ensure!(!(a.qk_int8 && a.attn_bf16), "--qk-int8 and --attn-bf16 are two precisions of the same attention products: give one");
+    anyhow::ensure!(!(a.qk_int8 && a.accel != "none"), "--accel {} runs the attention with bf16 operands: leave --qk-int8 out", a.accel);
     let mut opts = opts;
     let mut accel_cache: Option<(String, String)> = None;
     let mut policy = match qc::cache::accel::preset_name(&a.accel)? {
@@ -631,6 +633,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "latent": report.latent,
             "seed": opts.seed,
             "quant": report.dit_precision,
+            "attention": if opts.attn_bf16 { "bf16" } else if opts.qk_int8 { "int8 q k" } else { "f32" },
             "dit_weight_bits_per_step": w.step_bits,
             "dit_weight_bytes": w.bytes,
             "outputs": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),

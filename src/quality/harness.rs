@@ -118,6 +118,7 @@ pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
         Some(q) => (q, true),
         None => (q, false),
     };
+    ensure!(!(qk_int8 && attn_bf16), "mode {name:?}: -qk8 and -bf16 are two precisions of the same attention products");
     let quant = QuantPreset::parse(q)?;
     // aigq always reads the calibration (its plan and vectors).
     let importance = importance || quant == QuantPreset::Aigq;
