@@ -361,6 +361,25 @@ pub trait Backend: ConvOps + Send + Sync {
     /// Splits the last dim into `parts` equal pieces, each made contiguous.
     fn split_last(&self, x: &Tensor, parts: usize) -> Result<Vec<Tensor>>;
 
+    /// Self-attention's operands from the qkv projection (`[rows, 3 * heads *
+    /// head_dim]`): q, k and v, each moved `[a, b, c, d] -> [a, c, b, d]` by
+    /// `swap` (the temporal blocks) and q and k normalized by
+    /// [`Backend::qk_norm_rope`] with `q_norm` and `k_norm`. By default those
+    /// ops one after the other; the CPU does it in one pass over `qkv`.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_operands(&self, qkv: &Tensor, heads: usize, q_norm: &Tensor, k_norm: &Tensor, eps: f32, swap: Option<[usize; 4]>, rope: Option<Rope>) -> Result<[Tensor; 3]> {
+        let mut parts = self.split_last(qkv, 3)?;
+        if let Some(dims) = swap {
+            for p in parts.iter_mut() {
+                *p = self.swap_middle(p, dims)?;
+            }
+        }
+        self.qk_norm_rope(&mut parts[0], heads, q_norm, eps, rope)?;
+        self.qk_norm_rope(&mut parts[1], heads, k_norm, eps, rope)?;
+        let [q, k, v]: [Tensor; 3] = parts.try_into().map_err(|_| anyhow::anyhow!("split_last gave other than 3 parts"))?;
+        Ok([q, k, v])
+    }
+
     /// `[a, b, c, d] -> [a, c, b, d]` (frames-major tokens to position-major and back).
     fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor>;
 

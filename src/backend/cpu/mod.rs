@@ -313,6 +313,58 @@ impl Backend for CpuBackend {
             .collect()
     }
 
+    /// One pass: each output row gathers its q, k and v from its qkv row (through
+    /// the swap), and q and k are normalized while those rows are in cache (the
+    /// separate split, swaps and norms were 6 copies and 2 passes per temporal block).
+    fn qkv_operands(&self, qkv: &Tensor, heads: usize, q_norm: &Tensor, k_norm: &Tensor, eps: f32, swap: Option<[usize; 4]>, rope: Option<Rope>) -> Result<[Tensor; 3]> {
+        let (rows, c3) = rows_of(qkv);
+        ensure!(c3 % 3 == 0, "qkv_operands: {c3} channels do not split into q, k and v");
+        let c = c3 / 3;
+        ensure!(heads > 0 && c % heads == 0, "qk norm: {c} channels do not split into {heads} heads");
+        let d = c / heads;
+        let (wq, wk) = (q_norm.f32()?, k_norm.f32()?);
+        ensure!(wq.len() == d && wk.len() == d, "qk norm weights have {} and {} entries, head dim is {d}", wq.len(), wk.len());
+        if let Some(r) = &rope {
+            ensure!(r.freqs.len() * 2 == d && r.seq_len > 0, "rope has {} frequencies over {} positions, head dim is {d}", r.freqs.len(), r.seq_len);
+        }
+        if let Some([a, b, m, last]) = swap {
+            ensure!(a * b * m == rows && last == c, "qkv_operands: swap {:?} does not cover [{rows}, {c}]", [a, b, m, last]);
+        }
+        // Output row (ai, ci, bi) <- input row (ai, bi, ci), as `swap_middle`.
+        let source = |row: usize| match swap {
+            None => row,
+            Some([_, b, m, _]) => {
+                let (ai, rest) = (row / (m * b), row % (m * b));
+                (ai * b + rest % b) * m + rest / b
+            }
+        };
+        let table = rope.map_or(Vec::new(), |r| norm::rope_table(r.freqs, r.seq_len));
+        let rope = rope.map(|r| (&table[..], r.seq_len));
+        let xs = qkv.f32()?;
+        let (mut qo, mut ko, mut vo) = (vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c]);
+        let per_chunk = chunk_rows(c);
+        qo.par_chunks_mut(per_chunk * c).zip(ko.par_chunks_mut(per_chunk * c)).zip(vo.par_chunks_mut(per_chunk * c)).enumerate().for_each(|(i, ((q, k), v))| {
+            let r0 = i * per_chunk;
+            for (j, ((qr, kr), vr)) in q.chunks_mut(c).zip(k.chunks_mut(c)).zip(v.chunks_mut(c)).enumerate() {
+                let src = &xs[source(r0 + j) * c3..][..c3];
+                qr.copy_from_slice(&src[..c]);
+                kr.copy_from_slice(&src[c..2 * c]);
+                vr.copy_from_slice(&src[2 * c..]);
+            }
+            norm::qk_norm_rope_rows(q, c, r0, wq, eps, rope);
+            norm::qk_norm_rope_rows(k, c, r0, wk, eps, rope);
+        });
+        let shape = match swap {
+            None => {
+                let mut s = qkv.shape().to_vec();
+                *s.last_mut().unwrap() = c;
+                s
+            }
+            Some([a, b, m, _]) => vec![a, m, b, c],
+        };
+        Ok([Tensor::from_f32(&shape, qo)?, Tensor::from_f32(&shape, ko)?, Tensor::from_f32(&shape, vo)?])
+    }
+
     fn swap_middle(&self, x: &Tensor, dims: [usize; 4]) -> Result<Tensor> {
         let [a, b, c, d] = dims;
         ensure!(x.numel() == a * b * c * d, "swap_middle: {:?} is not {dims:?}", x.shape());

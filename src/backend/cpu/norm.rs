@@ -155,7 +155,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     pub unsafe fn qk_norm_rope_rows(rows: &mut [f32], c: usize, first_row: usize, w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
         let d = w.len();
-        assert!(d > 0 && d.is_multiple_of(2) && c.is_multiple_of(d) && rows.len().is_multiple_of(c));
+        assert!(d > 0 && (rope.is_none() || d.is_multiple_of(2)) && c.is_multiple_of(d) && rows.len().is_multiple_of(c));
         if let Some((table, seq_len)) = rope {
             assert!(seq_len > 0 && table.len() >= seq_len * 2 * d);
         }

@@ -417,3 +417,42 @@ fn int8_cache_is_kept_measured_and_reused_like_a_policy() {
     let sq: f64 = kv[..per * c].iter().map(|v| (*v as f64) * (*v as f64)).sum();
     assert!((stats[0].1 as f64 - sq).abs() <= 1e-5 * sq);
 }
+
+/// The one-pass `qkv_operands` gives exactly the split, swaps and q/k norms done
+/// one after the other (the default every other backend runs), with and without
+/// the temporal swap and rope, on row counts past one parallel chunk.
+#[test]
+fn qkv_operands_equal_the_separate_ops() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(31);
+    let freqs: Vec<f32> = (0..8).map(|i| 1.0 / 10000f32.powf(i as f32 / 8.0)).collect();
+    for (dims, heads, with_rope) in [([1, 1, 5, 64], 4, false), ([2, 4, 64, 64], 4, true), ([2, 3, 70, 32], 2, false), ([1, 7, 300, 48], 3, true)] {
+        let [a, b, m, c] = dims;
+        let rows = a * b * m;
+        let d = c / heads;
+        let qkv = rand(&mut rng, &[a, b * m, 3 * c]);
+        let (wq, wk) = (rand(&mut rng, &[d]), rand(&mut rng, &[d]));
+        let fr: Vec<f32> = freqs.iter().cycle().take(d / 2).copied().collect();
+        let rope = with_rope.then_some(Rope { freqs: &fr, seq_len: b });
+        let swap = (b > 1).then_some(dims);
+        let got = be.qkv_operands(&qkv, heads, &wq, &wk, 1e-6, swap, rope).unwrap();
+        let mut want = be.split_last(&qkv, 3).unwrap();
+        if let Some(s) = swap {
+            for p in want.iter_mut() {
+                *p = be.swap_middle(p, s).unwrap();
+            }
+        }
+        be.qk_norm_rope(&mut want[0], heads, &wq, 1e-6, rope).unwrap();
+        be.qk_norm_rope(&mut want[1], heads, &wk, 1e-6, rope).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.shape(), w.shape(), "{dims:?}");
+            assert_eq!(g.f32().unwrap(), w.f32().unwrap(), "{dims:?} ({rows} rows)");
+        }
+    }
+    let qkv = rand(&mut rng, &[4, 30]);
+    let (w, short) = (rand(&mut rng, &[5]), rand(&mut rng, &[4]));
+    assert!(be.qkv_operands(&qkv, 2, &w, &w, 1e-6, None, None).is_ok());
+    assert!(be.qkv_operands(&qkv, 2, &w, &short, 1e-6, None, None).is_err(), "a k norm weight of 4 for heads of 5");
+    assert!(be.qkv_operands(&qkv, 3, &w, &w, 1e-6, None, None).is_err(), "10 channels in 3 heads");
+    assert!(be.qkv_operands(&qkv, 2, &w, &w, 1e-6, Some([1, 2, 3, 10]), None).is_err(), "a swap that does not cover the rows");
+}

@@ -533,16 +533,9 @@ impl Stdit3 {
 
         // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.
         let qkv = be.norm_modulate_linear(x, NORM_EPS, Some((m(0), m(1))), &bw.qkv, Activation::None)?;
-        let mut parts = be.split_last(&qkv, 3)?;
         let temporal = kind == BlockKind::Temporal;
-        if temporal {
-            for p in parts.iter_mut() {
-                *p = be.swap_middle(p, [d.b, d.t, d.s, c])?;
-            }
-        }
         let rope = temporal.then_some(Rope { freqs: &self.w.rope_freqs, seq_len: d.t });
-        be.qk_norm_rope(&mut parts[0], heads, &bw.q_norm, NORM_EPS, rope)?;
-        be.qk_norm_rope(&mut parts[1], heads, &bw.k_norm, NORM_EPS, rope)?;
+        let parts = be.qkv_operands(&qkv, heads, &bw.q_norm, &bw.k_norm, NORM_EPS, temporal.then_some([d.b, d.t, d.s, c]), rope)?;
         let mut spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
         spec.qk_int8 = self.qk_int8;
         spec.bf16 = self.attn_bf16;
