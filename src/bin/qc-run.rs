@@ -269,8 +269,9 @@ struct GenerateArgs {
     /// Acceleration: none, or quantcache (AIGQ + HLC + SRAP from the model's QuantCache calibration:
     /// its quantized checkpoint and jointly calibrated cache thresholds; `DIR/quantcache/` of a float
     /// model, or a quantized --model QDIR written by `qc-run calibrate --accel`) with preset fast (the
-    /// default: the most speed at PSNR >= 28 dB on the calibration prompts) or quality (>= 32 dB).
-    /// Replaces --quant, --cache and --cache-threshold.
+    /// default: the most speed at a mean PSNR >= 30 dB on the calibration prompts, for 28 dB on
+    /// others) or quality (>= 34 dB, for 32). Replaces --quant, --cache and --cache-threshold, and
+    /// runs the attention with bf16 operands (--attn-bf16).
     #[arg(long, default_value = "none", value_name = "none|quantcache|quantcache:fast|quantcache:quality")]
     accel: String,
     /// Also write a JSON report to FILE.json: seconds per stage (`stages_s`: text, denoise, decode,
