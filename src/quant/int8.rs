@@ -93,16 +93,8 @@ unsafe fn quantize_row_avx512(x: &[f32], inv_smooth: Option<&[f32]>, qmax: i32, 
     scale
 }
 
-/// Lanes `i..i + 16` of a row of `len` that exist.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn tail_mask(len: usize, i: usize) -> u16 {
-    if len - i >= 16 {
-        0xFFFF
-    } else {
-        (1u16 << (len - i)) - 1
-    }
-}
+use crate::backend::cpu::simd::lanes16 as tail_mask;
 
 /// `x' = x (* inv_smooth)`, lanes `i..i + 16` (masked lanes 0).
 #[cfg(target_arch = "x86_64")]

@@ -102,15 +102,7 @@ fn qk_norm_rope_rows_portable(rows: &mut [f32], c: usize, first_row: usize, w: &
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Lanes `i..min(i + 16, len)`.
-    #[inline(always)]
-    fn mask(len: usize, i: usize) -> __mmask16 {
-        if len - i >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << (len - i)) - 1
-        }
-    }
+    use super::super::simd::lanes16 as mask;
 
     /// Sum of `f(x)` over `x[..len]` (masked lanes contribute 0).
     #[inline(always)]

@@ -74,3 +74,13 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// The mask of lanes `i..min(i + 16, len)` of a 16-lane vector loop over `len` values.
+#[inline(always)]
+pub fn lanes16(len: usize, i: usize) -> u16 {
+    if len - i >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << (len - i)) - 1
+    }
+}
