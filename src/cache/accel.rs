@@ -33,6 +33,13 @@ pub fn calibration_dir(model_dir: &Path) -> PathBuf {
     }
 }
 
+/// `opts` as QuantCache runs them (`--accel`, and the caching half of its
+/// calibration): the quantized checkpoint's plan and importance vectors, and
+/// the attention with bf16 operands.
+pub fn run_options(importance: Arc<Importance>, opts: &crate::pipeline::GenerateOptions) -> crate::pipeline::GenerateOptions {
+    crate::pipeline::GenerateOptions { quant: crate::quant::preset::QuantPreset::Aigq, importance: Some(importance), attn_bf16: true, qk_int8: false, ..opts.clone() }
+}
+
 /// What `--accel quantcache:PRESET` runs: the quantized checkpoint (its plan and
 /// importance vectors) and the preset's caching settings.
 pub struct Accel {
@@ -56,12 +63,9 @@ impl Accel {
         Ok(Accel { dir, importance: Arc::new(importance), preset, calibration })
     }
 
-    /// What the preset runs besides caching: the quantized checkpoint's plan and
-    /// importance vectors, and the attention with bf16 operands.
+    /// What the preset runs besides caching ([`run_options`]), set on `opts`.
     pub fn apply(&self, opts: &mut crate::pipeline::GenerateOptions) {
-        opts.quant = crate::quant::preset::QuantPreset::Aigq;
-        opts.importance = Some(self.importance.clone());
-        opts.attn_bf16 = true;
+        *opts = run_options(self.importance.clone(), opts);
     }
 
     /// A fresh caching policy of the preset (one per sampling run).

@@ -13,7 +13,6 @@ use crate::model::stdit3::{ForwardHooks, StepAction};
 use crate::pipeline::{plan, GenerateOptions, ModelPaths};
 use crate::quality::compare;
 use crate::quant::calibrate::Importance;
-use crate::quant::preset::QuantPreset;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use std::sync::Arc;
@@ -150,8 +149,7 @@ pub fn choose_presets(be: &dyn Backend, paths: &ModelPaths, importance: Arc<Impo
         done += 1;
         progress(done, total);
     }
-    // As `--accel quantcache` runs: the plan, and the attention with bf16 operands.
-    let quantized = GenerateOptions { quant: QuantPreset::Aigq, importance: Some(importance), attn_bf16: true, ..opts.clone() };
+    let quantized = super::accel::run_options(importance, opts);
     let mut measure = |cache: &str, threshold: String| -> Result<Measured> {
         let (mut psnr, mut blocks) = (0.0, 0.0);
         for (p, r) in prompts.iter().zip(&references) {

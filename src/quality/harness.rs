@@ -94,7 +94,8 @@ pub struct Mode {
 pub fn parse_mode(name: &str, model_dir: &Path) -> Result<Mode> {
     if let Some(preset) = crate::cache::accel::preset_name(name).ok().flatten() {
         let accel = crate::cache::accel::Accel::for_model(model_dir, preset)?;
-        return Ok(Mode { quant: QuantPreset::Aigq, importance: false, qk_int8: false, attn_bf16: true, accel: Some(accel.importance.clone()), hooks: accel.policy()? });
+        let runs = crate::cache::accel::run_options(accel.importance.clone(), &GenerateOptions::default());
+        return Ok(Mode { quant: runs.quant, importance: false, qk_int8: runs.qk_int8, attn_bf16: runs.attn_bf16, accel: runs.importance, hooks: accel.policy()? });
     }
     let is_quant = |q: &str| {
         let q = q.strip_suffix("-bf16").unwrap_or(q);
