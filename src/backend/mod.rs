@@ -245,7 +245,7 @@ impl<'a> From<&'a Tensor> for CachedRef<'a> {
     }
 }
 
-impl CachedRef<'_> {
+impl<'a> CachedRef<'a> {
     /// `x += gate * cached` (the cached-residual reuse op; dequantized in the same kernel for int8).
     pub fn add_gated(self, be: &dyn Backend, x: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
         match self {
@@ -254,14 +254,15 @@ impl CachedRef<'_> {
         }
     }
 
-    /// The kept values as a tensor shaped like `like` (dequantized for int8).
-    pub fn values(self, be: &dyn Backend, like: &Tensor) -> Result<Tensor> {
+    /// The kept values as a tensor shaped like `like` (dequantized for int8; kept
+    /// as computed, borrowed, not copied).
+    pub fn values(self, be: &dyn Backend, like: &Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
         match self {
-            CachedRef::Native(y) => Ok(y.clone()),
+            CachedRef::Native(y) => Ok(std::borrow::Cow::Borrowed(y)),
             CachedRef::Int8 { q, scales } => {
                 let mut z = be.axpby(0.0, like, 0.0, like)?;
                 be.add_gated_i8(&mut z, q, scales, None)?;
-                Ok(z)
+                Ok(std::borrow::Cow::Owned(z))
             }
         }
     }

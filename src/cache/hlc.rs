@@ -23,7 +23,11 @@
 //!   below `block_ratio` times the step's mean is not refreshed: its three
 //!   sub-modules add their cached outputs with this step's gates (the
 //!   cached-residual reuse op). A block is never reused twice in a row.
-//! - The first `warmup` steps and the last step are computed.
+//! - The first `warmup` steps (3) and the last step are computed. Measured on
+//!   30 prompts outside the README's (w8a8 with bf16 attention, seed 0): 3
+//!   warm-up steps against 4 gave the same curve up to threshold 0.5 (30.3 dB
+//!   at 28.9% of the block evaluations against 29.7%) and a better one above
+//!   (0.8: 29.0 dB at 26.3% against 28.0 dB at 27.8%); 2 lost 10 dB or more.
 //! - Classifier-free guidance: the halves share decisions (default), or, with
 //!   `separate`, each half measures its own rate and a step where only the
 //!   conditional half is due runs the DiT on that half alone.
@@ -91,7 +95,7 @@ impl Hlc {
     }
 
     pub fn new(threshold: f32) -> Self {
-        Hlc { threshold, slope: (Self::DEFAULT_THRESHOLD / threshold).min(1.0), block_ratio: 0.5, max_reuse: 6, warmup: 4, separate_cfg: false, precision: CachePrecision::Native, state: State::default() }
+        Hlc { threshold, slope: (Self::DEFAULT_THRESHOLD / threshold).min(1.0), block_ratio: 0.5, max_reuse: 6, warmup: 3, separate_cfg: false, precision: CachePrecision::Native, state: State::default() }
     }
 
     /// The mean divergence rate of the blocks, per half.
@@ -226,11 +230,11 @@ mod tests {
         // 1% per step (33 timesteps): a rate of 3e-4 per timestep; at threshold 0.2 a run
         // may last 0.2 / 3e-4 = 660 timesteps, so max_reuse (6) bounds it.
         let slow = run(Hlc::new(0.2), 0.01, 0.01);
-        assert_eq!(computed(&slow), vec![0, 1, 2, 3, 10, 17, 24, 29]);
+        assert_eq!(computed(&slow), vec![0, 1, 2, 9, 16, 23, 29]);
         assert!(slow.iter().all(|a| matches!(a, StepAction::Compute | StepAction::Extrapolate)));
         // 5% per step: served until the predicted change (5% a step) reaches 0.2: one step computed in four.
         let fast = run(Hlc::new(0.2), 0.05, 0.05);
-        assert_eq!(computed(&fast), vec![0, 1, 2, 3, 7, 11, 15, 19, 23, 27, 29]);
+        assert_eq!(computed(&fast), vec![0, 1, 2, 6, 10, 14, 18, 22, 26, 29]);
         // 40% per step: every step computed.
         assert_eq!(computed(&run(Hlc::new(0.2), 0.4, 0.4)).len(), 30);
     }
