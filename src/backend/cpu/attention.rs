@@ -51,7 +51,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         Some(b) => Some((b.f32()?, b.shape()[2])),
     };
     let (qs, ks, vs) = (q.f32()?, k.f32()?, v.f32()?);
-    let mut out = vec![0f32; g * lq * c];
+    let mut out = super::zeroed(g * lq * c);
     let scale = spec.scale;
     let tiles = lq.div_ceil(Q_TILE);
     let ptr = OutPtr(out.as_mut_ptr());

@@ -135,13 +135,27 @@ impl<'a> RowModulation<'a> {
     }
 }
 
+/// A zeroed buffer of `len` floats, zeroed by the pool's threads: calloc's
+/// memset of a recycled block runs on the calling thread alone (5% of the
+/// demo's w8a8 step on one thread, serial at two). Small buffers keep calloc.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    if len < ROW_CHUNK_ELEMS {
+        return vec![0f32; len];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len].par_chunks_mut(ROW_CHUNK_ELEMS).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the first `len` elements were all written just above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A zeroed buffer for a large output. On Linux it asks for transparent huge
 /// pages before the first write: where THP is in `madvise` mode, a fresh 75 MB
 /// output otherwise takes ~18,000 page faults as the GEMM first writes it, about
 /// a third of a W8A8 linear's time on this project's VM (measured: 32 ms extra
 /// at 4050x1152x4608, 11 ms with huge pages).
 fn output_buffer(len: usize) -> Vec<f32> {
-    let v = vec![0f32; len];
+    let v = zeroed(len);
     #[cfg(target_os = "linux")]
     if len * 4 >= 8 << 20 {
         const HUGE: usize = 2 << 20;
@@ -255,7 +269,7 @@ impl Backend for CpuBackend {
         let (rows, c) = rows_of(x);
         let xs = x.f32()?;
         let m = RowModulation::new(modulation, rows, c)?;
-        let mut out = vec![0f32; xs.len()];
+        let mut out = zeroed(xs.len());
         out.par_chunks_mut(c).zip(xs.par_chunks(c)).enumerate().with_min_len(chunk_rows(c)).for_each(|(row, (o, i))| {
             norm::layer_norm_row(i, o, eps, m.as_ref().map(|m| m.row(row)));
         });
@@ -341,7 +355,7 @@ impl Backend for CpuBackend {
         let table = rope.map_or(Vec::new(), |r| norm::rope_table(r.freqs, r.seq_len));
         let rope = rope.map(|r| (&table[..], r.seq_len));
         let xs = qkv.f32()?;
-        let (mut qo, mut ko, mut vo) = (vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c]);
+        let (mut qo, mut ko, mut vo) = (zeroed(rows * c), zeroed(rows * c), zeroed(rows * c));
         let per_chunk = chunk_rows(c);
         qo.par_chunks_mut(per_chunk * c).zip(ko.par_chunks_mut(per_chunk * c)).zip(vo.par_chunks_mut(per_chunk * c)).enumerate().for_each(|(i, ((q, k), v))| {
             let r0 = i * per_chunk;
@@ -369,7 +383,7 @@ impl Backend for CpuBackend {
         let [a, b, c, d] = dims;
         ensure!(x.numel() == a * b * c * d, "swap_middle: {:?} is not {dims:?}", x.shape());
         let xs = x.f32()?;
-        let mut out = vec![0f32; xs.len()];
+        let mut out = zeroed(xs.len());
         // Output row (ai, ci, bi) <- input row (ai, bi, ci).
         out.par_chunks_mut(d).enumerate().with_min_len(chunk_rows(d)).for_each(|(row, o)| {
             let (ai, rest) = (row / (c * b), row % (c * b));
