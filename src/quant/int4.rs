@@ -438,11 +438,17 @@ mod kernel {
 
     pub const MR: usize = 7;
     pub const NC: usize = 3;
-    /// Rows of one task.
+    /// Rows of one task, at most.
     const TASK_ROWS: usize = 98;
     /// Weight bytes of one task: its blocks stay in the core's L2 while the
     /// next tasks (the same blocks, the following rows) reuse them.
     const TASK_WEIGHT_BYTES: usize = 192 << 10;
+
+    /// Rows of one task for `m` rows: [`TASK_ROWS`], fewer when that would
+    /// leave each thread under about four tasks (as the int8 GEMM's).
+    fn task_rows(m: usize) -> usize {
+        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(MR).clamp(MR, TASK_ROWS)
+    }
 
     /// What every micro-tile reads.
     struct Operands {
@@ -468,13 +474,14 @@ mod kernel {
         let start = vnni::group_sums(a, W4_GROUP, -8);
         let blocks = w.n.div_ceil(NB);
         let task_blocks = (TASK_WEIGHT_BYTES / (lda / 2 * NB * NC)).max(1) * NC;
-        let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), blocks.div_ceil(task_blocks));
+        let task_rows = task_rows(m);
+        let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
         let op = Operands { a: rows.as_ptr(), lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n };
         let op = &op;
         // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
             let (ct, rt) = (t / row_tasks, t % row_tasks);
-            let (r0, r1) = (rt * TASK_ROWS, ((rt + 1) * TASK_ROWS).min(m));
+            let (r0, r1) = (rt * task_rows, ((rt + 1) * task_rows).min(m));
             let (b0, b1) = (ct * task_blocks, ((ct + 1) * task_blocks).min(blocks));
             // SAFETY: VNNI presence checked by the caller; the operands outlive the
             // loop; the task writes only rows r0..r1 x the channels of blocks
