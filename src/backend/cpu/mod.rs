@@ -177,6 +177,12 @@ impl CpuBackend {
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let n = w.out_features;
         let xs = x.f32()?;
+        if let LinearWeight::Int8(q) = &w.weight {
+            let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+            if let Some(out) = int8::linear_rows_f32(int8::RowSource::Rows(xs), rows, q, bias) {
+                return Ok((out?, rows));
+            }
+        }
         let mut out = output_buffer(rows * n);
         // Below ~4M multiply-adds the GEMM's own threading costs more than it saves.
         let threads = if rows * n * k < (1 << 22) { 1 } else { rayon::current_num_threads() };
@@ -285,9 +291,14 @@ impl Backend for CpuBackend {
         ensure!(c == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let xs = x.f32()?;
         let m = RowModulation::new(modulation, rows, c)?;
-        let a = int8::quantize_produced_rows(rows, c, inv_smooth, qmax, |row, buf| {
-            norm::layer_norm_row(&xs[row * c..][..c], buf, eps, m.as_ref().map(|m| m.row(row)));
-        })?;
+        let produce = |row: usize, buf: &mut [f32]| norm::layer_norm_row(&xs[row * c..][..c], buf, eps, m.as_ref().map(|m| m.row(row)));
+        if let LinearWeight::Int8(q) = &w.weight {
+            let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+            if let Some(out) = int8::linear_rows_f32(int8::RowSource::Produced(&produce), rows, q, bias) {
+                return linear_output(out?, x.shape(), w, act);
+            }
+        }
+        let a = int8::quantize_produced_rows(rows, c, inv_smooth, qmax, produce)?;
         let mut out = output_buffer(rows * w.out_features);
         integer_linear(&a, w, &mut out)?;
         linear_output(out, x.shape(), w, act)
