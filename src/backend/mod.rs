@@ -291,6 +291,14 @@ pub trait Backend: ConvOps + Send + Sync {
     /// `residual += gate * (x W^T + b)`, gate per row group (or 1 when `None`).
     fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()>;
 
+    /// [`linear_residual`](Backend::linear_residual) that also returns `x W^T + b`
+    /// (a caching policy keeps it); the default is `linear`, then `add_gated`.
+    fn linear_residual_kept(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Tensor> {
+        let out = self.linear(x, w, Activation::None)?;
+        self.add_gated(residual, &out, gate)?;
+        Ok(out)
+    }
+
     /// LayerNorm without affine over the last dim, then `* (1 + scale) + shift` when given.
     fn layer_norm_modulate(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>) -> Result<Tensor>;
 

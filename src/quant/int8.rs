@@ -390,7 +390,11 @@ pub enum RowSource<'a> {
 /// [`quantize_produced_rows`]) then [`linear_f32`]: at the demo's sizes the
 /// separate quantization, shift sums and product each waited for both threads
 /// (about 10 us of a 30 us linear).
-pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>) -> Option<Result<Vec<f32>>> {
+///
+/// `finish(first_row, out_rows)`, when given, runs in each task on its output
+/// rows as soon as they are stored (an activation, a gated residual), while
+/// they are in cache.
+pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Option<Result<Vec<f32>>> {
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() && kernel::fits_one_task(w) {
         return Some((|| {
@@ -401,12 +405,15 @@ pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&
             if let Some(b) = bias {
                 ensure!(b.len() == w.n, "int8 linear: bias has {} values for {} outputs", b.len(), w.n);
             }
-            Ok(kernel::linear_rows(x, rows, w, bias))
+            Ok(kernel::linear_rows(x, rows, w, bias, finish))
         })());
     }
-    let _ = (x, rows, w, bias);
+    let _ = (x, rows, w, bias, finish);
     None
 }
+
+/// A fused linear's per-task epilogue: `(first row, the task's output rows)`.
+pub type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 
 /// The portable kernel (no VNNI): plain integer loops, vectorized by the compiler.
 pub fn gemm_portable(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
@@ -507,7 +514,7 @@ mod kernel {
 
     /// See [`super::linear_rows_f32`]: tasks of [`task_rows`] rows, each producing
     /// (or reading), quantizing and multiplying its rows into its part of the output.
-    pub fn linear_rows(x: super::RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>) -> Vec<f32> {
+    pub fn linear_rows(x: super::RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&super::Finish>) -> Vec<f32> {
         let (k, n) = (w.k, w.n);
         let k4 = k.div_ceil(4);
         let lda = k4 * 4;
@@ -552,6 +559,10 @@ mod kernel {
                 // the task's output rows are its own chunk.
                 let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
                 unsafe { tile(&op, 0, m, 0, blocks, Out::F32 { y: y_task, a_scale: scale.as_ptr(), bias }) };
+                if let Some(f) = finish {
+                    // SAFETY: the tile has just written all m * n values of this chunk.
+                    f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
+                }
             },
         );
         // SAFETY: every task wrote all of its rows (see above).
@@ -645,16 +656,16 @@ mod tests {
                 let a = quantize_rows(&x, k, w.inv_smooth.as_deref(), qmax).unwrap();
                 let mut want = vec![0f32; rows * n];
                 linear_f32(&a, &w, b, &mut want).unwrap();
-                let got = linear_rows_f32(RowSource::Rows(&x), rows, &w, b).expect("small weights take the fused path").unwrap();
+                let got = linear_rows_f32(RowSource::Rows(&x), rows, &w, b, None).expect("small weights take the fused path").unwrap();
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, from rows");
                 let produce = |r: usize, out: &mut [f32]| out.copy_from_slice(&x[r * k..(r + 1) * k]);
-                let got = linear_rows_f32(RowSource::Produced(&produce), rows, &w, b).unwrap().unwrap();
+                let got = linear_rows_f32(RowSource::Produced(&produce), rows, &w, b, None).unwrap().unwrap();
                 assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, produced");
             }
         }
         let big = Int8Weight::quantize(&vec![0.5; 1152 * 4608], 4608, 1152, None, QMAX_A8).unwrap();
-        assert!(linear_rows_f32(RowSource::Rows(&[0.0; 1152]), 1, &big, None).is_none());
+        assert!(linear_rows_f32(RowSource::Rows(&[0.0; 1152]), 1, &big, None, None).is_none());
     }
 
     fn scalar_reference(a: &QuantRows, w: &Int8Weight) -> Vec<i32> {

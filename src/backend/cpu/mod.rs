@@ -177,12 +177,6 @@ impl CpuBackend {
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let n = w.out_features;
         let xs = x.f32()?;
-        if let LinearWeight::Int8(q) = &w.weight {
-            let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-            if let Some(out) = int8::linear_rows_f32(int8::RowSource::Rows(xs), rows, q, bias) {
-                return Ok((out?, rows));
-            }
-        }
         let mut out = output_buffer(rows * n);
         // Below ~4M multiply-adds the GEMM's own threading costs more than it saves.
         let threads = if rows * n * k < (1 << 22) { 1 } else { rayon::current_num_threads() };
@@ -231,17 +225,88 @@ fn gated_accumulate(r: &mut [f32], y: &[f32], rows: usize, n: usize, gate: Optio
     Ok(())
 }
 
+/// Rows of a tensor that the tasks of one parallel loop update, each its own rows.
+struct SharedRows(*mut f32);
+// SAFETY: the tasks that share it touch disjoint rows (see `residual_finish`).
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
+
+impl CpuBackend {
+    /// The fused W8A8 linear ([`int8::linear_rows_f32`]) on `x`'s rows, where it applies.
+    fn fused_int8(&self, x: int8::RowSource, rows: usize, w: &Linear, finish: Option<&int8::Finish>) -> Result<Option<Vec<f32>>> {
+        let LinearWeight::Int8(q) = &w.weight else { return Ok(None) };
+        let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+        int8::linear_rows_f32(x, rows, q, bias, finish).transpose()
+    }
+
+    /// `residual += gate * (x W^T + b)` with the accumulation in the fused
+    /// linear's tasks (the same operations as [`gated_accumulate`]); returns the
+    /// linear's output, or `None` where the fused linear does not apply.
+    fn fused_int8_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Option<Vec<f32>>> {
+        if !matches!(w.weight, LinearWeight::Int8(_)) {
+            return Ok(None);
+        }
+        let (rows, k) = rows_of(x);
+        let n = w.out_features;
+        ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
+        ensure!(residual.numel() == rows * n, "residual {:?} does not match linear output [{rows}, {n}]", residual.shape());
+        if let Some(g) = &gate {
+            check_mod(g, rows, n, "gated residual")?;
+        }
+        let table = gate.as_ref().map(|g| g.table.f32()).transpose()?;
+        let res = SharedRows(residual.f32_mut()?.as_mut_ptr());
+        let res = &res;
+        let accumulate = |r0: usize, ys: &mut [f32]| {
+            for (i, y) in ys.chunks(n).enumerate() {
+                let row = r0 + i;
+                // SAFETY: `residual` holds rows * n values and each task passes its own rows.
+                let r = unsafe { std::slice::from_raw_parts_mut(res.0.add(row * n), n) };
+                match (&gate, &table) {
+                    (Some(g), Some(t)) => {
+                        let gv = mod_vec(g, t, g.groups.index[row / g.groups.group_size], n);
+                        for ((a, b), gg) in r.iter_mut().zip(y).zip(gv) {
+                            *a += gg * b;
+                        }
+                    }
+                    _ => r.iter_mut().zip(y).for_each(|(a, b)| *a += b),
+                }
+            }
+        };
+        self.fused_int8(int8::RowSource::Rows(x.f32()?), rows, w, Some(&accumulate))
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
     fn linear(&self, x: &Tensor, w: &Linear, act: Activation) -> Result<Tensor> {
+        let (rows, k) = rows_of(x);
+        ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
+        let activate = |_: usize, out: &mut [f32]| act_in_place(out, act);
+        if let Some(out) = self.fused_int8(int8::RowSource::Rows(x.f32()?), rows, w, (act != Activation::None).then_some(&activate as &int8::Finish))? {
+            return linear_output(out, x.shape(), w, Activation::None);
+        }
         let (out, _) = self.matmul_bias(x, w)?;
         linear_output(out, x.shape(), w, act)
     }
 
+    fn linear_residual_kept(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Tensor> {
+        match self.fused_int8_residual(x, w, residual, gate)? {
+            Some(out) => linear_output(out, x.shape(), w, Activation::None),
+            None => {
+                let out = self.linear(x, w, Activation::None)?;
+                self.add_gated(residual, &out, gate)?;
+                Ok(out)
+            }
+        }
+    }
+
     fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
+        if self.fused_int8_residual(x, w, residual, gate)?.is_some() {
+            return Ok(());
+        }
         let (y, rows) = self.matmul_bias(x, w)?;
         let n = w.out_features;
         ensure!(residual.numel() == rows * n, "residual {:?} does not match linear output [{rows}, {n}]", residual.shape());
@@ -292,11 +357,9 @@ impl Backend for CpuBackend {
         let xs = x.f32()?;
         let m = RowModulation::new(modulation, rows, c)?;
         let produce = |row: usize, buf: &mut [f32]| norm::layer_norm_row(&xs[row * c..][..c], buf, eps, m.as_ref().map(|m| m.row(row)));
-        if let LinearWeight::Int8(q) = &w.weight {
-            let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-            if let Some(out) = int8::linear_rows_f32(int8::RowSource::Produced(&produce), rows, q, bias) {
-                return linear_output(out?, x.shape(), w, act);
-            }
+        let activate = |_: usize, out: &mut [f32]| act_in_place(out, act);
+        if let Some(out) = self.fused_int8(int8::RowSource::Produced(&produce), rows, w, (act != Activation::None).then_some(&activate as &int8::Finish))? {
+            return linear_output(out, x.shape(), w, Activation::None);
         }
         let a = int8::quantize_produced_rows(rows, c, inv_smooth, qmax, produce)?;
         let mut out = output_buffer(rows * w.out_features);

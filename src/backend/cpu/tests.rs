@@ -96,6 +96,37 @@ fn int8_linear_matches_the_integer_reference_and_approximates_f32() {
     }
 }
 
+/// The integer linear with its gated residual accumulated in its tasks gives
+/// the bits of the linear, then `add_gated`; the kept variant returns that
+/// linear's output too (A8 and A6 with an importance vector, gate or none).
+#[test]
+fn int8_linear_residual_equals_linear_then_add_gated() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(4);
+    for &(rows, k, n) in &[(1, 4, 5), (37, 64, 96), (512, 64, 192), (130, 256, 64)] {
+        let x = rand(&mut rng, &[rows, k]);
+        let float = Linear::new(rand(&mut rng, &[n, k]), Some(rand(&mut rng, &[n]))).unwrap();
+        let smooth: Vec<f32> = rng.normal_vec(k).iter().map(|v| 0.5 + v.abs()).collect();
+        let groups = random_groups(&mut rng, rows, 1, 3);
+        let table = rand(&mut rng, &[3, 6, n]);
+        for lin in [float.to_int8(None, 127).unwrap(), float.to_int8(Some(&smooth), 31).unwrap()] {
+            for gate in [None, Some(ModRef { table: &table, chunk: 2, groups: &groups })] {
+                let start = rand(&mut rng, &[rows, n]);
+                let y = be.linear(&x, &lin, Activation::None).unwrap();
+                let mut want = start.clone();
+                be.add_gated(&mut want, &y, gate).unwrap();
+                let mut got = start.clone();
+                be.linear_residual(&x, &lin, &mut got, gate).unwrap();
+                assert_eq!(got.f32().unwrap(), want.f32().unwrap(), "linear_residual {rows}x{k}x{n}");
+                let mut kept_into = start.clone();
+                let kept = be.linear_residual_kept(&x, &lin, &mut kept_into, gate).unwrap();
+                assert_eq!(kept_into.f32().unwrap(), want.f32().unwrap(), "linear_residual_kept {rows}x{k}x{n}");
+                assert_eq!((kept.shape(), kept.f32().unwrap()), (y.shape(), y.f32().unwrap()), "kept output {rows}x{k}x{n}");
+            }
+        }
+    }
+}
+
 #[test]
 fn layer_norm_modulate_per_group() {
     let be = CpuBackend::new();

@@ -499,8 +499,7 @@ impl Stdit3 {
                 }
                 SubAction::ComputeAndStore => {
                     let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
-                    let out = be.linear(&input, proj, Activation::None)?;
-                    be.add_gated(x, &out, gate)?;
+                    let out = be.linear_residual_kept(&input, proj, x, gate)?;
                     hooks.store(be, id, sub, out);
                 }
             }
