@@ -512,6 +512,22 @@ mod kernel {
         w.n.div_ceil(NB) <= (TASK_WEIGHT_BYTES / (k4 * 64 * NC)).max(1) * NC
     }
 
+    /// One worker's buffers for [`linear_rows`]' tasks: the produced rows, their
+    /// bytes (padded to whole 4-byte groups when k is not), scales and shift sums.
+    #[derive(Default)]
+    struct Scratch {
+        produced: Vec<f32>,
+        q: Vec<i8>,
+        qpad: Vec<i8>,
+        scale: Vec<f32>,
+        corr: Vec<i32>,
+    }
+
+    thread_local! {
+        /// Kept across calls: allocating and zeroing them per task showed in the profile.
+        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    }
+
     /// See [`super::linear_rows_f32`]: tasks of [`task_rows`] rows, each producing
     /// (or reading), quantizing and multiplying its rows into its part of the output.
     pub fn linear_rows(x: super::RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&super::Finish>) -> Vec<f32> {
@@ -521,9 +537,16 @@ mod kernel {
         let blocks = n.div_ceil(NB);
         let task_rows = task_rows(rows);
         let mut y = Vec::<f32>::with_capacity(rows * n);
-        y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
-            |(produced, q, qpad, scale, corr), (t, out)| {
+        y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
+            SCRATCH.with(|cell| {
+                // A task never runs inside another on the same thread (nothing in it
+                // waits on the pool), so the borrow is free; a fresh one otherwise.
+                let mut fresh = Scratch::default();
+                let mut held = cell.try_borrow_mut();
+                let Scratch { produced, q, qpad, scale, corr } = match held.as_deref_mut() {
+                    Ok(s) => s,
+                    Err(_) => &mut fresh,
+                };
                 let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(rows));
                 let m = r1 - r0;
                 let xb: &[f32] = match x {
@@ -549,8 +572,7 @@ mod kernel {
                     }
                     &qpad[..]
                 };
-                corr.clear();
-                corr.extend(a.chunks(lda).map(|r| r.iter().fold(0i32, |t, &v| t.wrapping_add(v as i32)).wrapping_mul(128)));
+                vnni::row_sums_into(a, lda, 128, corr);
                 let op = Operands { a: a.as_ptr(), lda, corr: corr.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n };
                 // Every element of `out` is written by the tile's stores below (all
                 // live channels of rows 0..m); f32 has no invalid values.
@@ -563,8 +585,8 @@ mod kernel {
                     // SAFETY: the tile has just written all m * n values of this chunk.
                     f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
                 }
-            },
-        );
+            })
+        });
         // SAFETY: every task wrote all of its rows (see above).
         unsafe { y.set_len(rows * n) };
         y

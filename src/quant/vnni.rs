@@ -64,6 +64,23 @@ pub fn group_sums(a: &QuantRows, group: usize, shift: i32) -> Vec<i32> {
     s
 }
 
+/// `shift * sum_k a[m, k]` for each row `m` of `a` (rows of `cols` bytes),
+/// into `out`: [`group_sums`] of one task's rows, on the calling thread.
+pub fn row_sums_into(a: &[i8], cols: usize, shift: i32, out: &mut Vec<i32>) {
+    let fast = available();
+    out.clear();
+    out.extend(a.chunks(cols).map(|row| {
+        let mut s = [0i32];
+        if fast {
+            // SAFETY: VNNI implies AVX-512 F and BW; the group is the whole row.
+            unsafe { row_group_sums_avx512(row, cols, shift, &mut s) }
+        } else {
+            row_group_sums(row, cols, shift, &mut s)
+        }
+        s[0]
+    }));
+}
+
 /// [`row_group_sums`] 64 bytes at a time: `vpsadbw` of the bytes offset to
 /// unsigned (`x ^ 0x80 = x + 128`), less 128 per byte. `group` is a multiple of
 /// 64 or covers the row.
