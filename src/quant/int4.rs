@@ -13,6 +13,7 @@
 //! - Product: exact int32 per group, `acc[m, n, g] = sum_{k in g} a[m, k] q[n, k]`,
 //!   then `y[m, n] = (fma over g = 0, 1, ... of acc * scale[n, g]) * a_scale[m] (+ bias[n])`.
 
+use super::fused::{Finish, RowSource};
 use super::int8::{QuantRows, QMAX_A6, QMAX_A8};
 use crate::backend::cuda::abi;
 use anyhow::{ensure, Result};
@@ -377,6 +378,19 @@ pub fn linear_f32(
     Ok(())
 }
 
+/// The activation quantization and [`linear_f32`] in one parallel loop
+/// (`quant::fused`), or `None` where it does not apply (no VNNI, or weights
+/// too large for one task to hold every column); the same numbers as
+/// `int8::quantize_rows` then [`linear_f32`].
+pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Option<Result<Vec<f32>>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::vnni::available() && kernel::fits_one_task(w) {
+        return Some(super::fused::check(x, rows, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias).map(|_| kernel::linear_rows(x, rows, w, bias, finish)));
+    }
+    let _ = (x, rows, w, bias, finish);
+    None
+}
+
 /// The reference: plain integer loops over the unpacked weight.
 pub fn gemm_portable(a: &QuantRows, w: &Int4Weight, acc: &mut [i32]) {
     let (k, n, g) = (w.k, w.n, w.groups);
@@ -431,6 +445,7 @@ pub fn dequantize(
 /// 1 in 16 of their slots, the price of the per-group scales.
 #[cfg(target_arch = "x86_64")]
 mod kernel {
+    use super::super::fused::{self, Finish, RowSource};
     use super::super::vnni::{self, Out, NB};
     use super::{Int4Weight, QuantRows, W4_GROUP};
     use rayon::prelude::*;
@@ -488,6 +503,27 @@ mod kernel {
             // b0..b1, disjoint from every other task.
             unsafe { tile(op, r0, r1, b0, b1, out) };
         });
+    }
+
+    /// Whether one task's weight budget holds every column of `w` (the fused path's condition).
+    pub fn fits_one_task(w: &Int4Weight) -> bool {
+        let lda = w.groups * W4_GROUP;
+        w.n.div_ceil(NB) <= (TASK_WEIGHT_BYTES / (lda / 2 * NB * NC)).max(1) * NC
+    }
+
+    /// See [`super::linear_rows_f32`]: [`gemm`] on each task's own quantized rows.
+    pub fn linear_rows(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Vec<f32> {
+        let lda = w.groups * W4_GROUP;
+        let blocks = w.n.div_ceil(NB);
+        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
+            vnni::group_sums_into(t.a, t.lda, W4_GROUP, -8, t.sums);
+            let op = Operands { a: t.a.as_ptr(), lda: t.lda, start: t.sums.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n };
+            let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+            // SAFETY: VNNI checked by the caller; the operands live through the call;
+            // `t.y` is the task's own `t.m` rows, all of which the tile writes.
+            unsafe { tile(&op, 0, t.m, 0, blocks, Out::F32 { y: t.y, a_scale: t.scale.as_ptr(), bias }) };
+        })
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -587,6 +623,36 @@ mod kernel {
 mod tests {
     use super::*;
     use crate::quant::int8::quantize_rows;
+
+    /// The fused int4 linear gives the bits of quantizing everything, then
+    /// [`linear_f32`], from rows and from a producer; large weights decline.
+    #[test]
+    fn fused_linear_equals_quantize_then_linear() {
+        if !crate::quant::vnni::available() {
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(22);
+        for (rows, k, n) in [(1, 64, 16), (5, 17, 50), (37, 100, 192), (513, 64, 192), (300, 256, 64)] {
+            let wf = rng.normal_vec(n * k);
+            let smooth: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 * 0.3).collect();
+            let bias = rng.normal_vec(n);
+            let x = rng.normal_vec(rows * k);
+            for (qmax, sm, b) in [(QMAX_A8, None, None), (QMAX_A6, Some(&smooth[..]), Some(&bias[..]))] {
+                let w = Int4Weight::quantize(&wf, n, k, sm, qmax).unwrap();
+                let a = quantize_rows(&x, k, w.inv_smooth.as_deref(), qmax).unwrap();
+                let mut want = vec![0f32; rows * n];
+                linear_f32(&a, &w, b, &mut want).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let got = linear_rows_f32(RowSource::Rows(&x), rows, &w, b, None).expect("small weights take the fused path").unwrap();
+                assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, from rows");
+                let produce = |r: usize, out: &mut [f32]| out.copy_from_slice(&x[r * k..(r + 1) * k]);
+                let got = linear_rows_f32(RowSource::Produced(&produce), rows, &w, b, None).unwrap().unwrap();
+                assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, produced");
+            }
+        }
+        let big = Int4Weight::quantize(&vec![0.5; 1152 * 4608], 4608, 1152, None, QMAX_A8).unwrap();
+        assert!(linear_rows_f32(RowSource::Rows(&[0.0; 1152]), 1, &big, None, None).is_none());
+    }
     use crate::rng::Rng;
 
     fn scalar_reference(a: &QuantRows, w: &Int4Weight) -> Vec<i32> {

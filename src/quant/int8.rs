@@ -10,6 +10,7 @@
 //!   importance / smoothing vector `s` folded in (`W'[n, k] = W[n, k] * s[k]`);
 //!   its inverse then scales the activations as they are quantized.
 
+use super::fused::{Finish, RowSource};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
@@ -167,7 +168,7 @@ pub struct QuantRows {
     pub cols: usize,
 }
 
-fn check_quantize_args(cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<()> {
+pub(super) fn check_quantize_args(cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<()> {
     ensure!(cols > 0, "quantize: rows of 0 columns");
     ensure!(qmax == QMAX_A8 || qmax == QMAX_A6, "quantize: qmax must be {QMAX_A8} or {QMAX_A6}, got {qmax}");
     if let Some(s) = inv_smooth {
@@ -207,7 +208,7 @@ const BLOCK_ROWS: usize = 64;
 /// per row, with the AVX-512 version inlined into one loop (the rows are short
 /// at the demo's widths: a call per row and its two dependent divisions stalled
 /// where the inlined loop overlaps consecutive rows).
-fn quantize_block(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32]) {
+pub(super) fn quantize_block(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if inv_smooth.is_none_or(|s| s.len() == cols) && crate::backend::cpu::simd::level() == crate::backend::cpu::simd::Level::Avx512 {
         // SAFETY: AVX-512 F present; every row and the smoothing vector are `cols` long.
@@ -375,14 +376,6 @@ pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [
     Ok(())
 }
 
-/// Where a fused linear's input rows come from: a `[rows, k]` slice, or a
-/// producer that writes row `r` into a scratch row (layer norm + modulate).
-#[derive(Clone, Copy)]
-pub enum RowSource<'a> {
-    Rows(&'a [f32]),
-    Produced(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
-}
-
 /// The activation quantization and [`linear_f32`] in one parallel loop, or
 /// `None` where it does not apply (no VNNI, or weights too large for one task
 /// to hold every column): each task quantizes its own rows into scratch and
@@ -398,22 +391,13 @@ pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() && kernel::fits_one_task(w) {
         return Some((|| {
-            check_quantize_args(w.k, w.inv_smooth.as_deref(), w.act_qmax)?;
-            if let RowSource::Rows(xs) = x {
-                ensure!(xs.len() == rows * w.k, "int8 linear: {} values are not {rows} rows of {}", xs.len(), w.k);
-            }
-            if let Some(b) = bias {
-                ensure!(b.len() == w.n, "int8 linear: bias has {} values for {} outputs", b.len(), w.n);
-            }
+            super::fused::check(x, rows, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias)?;
             Ok(kernel::linear_rows(x, rows, w, bias, finish))
         })());
     }
     let _ = (x, rows, w, bias, finish);
     None
 }
-
-/// A fused linear's per-task epilogue: `(first row, the task's output rows)`.
-pub type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 
 /// The portable kernel (no VNNI): plain integer loops, vectorized by the compiler.
 pub fn gemm_portable(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
@@ -447,6 +431,7 @@ pub fn dequantize(acc: &[i32], a: &QuantRows, w: &Int8Weight, bias: Option<&[f32
 /// shift correction and the dequantization run on the registers and store.
 #[cfg(target_arch = "x86_64")]
 mod kernel {
+    use super::super::fused::{self, Finish, RowSource};
     use super::super::vnni::{self, Out, NB};
     use super::{Int8Weight, QuantRows};
     use rayon::prelude::*;
@@ -512,84 +497,20 @@ mod kernel {
         w.n.div_ceil(NB) <= (TASK_WEIGHT_BYTES / (k4 * 64 * NC)).max(1) * NC
     }
 
-    /// One worker's buffers for [`linear_rows`]' tasks: the produced rows, their
-    /// bytes (padded to whole 4-byte groups when k is not), scales and shift sums.
-    #[derive(Default)]
-    struct Scratch {
-        produced: Vec<f32>,
-        q: Vec<i8>,
-        qpad: Vec<i8>,
-        scale: Vec<f32>,
-        corr: Vec<i32>,
-    }
-
-    thread_local! {
-        /// Kept across calls: allocating and zeroing them per task showed in the profile.
-        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-    }
-
     /// See [`super::linear_rows_f32`]: tasks of [`task_rows`] rows, each producing
     /// (or reading), quantizing and multiplying its rows into its part of the output.
-    pub fn linear_rows(x: super::RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&super::Finish>) -> Vec<f32> {
-        let (k, n) = (w.k, w.n);
-        let k4 = k.div_ceil(4);
-        let lda = k4 * 4;
-        let blocks = n.div_ceil(NB);
-        let task_rows = task_rows(rows);
-        let mut y = Vec::<f32>::with_capacity(rows * n);
-        y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
-            SCRATCH.with(|cell| {
-                // A task never runs inside another on the same thread (nothing in it
-                // waits on the pool), so the borrow is free; a fresh one otherwise.
-                let mut fresh = Scratch::default();
-                let mut held = cell.try_borrow_mut();
-                let Scratch { produced, q, qpad, scale, corr } = match held.as_deref_mut() {
-                    Ok(s) => s,
-                    Err(_) => &mut fresh,
-                };
-                let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(rows));
-                let m = r1 - r0;
-                let xb: &[f32] = match x {
-                    super::RowSource::Rows(xs) => &xs[r0 * k..r1 * k],
-                    super::RowSource::Produced(produce) => {
-                        produced.resize(m * k, 0f32);
-                        for (i, row) in produced.chunks_mut(k).enumerate() {
-                            produce(r0 + i, row);
-                        }
-                        &produced[..]
-                    }
-                };
-                q.resize(m * k, 0i8);
-                scale.resize(m, 0f32);
-                super::quantize_block(xb, k, w.inv_smooth.as_deref(), w.act_qmax, q, scale);
-                let a = if lda == k {
-                    &q[..]
-                } else {
-                    qpad.clear();
-                    qpad.resize(m * lda, 0i8);
-                    for (d, s) in qpad.chunks_mut(lda).zip(q.chunks(k)) {
-                        d[..k].copy_from_slice(s);
-                    }
-                    &qpad[..]
-                };
-                vnni::row_sums_into(a, lda, 128, corr);
-                let op = Operands { a: a.as_ptr(), lda, corr: corr.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n };
-                // Every element of `out` is written by the tile's stores below (all
-                // live channels of rows 0..m); f32 has no invalid values.
-                let y_task = out.as_mut_ptr() as *mut f32;
-                // SAFETY: VNNI checked by the caller; the operands live through the call;
-                // the task's output rows are its own chunk.
-                let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-                unsafe { tile(&op, 0, m, 0, blocks, Out::F32 { y: y_task, a_scale: scale.as_ptr(), bias }) };
-                if let Some(f) = finish {
-                    // SAFETY: the tile has just written all m * n values of this chunk.
-                    f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
-                }
-            })
-        });
-        // SAFETY: every task wrote all of its rows (see above).
-        unsafe { y.set_len(rows * n) };
-        y
+    pub fn linear_rows(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Vec<f32> {
+        let k4 = w.k.div_ceil(4);
+        let blocks = w.n.div_ceil(NB);
+        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
+            vnni::group_sums_into(t.a, t.lda, t.lda, 128, t.sums);
+            let op = Operands { a: t.a.as_ptr(), lda: t.lda, corr: t.sums.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n: w.n };
+            let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+            // SAFETY: VNNI checked by the caller; the operands live through the call;
+            // `t.y` is the task's own `t.m` rows, all of which the tile writes.
+            unsafe { tile(&op, 0, t.m, 0, blocks, Out::F32 { y: t.y, a_scale: t.scale.as_ptr(), bias }) };
+        })
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

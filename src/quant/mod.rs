@@ -2,6 +2,7 @@
 //! (The policies that choose a precision per layer build on these.)
 
 pub mod calibrate;
+pub mod fused;
 pub mod gptq;
 pub mod int4;
 pub mod int8;

@@ -64,21 +64,21 @@ pub fn group_sums(a: &QuantRows, group: usize, shift: i32) -> Vec<i32> {
     s
 }
 
-/// `shift * sum_k a[m, k]` for each row `m` of `a` (rows of `cols` bytes),
-/// into `out`: [`group_sums`] of one task's rows, on the calling thread.
-pub fn row_sums_into(a: &[i8], cols: usize, shift: i32, out: &mut Vec<i32>) {
-    let fast = available();
+/// [`group_sums`] of one task's rows (`a`: rows of `cols` bytes, `group` a
+/// multiple of 64 or all of `cols`) into `out`, on the calling thread.
+pub fn group_sums_into(a: &[i8], cols: usize, group: usize, shift: i32, out: &mut Vec<i32>) {
+    let groups = cols.div_ceil(group);
+    let fast = (group.is_multiple_of(64) || group >= cols) && available();
     out.clear();
-    out.extend(a.chunks(cols).map(|row| {
-        let mut s = [0i32];
+    out.resize(a.len() / cols * groups, 0);
+    for (s, row) in out.chunks_mut(groups).zip(a.chunks(cols)) {
         if fast {
-            // SAFETY: VNNI implies AVX-512 F and BW; the group is the whole row.
-            unsafe { row_group_sums_avx512(row, cols, shift, &mut s) }
+            // SAFETY: VNNI implies AVX-512 F and BW; groups are whole 64-byte chunks or the row.
+            unsafe { row_group_sums_avx512(row, group, shift, s) }
         } else {
-            row_group_sums(row, cols, shift, &mut s)
+            row_group_sums(row, group, shift, s)
         }
-        s[0]
-    }));
+    }
 }
 
 /// [`row_group_sums`] 64 bytes at a time: `vpsadbw` of the bytes offset to

@@ -18,6 +18,7 @@ pub(crate) mod simd;
 mod tests;
 
 use super::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope};
+use crate::quant::fused::{Finish, RowSource};
 use crate::quant::int8;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -232,18 +233,21 @@ unsafe impl Send for SharedRows {}
 unsafe impl Sync for SharedRows {}
 
 impl CpuBackend {
-    /// The fused W8A8 linear ([`int8::linear_rows_f32`]) on `x`'s rows, where it applies.
-    fn fused_int8(&self, x: int8::RowSource, rows: usize, w: &Linear, finish: Option<&int8::Finish>) -> Result<Option<Vec<f32>>> {
-        let LinearWeight::Int8(q) = &w.weight else { return Ok(None) };
-        let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
-        int8::linear_rows_f32(x, rows, q, bias, finish).transpose()
+    /// The integer linear fused per task (`quant::fused`) on `x`'s rows, where it applies.
+    fn fused_integer(&self, x: RowSource, rows: usize, w: &Linear, finish: Option<&Finish>) -> Result<Option<Vec<f32>>> {
+        let bias = || w.bias.as_ref().map(|b| b.f32()).transpose();
+        match &w.weight {
+            LinearWeight::Int8(q) => int8::linear_rows_f32(x, rows, q, bias()?, finish).transpose(),
+            LinearWeight::Int4(q) => crate::quant::int4::linear_rows_f32(x, rows, q, bias()?, finish).transpose(),
+            LinearWeight::F32(_) | LinearWeight::Half(_) => Ok(None),
+        }
     }
 
     /// `residual += gate * (x W^T + b)` with the accumulation in the fused
-    /// linear's tasks (the same operations as [`gated_accumulate`]); returns the
+    /// integer linear's tasks (the same operations as [`gated_accumulate`]); returns the
     /// linear's output, or `None` where the fused linear does not apply.
-    fn fused_int8_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Option<Vec<f32>>> {
-        if !matches!(w.weight, LinearWeight::Int8(_)) {
+    fn fused_integer_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Option<Vec<f32>>> {
+        if !matches!(w.weight, LinearWeight::Int8(_) | LinearWeight::Int4(_)) {
             return Ok(None);
         }
         let (rows, k) = rows_of(x);
@@ -272,7 +276,7 @@ impl CpuBackend {
                 }
             }
         };
-        self.fused_int8(int8::RowSource::Rows(x.f32()?), rows, w, Some(&accumulate))
+        self.fused_integer(RowSource::Rows(x.f32()?), rows, w, Some(&accumulate))
     }
 }
 
@@ -285,7 +289,7 @@ impl Backend for CpuBackend {
         let (rows, k) = rows_of(x);
         ensure!(k == w.in_features, "linear expects {} input features, got shape {:?}", w.in_features, x.shape());
         let activate = |_: usize, out: &mut [f32]| act_in_place(out, act);
-        if let Some(out) = self.fused_int8(int8::RowSource::Rows(x.f32()?), rows, w, (act != Activation::None).then_some(&activate as &int8::Finish))? {
+        if let Some(out) = self.fused_integer(RowSource::Rows(x.f32()?), rows, w, (act != Activation::None).then_some(&activate as &Finish))? {
             return linear_output(out, x.shape(), w, Activation::None);
         }
         let (out, _) = self.matmul_bias(x, w)?;
@@ -293,7 +297,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_residual_kept(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Tensor> {
-        match self.fused_int8_residual(x, w, residual, gate)? {
+        match self.fused_integer_residual(x, w, residual, gate)? {
             Some(out) => linear_output(out, x.shape(), w, Activation::None),
             None => {
                 let out = self.linear(x, w, Activation::None)?;
@@ -304,7 +308,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_residual(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<()> {
-        if self.fused_int8_residual(x, w, residual, gate)?.is_some() {
+        if self.fused_integer_residual(x, w, residual, gate)?.is_some() {
             return Ok(());
         }
         let (y, rows) = self.matmul_bias(x, w)?;
@@ -358,7 +362,7 @@ impl Backend for CpuBackend {
         let m = RowModulation::new(modulation, rows, c)?;
         let produce = |row: usize, buf: &mut [f32]| norm::layer_norm_row(&xs[row * c..][..c], buf, eps, m.as_ref().map(|m| m.row(row)));
         let activate = |_: usize, out: &mut [f32]| act_in_place(out, act);
-        if let Some(out) = self.fused_int8(int8::RowSource::Produced(&produce), rows, w, (act != Activation::None).then_some(&activate as &int8::Finish))? {
+        if let Some(out) = self.fused_integer(RowSource::Produced(&produce), rows, w, (act != Activation::None).then_some(&activate as &Finish))? {
             return linear_output(out, x.shape(), w, Activation::None);
         }
         let a = int8::quantize_produced_rows(rows, c, inv_smooth, qmax, produce)?;

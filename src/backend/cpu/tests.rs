@@ -96,11 +96,12 @@ fn int8_linear_matches_the_integer_reference_and_approximates_f32() {
     }
 }
 
-/// The integer linear with its gated residual accumulated in its tasks gives
-/// the bits of the linear, then `add_gated`; the kept variant returns that
-/// linear's output too (A8 and A6 with an importance vector, gate or none).
+/// The integer linears with their gated residual accumulated in their tasks
+/// give the bits of the linear, then `add_gated`; the kept variant returns
+/// that linear's output too (int8 and int4; A8, and A6 with an importance
+/// vector; gate or none).
 #[test]
-fn int8_linear_residual_equals_linear_then_add_gated() {
+fn integer_linear_residual_equals_linear_then_add_gated() {
     let be = CpuBackend::new();
     let mut rng = Rng::new(4);
     for &(rows, k, n) in &[(1, 4, 5), (37, 64, 96), (512, 64, 192), (130, 256, 64)] {
@@ -109,7 +110,7 @@ fn int8_linear_residual_equals_linear_then_add_gated() {
         let smooth: Vec<f32> = rng.normal_vec(k).iter().map(|v| 0.5 + v.abs()).collect();
         let groups = random_groups(&mut rng, rows, 1, 3);
         let table = rand(&mut rng, &[3, 6, n]);
-        for lin in [float.to_int8(None, 127).unwrap(), float.to_int8(Some(&smooth), 31).unwrap()] {
+        for lin in [float.to_int8(None, 127).unwrap(), float.to_int8(Some(&smooth), 31).unwrap(), float.to_int4(None, 127).unwrap(), float.to_int4(Some(&smooth), 31).unwrap()] {
             for gate in [None, Some(ModRef { table: &table, chunk: 2, groups: &groups })] {
                 let start = rand(&mut rng, &[rows, n]);
                 let y = be.linear(&x, &lin, Activation::None).unwrap();

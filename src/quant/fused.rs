@@ -1,0 +1,128 @@
+//! The integer linears fused per task (`int8::linear_rows_f32`,
+//! `int4::linear_rows_f32`): each task of one parallel loop produces (or
+//! reads) its rows, quantizes them, multiplies them and runs an epilogue on its
+//! output rows. At the demonstration model's sizes the separate passes
+//! (quantization, shift sums, product, output zeroing, activation, residual)
+//! each waited for both threads: about a third of a W8A8 linear's time.
+
+use super::int8::{check_quantize_args, quantize_block};
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Where a fused linear's input rows come from: a `[rows, k]` slice, or a
+/// producer that writes row `r` into a scratch row (layer norm + modulate).
+#[derive(Clone, Copy)]
+pub enum RowSource<'a> {
+    Rows(&'a [f32]),
+    Produced(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
+/// A fused linear's per-task epilogue: `(first row, the task's output rows)`.
+pub type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
+
+/// The shape of one fused product.
+pub struct Layout<'a> {
+    pub k: usize,
+    /// Bytes per quantized row as the kernel reads it (`k` zero-padded).
+    pub lda: usize,
+    pub n: usize,
+    pub task_rows: usize,
+    pub inv_smooth: Option<&'a [f32]>,
+    pub qmax: i32,
+}
+
+/// One task's quantized rows, handed to the kernel.
+pub struct Task<'a> {
+    /// `m` rows of `lda` bytes.
+    pub a: &'a [i8],
+    pub lda: usize,
+    pub scale: &'a [f32],
+    pub m: usize,
+    /// Scratch for the kernel's shift sums.
+    pub sums: &'a mut Vec<i32>,
+    /// The task's `m` output rows of `n` values, every one of which the kernel writes.
+    pub y: *mut f32,
+}
+
+/// The arguments every fused linear checks.
+#[allow(clippy::too_many_arguments)]
+pub fn check(x: RowSource, rows: usize, k: usize, n: usize, inv_smooth: Option<&[f32]>, qmax: i32, bias: Option<&[f32]>) -> Result<()> {
+    check_quantize_args(k, inv_smooth, qmax)?;
+    if let RowSource::Rows(xs) = x {
+        ensure!(xs.len() == rows * k, "integer linear: {} values are not {rows} rows of {k}", xs.len());
+    }
+    if let Some(b) = bias {
+        ensure!(b.len() == n, "integer linear: bias has {} values for {n} outputs", b.len());
+    }
+    Ok(())
+}
+
+/// One worker's buffers: the produced rows, their bytes (and a padded copy when
+/// `lda > k`), scales and the kernel's sums.
+#[derive(Default)]
+struct Scratch {
+    produced: Vec<f32>,
+    q: Vec<i8>,
+    qpad: Vec<i8>,
+    scale: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+thread_local! {
+    /// Kept across calls: allocating and zeroing them per task showed in the profile.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// `[rows, n]` from tasks of `layout.task_rows` rows: each quantizes its rows
+/// exactly as `int8::quantize_rows` does, hands them to `kernel`, then runs `finish`.
+pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>, kernel: &(dyn Fn(Task) + Sync)) -> Vec<f32> {
+    let Layout { k, lda, n, task_rows, inv_smooth, qmax } = *layout;
+    let mut y = Vec::<f32>::with_capacity(rows * n);
+    y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
+        SCRATCH.with(|cell| {
+            // A task never runs inside another on the same thread (nothing in it
+            // waits on the pool), so the borrow is free; a fresh one otherwise.
+            let mut fresh = Scratch::default();
+            let mut held = cell.try_borrow_mut();
+            let Scratch { produced, q, qpad, scale, sums } = match held.as_deref_mut() {
+                Ok(s) => s,
+                Err(_) => &mut fresh,
+            };
+            let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(rows));
+            let m = r1 - r0;
+            let xb: &[f32] = match x {
+                RowSource::Rows(xs) => &xs[r0 * k..r1 * k],
+                RowSource::Produced(produce) => {
+                    produced.resize(m * k, 0f32);
+                    for (i, row) in produced.chunks_mut(k).enumerate() {
+                        produce(r0 + i, row);
+                    }
+                    &produced[..]
+                }
+            };
+            q.resize(m * k, 0i8);
+            scale.resize(m, 0f32);
+            quantize_block(xb, k, inv_smooth, qmax, q, scale);
+            let a = if lda == k {
+                &q[..]
+            } else {
+                qpad.clear();
+                qpad.resize(m * lda, 0i8);
+                for (d, s) in qpad.chunks_mut(lda).zip(q.chunks(k)) {
+                    d[..k].copy_from_slice(s);
+                }
+                &qpad[..]
+            };
+            let y_task = out.as_mut_ptr() as *mut f32;
+            kernel(Task { a, lda, scale, m, sums, y: y_task });
+            if let Some(f) = finish {
+                // SAFETY: the kernel has just written all m * n values of this chunk.
+                f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
+            }
+        })
+    });
+    // SAFETY: every task's kernel wrote all of its rows.
+    unsafe { y.set_len(rows * n) };
+    y
+}
