@@ -237,7 +237,7 @@ fn gated_accumulate(r: &mut [f32], y: &[f32], rows: usize, n: usize, gate: Optio
 
 /// Rows of a tensor that the tasks of one parallel loop update, each its own rows.
 struct SharedRows(*mut f32);
-// SAFETY: the tasks that share it touch disjoint rows (see `residual_finish`).
+// SAFETY: the tasks that share it touch disjoint rows (see `fused_integer_residual`).
 unsafe impl Send for SharedRows {}
 unsafe impl Sync for SharedRows {}
 
