@@ -50,28 +50,23 @@ pub fn padded_rows(a: &QuantRows, width: usize) -> Cow<'_, [i8]> {
 pub fn group_sums(a: &QuantRows, group: usize, shift: i32) -> Vec<i32> {
     let groups = a.cols.div_ceil(group);
     let mut s = vec![0i32; a.rows * groups];
-    let fast = (group.is_multiple_of(64) || group >= a.cols) && available();
-    s.par_chunks_mut(groups * 64).zip(a.q.par_chunks(a.cols * 64)).for_each(|(s, rows)| {
-        for (s, row) in s.chunks_mut(groups).zip(rows.chunks(a.cols)) {
-            if fast {
-                // SAFETY: VNNI implies AVX-512 F and BW; groups are whole 64-byte chunks or the row.
-                unsafe { row_group_sums_avx512(row, group, shift, s) }
-            } else {
-                row_group_sums(row, group, shift, s)
-            }
-        }
-    });
+    s.par_chunks_mut(groups * 64).zip(a.q.par_chunks(a.cols * 64)).for_each(|(s, rows)| rows_group_sums(rows, a.cols, group, shift, s));
     s
 }
 
 /// [`group_sums`] of one task's rows (`a`: rows of `cols` bytes, `group` a
 /// multiple of 64 or all of `cols`) into `out`, on the calling thread.
 pub fn group_sums_into(a: &[i8], cols: usize, group: usize, shift: i32, out: &mut Vec<i32>) {
-    let groups = cols.div_ceil(group);
-    let fast = (group.is_multiple_of(64) || group >= cols) && available();
     out.clear();
-    out.resize(a.len() / cols * groups, 0);
-    for (s, row) in out.chunks_mut(groups).zip(a.chunks(cols)) {
+    out.resize(a.len() / cols * cols.div_ceil(group), 0);
+    rows_group_sums(a, cols, group, shift, out);
+}
+
+/// [`row_group_sums`] of each row of `rows` (rows of `cols` bytes) into `sums`
+/// (`cols.div_ceil(group)` per row), on AVX-512 where the groups allow it.
+fn rows_group_sums(rows: &[i8], cols: usize, group: usize, shift: i32, sums: &mut [i32]) {
+    let fast = (group.is_multiple_of(64) || group >= cols) && available();
+    for (s, row) in sums.chunks_mut(cols.div_ceil(group)).zip(rows.chunks(cols)) {
         if fast {
             // SAFETY: VNNI implies AVX-512 F and BW; groups are whole 64-byte chunks or the row.
             unsafe { row_group_sums_avx512(row, group, shift, s) }

@@ -225,14 +225,19 @@ fn gated_accumulate(r: &mut [f32], y: &[f32], rows: usize, n: usize, gate: Optio
             let table = g.table.f32()?;
             let gs = g.groups.group_size;
             r.par_chunks_mut(n).zip(y.par_chunks(n)).enumerate().with_min_len(chunk_rows(n)).for_each(|(row, (a, b))| {
-                let gv = mod_vec(&g, table, g.groups.index[row / gs], n);
-                for ((a, b), gg) in a.iter_mut().zip(b).zip(gv) {
-                    *a += gg * b;
-                }
+                gated_row(a, b, mod_vec(&g, table, g.groups.index[row / gs], n));
             });
         }
     }
     Ok(())
+}
+
+/// `a += g * b` over one row.
+#[inline]
+fn gated_row(a: &mut [f32], b: &[f32], g: &[f32]) {
+    for ((a, b), gg) in a.iter_mut().zip(b).zip(g) {
+        *a += gg * b;
+    }
 }
 
 /// Rows of a tensor that the tasks of one parallel loop update, each its own rows.
@@ -275,12 +280,7 @@ impl CpuBackend {
                 // SAFETY: `residual` holds rows * n values and each task passes its own rows.
                 let r = unsafe { std::slice::from_raw_parts_mut(res.0.add(row * n), n) };
                 match (&gate, &table) {
-                    (Some(g), Some(t)) => {
-                        let gv = mod_vec(g, t, g.groups.index[row / g.groups.group_size], n);
-                        for ((a, b), gg) in r.iter_mut().zip(y).zip(gv) {
-                            *a += gg * b;
-                        }
-                    }
+                    (Some(g), Some(t)) => gated_row(r, y, mod_vec(g, t, g.groups.index[row / g.groups.group_size], n)),
                     _ => r.iter_mut().zip(y).for_each(|(a, b)| *a += b),
                 }
             }
