@@ -218,7 +218,7 @@ fn times<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<Vec<f64>> {
 fn cpu(a: &CpuArgs) -> Result<()> {
     let be = CpuBackend::new();
     let mut rng = Rng::new(0);
-    println!("# qc-bench cpu: {} threads, {}", rayon::current_num_threads(), cpu_name());
+    println!("# qc-bench cpu: {} threads, {}, int8 GEMMs on {}", rayon::current_num_threads(), cpu_name(), int8_isa());
     println!();
 
     // Machine peak: a large square f32 product through the GEMM crate.
@@ -261,14 +261,15 @@ fn cpu(a: &CpuArgs) -> Result<()> {
         let xq = int8::quantize_rows(x.f32()?, k, None, QMAX_A8)?;
         let bias = lin.bias.as_ref().map(|b| b.f32()).transpose()?;
         let mut y = vec![0f32; rows * nn];
-        let (gemm8, gemm4) = match (&lin8.weight, &lin4.weight) {
+        let (gemm8, gemm8_vnni, gemm4) = match (&lin8.weight, &lin4.weight) {
             (LinearWeight::Int8(w8), LinearWeight::Int4(w4)) => (
                 time(a.reps, || int8::linear_f32(&xq, w8, bias, &mut y))?,
+                without_amx(|| time(a.reps, || int8::linear_f32(&xq, w8, bias, &mut y))).transpose()?,
                 time(a.reps, || int4::linear_f32(&xq, w4, bias, &mut y))?,
             ),
             _ => anyhow::bail!("to_int8 / to_int4 returned another weight format"),
         };
-        rates.push(LinearRates { name, shape: (rows, k, nn), f32_gflops: gf, w8_gemm: ops / gemm8, w8_linear: ops / secs8, w4_gemm: ops / gemm4, w4_linear: ops / secs4 });
+        rates.push(LinearRates { name, shape: (rows, k, nn), f32_gflops: gf, w8_gemm: ops / gemm8, w8_gemm_vnni: gemm8_vnni.map(|t| ops / t), w8_linear: ops / secs8, w4_gemm: ops / gemm4, w4_linear: ops / secs4 });
     }
     println!();
     library_comparison(a, &rates);
@@ -362,6 +363,8 @@ struct LinearRates {
     shape: (usize, usize, usize),
     f32_gflops: f64,
     w8_gemm: f64,
+    /// The W8A8 GEMM on AVX-512 VNNI alone, where the CPU runs it on AMX.
+    w8_gemm_vnni: Option<f64>,
     w8_linear: f64,
     w4_gemm: f64,
     w4_linear: f64,
@@ -449,8 +452,8 @@ fn library_comparison(a: &CpuArgs, rates: &[LinearRates]) {
         Err(why) => println!("Integer GEMMs (GOP/s) next to our f32 GEMM (GFLOP/s), {threads} threads. PyTorch not found: {why}; no library columns."),
     }
     println!();
-    println!("| layer | shape | f32 | W8A8 GEMM | W8A8 linear | W4A8 GEMM | W4A8 linear | torch f32 | torch._int_mm | W8A8 GEMM / f32 | W8A8 GEMM / _int_mm | W4A8 GEMM / _int_mm |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| layer | shape | f32 | W8A8 GEMM | W8A8 GEMM, VNNI only | W8A8 linear | W4A8 GEMM | W4A8 linear | torch f32 | torch._int_mm | W8A8 GEMM / f32 | W8A8 GEMM / _int_mm | W4A8 GEMM / _int_mm |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, r) in rates.iter().enumerate() {
         let (m, k, n) = r.shape;
         let ops = 2.0 * (m * k * n) as f64 / 1e9;
@@ -461,11 +464,26 @@ fn library_comparison(a: &CpuArgs, rates: &[LinearRates]) {
             }
             Err(_) => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
+        let vnni = r.w8_gemm_vnni.map_or("- (no AMX)".into(), |v| format!("{v:.0}"));
         println!(
-            "| {} | {m}x{k}x{n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {tf} | {ti} | {:.2}x | {q8} | {q4} |",
+            "| {} | {m}x{k}x{n} | {:.0} | {:.0} | {vnni} | {:.0} | {:.0} | {:.0} | {tf} | {ti} | {:.2}x | {q8} | {q4} |",
             r.name, r.f32_gflops, r.w8_gemm, r.w8_linear, r.w4_gemm, r.w4_linear, r.w8_gemm / r.f32_gflops
         );
     }
+}
+
+/// `f()` with the int8 GEMMs kept off AMX, where they would run on it (`None`
+/// on CPUs without AMX): the VNNI kernel's rate beside AMX's, in the same run.
+fn without_amx<T>(f: impl FnOnce() -> T) -> Option<T> {
+    #[cfg(target_arch = "x86_64")]
+    if qc::quant::amx::available() {
+        qc::quant::amx::set_enabled(false);
+        let r = f();
+        qc::quant::amx::set_enabled(true);
+        return Some(r);
+    }
+    let _ = f;
+    None
 }
 
 fn latent_frames(frames: usize) -> usize {
@@ -477,6 +495,20 @@ fn latent_frames(frames: usize) -> usize {
         let rest = frames % 17;
         chunks * 5 + if rest > 0 { 1 + (rest.saturating_sub(1)).div_ceil(4) } else { 0 }
     }
+}
+
+/// What the W8A8 GEMM runs on here.
+fn int8_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if qc::quant::amx::available() {
+            return "AMX (edge rows on AVX-512 VNNI)";
+        }
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            return "AVX-512 VNNI";
+        }
+    }
+    "portable loops"
 }
 
 fn cpu_name() -> String {

@@ -59,12 +59,12 @@ pub fn check(x: RowSource, rows: usize, k: usize, n: usize, inv_smooth: Option<&
 }
 
 /// One worker's buffers: the produced rows, their bytes (and a padded copy when
-/// `lda > k`), scales and the kernel's sums.
+/// `lda > k`; both line-aligned for AMX), scales and the kernel's sums.
 #[derive(Default)]
 struct Scratch {
     produced: Vec<f32>,
-    q: Vec<i8>,
-    qpad: Vec<i8>,
+    q: Vec<super::Line>,
+    qpad: Vec<super::Line>,
     scale: Vec<f32>,
     sums: Vec<i32>,
 }
@@ -72,6 +72,14 @@ struct Scratch {
 thread_local! {
     /// Kept across calls: allocating and zeroing them per task showed in the profile.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The first `len` bytes of `buf`, grown to hold them.
+fn bytes(buf: &mut Vec<super::Line>, len: usize) -> &mut [i8] {
+    if buf.len() * 64 < len {
+        *buf = super::lines(len);
+    }
+    &mut bytemuck::cast_slice_mut(buf)[..len]
 }
 
 /// `[rows, n]` from tasks of `layout.task_rows` rows: each quantizes its rows
@@ -101,14 +109,14 @@ pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>,
                     &produced[..]
                 }
             };
-            q.resize(m * k, 0i8);
+            let q = bytes(q, m * k);
             scale.resize(m, 0f32);
             quantize_block(xb, k, inv_smooth, qmax, q, scale);
             let a = if lda == k {
                 &q[..]
             } else {
-                qpad.clear();
-                qpad.resize(m * lda, 0i8);
+                let qpad = bytes(qpad, m * lda);
+                qpad.fill(0);
                 for (d, s) in qpad.chunks_mut(lda).zip(q.chunks(k)) {
                     d[..k].copy_from_slice(s);
                 }

@@ -275,7 +275,7 @@ pub struct Int8Weight {
     /// padded to 16 and k to 4 with 0 (so padding adds nothing whatever the
     /// activation bytes there). The only copy of the values held: the row-major
     /// form is rebuilt on demand ([`Int8Weight::row_major`]).
-    packed: Vec<u8>,
+    packed: Vec<super::Line>,
     /// `scale` padded with zeros to whole blocks, for vector loads.
     scale_pad: Vec<f32>,
 }
@@ -309,8 +309,8 @@ impl Int8Weight {
             ensure!(s.len() == k, "int8 weight: smoothing vector has {} entries for {k} inputs", s.len());
         }
         let (k4, blocks) = (k.div_ceil(4), n.div_ceil(NB));
-        let mut packed = vec![0u8; blocks * k4 * NB * 4];
-        packed.par_chunks_mut(k4 * NB * 4).enumerate().for_each(|(b, blk)| {
+        let mut packed = super::lines(blocks * k4 * NB * 4);
+        bytemuck::cast_slice_mut::<_, u8>(&mut packed).par_chunks_mut(k4 * NB * 4).enumerate().for_each(|(b, blk)| {
             for (c, row) in q.chunks(k).skip(b * NB).take(NB).enumerate() {
                 for (kk, &v) in row.iter().enumerate() {
                     blk[(kk / 4 * NB + c) * 4 + kk % 4] = (v as i16 + 128) as u8;
@@ -326,11 +326,12 @@ impl Int8Weight {
     /// reference's operand and what quantized checkpoints store).
     pub fn row_major(&self) -> Vec<i8> {
         let k4 = self.k.div_ceil(4);
+        let packed: &[u8] = bytemuck::cast_slice(&self.packed);
         let mut q = vec![0i8; self.n * self.k];
         q.par_chunks_mut(self.k).enumerate().for_each(|(ch, row)| {
             let (b, c) = (ch / NB, ch % NB);
             for (kk, v) in row.iter_mut().enumerate() {
-                *v = (self.packed[((b * k4 + kk / 4) * NB + c) * 4 + kk % 4] as i16 - 128) as i8;
+                *v = (packed[((b * k4 + kk / 4) * NB + c) * 4 + kk % 4] as i16 - 128) as i8;
             }
         });
         q
@@ -350,7 +351,7 @@ pub fn gemm_i32(a: &QuantRows, w: &Int8Weight) -> Result<Vec<i32>> {
     let mut acc = vec![0i32; a.rows * w.n];
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() {
-        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()));
+        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()), kernel::use_amx(w));
         return Ok(acc);
     }
     gemm_portable(a, w, &mut acc);
@@ -368,7 +369,7 @@ pub fn linear_f32(a: &QuantRows, w: &Int8Weight, bias: Option<&[f32]>, y: &mut [
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        kernel::gemm(a, w, super::vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias });
+        kernel::gemm(a, w, super::vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias }, kernel::use_amx(w));
         return Ok(());
     }
     let acc = gemm_i32(a, w)?;
@@ -392,7 +393,7 @@ pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&
     if super::vnni::available() && kernel::fits_one_task(w) {
         return Some((|| {
             super::fused::check(x, rows, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias)?;
-            Ok(kernel::linear_rows(x, rows, w, bias, finish))
+            Ok(kernel::linear_rows(x, rows, w, bias, finish, kernel::use_amx(w)))
         })());
     }
     let _ = (x, rows, w, bias, finish);
@@ -429,8 +430,11 @@ pub fn dequantize(acc: &[i32], a: &QuantRows, w: &Int8Weight, bias: Option<&[f32
 /// blocks of 16 channels accumulate over all of k in 24 registers (per 4-byte
 /// k-group: 4 weight loads, 6 activation broadcasts, 24 `vpdpbusd`), then the
 /// shift correction and the dequantization run on the registers and store.
+/// Where AMX is available and k is a multiple of 64, whole 16-row tiles run on
+/// AMX instead ([`amx`](super::amx)), with the same epilogue.
 #[cfg(target_arch = "x86_64")]
 mod kernel {
+    use super::super::amx;
     use super::super::fused::{self, Finish, RowSource};
     use super::super::vnni::{self, Out, NB};
     use super::{Int8Weight, QuantRows};
@@ -444,13 +448,24 @@ mod kernel {
 
     /// Rows of one task for `m` rows: [`TASK_ROWS`], fewer when that would
     /// leave each thread under about four tasks (the demo's 512 rows made 6
-    /// tasks of 96 for 2 threads, and the last one's wait showed).
-    fn task_rows(m: usize) -> usize {
-        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(MR).clamp(MR, TASK_ROWS)
+    /// tasks of 96 for 2 threads, and the last one's wait showed); whole AMX
+    /// macro tiles (32 rows) where AMX runs, whole micro-tiles otherwise.
+    fn task_rows(m: usize, amx: bool) -> usize {
+        let unit = if amx { 2 * amx::TILE_ROWS } else { MR };
+        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(unit).clamp(unit, TASK_ROWS)
+    }
+
+    /// Whether AMX runs this product: available, and k whole 64-byte chunks.
+    pub fn use_amx(w: &Int8Weight) -> bool {
+        w.k.is_multiple_of(amx::TILE_K) && amx::available()
     }
     /// Weight bytes of one task: its blocks stay in the core's L2 while the
     /// next tasks (the same blocks, the following rows) reuse them.
     const TASK_WEIGHT_BYTES: usize = 192 << 10;
+    /// The same on AMX, whose tiles stream the weights faster: more columns per
+    /// task re-read each task's rows fewer times (qkv at Open-Sora's width 1.3x
+    /// faster than with 192 KiB; the weights and rows still fit a 2 MiB L2).
+    const AMX_TASK_WEIGHT_BYTES: usize = 1 << 20;
 
     /// What every micro-tile reads.
     struct Operands {
@@ -463,18 +478,24 @@ mod kernel {
         k4: usize,
         scale: *const f32,
         n: usize,
+        /// Whole 16-row tiles on AMX (k a multiple of 64, AMX available).
+        amx: bool,
     }
 
-    pub fn gemm(a: &QuantRows, w: &Int8Weight, out: Out) {
+    /// The whole product, on AMX where `amx` (see [`use_amx`]).
+    pub fn gemm(a: &QuantRows, w: &Int8Weight, out: Out, amx: bool) {
         let (m, n) = (a.rows, w.n);
         let k4 = w.k.div_ceil(4);
         let rows = vnni::padded_rows(a, k4 * 4);
         let corr = vnni::group_sums(a, w.k, 128);
         let blocks = n.div_ceil(NB);
-        let task_blocks = (TASK_WEIGHT_BYTES / (k4 * 64 * NC)).max(1) * NC;
-        let task_rows = task_rows(m);
+        let weight_bytes = if amx { AMX_TASK_WEIGHT_BYTES } else { TASK_WEIGHT_BYTES };
+        let task_blocks = (weight_bytes / (k4 * 64 * NC)).max(1) * NC;
+        let task_rows = task_rows(m, amx);
         let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
-        let op = Operands { a: rows.as_ptr(), lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n };
+        let aligned = vnni::aligned_rows(a, amx);
+        let a_ptr = aligned.as_ref().map_or(rows.as_ptr(), |v| v.as_ptr() as *const i8);
+        let op = Operands { a: a_ptr, lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n, amx };
         let op = &op;
         // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
@@ -499,13 +520,13 @@ mod kernel {
 
     /// See [`super::linear_rows_f32`]: tasks of [`task_rows`] rows, each producing
     /// (or reading), quantizing and multiplying its rows into its part of the output.
-    pub fn linear_rows(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Vec<f32> {
+    pub fn linear_rows(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
         let k4 = w.k.div_ceil(4);
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
         fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
             vnni::group_sums_into(t.a, t.lda, t.lda, 128, t.sums);
-            let op = Operands { a: t.a.as_ptr(), lda: t.lda, corr: t.sums.as_ptr(), w: w.packed.as_ptr(), k4, scale: w.scale_pad.as_ptr(), n: w.n };
+            let op = Operands { a: t.a.as_ptr(), lda: t.lda, corr: t.sums.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n: w.n, amx };
             let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
             // SAFETY: VNNI checked by the caller; the operands live through the call;
             // `t.y` is the task's own `t.m` rows, all of which the tile writes.
@@ -515,10 +536,15 @@ mod kernel {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, out: Out) {
+        // AMX takes whole 16-row tiles; VNNI the rows left over.
+        let r_amx = if op.amx { r0 + (r1 - r0) / amx::TILE_ROWS * amx::TILE_ROWS } else { r0 };
+        if r_amx > r0 {
+            amx_tile(op, r0, r_amx, b0, b1, out);
+        }
         let mut b = b0;
         while b < b1 {
             let nc = NC.min(b1 - b);
-            let mut r = r0;
+            let mut r = r_amx;
             while r < r1 {
                 let mr = if r1 - r >= MR { MR } else { 1 };
                 match (mr, nc) {
@@ -533,8 +559,39 @@ mod kernel {
         }
     }
 
-    /// Rows `r .. r + R` x blocks `b .. b + C`. Dequantization in the documented
-    /// order: `((float) acc * a_scale[m]) * w_scale[n] (+ bias[n])`.
+    /// Rows `r0 .. r1` (whole tiles) x blocks `b0 .. b1` on AMX: macro tiles of
+    /// 32 rows x 2 blocks (16-row and 1-block ones at the edges) over all of k,
+    /// then the VNNI kernel's epilogue on the stored int32 results.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn amx_tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, out: Out) {
+        let tiles = amx::Tiles::new();
+        let mut res = amx::Results([[0; 32]; 32]);
+        let (wb, chunks) = (op.k4 * NB * 4, op.k4 * 4 / amx::TILE_K);
+        let mut b = b0;
+        while b < b1 {
+            let ct = 2.min(b1 - b);
+            let mut r = r0;
+            while r < r1 {
+                let rt = if r1 - r >= 2 * amx::TILE_ROWS { 2 } else { 1 };
+                let (a, w) = (op.a.add(r * op.lda), op.w.add(b * wb));
+                match (rt, ct) {
+                    (2, 2) => tiles.run::<2, 2>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
+                    (2, _) => tiles.run::<2, 1>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
+                    (_, 2) => tiles.run::<1, 2>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
+                    _ => tiles.run::<1, 1>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
+                }
+                for (ri, row) in res.0.iter().take(rt * amx::TILE_ROWS).enumerate() {
+                    for c in 0..ct {
+                        store(op, r + ri, (b + c) * NB, _mm512_loadu_si512(row[c * NB..].as_ptr() as *const _), out);
+                    }
+                }
+                r += rt * amx::TILE_ROWS;
+            }
+            b += ct;
+        }
+    }
+
+    /// Rows `r .. r + R` x blocks `b .. b + C`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn micro<const R: usize, const C: usize>(op: &Operands, r: usize, b: usize, out: Out) {
@@ -557,18 +614,24 @@ mod kernel {
             ap = ap.add(4);
         }
         for (ri, row) in acc.iter().enumerate() {
-            let m = r + ri;
-            let corr = _mm512_set1_epi32(*op.corr.add(m));
-            for (c, a) in row.iter().enumerate() {
-                let ch0 = (b + c) * NB;
-                let v = _mm512_sub_epi32(*a, corr);
-                match out {
-                    Out::I32(p) => _mm512_mask_storeu_epi32(p.add(m * op.n + ch0), vnni::live_mask(op.n, ch0), v),
-                    Out::F32 { y, a_scale, bias } => {
-                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(*a_scale.add(m)));
-                        vnni::store_f32(y, bias, op.n, m, ch0, _mm512_mul_ps(f, _mm512_loadu_ps(op.scale.add(ch0))));
-                    }
-                }
+            for (c, &a) in row.iter().enumerate() {
+                store(op, r + ri, (b + c) * NB, a, out);
+            }
+        }
+    }
+
+    /// The epilogue of row `m`, channels `ch0 .. ch0 + 16` from their shifted
+    /// sums `acc`: the shift correction, then the dequantization in the documented
+    /// order, `((float) acc * a_scale[m]) * w_scale[n] (+ bias[n])`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn store(op: &Operands, m: usize, ch0: usize, acc: __m512i, out: Out) {
+        let v = _mm512_sub_epi32(acc, _mm512_set1_epi32(*op.corr.add(m)));
+        match out {
+            Out::I32(p) => _mm512_mask_storeu_epi32(p.add(m * op.n + ch0), vnni::live_mask(op.n, ch0), v),
+            Out::F32 { y, a_scale, bias } => {
+                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(*a_scale.add(m)));
+                vnni::store_f32(y, bias, op.n, m, ch0, _mm512_mul_ps(f, _mm512_loadu_ps(op.scale.add(ch0))));
             }
         }
     }
@@ -577,6 +640,7 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::vnni;
     use crate::rng::Rng;
 
     /// The fused linear (each task quantizes and multiplies its rows) gives the
@@ -605,10 +669,28 @@ mod tests {
                 let produce = |r: usize, out: &mut [f32]| out.copy_from_slice(&x[r * k..(r + 1) * k]);
                 let got = linear_rows_f32(RowSource::Produced(&produce), rows, &w, b, None).unwrap().unwrap();
                 assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, produced");
+                for amx in each_kernel(k) {
+                    let got = kernel::linear_rows(RowSource::Rows(&x), rows, &w, b, None, amx);
+                    assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, amx {amx}");
+                }
             }
         }
         let big = Int8Weight::quantize(&vec![0.5; 1152 * 4608], 4608, 1152, None, QMAX_A8).unwrap();
         assert!(linear_rows_f32(RowSource::Rows(&[0.0; 1152]), 1, &big, None, None).is_none());
+    }
+
+    /// The x86 kernels this CPU runs for reduction length `k`: VNNI (`false`)
+    /// and AMX (`true`), so both are checked where the CPU has AMX, whatever
+    /// the dispatch picks.
+    fn each_kernel(k: usize) -> Vec<bool> {
+        let mut kernels = Vec::new();
+        if vnni::available() {
+            kernels.push(false);
+            if k % 64 == 0 && crate::quant::amx::available() {
+                kernels.push(true);
+            }
+        }
+        kernels
     }
 
     fn scalar_reference(a: &QuantRows, w: &Int8Weight) -> Vec<i32> {
@@ -634,7 +716,7 @@ mod tests {
             let w = Int8Weight::from_parts(q.clone(), vec![0.5; n], n, k, None, QMAX_A8).unwrap();
             assert_eq!(w.row_major(), q, "[{n}, {k}]");
             // Held: the padded VNNI copy and the scales, about one byte per value.
-            assert!(w.packed.len() <= n.div_ceil(16) * 16 * k.div_ceil(4) * 4);
+            assert!(w.packed.len() * 64 <= n.div_ceil(16) * 16 * k.div_ceil(4) * 4);
         }
     }
 
@@ -642,14 +724,21 @@ mod tests {
     fn integer_gemm_is_exact() {
         let mut rng = Rng::new(42);
         // Odd rows, rows past one task (96) with a tail of single rows, k not a
-        // multiple of 4 (padded copy) or 64, channels not a multiple of 16 or 64.
-        for &(m, n, k) in &[(1, 1, 1), (3, 17, 6), (5, 15, 36), (4, 64, 64), (77, 65, 72), (9, 200, 1152), (130, 48, 256), (2, 33, 4608), (203, 200, 1153), (97, 129, 1030), (31, 1152, 100), (13, 7, 4608)] {
+        // multiple of 4 (padded copy) or 64, channels not a multiple of 16 or 64;
+        // for AMX, rows in whole macro tiles (32), a 16-row tile and a VNNI tail,
+        // an odd number of channel blocks.
+        for &(m, n, k) in &[(1, 1, 1), (3, 17, 6), (5, 15, 36), (4, 64, 64), (77, 65, 72), (9, 200, 1152), (130, 48, 256), (2, 33, 4608), (203, 200, 1153), (97, 129, 1030), (31, 1152, 100), (13, 7, 4608), (16, 16, 64), (64, 192, 64), (53, 40, 128), (250, 130, 1152)] {
             let x = rng.normal_vec(m * k);
             let wf = rng.normal_vec(n * k);
             let a = quantize_rows(&x, k, None, QMAX_A8).unwrap();
             let w = Int8Weight::quantize(&wf, n, k, None, QMAX_A8).unwrap();
             let want = scalar_reference(&a, &w);
             assert_eq!(gemm_i32(&a, &w).unwrap(), want, "dispatched kernel, {m}x{n}x{k}");
+            for amx in each_kernel(k) {
+                let mut acc = vec![0; m * n];
+                kernel::gemm(&a, &w, vnni::Out::I32(acc.as_mut_ptr()), amx);
+                assert_eq!(acc, want, "amx {amx}, {m}x{n}x{k}");
+            }
             let mut port = vec![0; m * n];
             gemm_portable(&a, &w, &mut port);
             assert_eq!(port, want, "portable kernel, {m}x{n}x{k}");
@@ -659,10 +748,16 @@ mod tests {
     #[test]
     fn extreme_values_stay_exact() {
         // All +-127: the largest products, checking the unsigned-shift correction.
-        let (m, n, k) = (6, 40, 4608);
+        let (m, n, k) = (38, 40, 4608);
         let a = QuantRows { q: (0..m * k).map(|i| if i % 3 == 0 { -127 } else { 127 }).collect(), scale: vec![1.0; m], rows: m, cols: k };
         let w = Int8Weight::from_parts((0..n * k).map(|i| if i % 5 == 0 { 127 } else { -127 }).collect(), vec![1.0; n], n, k, None, QMAX_A8).unwrap();
-        assert_eq!(gemm_i32(&a, &w).unwrap(), scalar_reference(&a, &w));
+        let want = scalar_reference(&a, &w);
+        assert_eq!(gemm_i32(&a, &w).unwrap(), want);
+        for amx in each_kernel(k) {
+            let mut acc = vec![0; m * n];
+            kernel::gemm(&a, &w, vnni::Out::I32(acc.as_mut_ptr()), amx);
+            assert_eq!(acc, want, "amx {amx}");
+        }
     }
 
     #[test]

@@ -16,6 +16,18 @@ use std::borrow::Cow;
 /// Output channels per block: one 512-bit register of int32 accumulators.
 pub const NB: usize = 16;
 
+/// The rows of `a` copied to line-aligned memory, when AMX will read them
+/// and they are not aligned already (`None`: use `a.q` as it is). One copy
+/// per product; the rows' width stays `a.cols`.
+pub fn aligned_rows(a: &QuantRows, amx: bool) -> Option<Vec<super::Line>> {
+    if !amx || (a.q.as_ptr() as usize).is_multiple_of(64) {
+        return None;
+    }
+    let mut v = super::lines(a.q.len());
+    bytemuck::cast_slice_mut::<super::Line, i8>(&mut v)[..a.q.len()].par_chunks_mut(1 << 16).zip(a.q.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+    Some(v)
+}
+
 /// Whether this CPU has AVX-512 (F, BW) with the VNNI int8 dot products.
 pub fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni")

@@ -1,0 +1,155 @@
+//! Intel AMX (Advanced Matrix Extensions) for the W8A8 GEMM, where the CPU and
+//! the kernel allow it: `tdpbsud` multiplies a 16 x 64 tile of signed int8
+//! activations by a 64 x 16 tile of unsigned weight bytes into 16 x 16 int32,
+//! 16384 multiply-adds per instruction (`vpdpbusd` does 64).
+//!
+//! The weights need no layout of their own: [`Int8Weight`](super::int8::Int8Weight)'s
+//! VNNI packing (`[n / 16][k / 4][16][4]`, `w + 128`) already is AMX's B-tile
+//! layout, 16 k-groups of one block being 16 consecutive 64-byte rows. So the
+//! shift correction, the dequantization and the results are those of the VNNI
+//! kernel, bit for bit.
+//!
+//! Rust has no stable AMX intrinsics: the instructions are inline assembly,
+//! the tile registers named in it (the compiler never allocates them). Linux
+//! grants AMX's 8 KiB register state per process on request
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); without the grant the first tile
+//! instruction would fault, so [`available`] asks first and says no if refused.
+
+use std::arch::asm;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// The `ldtilecfg` operand (palette 1): every tile used here is 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+static CONFIG: TileConfig = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0], rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0] };
+
+/// Rows of one tile, and k (bytes) per tile product.
+pub const TILE_ROWS: usize = 16;
+pub const TILE_K: usize = 64;
+
+static OFF: AtomicBool = AtomicBool::new(false);
+
+/// Whether the int8 GEMMs use AMX: the CPU has AMX-TILE and AMX-INT8 (and the
+/// AVX-512 VNNI of the epilogues and edge rows), the kernel granted the tile
+/// state, `QC_AMX` is not `0`, and no benchmark turned it off ([`set_enabled`]).
+pub fn available() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    !OFF.load(Ordering::Relaxed) && *SUPPORTED.get_or_init(|| std::env::var("QC_AMX").map_or(true, |v| v != "0") && super::vnni::available() && cpu_has_amx_int8() && request_tile_state())
+}
+
+/// Turns AMX off (or back on, where [`available`] allows it) for the whole
+/// process: `qc-bench` times the VNNI and the AMX kernels in the same run.
+pub fn set_enabled(on: bool) {
+    OFF.store(!on, Ordering::Relaxed);
+}
+
+/// CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+fn cpu_has_amx_int8() -> bool {
+    use std::arch::x86_64::__cpuid_count;
+    __cpuid_count(0, 0).eax >= 7 && {
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+    }
+}
+
+/// Linux: asks for the tile data state (XFEATURE 18) for this process.
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it fails cleanly on
+    // kernels that do not know it.
+    cfg!(target_os = "linux") && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+}
+
+/// The 2 x 2 tiles of int32 results (32 rows x 32 channels) of one macro tile,
+/// as [`Tiles::run`] stores them: row `r`, channel `c` at `[r][c]`.
+#[repr(C, align(64))]
+pub struct Results(pub [[i32; 32]; 32]);
+
+/// Tile products on the calling thread between [`Tiles::new`] and the drop,
+/// which releases the tile state.
+pub struct Tiles(());
+
+impl Tiles {
+    /// Loads the tile configuration.
+    ///
+    /// # Safety
+    /// [`available`] returned true in this process.
+    #[inline]
+    pub unsafe fn new() -> Self {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        Tiles(())
+    }
+
+    /// `out[i * 16 + r][j * 16 + c] = sum_k a_i[r][k] * b_j[k][c]` for the
+    /// `RT` row tiles `i` and `CT` channel tiles `j` (1 or 2 each; the rest of
+    /// `out` is left as it was), over `chunks` k-chunks of 64 bytes:
+    /// `a_i` is 16 rows of signed bytes at `a + i * 16 * lda`, `lda` apart;
+    /// `b_j` holds 16 k-groups of 4 bytes for 16 channels per chunk, the
+    /// chunks `b_step` bytes apart and the tiles at `b + j * b_next`.
+    ///
+    /// # Safety
+    /// Every byte named above is readable.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run<const RT: usize, const CT: usize>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
+        // tmm0..3: results (i, j) = tmm(2i + j); tmm4, 5: a_0, a_1; tmm6, 7: b_0, b_1.
+        asm!("tilezero tmm0", options(nostack, nomem));
+        if CT == 2 {
+            asm!("tilezero tmm1", options(nostack, nomem));
+        }
+        if RT == 2 {
+            asm!("tilezero tmm2", options(nostack, nomem));
+            if CT == 2 {
+                asm!("tilezero tmm3", options(nostack, nomem));
+            }
+        }
+        let (mut ap, mut bp) = (a, b);
+        let a1_off = TILE_ROWS * lda;
+        for _ in 0..chunks {
+            asm!("tileloadd tmm4, [{p} + {s} * 1]", p = in(reg) ap, s = in(reg) lda, options(nostack, readonly));
+            asm!("tileloadd tmm6, [{p} + {s} * 1]", p = in(reg) bp, s = in(reg) TILE_K, options(nostack, readonly));
+            asm!("tdpbsud tmm0, tmm4, tmm6", options(nostack, nomem));
+            if CT == 2 {
+                asm!("tileloadd tmm7, [{p} + {s} * 1]", p = in(reg) bp.add(b_next), s = in(reg) TILE_K, options(nostack, readonly));
+                asm!("tdpbsud tmm1, tmm4, tmm7", options(nostack, nomem));
+            }
+            if RT == 2 {
+                asm!("tileloadd tmm5, [{p} + {s} * 1]", p = in(reg) ap.add(a1_off), s = in(reg) lda, options(nostack, readonly));
+                asm!("tdpbsud tmm2, tmm5, tmm6", options(nostack, nomem));
+                if CT == 2 {
+                    asm!("tdpbsud tmm3, tmm5, tmm7", options(nostack, nomem));
+                }
+            }
+            ap = ap.add(TILE_K);
+            bp = bp.add(b_step);
+        }
+        const STRIDE: usize = 32 * 4;
+        let o = out.0.as_mut_ptr() as *mut u8;
+        asm!("tilestored [{p} + {s} * 1], tmm0", p = in(reg) o, s = in(reg) STRIDE, options(nostack));
+        if CT == 2 {
+            asm!("tilestored [{p} + {s} * 1], tmm1", p = in(reg) o.add(64), s = in(reg) STRIDE, options(nostack));
+        }
+        if RT == 2 {
+            asm!("tilestored [{p} + {s} * 1], tmm2", p = in(reg) o.add(16 * STRIDE), s = in(reg) STRIDE, options(nostack));
+            if CT == 2 {
+                asm!("tilestored [{p} + {s} * 1], tmm3", p = in(reg) o.add(16 * STRIDE + 64), s = in(reg) STRIDE, options(nostack));
+            }
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the configuration was loaded by `new` (AMX available).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
