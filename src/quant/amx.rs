@@ -101,6 +101,16 @@ impl Tiles {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run<const RT: usize, const CT: usize>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
+        self.run_with::<RT, CT, false>(a, lda, b, b_next, b_step, chunks, out)
+    }
+
+    /// [`Tiles::run`] with signed bytes in the B tiles where `SIGNED` (`tdpbssd`).
+    ///
+    /// # Safety
+    /// As for [`Tiles::run`].
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_with<const RT: usize, const CT: usize, const SIGNED: bool>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
         // tmm0..3: results (i, j) = tmm(2i + j); tmm4, 5: a_0, a_1; tmm6, 7: b_0, b_1.
         asm!("tilezero tmm0", options(nostack, nomem));
         if CT == 2 {
@@ -117,16 +127,16 @@ impl Tiles {
         for _ in 0..chunks {
             asm!("tileloadd tmm4, [{p} + {s} * 1]", p = in(reg) ap, s = in(reg) lda, options(nostack, readonly));
             asm!("tileloadd tmm6, [{p} + {s} * 1]", p = in(reg) bp, s = in(reg) TILE_K, options(nostack, readonly));
-            asm!("tdpbsud tmm0, tmm4, tmm6", options(nostack, nomem));
+            if SIGNED { asm!("tdpbssd tmm0, tmm4, tmm6", options(nostack, nomem)) } else { asm!("tdpbsud tmm0, tmm4, tmm6", options(nostack, nomem)) }
             if CT == 2 {
                 asm!("tileloadd tmm7, [{p} + {s} * 1]", p = in(reg) bp.add(b_next), s = in(reg) TILE_K, options(nostack, readonly));
-                asm!("tdpbsud tmm1, tmm4, tmm7", options(nostack, nomem));
+                if SIGNED { asm!("tdpbssd tmm1, tmm4, tmm7", options(nostack, nomem)) } else { asm!("tdpbsud tmm1, tmm4, tmm7", options(nostack, nomem)) }
             }
             if RT == 2 {
                 asm!("tileloadd tmm5, [{p} + {s} * 1]", p = in(reg) ap.add(a1_off), s = in(reg) lda, options(nostack, readonly));
-                asm!("tdpbsud tmm2, tmm5, tmm6", options(nostack, nomem));
+                if SIGNED { asm!("tdpbssd tmm2, tmm5, tmm6", options(nostack, nomem)) } else { asm!("tdpbsud tmm2, tmm5, tmm6", options(nostack, nomem)) }
                 if CT == 2 {
-                    asm!("tdpbsud tmm3, tmm5, tmm7", options(nostack, nomem));
+                    if SIGNED { asm!("tdpbssd tmm3, tmm5, tmm7", options(nostack, nomem)) } else { asm!("tdpbsud tmm3, tmm5, tmm7", options(nostack, nomem)) }
                 }
             }
             ap = ap.add(TILE_K);

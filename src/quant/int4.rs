@@ -328,7 +328,7 @@ pub fn gemm_groups_i32(a: &QuantRows, w: &Int4Weight) -> Result<Vec<i32>> {
     let mut acc = vec![0i32; a.rows * w.n * w.groups];
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() {
-        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()));
+        kernel::gemm(a, w, super::vnni::Out::I32(acc.as_mut_ptr()), false);
         return Ok(acc);
     }
     gemm_portable(a, w, &mut acc);
@@ -369,6 +369,7 @@ pub fn linear_f32(
                 a_scale: a.scale.as_ptr(),
                 bias,
             },
+            kernel::use_amx(),
         );
         return Ok(());
     }
@@ -385,7 +386,7 @@ pub fn linear_f32(
 pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Option<Result<Vec<f32>>> {
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() && kernel::fits_one_task(w) {
-        return Some(super::fused::check(x, rows, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias).map(|_| kernel::linear_rows(x, rows, w, bias, finish)));
+        return Some(super::fused::check(x, rows, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias).map(|_| kernel::linear_rows(x, rows, w, bias, finish, kernel::use_amx())));
     }
     let _ = (x, rows, w, bias, finish);
     None
@@ -447,9 +448,12 @@ pub fn dequantize(
 mod kernel {
     use super::super::fused::{self, Finish, RowSource};
     use super::super::vnni::{self, Out, NB};
+    use super::super::{amx, lines, Line};
     use super::{Int4Weight, QuantRows, W4_GROUP};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
+    use std::borrow::Cow;
+    use std::cell::RefCell;
 
     pub const MR: usize = 7;
     pub const NC: usize = 3;
@@ -459,10 +463,21 @@ mod kernel {
     /// next tasks (the same blocks, the following rows) reuse them.
     const TASK_WEIGHT_BYTES: usize = 192 << 10;
 
+    /// The same on AMX (as the int8 GEMM's): each task widens its blocks to
+    /// int8 once, in twice these bytes.
+    const AMX_TASK_WEIGHT_BYTES: usize = 512 << 10;
+
     /// Rows of one task for `m` rows: [`TASK_ROWS`], fewer when that would
-    /// leave each thread under about four tasks (as the int8 GEMM's).
-    fn task_rows(m: usize) -> usize {
-        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(MR).clamp(MR, TASK_ROWS)
+    /// leave each thread under about four tasks (as the int8 GEMM's); whole AMX
+    /// macro tiles (32 rows) where AMX runs.
+    fn task_rows(m: usize, amx: bool) -> usize {
+        let unit = if amx { 2 * amx::TILE_ROWS } else { MR };
+        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(unit).clamp(unit, TASK_ROWS / unit * unit)
+    }
+
+    /// Whether AMX runs the dequantized products (every k is whole groups of 64).
+    pub fn use_amx() -> bool {
+        amx::available()
     }
 
     /// What every micro-tile reads.
@@ -478,20 +493,27 @@ mod kernel {
         /// `scale` transposed to `[groups, n padded to 16]`.
         scale_gn: *const f32,
         n: usize,
+        /// Whole 16-row tiles of dequantized products on AMX.
+        amx: bool,
     }
     // SAFETY: `Operands` only travels inside `gemm`'s scope, read-only.
     unsafe impl Sync for Operands {}
 
-    pub fn gemm(a: &QuantRows, w: &Int4Weight, out: Out) {
+    /// The whole product; the dequantized one on AMX where `amx` (see [`use_amx`]).
+    pub fn gemm(a: &QuantRows, w: &Int4Weight, out: Out, amx: bool) {
+        let amx = amx && matches!(out, Out::F32 { .. });
         let m = a.rows;
         let lda = w.groups * W4_GROUP;
-        let rows = vnni::padded_rows(a, lda);
+        let aligned = vnni::aligned_rows(a, lda, amx);
+        let rows = if aligned.is_some() { Cow::Borrowed(&[][..]) } else { vnni::padded_rows(a, lda) };
+        let a_ptr = aligned.as_ref().map_or(rows.as_ptr(), |v| v.as_ptr() as *const i8);
         let start = vnni::group_sums(a, W4_GROUP, -8);
         let blocks = w.n.div_ceil(NB);
-        let task_blocks = (TASK_WEIGHT_BYTES / (lda / 2 * NB * NC)).max(1) * NC;
-        let task_rows = task_rows(m);
+        let weight_bytes = if amx { AMX_TASK_WEIGHT_BYTES } else { TASK_WEIGHT_BYTES };
+        let task_blocks = (weight_bytes / (lda / 2 * NB * NC)).max(1) * NC;
+        let task_rows = task_rows(m, amx);
         let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
-        let op = Operands { a: rows.as_ptr(), lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n };
+        let op = Operands { a: a_ptr, lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };
         let op = &op;
         // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
@@ -512,13 +534,13 @@ mod kernel {
     }
 
     /// See [`super::linear_rows_f32`]: [`gemm`] on each task's own quantized rows.
-    pub fn linear_rows(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>) -> Vec<f32> {
+    pub fn linear_rows(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
         let lda = w.groups * W4_GROUP;
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
         fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
             vnni::group_sums_into(t.a, t.lda, W4_GROUP, -8, t.sums);
-            let op = Operands { a: t.a.as_ptr(), lda: t.lda, start: t.sums.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n };
+            let op = Operands { a: t.a.as_ptr(), lda: t.lda, start: t.sums.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };
             let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
             // SAFETY: VNNI checked by the caller; the operands live through the call;
             // `t.y` is the task's own `t.m` rows, all of which the tile writes.
@@ -528,10 +550,21 @@ mod kernel {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, out: Out) {
+        // AMX takes whole 16-row tiles of the dequantized product; VNNI the rest.
+        let r_amx = match out {
+            Out::F32 { y, a_scale, bias } if op.amx => {
+                let r_amx = r0 + (r1 - r0) / amx::TILE_ROWS * amx::TILE_ROWS;
+                if r_amx > r0 {
+                    amx_tile(op, r0, r_amx, b0, b1, y, a_scale, bias);
+                }
+                r_amx
+            }
+            _ => r0,
+        };
         let mut b = b0;
         while b < b1 {
             let nc = NC.min(b1 - b);
-            let mut r = r0;
+            let mut r = r_amx;
             while r < r1 {
                 let mr = if r1 - r >= MR { MR } else { 1 };
                 match (mr, nc) {
@@ -543,6 +576,104 @@ mod kernel {
                 r += mr;
             }
             b += nc;
+        }
+    }
+
+    thread_local! {
+        /// Each worker's blocks widened to int8 for AMX, kept across calls.
+        static WIDENED: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// f32 sums of a macro tile (32 rows x 32 channels).
+    #[repr(C, align(64))]
+    struct Sums([[f32; 32]; 32]);
+
+    /// Rows `r0 .. r1` (whole tiles) x blocks `b0 .. b1` dequantized on AMX: the
+    /// blocks widened to int8 once (the nibbles `q + 8`, 16 k-groups of a block
+    /// and group per 1 KiB B tile), then per macro tile of 32 rows x 2 blocks
+    /// and per group, the group's exact int32 products from the tiles and the
+    /// VNNI kernel's documented f32 steps on them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn amx_tile(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, y: *mut f32, a_scale: *const f32, bias: *const f32) {
+        WIDENED.with(|cell| {
+            // A task never runs inside another on the same thread; a fresh buffer otherwise.
+            let mut fresh = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let buf = match held.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut fresh,
+            };
+            // SAFETY: as for `amx_tile`, whose caller checked AVX-512 VNNI and AMX.
+            unsafe { amx_products(op, r0, r1, b0, b1, y, a_scale, bias, buf) }
+        })
+    }
+
+    /// [`amx_tile`] with its widening buffer.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn amx_products(op: &Operands, r0: usize, r1: usize, b0: usize, b1: usize, y: *mut f32, a_scale: *const f32, bias: *const f32, buf: &mut Vec<Line>) {
+        const TILE_BYTES: usize = amx::TILE_ROWS * amx::TILE_K;
+        let (groups, n) = (op.groups, op.n);
+        let npad = n.div_ceil(NB) * NB;
+        let wb = op.lda / 8 * 64;
+        {
+            let bytes = (b1 - b0) * groups * TILE_BYTES;
+            if buf.len() * 64 < bytes {
+                *buf = lines(bytes);
+            }
+            let wide = buf.as_mut_ptr() as *mut u8;
+            // Each 64 bytes of the VNNI layout hold two k-groups of 16 channels:
+            // the low nibbles, then the high ones, are consecutive B-tile rows,
+            // widened to the signed values (`nibble - 8`) so that the products
+            // need no shift correction.
+            let (low, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+            for u in 0..(b1 - b0) * groups * W4_GROUP / 8 {
+                let v = _mm512_loadu_si512(op.w.add(b0 * wb + u * 64) as *const _);
+                _mm512_store_si512(wide.add(u * 128) as *mut _, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+                _mm512_store_si512(wide.add(u * 128 + 64) as *mut _, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight));
+            }
+            let tiles = amx::Tiles::new();
+            let mut res = amx::Results([[0; 32]; 32]);
+            let mut sum = Sums([[0.0; 32]; 32]);
+            let mut b = b0;
+            while b < b1 {
+                let ct = 2.min(b1 - b);
+                let mut r = r0;
+                while r < r1 {
+                    let rt = if r1 - r >= 2 * amx::TILE_ROWS { 2 } else { 1 };
+                    let rows = rt * amx::TILE_ROWS;
+                    for row in sum.0.iter_mut().take(rows) {
+                        row.fill(0.0);
+                    }
+                    for g in 0..groups {
+                        let (a, w) = (op.a.add(r * op.lda + g * W4_GROUP), wide.add(((b - b0) * groups + g) * TILE_BYTES) as *const u8);
+                        let next = groups * TILE_BYTES;
+                        match (rt, ct) {
+                            (2, 2) => tiles.run_with::<2, 2, true>(a, op.lda, w, next, 0, 1, &mut res),
+                            (2, _) => tiles.run_with::<2, 1, true>(a, op.lda, w, next, 0, 1, &mut res),
+                            (_, 2) => tiles.run_with::<1, 2, true>(a, op.lda, w, next, 0, 1, &mut res),
+                            _ => tiles.run_with::<1, 1, true>(a, op.lda, w, next, 0, 1, &mut res),
+                        }
+                        let scale = op.scale_gn.add(g * npad + b * NB);
+                        let sc = [_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(NB * (ct - 1)))];
+                        for (acc, s) in res.0.iter().zip(sum.0.iter_mut()).take(rows) {
+                            for (c, &scale) in sc.iter().enumerate().take(ct) {
+                                let v = _mm512_load_si512(acc[c * NB..].as_ptr() as *const _);
+                                let prev = _mm512_load_ps(s[c * NB..].as_ptr());
+                                _mm512_store_ps(s[c * NB..].as_mut_ptr(), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), scale, prev));
+                            }
+                        }
+                    }
+                    for (ri, s) in sum.0.iter().take(rows).enumerate() {
+                        let sa = _mm512_set1_ps(*a_scale.add(r + ri));
+                        for c in 0..ct {
+                            vnni::store_f32(y, bias, n, r + ri, (b + c) * NB, _mm512_mul_ps(_mm512_load_ps(s[c * NB..].as_ptr()), sa));
+                        }
+                    }
+                    r += rows;
+                }
+                b += ct;
+            }
         }
     }
 
@@ -648,12 +779,34 @@ mod tests {
                 let produce = |r: usize, out: &mut [f32]| out.copy_from_slice(&x[r * k..(r + 1) * k]);
                 let got = linear_rows_f32(RowSource::Produced(&produce), rows, &w, b, None).unwrap().unwrap();
                 assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, produced");
+                for amx in kernels() {
+                    let got = kernel::linear_rows(RowSource::Rows(&x), rows, &w, b, None, amx);
+                    assert_eq!(bits(&got), bits(&want), "rows {rows}, k {k}, n {n}, amx {amx}");
+                    assert_eq!(bits(&linear_with(&a, &w, b, amx)), bits(&want), "rows {rows}, k {k}, n {n}, whole product, amx {amx}");
+                }
             }
         }
         let big = Int4Weight::quantize(&vec![0.5; 1152 * 4608], 4608, 1152, None, QMAX_A8).unwrap();
         assert!(linear_rows_f32(RowSource::Rows(&[0.0; 1152]), 1, &big, None, None).is_none());
     }
     use crate::rng::Rng;
+
+    /// The x86 kernels this CPU runs: VNNI (`false`) and, where the CPU has
+    /// it, AMX (`true`), so both are checked whatever the dispatch picks.
+    fn kernels() -> Vec<bool> {
+        match crate::quant::vnni::available() {
+            true => [false].into_iter().chain(crate::quant::amx::available().then_some(true)).collect(),
+            false => Vec::new(),
+        }
+    }
+
+    /// The dequantized product on the kernel `amx` picks.
+    fn linear_with(a: &QuantRows, w: &Int4Weight, bias: Option<&[f32]>, amx: bool) -> Vec<f32> {
+        let mut y = vec![f32::NAN; a.rows * w.n];
+        let out = crate::quant::vnni::Out::F32 { y: y.as_mut_ptr(), a_scale: a.scale.as_ptr(), bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()) };
+        kernel::gemm(a, w, out, amx);
+        y
+    }
 
     fn scalar_reference(a: &QuantRows, w: &Int4Weight) -> Vec<i32> {
         let q = w.unpack();
@@ -778,12 +931,17 @@ mod tests {
     #[test]
     fn fused_linear_matches_the_documented_dequantization() {
         let mut rng = Rng::new(12);
-        for &(m, n, k) in &[(5, 3, 64), (19, 40, 200), (64, 96, 1152), (101, 200, 4608)] {
+        // For AMX: single tiles and a VNNI tail (19 rows), an odd block count
+        // (40 channels), macro tiles with a 16-row tile (101 rows).
+        for &(m, n, k) in &[(5, 3, 64), (19, 40, 200), (64, 96, 1152), (101, 200, 4608), (250, 130, 256)] {
             let (a, w, _, _) = random_case(&mut rng, m, n, k, QMAX_A8, false);
             let bias = rng.normal_vec(n);
             let acc = scalar_reference(&a, &w);
             let mut want = vec![0f32; m * n];
             dequantize(&acc, &a, &w, Some(&bias), &mut want);
+            for amx in kernels() {
+                assert_eq!(linear_with(&a, &w, Some(&bias), amx), want, "{m}x{n}x{k}, amx {amx}");
+            }
             let mut got = vec![f32::NAN; m * n];
             linear_f32(&a, &w, Some(&bias), &mut got).unwrap();
             assert_eq!(
@@ -801,7 +959,7 @@ mod tests {
     #[test]
     fn extreme_values_stay_exact() {
         // All +-127 against +-7: the largest products and shift corrections.
-        let (m, n, k) = (9, 40, 4608);
+        let (m, n, k) = (41, 40, 4608);
         let a = QuantRows {
             q: (0..m * k).map(|i| if i % 3 == 0 { -127 } else { 127 }).collect(),
             scale: vec![1.0; m],
@@ -810,7 +968,13 @@ mod tests {
         };
         let q: Vec<i8> = (0..n * k).map(|i| if i % 5 == 0 { 7 } else { -7 }).collect();
         let w = Int4Weight::from_parts(pack(&q, n, k), vec![1.0; n * k / W4_GROUP], n, k, None, QMAX_A8).unwrap();
-        assert_eq!(gemm_groups_i32(&a, &w).unwrap(), scalar_reference(&a, &w));
+        let acc = scalar_reference(&a, &w);
+        assert_eq!(gemm_groups_i32(&a, &w).unwrap(), acc);
+        let mut want = vec![0f32; m * n];
+        dequantize(&acc, &a, &w, None, &mut want);
+        for amx in kernels() {
+            assert_eq!(linear_with(&a, &w, None, amx), want, "amx {amx}");
+        }
     }
 
     #[test]

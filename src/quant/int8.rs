@@ -493,7 +493,7 @@ mod kernel {
         let task_blocks = (weight_bytes / (k4 * 64 * NC)).max(1) * NC;
         let task_rows = task_rows(m, amx);
         let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
-        let aligned = vnni::aligned_rows(a, amx);
+        let aligned = vnni::aligned_rows(a, k4 * 4, amx);
         let a_ptr = aligned.as_ref().map_or(rows.as_ptr(), |v| v.as_ptr() as *const i8);
         let op = Operands { a: a_ptr, lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n, amx };
         let op = &op;

@@ -16,15 +16,15 @@ use std::borrow::Cow;
 /// Output channels per block: one 512-bit register of int32 accumulators.
 pub const NB: usize = 16;
 
-/// The rows of `a` copied to line-aligned memory, when AMX will read them
-/// and they are not aligned already (`None`: use `a.q` as it is). One copy
-/// per product; the rows' width stays `a.cols`.
-pub fn aligned_rows(a: &QuantRows, amx: bool) -> Option<Vec<super::Line>> {
-    if !amx || (a.q.as_ptr() as usize).is_multiple_of(64) {
+/// The rows of `a` as rows of `width` bytes (zero padding) in line-aligned
+/// memory, when AMX will read them and `a.q` is not that already (`None`: use
+/// [`padded_rows`]). One copy per product.
+pub fn aligned_rows(a: &QuantRows, width: usize, amx: bool) -> Option<Vec<super::Line>> {
+    if !amx || (width == a.cols && (a.q.as_ptr() as usize).is_multiple_of(64)) {
         return None;
     }
-    let mut v = super::lines(a.q.len());
-    bytemuck::cast_slice_mut::<super::Line, i8>(&mut v)[..a.q.len()].par_chunks_mut(1 << 16).zip(a.q.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+    let mut v = super::lines(a.rows * width);
+    bytemuck::cast_slice_mut::<super::Line, i8>(&mut v)[..a.rows * width].par_chunks_mut(width).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(d, s)| d[..s.len()].copy_from_slice(s));
     Some(v)
 }
 
