@@ -65,6 +65,8 @@ pub fn build_info() -> String {
         ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
         ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
         ("avx512vnni", std::arch::is_x86_feature_detected!("avx512vnni")),
+        // Where the integer GEMMs use it (the CPU has it, Linux granted it, QC_AMX is not 0).
+        ("amx-int8", quant::amx::available()),
     ] {
         if on {
             feats.push(name);
