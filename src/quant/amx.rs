@@ -1,13 +1,15 @@
-//! Intel AMX (Advanced Matrix Extensions) for the W8A8 GEMM, where the CPU and
-//! the kernel allow it: `tdpbsud` multiplies a 16 x 64 tile of signed int8
+//! Intel AMX (Advanced Matrix Extensions) for the integer GEMMs, where the CPU
+//! and the kernel allow it: `tdpbsud` multiplies a 16 x 64 tile of signed int8
 //! activations by a 64 x 16 tile of unsigned weight bytes into 16 x 16 int32,
-//! 16384 multiply-adds per instruction (`vpdpbusd` does 64).
+//! 16384 multiply-adds per instruction (`vpdpbusd` does 64); `tdpbssd` takes
+//! signed weight bytes.
 //!
-//! The weights need no layout of their own: [`Int8Weight`](super::int8::Int8Weight)'s
+//! The W8A8 weights need no layout of their own: [`Int8Weight`](super::int8::Int8Weight)'s
 //! VNNI packing (`[n / 16][k / 4][16][4]`, `w + 128`) already is AMX's B-tile
 //! layout, 16 k-groups of one block being 16 consecutive 64-byte rows. So the
 //! shift correction, the dequantization and the results are those of the VNNI
-//! kernel, bit for bit.
+//! kernel, bit for bit. The W4 GEMM widens its nibbles into that layout per
+//! task (`int4`).
 //!
 //! Rust has no stable AMX intrinsics: the instructions are inline assembly,
 //! the tile registers named in it (the compiler never allocates them). Linux
@@ -69,6 +71,13 @@ fn request_tile_state() -> bool {
     cfg!(target_os = "linux") && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
 }
 
+/// The macro tiles of rows `r0 .. r1` (whole tiles) x 16-channel blocks
+/// `b0 .. b1`, block pairs outermost: `(first row, row tiles, first block,
+/// channel tiles)`, 32 rows x 2 blocks, with 16-row and 1-block ones at the edges.
+pub fn macro_tiles(r0: usize, r1: usize, b0: usize, b1: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    (b0..b1).step_by(2).flat_map(move |b| (r0..r1).step_by(2 * TILE_ROWS).map(move |r| (r, if r1 - r >= 2 * TILE_ROWS { 2 } else { 1 }, b, 2.min(b1 - b))))
+}
+
 /// The 2 x 2 tiles of int32 results (32 rows x 32 channels) of one macro tile,
 /// as [`Tiles::run`] stores them: row `r`, channel `c` at `[r][c]`.
 #[repr(C, align(64))]
@@ -91,7 +100,8 @@ impl Tiles {
 
     /// `out[i * 16 + r][j * 16 + c] = sum_k a_i[r][k] * b_j[k][c]` for the
     /// `RT` row tiles `i` and `CT` channel tiles `j` (1 or 2 each; the rest of
-    /// `out` is left as it was), over `chunks` k-chunks of 64 bytes:
+    /// `out` is left as it was), over `chunks` k-chunks of 64 bytes, the B
+    /// bytes unsigned (`tdpbsud`) or, where `SIGNED`, signed (`tdpbssd`):
     /// `a_i` is 16 rows of signed bytes at `a + i * 16 * lda`, `lda` apart;
     /// `b_j` holds 16 k-groups of 4 bytes for 16 channels per chunk, the
     /// chunks `b_step` bytes apart and the tiles at `b + j * b_next`.
@@ -100,17 +110,7 @@ impl Tiles {
     /// Every byte named above is readable.
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn run<const RT: usize, const CT: usize>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
-        self.run_with::<RT, CT, false>(a, lda, b, b_next, b_step, chunks, out)
-    }
-
-    /// [`Tiles::run`] with signed bytes in the B tiles where `SIGNED` (`tdpbssd`).
-    ///
-    /// # Safety
-    /// As for [`Tiles::run`].
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn run_with<const RT: usize, const CT: usize, const SIGNED: bool>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
+    pub unsafe fn run<const RT: usize, const CT: usize, const SIGNED: bool>(&self, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
         // tmm0..3: results (i, j) = tmm(2i + j); tmm4, 5: a_0, a_1; tmm6, 7: b_0, b_1.
         asm!("tilezero tmm0", options(nostack, nomem));
         if CT == 2 {
@@ -153,6 +153,21 @@ impl Tiles {
             if CT == 2 {
                 asm!("tilestored [{p} + {s} * 1], tmm3", p = in(reg) o.add(16 * STRIDE + 64), s = in(reg) STRIDE, options(nostack));
             }
+        }
+    }
+    /// [`Tiles::run`] for `rt` row tiles and `ct` channel tiles (1 or 2)
+    /// known at run time, as [`macro_tiles`] gives them.
+    ///
+    /// # Safety
+    /// As for [`Tiles::run`].
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_sized<const SIGNED: bool>(&self, rt: usize, ct: usize, a: *const i8, lda: usize, b: *const u8, b_next: usize, b_step: usize, chunks: usize, out: &mut Results) {
+        match (rt, ct) {
+            (2, 2) => self.run::<2, 2, SIGNED>(a, lda, b, b_next, b_step, chunks, out),
+            (2, _) => self.run::<2, 1, SIGNED>(a, lda, b, b_next, b_step, chunks, out),
+            (_, 2) => self.run::<1, 2, SIGNED>(a, lda, b, b_next, b_step, chunks, out),
+            _ => self.run::<1, 1, SIGNED>(a, lda, b, b_next, b_step, chunks, out),
         }
     }
 }

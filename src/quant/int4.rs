@@ -616,63 +616,47 @@ mod kernel {
         let (groups, n) = (op.groups, op.n);
         let npad = n.div_ceil(NB) * NB;
         let wb = op.lda / 8 * 64;
-        {
-            let bytes = (b1 - b0) * groups * TILE_BYTES;
-            if buf.len() * 64 < bytes {
-                *buf = lines(bytes);
+        let bytes = (b1 - b0) * groups * TILE_BYTES;
+        if buf.len() * 64 < bytes {
+            *buf = lines(bytes);
+        }
+        let wide = buf.as_mut_ptr() as *mut u8;
+        // Each 64 bytes of the VNNI layout hold two k-groups of 16 channels:
+        // the low nibbles, then the high ones, are consecutive B-tile rows,
+        // widened to the signed values (`nibble - 8`) so that the products
+        // need no shift correction.
+        let (low, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+        for u in 0..(b1 - b0) * groups * W4_GROUP / 8 {
+            let v = _mm512_loadu_si512(op.w.add(b0 * wb + u * 64) as *const _);
+            _mm512_store_si512(wide.add(u * 128) as *mut _, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+            _mm512_store_si512(wide.add(u * 128 + 64) as *mut _, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight));
+        }
+        let tiles = amx::Tiles::new();
+        let mut res = amx::Results([[0; 32]; 32]);
+        let mut sum = Sums([[0.0; 32]; 32]);
+        for (r, rt, b, ct) in amx::macro_tiles(r0, r1, b0, b1) {
+            let rows = rt * amx::TILE_ROWS;
+            for row in sum.0.iter_mut().take(rows) {
+                row.fill(0.0);
             }
-            let wide = buf.as_mut_ptr() as *mut u8;
-            // Each 64 bytes of the VNNI layout hold two k-groups of 16 channels:
-            // the low nibbles, then the high ones, are consecutive B-tile rows,
-            // widened to the signed values (`nibble - 8`) so that the products
-            // need no shift correction.
-            let (low, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
-            for u in 0..(b1 - b0) * groups * W4_GROUP / 8 {
-                let v = _mm512_loadu_si512(op.w.add(b0 * wb + u * 64) as *const _);
-                _mm512_store_si512(wide.add(u * 128) as *mut _, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
-                _mm512_store_si512(wide.add(u * 128 + 64) as *mut _, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), eight));
-            }
-            let tiles = amx::Tiles::new();
-            let mut res = amx::Results([[0; 32]; 32]);
-            let mut sum = Sums([[0.0; 32]; 32]);
-            let mut b = b0;
-            while b < b1 {
-                let ct = 2.min(b1 - b);
-                let mut r = r0;
-                while r < r1 {
-                    let rt = if r1 - r >= 2 * amx::TILE_ROWS { 2 } else { 1 };
-                    let rows = rt * amx::TILE_ROWS;
-                    for row in sum.0.iter_mut().take(rows) {
-                        row.fill(0.0);
+            for g in 0..groups {
+                let (a, w) = (op.a.add(r * op.lda + g * W4_GROUP), wide.add(((b - b0) * groups + g) * TILE_BYTES) as *const u8);
+                tiles.run_sized::<true>(rt, ct, a, op.lda, w, groups * TILE_BYTES, 0, 1, &mut res);
+                let scale = op.scale_gn.add(g * npad + b * NB);
+                let sc = [_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(NB * (ct - 1)))];
+                for (acc, s) in res.0.iter().zip(sum.0.iter_mut()).take(rows) {
+                    for (c, &scale) in sc.iter().enumerate().take(ct) {
+                        let v = _mm512_load_si512(acc[c * NB..].as_ptr() as *const _);
+                        let prev = _mm512_load_ps(s[c * NB..].as_ptr());
+                        _mm512_store_ps(s[c * NB..].as_mut_ptr(), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), scale, prev));
                     }
-                    for g in 0..groups {
-                        let (a, w) = (op.a.add(r * op.lda + g * W4_GROUP), wide.add(((b - b0) * groups + g) * TILE_BYTES) as *const u8);
-                        let next = groups * TILE_BYTES;
-                        match (rt, ct) {
-                            (2, 2) => tiles.run_with::<2, 2, true>(a, op.lda, w, next, 0, 1, &mut res),
-                            (2, _) => tiles.run_with::<2, 1, true>(a, op.lda, w, next, 0, 1, &mut res),
-                            (_, 2) => tiles.run_with::<1, 2, true>(a, op.lda, w, next, 0, 1, &mut res),
-                            _ => tiles.run_with::<1, 1, true>(a, op.lda, w, next, 0, 1, &mut res),
-                        }
-                        let scale = op.scale_gn.add(g * npad + b * NB);
-                        let sc = [_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(NB * (ct - 1)))];
-                        for (acc, s) in res.0.iter().zip(sum.0.iter_mut()).take(rows) {
-                            for (c, &scale) in sc.iter().enumerate().take(ct) {
-                                let v = _mm512_load_si512(acc[c * NB..].as_ptr() as *const _);
-                                let prev = _mm512_load_ps(s[c * NB..].as_ptr());
-                                _mm512_store_ps(s[c * NB..].as_mut_ptr(), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), scale, prev));
-                            }
-                        }
-                    }
-                    for (ri, s) in sum.0.iter().take(rows).enumerate() {
-                        let sa = _mm512_set1_ps(*a_scale.add(r + ri));
-                        for c in 0..ct {
-                            vnni::store_f32(y, bias, n, r + ri, (b + c) * NB, _mm512_mul_ps(_mm512_load_ps(s[c * NB..].as_ptr()), sa));
-                        }
-                    }
-                    r += rows;
                 }
-                b += ct;
+            }
+            for (ri, s) in sum.0.iter().take(rows).enumerate() {
+                let sa = _mm512_set1_ps(*a_scale.add(r + ri));
+                for c in 0..ct {
+                    vnni::store_f32(y, bias, n, r + ri, (b + c) * NB, _mm512_mul_ps(_mm512_load_ps(s[c * NB..].as_ptr()), sa));
+                }
             }
         }
     }

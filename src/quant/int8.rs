@@ -572,27 +572,13 @@ mod kernel {
         let tiles = amx::Tiles::new();
         let mut res = amx::Results([[0; 32]; 32]);
         let (wb, chunks) = (op.k4 * NB * 4, op.k4 * 4 / amx::TILE_K);
-        let mut b = b0;
-        while b < b1 {
-            let ct = 2.min(b1 - b);
-            let mut r = r0;
-            while r < r1 {
-                let rt = if r1 - r >= 2 * amx::TILE_ROWS { 2 } else { 1 };
-                let (a, w) = (op.a.add(r * op.lda), op.w.add(b * wb));
-                match (rt, ct) {
-                    (2, 2) => tiles.run::<2, 2>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
-                    (2, _) => tiles.run::<2, 1>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
-                    (_, 2) => tiles.run::<1, 2>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
-                    _ => tiles.run::<1, 1>(a, op.lda, w, wb, amx::TILE_K * 16, chunks, &mut res),
+        for (r, rt, b, ct) in amx::macro_tiles(r0, r1, b0, b1) {
+            tiles.run_sized::<false>(rt, ct, op.a.add(r * op.lda), op.lda, op.w.add(b * wb), wb, amx::TILE_K * 16, chunks, &mut res);
+            for (ri, row) in res.0.iter().take(rt * amx::TILE_ROWS).enumerate() {
+                for c in 0..ct {
+                    store(op, r + ri, (b + c) * NB, _mm512_loadu_si512(row[c * NB..].as_ptr() as *const _), out);
                 }
-                for (ri, row) in res.0.iter().take(rt * amx::TILE_ROWS).enumerate() {
-                    for c in 0..ct {
-                        store(op, r + ri, (b + c) * NB, _mm512_loadu_si512(row[c * NB..].as_ptr() as *const _), out);
-                    }
-                }
-                r += rt * amx::TILE_ROWS;
             }
-            b += ct;
         }
     }
 
