@@ -452,7 +452,6 @@ mod kernel {
     use super::{Int4Weight, QuantRows, W4_GROUP};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
-    use std::borrow::Cow;
     use std::cell::RefCell;
 
     pub const MR: usize = 7;
@@ -504,16 +503,14 @@ mod kernel {
         let amx = amx && matches!(out, Out::F32 { .. });
         let m = a.rows;
         let lda = w.groups * W4_GROUP;
-        let aligned = vnni::aligned_rows(a, lda, amx);
-        let rows = if aligned.is_some() { Cow::Borrowed(&[][..]) } else { vnni::padded_rows(a, lda) };
-        let a_ptr = aligned.as_ref().map_or(rows.as_ptr(), |v| v.as_ptr() as *const i8);
+        let rows = vnni::rows_operand(a, lda, amx);
         let start = vnni::group_sums(a, W4_GROUP, -8);
         let blocks = w.n.div_ceil(NB);
         let weight_bytes = if amx { AMX_TASK_WEIGHT_BYTES } else { TASK_WEIGHT_BYTES };
         let task_blocks = (weight_bytes / (lda / 2 * NB * NC)).max(1) * NC;
         let task_rows = task_rows(m, amx);
         let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
-        let op = Operands { a: a_ptr, lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };
+        let op = Operands { a: rows.as_ptr(), lda, start: start.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };
         let op = &op;
         // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {

@@ -491,16 +491,14 @@ mod kernel {
     pub fn gemm(a: &QuantRows, w: &Int8Weight, out: Out, amx: bool) {
         let (m, n) = (a.rows, w.n);
         let k4 = w.k.div_ceil(4);
-        let rows = vnni::padded_rows(a, k4 * 4);
+        let rows = vnni::rows_operand(a, k4 * 4, amx);
         let corr = vnni::group_sums(a, w.k, 128);
         let blocks = n.div_ceil(NB);
         let weight_bytes = if amx { AMX_TASK_WEIGHT_BYTES } else { TASK_WEIGHT_BYTES };
         let task_blocks = (weight_bytes / (k4 * 64 * NC)).max(1) * NC;
         let task_rows = if amx { AMX_TASK_ROWS } else { task_rows(m, false) };
         let (row_tasks, col_tasks) = (m.div_ceil(task_rows), blocks.div_ceil(task_blocks));
-        let aligned = vnni::aligned_rows(a, k4 * 4, amx);
-        let a_ptr = aligned.as_ref().map_or(rows.as_ptr(), |v| v.as_ptr() as *const i8);
-        let op = Operands { a: a_ptr, lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n, amx };
+        let op = Operands { a: rows.as_ptr(), lda: k4 * 4, corr: corr.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n, amx };
         let op = &op;
         // Consecutive tasks share their weight blocks and step through the rows.
         (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {

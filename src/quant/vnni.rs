@@ -11,22 +11,9 @@
 use super::int8::QuantRows;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
-use std::borrow::Cow;
 
 /// Output channels per block: one 512-bit register of int32 accumulators.
 pub const NB: usize = 16;
-
-/// The rows of `a` as rows of `width` bytes (zero padding) in line-aligned
-/// memory, when AMX will read them and `a.q` is not that already (`None`: use
-/// [`padded_rows`]). One copy per product.
-pub fn aligned_rows(a: &QuantRows, width: usize, amx: bool) -> Option<Vec<super::Line>> {
-    if !amx || (width == a.cols && (a.q.as_ptr() as usize).is_multiple_of(64)) {
-        return None;
-    }
-    let mut v = super::lines(a.rows * width);
-    bytemuck::cast_slice_mut::<super::Line, i8>(&mut v)[..a.rows * width].par_chunks_mut(width).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(d, s)| d[..s.len()].copy_from_slice(s));
-    Some(v)
-}
 
 /// Whether this CPU has AVX-512 (F, BW) with the VNNI int8 dot products.
 pub fn available() -> bool {
@@ -44,16 +31,48 @@ pub enum Out {
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// The activations as the GEMMs read them: rows of `width` bytes.
+pub enum RowsOperand<'a> {
+    /// `a.q` itself.
+    Borrowed(&'a [i8]),
+    /// A copy with zero padding to `width`.
+    Padded(Vec<i8>),
+    /// A copy in line-aligned memory, for AMX.
+    Aligned(Vec<super::Line>),
+}
+
+impl RowsOperand<'_> {
+    pub fn as_ptr(&self) -> *const i8 {
+        match self {
+            RowsOperand::Borrowed(r) => r.as_ptr(),
+            RowsOperand::Padded(r) => r.as_ptr(),
+            RowsOperand::Aligned(r) => r.as_ptr() as *const i8,
+        }
+    }
+}
+
 /// The activations as rows of `width` bytes (`width >= cols`, a multiple of 4):
-/// borrowed when the rows already have that width, else copied with zero padding.
-/// Padding is exact: zero activations add nothing, whatever the weight bytes.
-pub fn padded_rows(a: &QuantRows, width: usize) -> Cow<'_, [i8]> {
-    if width == a.cols {
-        return Cow::Borrowed(&a.q);
+/// borrowed when the rows already have that width (and, where AMX will read
+/// them, are line-aligned), else copied with zero padding, into line-aligned
+/// memory for AMX (one copy per product). Padding is exact: zero activations
+/// add nothing, whatever the weight bytes.
+pub fn rows_operand(a: &QuantRows, width: usize, amx: bool) -> RowsOperand<'_> {
+    if width == a.cols && (!amx || (a.q.as_ptr() as usize).is_multiple_of(64)) {
+        return RowsOperand::Borrowed(&a.q);
+    }
+    if amx {
+        let mut v = super::lines(a.rows * width);
+        copy_rows(a, width, &mut bytemuck::cast_slice_mut(&mut v)[..a.rows * width]);
+        return RowsOperand::Aligned(v);
     }
     let mut p = vec![0i8; a.rows * width];
-    p.par_chunks_mut(width).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(d, s)| d[..s.len()].copy_from_slice(s));
-    Cow::Owned(p)
+    copy_rows(a, width, &mut p);
+    RowsOperand::Padded(p)
+}
+
+/// `a`'s rows into the zeroed rows of `width` bytes of `dst`.
+fn copy_rows(a: &QuantRows, width: usize, dst: &mut [i8]) {
+    dst.par_chunks_mut(width).zip(a.q.par_chunks(a.cols)).with_min_len(64).for_each(|(d, s)| d[..s.len()].copy_from_slice(s));
 }
 
 /// `shift * sum_{k in g} a[m, k]` for each row `m` and group `g` of `group`
