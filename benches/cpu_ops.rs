@@ -1,7 +1,8 @@
 //! CPU backend ops at the demonstration model's and Open-Sora 1.2's shapes,
 //! each timed next to a baseline measured in the same run:
 //! - attention (spatial, temporal, cross) against a straightforward scalar attention,
-//!   and at the demo's shapes with bf16 operands against the f32 attention;
+//!   and at the demo's shapes with bf16 operands against the f32 attention,
+//!   and, where the CPU has AMX-BF16, its AMX tiles against its AVX-512 kernel;
 //! - W8A8 and W4A8 linears against the f32 linear of the same layer;
 //! - layer norm fused with the W8A8 linear's activation quantization against
 //!   the two ops one after the other.
@@ -100,6 +101,18 @@ fn attention_cases(bench: bool, filter: &str, rng: &mut Rng, out: &mut Vec<Case>
             let op = median_time(budget, || drop(be.attention(&q, &k, &v, &bf16, None).unwrap()));
             let bf16_name: &'static str = Box::leak(format!("{name}, bf16 operands").into_boxed_str());
             out.push(Case { name: bf16_name, baseline: "f32 attention", base, op });
+            if qc::quant::amx::bf16_available() {
+                // Its AMX tiles against its AVX-512 kernel (AMX off for the baseline).
+                qc::quant::amx::set_enabled(false);
+                let plain = be.attention(&q, &k, &v, &bf16, None).unwrap();
+                let base = median_time(budget, || drop(be.attention(&q, &k, &v, &bf16, None).unwrap()));
+                qc::quant::amx::set_enabled(true);
+                let err = rel_l2(got.f32().unwrap(), plain.f32().unwrap());
+                assert!(err < 1e-4, "{name} bf16: AMX {err} from the AVX-512 kernel");
+                let op = median_time(budget, || drop(be.attention(&q, &k, &v, &bf16, None).unwrap()));
+                let amx_name: &'static str = Box::leak(format!("{name}, bf16 operands on AMX").into_boxed_str());
+                out.push(Case { name: amx_name, baseline: "AVX-512 bf16 attention", base, op });
+            }
         }
     }
 }

@@ -65,8 +65,10 @@ pub fn build_info() -> String {
         ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
         ("avx512bf16", std::arch::is_x86_feature_detected!("avx512bf16")),
         ("avx512vnni", std::arch::is_x86_feature_detected!("avx512vnni")),
-        // Where the integer GEMMs use it (the CPU has it, Linux granted it, QC_AMX is not 0).
+        // Where the integer GEMMs and the bf16 attention use them (the CPU has
+        // them, Linux granted the tile state, QC_AMX is not 0).
         ("amx-int8", quant::amx::available()),
+        ("amx-bf16", quant::amx::bf16_available()),
     ] {
         if on {
             feats.push(name);

@@ -1,8 +1,9 @@
-//! Intel AMX (Advanced Matrix Extensions) for the integer GEMMs, where the CPU
-//! and the kernel allow it: `tdpbsud` multiplies a 16 x 64 tile of signed int8
-//! activations by a 64 x 16 tile of unsigned weight bytes into 16 x 16 int32,
-//! 16384 multiply-adds per instruction (`vpdpbusd` does 64); `tdpbssd` takes
-//! signed weight bytes.
+//! Intel AMX (Advanced Matrix Extensions) for the integer GEMMs and the bf16
+//! attention, where the CPU and the kernel allow it: `tdpbsud` multiplies a
+//! 16 x 64 tile of signed int8 activations by a 64 x 16 tile of unsigned
+//! weight bytes into 16 x 16 int32, 16384 multiply-adds per instruction
+//! (`vpdpbusd` does 64); `tdpbssd` takes signed weight bytes; `tdpbf16ps`
+//! multiplies 16 x 32 bf16 by 32 x 16 bf16 into 16 x 16 f32.
 //!
 //! The W8A8 weights need no layout of their own: [`Int8Weight`](super::int8::Int8Weight)'s
 //! VNNI packing (`[n / 16][k / 4][16][4]`, `w + 128`) already is AMX's B-tile
@@ -44,7 +45,25 @@ static OFF: AtomicBool = AtomicBool::new(false);
 /// state, `QC_AMX` is not `0`, and no benchmark turned it off ([`set_enabled`]).
 pub fn available() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    !OFF.load(Ordering::Relaxed) && *SUPPORTED.get_or_init(|| std::env::var("QC_AMX").map_or(true, |v| v != "0") && super::vnni::available() && cpu_has_amx_int8() && request_tile_state())
+    !OFF.load(Ordering::Relaxed) && *SUPPORTED.get_or_init(|| super::vnni::available() && usable(AMX_INT8))
+}
+
+/// Whether the bf16 attention uses AMX: as [`available`], with AMX-BF16 and
+/// AVX-512 BF16 (the softmax's conversions) in place of AMX-INT8 and VNNI.
+pub fn bf16_available() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    !OFF.load(Ordering::Relaxed) && *SUPPORTED.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16") && usable(AMX_BF16))
+}
+
+/// CPUID leaf 7 EDX bits: AMX-BF16, AMX-TILE, AMX-INT8.
+const AMX_BF16: u32 = 1 << 22;
+const AMX_TILE: u32 = 1 << 24;
+const AMX_INT8: u32 = 1 << 25;
+
+/// `QC_AMX` is not `0`, the CPU has AMX-TILE and `feature`, and the kernel
+/// grants the tile state.
+fn usable(feature: u32) -> bool {
+    std::env::var("QC_AMX").map_or(true, |v| v != "0") && cpu_has(AMX_TILE | feature) && request_tile_state()
 }
 
 /// Turns AMX off (or back on, where [`available`] allows it) for the whole
@@ -53,13 +72,10 @@ pub fn set_enabled(on: bool) {
     OFF.store(!on, Ordering::Relaxed);
 }
 
-/// CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-fn cpu_has_amx_int8() -> bool {
+/// CPUID leaf 7: every bit of `bits` set in EDX.
+fn cpu_has(bits: u32) -> bool {
     use std::arch::x86_64::__cpuid_count;
-    __cpuid_count(0, 0).eax >= 7 && {
-        let edx = __cpuid_count(7, 0).edx;
-        edx & (1 << 24) != 0 && edx & (1 << 25) != 0
-    }
+    __cpuid_count(0, 0).eax >= 7 && __cpuid_count(7, 0).edx & bits == bits
 }
 
 /// Linux: asks for the tile data state (XFEATURE 18) for this process.
@@ -78,24 +94,42 @@ pub fn macro_tiles(r0: usize, r1: usize, b0: usize, b1: usize) -> impl Iterator<
     (b0..b1).step_by(2).flat_map(move |b| (r0..r1).step_by(2 * TILE_ROWS).map(move |r| (r, if r1 - r >= 2 * TILE_ROWS { 2 } else { 1 }, b, 2.min(b1 - b))))
 }
 
+/// One product of [`Tiles::bf16_products`]: its operands, chunks and result.
+#[derive(Clone, Copy)]
+pub struct Bf16Job {
+    pub a: *const u8,
+    pub b: *const u8,
+    pub chunks: usize,
+    pub out: *mut f32,
+}
+
 /// The 2 x 2 tiles of int32 results (32 rows x 32 channels) of one macro tile,
 /// as [`Tiles::run`] stores them: row `r`, channel `c` at `[r][c]`.
 #[repr(C, align(64))]
 pub struct Results(pub [[i32; 32]; 32]);
 
-/// Tile products on the calling thread between [`Tiles::new`] and the drop,
-/// which releases the tile state.
-pub struct Tiles(());
+/// Tile products on the calling thread: proof that its tile configuration is
+/// loaded. The configuration stays loaded for the thread's life (the kernel
+/// saves it with the thread's state): `ldtilecfg` and `tilerelease` cost
+/// hundreds of cycles, more than a small attention task's products.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+thread_local! {
+    static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 impl Tiles {
-    /// Loads the tile configuration.
+    /// Loads the tile configuration on this thread, once.
     ///
     /// # Safety
-    /// [`available`] returned true in this process.
+    /// [`available`] or [`bf16_available`] returned true in this process.
     #[inline]
     pub unsafe fn new() -> Self {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-        Tiles(())
+        if !CONFIGURED.get() {
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+            CONFIGURED.set(true);
+        }
+        Tiles(std::marker::PhantomData)
     }
 
     /// `out[i * 16 + r][j * 16 + c] = sum_k a_i[r][k] * b_j[k][c]` for the
@@ -155,6 +189,62 @@ impl Tiles {
             }
         }
     }
+    /// Tiles of f32 products of bf16 pairs (`tdpbf16ps`), four at a time in
+    /// separate registers so that their latencies overlap: for each job,
+    /// `out[r][c] = sum_i sum_k a_i[r][k] * b_i[k][c]` (16 x 16, stored in
+    /// rows of 64 bytes) over its `chunks` chunks `i` of 32 k: `a_i` is 16
+    /// rows of 32 bf16 at `a + i * a_step`, `lda` bytes apart; `b_i` is 16
+    /// rows of 16 pairs `(b[2p][c], b[2p + 1][c])` (64 bytes each) at `b + i *
+    /// b_step`.
+    ///
+    /// # Safety
+    /// [`bf16_available`] returned true; every byte named above is readable,
+    /// and every `out` writable.
+    #[inline]
+    pub unsafe fn bf16_products(&self, jobs: &[Bf16Job], lda: usize, a_step: usize, b_step: usize) {
+        // tmm0..3: results; tmm4, 5: a; tmm6, 7: b (alternating between jobs).
+        macro_rules! product {
+            ($c:literal, $ta:literal, $tb:literal, $job:expr, $i:expr) => {{
+                let job: &Bf16Job = $job;
+                if $i < job.chunks {
+                    asm!(concat!("tileloadd tmm", $ta, ", [{p} + {s} * 1]"), p = in(reg) job.a.add($i * a_step), s = in(reg) lda, options(nostack, readonly));
+                    asm!(concat!("tileloadd tmm", $tb, ", [{p} + {s} * 1]"), p = in(reg) job.b.add($i * b_step), s = in(reg) TILE_K, options(nostack, readonly));
+                    asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $ta, ", tmm", $tb), options(nostack, nomem));
+                }
+            }};
+        }
+        for group in jobs.chunks(4) {
+            let n = group.len();
+            asm!("tilezero tmm0", options(nostack, nomem));
+            asm!("tilezero tmm1", options(nostack, nomem));
+            asm!("tilezero tmm2", options(nostack, nomem));
+            asm!("tilezero tmm3", options(nostack, nomem));
+            let chunks = group.iter().map(|j| j.chunks).max().unwrap_or(0);
+            for i in 0..chunks {
+                product!("0", "4", "6", &group[0], i);
+                if n > 1 {
+                    product!("1", "5", "7", &group[1], i);
+                }
+                if n > 2 {
+                    product!("2", "4", "6", &group[2], i);
+                }
+                if n > 3 {
+                    product!("3", "5", "7", &group[3], i);
+                }
+            }
+            asm!("tilestored [{p} + {s} * 1], tmm0", p = in(reg) group[0].out, s = in(reg) TILE_K, options(nostack));
+            if n > 1 {
+                asm!("tilestored [{p} + {s} * 1], tmm1", p = in(reg) group[1].out, s = in(reg) TILE_K, options(nostack));
+            }
+            if n > 2 {
+                asm!("tilestored [{p} + {s} * 1], tmm2", p = in(reg) group[2].out, s = in(reg) TILE_K, options(nostack));
+            }
+            if n > 3 {
+                asm!("tilestored [{p} + {s} * 1], tmm3", p = in(reg) group[3].out, s = in(reg) TILE_K, options(nostack));
+            }
+        }
+    }
+
     /// [`Tiles::run`] for `rt` row tiles and `ct` channel tiles (1 or 2)
     /// known at run time, as [`macro_tiles`] gives them.
     ///
@@ -172,9 +262,3 @@ impl Tiles {
     }
 }
 
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: the configuration was loaded by `new` (AMX available).
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    }
-}

@@ -37,6 +37,21 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>) -> Result<Tensor> {
+    attention_on(q, k, v, spec, bias, amx_bf16())
+}
+
+/// Whether the bf16 attention may use AMX on this CPU.
+fn amx_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::quant::amx::bf16_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`attention`], the bf16 tiles on AMX only where `amx` (tests run both kernels).
+pub(super) fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Option<&Tensor>, amx: bool) -> Result<Tensor> {
     spec.check(q, k, v, bias)?;
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let bf16_tiles = spec.bf16 && bf16_kernel_fits(spec);
@@ -44,6 +59,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         // Without the kernel: the operands rounded to bf16, the f32 attention on them.
         let round = |t: &Tensor| -> Result<Tensor> { Tensor::from_f32(t.shape(), t.f32()?.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()) };
         return attention(&round(q)?, &round(k)?, &round(v)?, &AttnSpec { bf16: false, ..spec.clone() }, bias);
+    }
+    // AMX takes the bf16 tiles without a score bias (the DiT's).
+    let max_keys = spec.kv_ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+    #[cfg(target_arch = "x86_64")]
+    if amx && bf16_tiles && bias.is_none() && d <= super::attention_bf16::AMX_MAX_HEAD_DIM && max_keys <= super::attention_bf16::AMX_MAX_KEYS {
+        return attention_amx(q, k, v, spec);
     }
     let c = h * d;
     let bias_v = match bias {
@@ -83,6 +104,44 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, bias: Opti
         } else {
             attend_gemm(&tile, bias_rows, dst, scratch);
         }
+    });
+    Tensor::from_f32(&[g * lq, c], out)
+}
+
+/// The bf16 attention on AMX ([`super::attention_bf16::attend_amx`]): tasks
+/// of `hp` heads ([`super::attention_bf16::amx_heads`]) and as many groups
+/// as fill [`super::attention_bf16::AMX_SLOTS`] query blocks.
+#[cfg(target_arch = "x86_64")]
+fn attention_amx(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
+    use super::attention_bf16::{amx_heads, attend_amx, AmxUnit, AMX_SLOTS};
+    let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
+    let max_keys = spec.kv_ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+    let hp = amx_heads(lq, h, max_keys);
+    let (c, hg, tiles) = (h * d, h / hp, lq.div_ceil(Q_TILE));
+    let blocks_per_tile = lq.min(Q_TILE).div_ceil(16 / hp);
+    let per_task = (AMX_SLOTS / blocks_per_tile).max(1);
+    let (qs, ks, vs) = (q.f32()?, k.f32()?, v.f32()?);
+    let mut out = super::zeroed(g * lq * c);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..g.div_ceil(per_task) * hg * tiles).into_par_iter().for_each_init(Vec::new, |scratch, task| {
+        let ptr = ptr;
+        let (gc, rest) = (task / (hg * tiles), task % (hg * tiles));
+        let (hi, ti) = (rest / tiles * hp, rest % tiles);
+        let (i0, tq) = (ti * Q_TILE, Q_TILE.min(lq - ti * Q_TILE));
+        let mut units: Vec<AmxUnit> = (gc * per_task..g.min((gc + 1) * per_task))
+            .filter(|&gi| spec.kv_ranges[gi].1 > spec.kv_ranges[gi].0) // no keys: the rows stay zero
+            .map(|gi| {
+                let (k0, k1) = spec.kv_ranges[gi];
+                let (q_off, kv_off) = ((gi * lq + i0) * c + hi * d, k0 * c + hi * d);
+                let t = Tile { q: &qs[q_off..], k: &ks[kv_off..], v: &vs[kv_off..], stride: c, tq, lk: k1 - k0, d, scale: spec.scale };
+                // SAFETY: this task alone writes rows i0..i0+tq, columns hi*d..(hi+hp)*d of its groups.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(q_off), (tq - 1) * c + hp * d) };
+                AmxUnit { t, dst }
+            })
+            .collect();
+        // SAFETY: the caller checked AMX-BF16 (`bf16_available`, or a test that did),
+        // the head dim and the keys; `hp` divides 16 and h.
+        unsafe { attend_amx(&mut units, hp, scratch) };
     });
     Tensor::from_f32(&[g * lq, c], out)
 }
