@@ -461,7 +461,8 @@ mod tests {
     /// On an AVX-512 BF16 CPU the kernels compute the definition (key counts
     /// under, at and over one 16-lane block, odd ones, row blocks of 8, 4 and 1,
     /// ragged ranges, a score bias, head dims 16 and 32), the AVX-512 one and,
-    /// where the CPU has AMX-BF16, the AMX one (without a bias; 1, 2, 4 or 8
+    /// where the CPU has AMX-BF16, the AMX one (without a bias, 16 packed keys
+    /// or more; 1, 2, 4 or 8
     /// heads per task, query blocks of 16 / heads, partial ones, up to 4
     /// groups per task with different key counts, 128 keys); elsewhere,
     /// and for head dims the kernels do not take, the rounded operands go
@@ -484,8 +485,8 @@ mod tests {
             (AttnSpec::dense(6, 4, 4, 4, 16), false),
             (AttnSpec::dense(5, 3, 5, 8, 16), false),
             (AttnSpec::dense(3, 2, 3, 8, 16), false),
-            (AttnSpec::dense(4, 5, 5, 2, 32), false),
-            (AttnSpec::ragged(40, 4, 16, AttnSpec::ranges_from_offsets(&[0, 12, 19, 31])), false),
+            (AttnSpec::dense(4, 5, 9, 2, 32), false),
+            (AttnSpec::ragged(40, 4, 16, AttnSpec::ranges_from_offsets(&[0, 20, 27, 47])), false),
             (AttnSpec::ragged(3, 4, 16, AttnSpec::ranges_from_offsets(&[0, 5, 6, 14, 20, 29])), false),
         ];
         let kernels: &[bool] = if crate::quant::amx::bf16_available() { &[false, true] } else { &[false] };
