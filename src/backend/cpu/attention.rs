@@ -61,9 +61,9 @@ pub(super) fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, 
         return attention(&round(q)?, &round(k)?, &round(v)?, &AttnSpec { bf16: false, ..spec.clone() }, bias);
     }
     // AMX takes the bf16 tiles without a score bias (the DiT's) where the
-    // packed keys fill a tile's 16 rows: below that (the demo's cross-attention,
-    // 12 keys, one head per task) its conversions cost more than its products
-    // save (measured 0.87-0.92x the AVX-512 tile).
+    // packed keys fill a tile's 16 rows: below that (a cross-attention to 12
+    // caption tokens, one head per task) its conversions cost more than its
+    // products save (measured 0.87-0.92x the AVX-512 tile).
     let max_keys = spec.kv_ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
     if amx && bf16_tiles && bias.is_none() && d <= super::attention_bf16::AMX_MAX_HEAD_DIM && max_keys <= super::attention_bf16::AMX_MAX_KEYS && super::attention_bf16::amx_heads(lq, h, max_keys) * max_keys >= 16 {
