@@ -188,6 +188,12 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
         // V^T: row `dim`, column r (packed key), 16 x 16 blocks transposed; zero past nk.
         for r0 in (0..vt_row).step_by(LANES) {
             for d0 in (0..d).step_by(LANES) {
+                if r0 >= nk {
+                    for i in 0..LANES {
+                        _mm256_storeu_si256((line(vt(u)) as *mut u16).add((d0 + i) * vt_row + r0) as *mut __m256i, _mm256_setzero_si256());
+                    }
+                    continue;
+                }
                 let mut rows: [__m512; LANES] = std::array::from_fn(|i| {
                     let r = r0 + i;
                     if r < nk { _mm512_loadu_ps(t.v.as_ptr().add((r % lk) * c + (r / lk) * d + d0)) } else { zero }
@@ -261,6 +267,10 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
             // probabilities kept only in its own head's keys.
             let p = |r: usize| if r < nk { _mm512_maskz_mov_ps(head_mask(r / lk), _mm512_load_ps(line(ex(s) + r % lk))) } else { zero };
             for m in 0..nk.div_ceil(32) * 16 {
+                if 2 * m >= nk {
+                    _mm512_store_ps(line(pt(s) + m), zero);
+                    continue;
+                }
                 let (a, b) = (p(2 * m), p(2 * m + 1));
                 let packed = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(a, hi_idx, b), _mm512_permutex2var_ps(a, lo_idx, b));
                 _mm512_store_si512(line(pt(s) + m) as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(packed));
