@@ -189,6 +189,7 @@ impl Tiles {
             }
         }
     }
+
     /// Tiles of f32 products of bf16 pairs (`tdpbf16ps`), four at a time in
     /// separate registers so that their latencies overlap: for each job,
     /// `out[r][c] = sum_i sum_k a_i[r][k] * b_i[k][c]` (16 x 16, stored in
