@@ -66,8 +66,11 @@ pub(super) fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, 
     // products save (measured 0.87-0.92x the AVX-512 tile).
     let max_keys = spec.kv_ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
-    if amx && bf16_tiles && bias.is_none() && d <= super::attention_bf16::AMX_MAX_HEAD_DIM && max_keys <= super::attention_bf16::AMX_MAX_KEYS && super::attention_bf16::amx_heads(lq, h, max_keys) * max_keys >= 16 {
-        return attention_amx(q, k, v, spec);
+    if amx && bf16_tiles && bias.is_none() && d <= super::attention_bf16::AMX_MAX_HEAD_DIM && max_keys <= super::attention_bf16::AMX_MAX_KEYS {
+        let hp = super::attention_bf16::amx_heads(lq, h, max_keys);
+        if hp * max_keys >= 16 {
+            return attention_amx(q, k, v, spec, hp);
+        }
     }
     let c = h * d;
     let bias_v = match bias {
@@ -115,11 +118,9 @@ pub(super) fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, 
 /// of `hp` heads ([`super::attention_bf16::amx_heads`]) and as many groups
 /// as fill [`super::attention_bf16::AMX_SLOTS`] query blocks.
 #[cfg(target_arch = "x86_64")]
-fn attention_amx(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
-    use super::attention_bf16::{amx_heads, attend_amx, AmxUnit, AMX_SLOTS};
+fn attention_amx(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, hp: usize) -> Result<Tensor> {
+    use super::attention_bf16::{attend_amx, AmxUnit, AMX_SLOTS};
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
-    let max_keys = spec.kv_ranges.iter().map(|(a, b)| b - a).max().unwrap_or(0);
-    let hp = amx_heads(lq, h, max_keys);
     let (c, hg, tiles) = (h * d, h / hp, lq.div_ceil(Q_TILE));
     let blocks_per_tile = lq.min(Q_TILE).div_ceil(16 / hp);
     let per_task = (AMX_SLOTS / blocks_per_tile).max(1);

@@ -56,7 +56,7 @@ pub unsafe fn attend_bf16(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &m
             let rows: [__m256i; LANES] = std::array::from_fn(|i| {
                 let j = j0 + i;
                 if j < lk {
-                    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(t.k.as_ptr().add(j * c + d0))))
+                    bf16_row(t.k.as_ptr().add(j * c + d0))
                 } else {
                     _mm256_setzero_si256()
                 }
@@ -66,16 +66,10 @@ pub unsafe fn attend_bf16(t: &Tile, bias: BiasRows, dst: &mut [f32], scratch: &m
     }
     // V: rows 2m and 2m + 1 interleaved, then converted (a missing odd row is
     // zero); only the pairs `P V` reads.
-    let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for m in 0..lk.div_ceil(2) {
         for d0 in (0..d).step_by(LANES) {
             let row = |j: usize| if j < lk { _mm512_loadu_ps(t.v.as_ptr().add(j * c + d0)) } else { _mm512_setzero_ps() };
-            let (a, b) = (row(2 * m), row(2 * m + 1));
-            let lo = _mm512_permutex2var_ps(a, lo_idx, b);
-            let hi = _mm512_permutex2var_ps(a, hi_idx, b);
-            let packed = _mm512_cvtne2ps_pbh(hi, lo);
-            _mm512_storeu_si512(vp.as_mut_ptr().add(m * d + d0) as *mut _, std::mem::transmute::<__m512bh, __m512i>(packed));
+            _mm512_storeu_si512(vp.as_mut_ptr().add(m * d + d0) as *mut _, bf16_pairs(row(2 * m), row(2 * m + 1)));
         }
     }
 
@@ -181,7 +175,7 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
             if r < nk {
                 let src = t.k.as_ptr().add((r % lk) * c + (r / lk) * d);
                 for d0 in (0..d).step_by(LANES) {
-                    _mm256_storeu_si256(line(ka(u) + r).add(d0 / 2) as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(d0)))));
+                    _mm256_storeu_si256(line(ka(u) + r).add(d0 / 2) as *mut __m256i, bf16_row(src.add(d0)));
                 }
             }
         }
@@ -212,8 +206,6 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
         }
     }
     let head_mask = |h: usize| -> __mmask16 { (((1u32 << qb) - 1) << (h * qb)) as __mmask16 };
-    let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let (vscale, log2e) = (_mm512_set1_ps(scale), _mm512_set1_ps(std::f32::consts::LOG2_E));
     let tiles = Tiles::new();
     // Every query block of every unit: (unit, first query, queries).
@@ -227,7 +219,7 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
                 let rows: [__m256i; LANES] = std::array::from_fn(|l| {
                     let (h, i) = (l / qb, l % qb);
                     if i < nq {
-                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(t.q.as_ptr().add((i0 + i) * c + h * d + d0))))
+                        bf16_row(t.q.as_ptr().add((i0 + i) * c + h * d + d0))
                     } else {
                         _mm256_setzero_si256()
                     }
@@ -271,9 +263,7 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
                     _mm512_store_ps(line(pt(s) + m), zero);
                     continue;
                 }
-                let (a, b) = (p(2 * m), p(2 * m + 1));
-                let packed = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(a, hi_idx, b), _mm512_permutex2var_ps(a, lo_idx, b));
-                _mm512_store_si512(line(pt(s) + m) as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(packed));
+                _mm512_store_si512(line(pt(s) + m) as *mut __m512i, bf16_pairs(p(2 * m), p(2 * m + 1)));
             }
         }
         jobs.clear();
@@ -299,6 +289,22 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
             }
         }
     }
+}
+
+/// 16 f32 at `p`, rounded to bf16 (to nearest even).
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_row(p: *const f32) -> __m256i {
+    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(p)))
+}
+
+/// Two rows of 16 f32 as 16 bf16 pairs `(a[i], b[i])` (rounded to nearest even).
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn bf16_pairs(a: __m512, b: __m512) -> __m512i {
+    let lo = _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), b);
+    let hi = _mm512_permutex2var_ps(a, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), b);
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
 }
 
 /// Transposes a 16 x 16 block of f32 in registers: `rows[i][j]` becomes
@@ -366,8 +372,7 @@ unsafe fn rows<const N: usize>(t: &Tile, bias: BiasRows, dst: &mut [f32], kt: &[
     let (half_d, pairs) = (d / 2, lkp / 2);
     for n in 0..N {
         for d0 in (0..d).step_by(LANES) {
-            let b = _mm512_cvtneps_pbh(_mm512_loadu_ps(t.q.as_ptr().add((r0 + n) * c + d0)));
-            _mm256_storeu_si256(qp.as_mut_ptr().add(n * half_d + d0 / 2) as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(b));
+            _mm256_storeu_si256(qp.as_mut_ptr().add(n * half_d + d0 / 2) as *mut __m256i, bf16_row(t.q.as_ptr().add((r0 + n) * c + d0)));
         }
     }
     let scale = _mm512_set1_ps(t.scale);
