@@ -116,14 +116,14 @@ pub(super) fn attention_on(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, 
 
 /// The bf16 attention on AMX ([`super::attention_bf16::attend_amx`]): tasks
 /// of `hp` heads ([`super::attention_bf16::amx_heads`]) and as many groups
-/// as fill [`super::attention_bf16::AMX_SLOTS`] query blocks.
+/// as fill [`super::attention_bf16::AMX_TASK_BLOCKS`] query blocks.
 #[cfg(target_arch = "x86_64")]
 fn attention_amx(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec, hp: usize) -> Result<Tensor> {
-    use super::attention_bf16::{attend_amx, AmxUnit, AMX_SLOTS};
+    use super::attention_bf16::{attend_amx, AmxUnit, AMX_TASK_BLOCKS};
     let (g, lq, h, d) = (spec.groups, spec.q_len, spec.heads, spec.head_dim);
     let (c, hg, tiles) = (h * d, h / hp, lq.div_ceil(Q_TILE));
     let blocks_per_tile = lq.min(Q_TILE).div_ceil(16 / hp);
-    let per_task = (AMX_SLOTS / blocks_per_tile).max(1);
+    let per_task = (AMX_TASK_BLOCKS / blocks_per_tile).max(1);
     let (qs, ks, vs) = (q.f32()?, k.f32()?, v.f32()?);
     let mut out = super::zeroed(g * lq * c);
     let ptr = OutPtr(out.as_mut_ptr());

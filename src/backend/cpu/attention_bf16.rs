@@ -103,8 +103,8 @@ pub fn amx_heads(q_len: usize, heads: usize, max_keys: usize) -> usize {
     hp
 }
 
-/// Query blocks whose tile products are issued together (four result registers).
-pub const AMX_SLOTS: usize = 4;
+/// Query blocks per AMX task.
+pub const AMX_TASK_BLOCKS: usize = 4;
 
 /// One unit of AMX work: a tile of queries of one group and `heads` heads,
 /// and the rows its output goes to.
@@ -120,9 +120,9 @@ pub struct AmxUnit<'a> {
 /// rows, the queries of every head as lanes: blocks of `16 / heads`
 /// queries), the products of different heads masked out of each lane's
 /// softmax, then `O^T = V^T P^T` (`P` zero outside a lane's head, so one
-/// product serves every head), transposed back into the unit's rows. The
-/// tile products of [`AMX_SLOTS`] query blocks (of one unit or several) are
-/// issued together, so that their latencies overlap. The same definition as
+/// product serves every head), transposed back into the unit's rows. Up to
+/// four tile products are issued together ([`crate::quant::amx::Tiles::bf16_products`]),
+/// so that their latencies overlap. The same definition as
 /// [`attend_bf16`]: Q, K, V and the probabilities rounded to bf16, f32
 /// accumulation (AMX flushes denormal operands to zero).
 ///
@@ -143,17 +143,25 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
         let (lk, tq) = (t.lk, t.tq);
         assert!(t.k.len() >= (lk - 1) * c + width && t.v.len() >= (lk - 1) * c + width && t.q.len() >= (tq - 1) * c + width && dst.len() >= (tq - 1) * c + width);
     }
+    // Lane l of a query block: head l >> shift, query l & (qb - 1) (heads divides 16).
     let qb = LANES / heads;
-    // Key blocks of 16 (rows of S^T) and chunks of 32 (k of P V), at most.
-    let (kbm, kcm) = ((heads * lkm).div_ceil(16), (heads * lkm).div_ceil(32));
+    let shift = qb.trailing_zeros();
+    // Each head's keys padded to an even count, so that a pair of P^T rows
+    // never spans two heads: packed key r = head * lks + key (the padding's K
+    // and V rows zero, its probability 0). Key blocks of 16 (rows of S^T) and
+    // chunks of 32 (k of P V), at most.
+    let even = |lk: usize| lk.next_multiple_of(2);
+    let nkm = heads * even(lkm);
+    let (kbm, kcm) = (nkm.div_ceil(16), nkm.div_ceil(32));
     // Scratch in 64-byte lines. Per unit: K rows (32 bf16, zero-padded), V^T
-    // (d rows of kcm * 32 bf16). Per slot: Q^T (16 rows of 16 pairs, zero past
-    // d / 2), S^T, the lanes' scores and exponentials (one line per key), P^T
-    // (pairs of packed keys), O^T.
+    // (d rows of kcm * 32 bf16). Per query block: Q^T (16 rows of 16 pairs,
+    // zero past d / 2), S^T, P^T (pairs of packed keys), O^T.
     let unit_lines = kbm * 16 + d * kcm;
-    let slot_lines = 16 + kbm * 16 + lkm + kcm * 16 + d;
+    let slot_lines = 16 + kbm * 16 + kcm * 16 + d;
+    // Every query block of every unit: (unit, first query, queries).
+    let blocks: Vec<(usize, usize, usize)> = units.iter().enumerate().flat_map(|(u, au)| (0..au.t.tq).step_by(qb).map(move |i0| (u, i0, qb.min(au.t.tq - i0)))).collect();
     let slots0 = units.len() * unit_lines;
-    let lines = slots0 + AMX_SLOTS * slot_lines;
+    let lines = slots0 + blocks.len() * slot_lines;
     if scratch.len() < lines * LANES + LANES {
         scratch.resize(lines * LANES + LANES, 0.0);
     }
@@ -162,24 +170,46 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
     let line = |i: usize| base.add(i * LANES);
     let (ka, vt) = (|u: usize| u * unit_lines, |u: usize| u * unit_lines + kbm * 16);
     let slot = |s: usize| slots0 + s * slot_lines;
-    let (qt, st, ex) = (|s: usize| slot(s), |s: usize| slot(s) + 16, |s: usize| slot(s) + 16 + kbm * 16);
-    let (pt, ot) = (|s: usize| slot(s) + 16 + kbm * 16 + lkm, |s: usize| slot(s) + 16 + kbm * 16 + lkm + kcm * 16);
+    let (qt, st) = (|s: usize| slot(s), |s: usize| slot(s) + 16);
+    let (pt, ot) = (|s: usize| slot(s) + 16 + kbm * 16, |s: usize| slot(s) + 16 + kbm * 16 + kcm * 16);
     let zero = _mm512_setzero_ps();
     let vt_row = kcm * 32; // bf16
 
+    // Each phase runs over every query block of the task before the next.
+    // Q^T; pairs past d / 2 zero.
+    for (s, &(u, i0, nq)) in blocks.iter().enumerate() {
+        let t = &units[u].t;
+        for d0 in (0..d).step_by(LANES) {
+            let rows: [__m256i; LANES] = std::array::from_fn(|l| {
+                let (h, i) = (l >> shift, l & (qb - 1));
+                if i < nq {
+                    bf16_row(t.q.as_ptr().add((i0 + i) * c + h * d + d0))
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
+            store_transposed(&rows, std::slice::from_raw_parts_mut(line(qt(s)) as *mut u32, 16 * LANES), LANES, d0 / 2, 0);
+        }
+        for p in d / 2..16 {
+            _mm512_store_ps(line(qt(s) + p), zero);
+        }
+    }
     for (u, AmxUnit { t, .. }) in units.iter().enumerate() {
-        let (lk, nk) = (t.lk, heads * t.lk);
-        // K: row r = head r / lk, key r % lk; rows past nk zero.
+        let (lk, lks) = (t.lk, even(t.lk));
+        // K rows, zero past each head's keys and past the packed keys.
         for r in 0..kbm * 16 {
             _mm512_store_ps(line(ka(u) + r), zero);
-            if r < nk {
-                let src = t.k.as_ptr().add((r % lk) * c + (r / lk) * d);
+        }
+        for h in 0..heads {
+            for j in 0..lk {
+                let src = t.k.as_ptr().add(j * c + h * d);
                 for d0 in (0..d).step_by(LANES) {
-                    _mm256_storeu_si256(line(ka(u) + r).add(d0 / 2) as *mut __m256i, bf16_row(src.add(d0)));
+                    _mm256_storeu_si256(line(ka(u) + h * lks + j).add(d0 / 2) as *mut __m256i, bf16_row(src.add(d0)));
                 }
             }
         }
-        // V^T: row `dim`, column r (packed key), 16 x 16 blocks transposed; zero past nk.
+        // V^T: row `dim`, column r (packed key), 16 x 16 blocks transposed.
+        let nk = heads * lks;
         for r0 in (0..vt_row).step_by(LANES) {
             for d0 in (0..d).step_by(LANES) {
                 if r0 >= nk {
@@ -189,8 +219,8 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
                     continue;
                 }
                 let mut rows: [__m512; LANES] = std::array::from_fn(|i| {
-                    let r = r0 + i;
-                    if r < nk { _mm512_loadu_ps(t.v.as_ptr().add((r % lk) * c + (r / lk) * d + d0)) } else { zero }
+                    let (h, j) = ((r0 + i) / lks, (r0 + i) % lks);
+                    if h < heads && j < lk { _mm512_loadu_ps(t.v.as_ptr().add(j * c + h * d + d0)) } else { zero }
                 });
                 transpose16(&mut rows);
                 for (i, row) in rows.iter().enumerate() {
@@ -200,91 +230,70 @@ pub unsafe fn attend_amx(units: &mut [AmxUnit], heads: usize, scratch: &mut Vec<
             }
         }
     }
-    for s in 0..AMX_SLOTS {
-        for p in d / 2..16 {
-            _mm512_store_ps(line(qt(s) + p), zero);
+    let tiles = Tiles::new();
+    let mut jobs = Vec::with_capacity(blocks.len() * kbm.max(d / LANES));
+    for (s, &(u, _, _)) in blocks.iter().enumerate() {
+        for b in 0..(heads * even(units[u].t.lk)).div_ceil(16) {
+            jobs.push(Bf16Job { a: line(ka(u) + 16 * b) as *const u8, b: line(qt(s)) as *const u8, chunks: 1, out: line(st(s) + 16 * b) });
         }
     }
+    tiles.bf16_products(&jobs, 64, 0, 0);
     let head_mask = |h: usize| -> __mmask16 { (((1u32 << qb) - 1) << (h * qb)) as __mmask16 };
-    let (vscale, log2e) = (_mm512_set1_ps(scale), _mm512_set1_ps(std::f32::consts::LOG2_E));
-    let tiles = Tiles::new();
-    // Every query block of every unit: (unit, first query, queries).
-    let blocks: Vec<(usize, usize, usize)> = units.iter().enumerate().flat_map(|(u, au)| (0..au.t.tq).step_by(qb).map(move |i0| (u, i0, qb.min(au.t.tq - i0)))).collect();
-    let mut jobs = Vec::with_capacity(AMX_SLOTS * 8);
-    for group in blocks.chunks(AMX_SLOTS) {
-        // Q^T: lane l = head l / qb, query i0 + l % qb.
-        for (s, &(u, i0, nq)) in group.iter().enumerate() {
-            let t = &units[u].t;
-            for d0 in (0..d).step_by(LANES) {
-                let rows: [__m256i; LANES] = std::array::from_fn(|l| {
-                    let (h, i) = (l / qb, l % qb);
-                    if i < nq {
-                        bf16_row(t.q.as_ptr().add((i0 + i) * c + h * d + d0))
-                    } else {
-                        _mm256_setzero_si256()
-                    }
-                });
-                store_transposed(&rows, std::slice::from_raw_parts_mut(line(qt(s)) as *mut u32, 16 * LANES), LANES, d0 / 2, 0);
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let (vscale, vscale2) = (_mm512_set1_ps(scale), _mm512_set1_ps(scale * std::f32::consts::LOG2_E));
+    let mut inv = Vec::with_capacity(blocks.len());
+    for (s, &(u, _, _)) in blocks.iter().enumerate() {
+        let (lk, lks) = (units[u].t.lk, even(units[u].t.lk));
+        // Lane-wise, its own head's score of key j.
+        let score = |j: usize| {
+            let mut x = _mm512_load_ps(line(st(s) + j));
+            for h in 1..heads {
+                x = _mm512_mask_mov_ps(x, head_mask(h), _mm512_load_ps(line(st(s) + h * lks + j)));
+            }
+            x
+        };
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in 0..lk {
+            mx = _mm512_max_ps(mx, _mm512_mul_ps(score(j), vscale));
+        }
+        // 2^(x * scale * log2 e - max * log2 e), two keys at a time, written
+        // straight into P^T as pairs: row (h * lks + j) / 2, each lane's
+        // probabilities kept only in its own head's rows.
+        let mxl = _mm512_mul_ps(mx, log2e);
+        let exp = |j: usize| if j < lk { super::math::exp2_v(_mm512_fmsub_ps(score(j), vscale2, mxl)) } else { zero };
+        let mut sum = zero;
+        for j in (0..lk).step_by(2) {
+            let (e0, e1) = (exp(j), exp(j + 1));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            for h in 0..heads {
+                let m = head_mask(h);
+                let pair = bf16_pairs(_mm512_maskz_mov_ps(m, e0), _mm512_maskz_mov_ps(m, e1));
+                _mm512_store_si512(line(pt(s) + (h * lks + j) / 2) as *mut __m512i, pair);
             }
         }
-        jobs.clear();
-        for (s, &(u, _, _)) in group.iter().enumerate() {
-            for b in 0..(heads * units[u].t.lk).div_ceil(16) {
-                jobs.push(Bf16Job { a: line(ka(u) + 16 * b) as *const u8, b: line(qt(s)) as *const u8, chunks: 1, out: line(st(s) + 16 * b) });
-            }
+        for m in heads * lks / 2..(heads * lks).div_ceil(32) * 16 {
+            _mm512_store_ps(line(pt(s) + m), zero);
         }
-        tiles.bf16_products(&jobs, 64, 0, 0);
-        let mut inv = [zero; AMX_SLOTS];
-        for (s, &(u, _, _)) in group.iter().enumerate() {
-            let (lk, nk) = (units[u].t.lk, heads * units[u].t.lk);
-            // Each lane's scores (its own head's rows), their maximum, the exponentials.
-            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            for j in 0..lk {
-                let mut x = _mm512_load_ps(line(st(s) + j));
-                for h in 1..heads {
-                    x = _mm512_mask_mov_ps(x, head_mask(h), _mm512_load_ps(line(st(s) + h * lk + j)));
-                }
-                x = _mm512_mul_ps(x, vscale);
-                mx = _mm512_max_ps(mx, x);
-                _mm512_store_ps(line(ex(s) + j), x);
-            }
-            let mut sum = zero;
-            for j in 0..lk {
-                let e = super::math::exp2_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(line(ex(s) + j)), mx), log2e));
-                sum = _mm512_add_ps(sum, e);
-                _mm512_store_ps(line(ex(s) + j), e);
-            }
-            inv[s] = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
-            // P^T: row m holds the pairs of packed keys 2m and 2m + 1, each lane's
-            // probabilities kept only in its own head's keys.
-            let p = |r: usize| if r < nk { _mm512_maskz_mov_ps(head_mask(r / lk), _mm512_load_ps(line(ex(s) + r % lk))) } else { zero };
-            for m in 0..nk.div_ceil(32) * 16 {
-                if 2 * m >= nk {
-                    _mm512_store_ps(line(pt(s) + m), zero);
-                    continue;
-                }
-                _mm512_store_si512(line(pt(s) + m) as *mut __m512i, bf16_pairs(p(2 * m), p(2 * m + 1)));
-            }
+        inv.push(_mm512_div_ps(_mm512_set1_ps(1.0), sum));
+    }
+    jobs.clear();
+    for (s, &(u, _, _)) in blocks.iter().enumerate() {
+        for d0 in (0..d).step_by(LANES) {
+            let a = (line(vt(u)) as *const u16).add(d0 * vt_row) as *const u8;
+            jobs.push(Bf16Job { a, b: line(pt(s)) as *const u8, chunks: (heads * even(units[u].t.lk)).div_ceil(32), out: line(ot(s) + d0) });
         }
-        jobs.clear();
-        for (s, &(u, _, _)) in group.iter().enumerate() {
-            for d0 in (0..d).step_by(LANES) {
-                let a = (line(vt(u)) as *const u16).add(d0 * vt_row) as *const u8;
-                jobs.push(Bf16Job { a, b: line(pt(s)) as *const u8, chunks: (heads * units[u].t.lk).div_ceil(32), out: line(ot(s) + d0) });
-            }
-        }
-        tiles.bf16_products(&jobs, vt_row * 2, 64, 16 * 64);
-        // O^T / sum, transposed back: lane l's row to its query and head.
-        for (s, &(u, i0, nq)) in group.iter().enumerate() {
-            let dst = units[u].dst.as_mut_ptr();
-            for d0 in (0..d).step_by(LANES) {
-                let mut rows: [__m512; LANES] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_load_ps(line(ot(s) + d0 + i)), inv[s]));
-                transpose16(&mut rows);
-                for (l, row) in rows.iter().enumerate() {
-                    let (h, i) = (l / qb, l % qb);
-                    if i < nq {
-                        _mm512_storeu_ps(dst.add((i0 + i) * c + h * d + d0), *row);
-                    }
+    }
+    tiles.bf16_products(&jobs, vt_row * 2, 64, 16 * 64);
+    // O^T / sum, transposed back: lane l's row to its query and head.
+    for (s, &(u, i0, nq)) in blocks.iter().enumerate() {
+        let dst = units[u].dst.as_mut_ptr();
+        for d0 in (0..d).step_by(LANES) {
+            let mut rows: [__m512; LANES] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_load_ps(line(ot(s) + d0 + i)), inv[s]));
+            transpose16(&mut rows);
+            for (l, row) in rows.iter().enumerate() {
+                let (h, i) = (l >> shift, l & (qb - 1));
+                if i < nq {
+                    _mm512_storeu_ps(dst.add((i0 + i) * c + h * d + d0), *row);
                 }
             }
         }
@@ -450,7 +459,8 @@ mod tests {
         let (h, d) = (spec.heads, spec.head_dim);
         let c = h * d;
         let mut out = vec![0f32; spec.groups * spec.q_len * c];
-        for (g, &(k0, k1)) in spec.kv_ranges.iter().enumerate() {
+        for (g, &(k0, k1)) in spec.kv_ranges.iter().enumerate().filter(|(_, r)| r.1 > r.0) {
+            // Without keys: zero rows.
             for hi in 0..h {
                 for i in 0..spec.q_len {
                     let qr = &q[(g * spec.q_len + i) * c + hi * d..][..d];
@@ -503,6 +513,8 @@ mod tests {
             (AttnSpec::dense(4, 5, 9, 2, 32), false),
             (AttnSpec::ragged(40, 4, 16, AttnSpec::ranges_from_offsets(&[0, 20, 27, 47])), false),
             (AttnSpec::ragged(3, 4, 16, AttnSpec::ranges_from_offsets(&[0, 5, 6, 14, 20, 29])), false),
+            // A group without keys (its rows zero) between ragged odd ones.
+            (AttnSpec::ragged(20, 2, 16, AttnSpec::ranges_from_offsets(&[0, 7, 7, 19, 30])), false),
         ];
         let kernels: &[bool] = if crate::quant::amx::bf16_available() { &[false, true] } else { &[false] };
         for ((spec, with_bias), &amx) in cases.iter().flat_map(|case| kernels.iter().map(move |amx| (case, amx))) {
