@@ -122,6 +122,10 @@ struct QualityArgs {
     /// Output directory for quality.md and strip.png.
     #[arg(long, default_value = "quality-report", value_name = "DIR")]
     out: PathBuf,
+    /// Also time each part of the DiT forward (norm + qkv, attention, projections, MLP, ...) inside the
+    /// loop, per mode, in ms per forward with the reference's time over each mode's; added to quality.md.
+    #[arg(long)]
+    parts: bool,
 }
 
 #[derive(Args, Clone)]
@@ -538,18 +542,29 @@ fn quality(a: &QualityArgs) -> Result<()> {
     let paths = ModelPaths::in_dir(&dir);
     let total = cases.len() * a.seeds.len() * (a.modes.len() + 1);
     let mut done = 0;
-    let (runs, strips) = harness::run_all(&be, &dir, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
+    if a.parts {
+        qc::model::stdit3::timing::start();
+    }
+    let result = harness::run_all(&be, &dir, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
         done += 1;
         eprint!("\r[{done}/{total}] {what:<80}");
-    })?;
+    });
+    let parts = qc::model::stdit3::timing::stop();
+    let (runs, strips) = result?;
     eprintln!();
-    let md = harness::markdown(&runs, &cases, base.steps);
+    let mut md = harness::markdown(&runs, &cases, base.steps);
+    if a.parts {
+        md = format!("{md}\n## Time per part of the DiT forward\n\n{}", harness::parts_markdown(&a.modes, &parts));
+    }
     qc::io::write_atomic(&a.out.join("quality.md"), md.as_bytes())?;
     if !strips.is_empty() {
         harness::write_strip(&a.out.join("strip.png"), &strips, 4)?;
     }
     let summary: String = md.lines().take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
     println!("# qc-bench quality: {} prompts x {} seeds, {} steps, cfg {}, model {}\n\n{summary}", cases.len(), a.seeds.len(), base.steps, base.cfg, dir.display());
+    if a.parts {
+        println!("\n{}", harness::parts_markdown(&a.modes, &parts));
+    }
     println!("\nwrote {} and {}", a.out.join("quality.md").display(), a.out.join("strip.png").display());
     Ok(())
 }

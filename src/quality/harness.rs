@@ -151,8 +151,9 @@ pub fn run_all(
         for &seed in seeds {
             let mut reference: Option<Tensor> = None;
             let mut row = Vec::new();
-            for mode in &all_modes {
+            for (mi, mode) in all_modes.iter().enumerate() {
                 progress(&format!("{} [seed {seed}, {mode}]", case.prompt));
+                crate::model::stdit3::timing::select(mi);
                 let Mode { quant, importance, qk_int8, attn_bf16, accel, hooks: mut pol } = parse_mode(mode, model_dir)?;
                 let importance = if accel.is_some() { accel } else if importance { base.importance.clone() } else { None };
                 let opts = GenerateOptions { seed, quant, importance, qk_int8, attn_bf16, ..base.clone() };
@@ -186,6 +187,45 @@ pub fn run_all(
         }
     }
     Ok((runs, strips))
+}
+
+/// The forward's parts ([`crate::model::stdit3::timing`]) of the reference
+/// and each mode, in milliseconds per DiT forward (served steps run none),
+/// each with the reference's time over the mode's; `totals` per mode,
+/// reference first, as `run_all` selects them.
+pub fn parts_markdown(modes: &[String], totals: &[crate::model::stdit3::timing::Totals]) -> String {
+    use crate::model::stdit3::timing::{of, Part, PARTS};
+    let all: Vec<&str> = std::iter::once("reference").chain(modes.iter().map(|m| m.as_str())).collect();
+    let mut out = String::from("| part |");
+    for m in &all[..totals.len().min(all.len())] {
+        let _ = write!(out, " {m} (ms) |");
+    }
+    for m in all.iter().take(totals.len()).skip(1) {
+        let _ = write!(out, " reference / {m} |");
+    }
+    out.push_str("\n| --- |");
+    out.push_str(&" ---: |".repeat(2 * totals.len().saturating_sub(1) + 1));
+    out.push('\n');
+    let per_forward = |t: &crate::model::stdit3::timing::Totals, i: usize| {
+        let forwards = of(t, Part::Forward).1.max(1) as f64;
+        t[i].0 * 1e3 / forwards
+    };
+    for (i, (_, name)) in PARTS.iter().enumerate() {
+        let _ = write!(out, "| {name} |");
+        for t in totals {
+            let _ = write!(out, " {:.3} |", per_forward(t, i));
+        }
+        for t in totals.iter().skip(1) {
+            let (r, m) = (per_forward(&totals[0], i), per_forward(t, i));
+            if m > 0.0 && r > 0.0 {
+                let _ = write!(out, " {:.2}x |", r / m);
+            } else {
+                out.push_str(" - |");
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Per-mode means (PSNR over finite values; the reference is identical to itself).

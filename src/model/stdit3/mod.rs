@@ -2,6 +2,7 @@
 
 mod config;
 pub mod inputs;
+pub mod timing;
 mod weights;
 
 pub use config::Stdit3Config;
@@ -12,6 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::Path;
+use timing::{span, Part};
 
 const NORM_EPS: f32 = 1e-6;
 const FREQ_DIM: usize = 256;
@@ -350,6 +352,8 @@ impl Stdit3 {
 
     /// The velocity/sigma prediction `[B, out_channels, T, H, W]`.
     pub fn forward(&self, be: &dyn Backend, inp: &DitInput, text: &TextCond, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+        let _whole = span(Part::Forward);
+        let embedding = span(Part::Embedding);
         let cfg = &self.cfg;
         let c = cfg.hidden_size;
         let xs = inp.x.shape();
@@ -418,6 +422,7 @@ impl Stdit3 {
             }
             _ => None,
         };
+        drop(embedding);
         hooks.blocks_input(be, &x, modulated.as_ref());
         for (id, bw) in blocks {
             if hooks.block_action(id) == BlockAction::Compute {
@@ -425,7 +430,10 @@ impl Stdit3 {
                     BlockKind::Spatial => id.index,
                     BlockKind::Temporal => cfg.depth + id.index,
                 };
-                let mods = be.modulation_table(&bw.scale_shift_table, &t_mlp)?;
+                let mods = {
+                    let _t = span(Part::Modulation);
+                    be.modulation_table(&bw.scale_shift_table, &t_mlp)?
+                };
                 let input = hooks.wants_block_io(id).then(|| x.clone());
                 self.block(be, bw, id, &mut x, &mods, &groups, text, kv_index, dims, hooks)?;
                 if let Some(input) = input {
@@ -444,6 +452,7 @@ impl Stdit3 {
         hooks.blocks_output(be, &mut x)?;
 
         // Final layer: modulated by `t` itself (not t_block's output).
+        let _final = span(Part::FinalLayer);
         let fmods = be.modulation_table(&self.w.final_scale_shift, &temb)?;
         let per_sample = RowGroups::per_sample(b, n);
         let m = |chunk, groups| ModRef { table: &fmods, chunk, groups };
@@ -484,22 +493,27 @@ impl Stdit3 {
         let m = |chunk| ModRef { table: mods, chunk, groups };
         // Each sub-module: computed, computed with its pre-gate output kept, served from
         // the kept output (gate * cached: the cached-residual reuse op), or left out.
-        let subs = [(SubModule::SelfAttention, Some(2)), (SubModule::CrossAttention, None), (SubModule::Mlp, Some(5))];
-        for (sub, gate) in subs {
+        let subs = [(SubModule::SelfAttention, Some(2), Part::AttentionProjection), (SubModule::CrossAttention, None, Part::CrossProjection), (SubModule::Mlp, Some(5), Part::Fc2)];
+        for (sub, gate, projection) in subs {
             let gate = gate.map(m);
             match hooks.sub_action(id, sub) {
                 SubAction::Skip => {}
                 SubAction::Reuse => {
+                    let _t = span(Part::CachedReuse);
                     let cached = hooks.cached(id, sub).ok_or_else(|| anyhow!("{:?} block {} {sub:?}: reuse asked, but nothing is cached", id.kind, id.index))?;
                     cached.add_gated(be, x, gate)?;
                 }
                 SubAction::Compute => {
                     let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
+                    let _t = span(projection);
                     be.linear_residual(&input, proj, x, gate)?;
                 }
                 SubAction::ComputeAndStore => {
                     let (input, proj) = self.sub_module(be, bw, id.kind, sub, x, mods, groups, text, kv_index, d)?;
-                    let out = be.linear_residual_kept(&input, proj, x, gate)?;
+                    let out = {
+                        let _t = span(projection);
+                        be.linear_residual_kept(&input, proj, x, gate)?
+                    };
                     hooks.store(be, id, sub, out);
                 }
             }
@@ -518,7 +532,11 @@ impl Stdit3 {
             SubModule::SelfAttention => {}
             SubModule::CrossAttention => {
                 // Cross-attention to each sample's own caption tokens: no norm, no gate.
-                let q = be.linear(x, &bw.cross_q, Activation::None)?;
+                let q = {
+                    let _t = span(Part::CrossQuery);
+                    be.linear(x, &bw.cross_q, Activation::None)?
+                };
+                let _t = span(Part::CrossAttention);
                 let (k, v) = &text.kv[kv_index];
                 let mut spec = AttnSpec::ragged(n, heads, hd, AttnSpec::ranges_from_offsets(&text.offsets));
                 spec.qk_int8 = self.qk_int8;
@@ -526,15 +544,23 @@ impl Stdit3 {
                 return Ok((be.attention(&q, k, v, &spec, None)?, &bw.cross_proj));
             }
             SubModule::Mlp => {
+                let _t = span(Part::NormFc1);
                 return Ok((be.norm_modulate_linear(x, NORM_EPS, Some((m(3), m(4))), &bw.fc1, Activation::GeluTanh)?, &bw.fc2));
             }
         }
 
         // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.
-        let qkv = be.norm_modulate_linear(x, NORM_EPS, Some((m(0), m(1))), &bw.qkv, Activation::None)?;
+        let qkv = {
+            let _t = span(Part::NormQkv);
+            be.norm_modulate_linear(x, NORM_EPS, Some((m(0), m(1))), &bw.qkv, Activation::None)?
+        };
         let temporal = kind == BlockKind::Temporal;
         let rope = temporal.then_some(Rope { freqs: &self.w.rope_freqs, seq_len: d.t });
-        let parts = be.qkv_operands(&qkv, heads, &bw.q_norm, &bw.k_norm, NORM_EPS, temporal.then_some([d.b, d.t, d.s, c]), rope)?;
+        let parts = {
+            let _t = span(Part::QkvOperands);
+            be.qkv_operands(&qkv, heads, &bw.q_norm, &bw.k_norm, NORM_EPS, temporal.then_some([d.b, d.t, d.s, c]), rope)?
+        };
+        let _t = span(if temporal { Part::TemporalAttention } else { Part::SpatialAttention });
         let mut spec = if temporal { AttnSpec::dense(d.b * d.s, d.t, d.t, heads, hd) } else { AttnSpec::dense(d.b * d.t, d.s, d.s, heads, hd) };
         spec.qk_int8 = self.qk_int8;
         spec.bf16 = self.attn_bf16;
