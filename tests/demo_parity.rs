@@ -178,3 +178,58 @@ fn bf16_attention_stays_close_to_float() {
     assert!(forward > 0.0 && forward < 5e-3, "bf16-attention forward relative L2 {forward:.3e}");
     assert!(sampling < 2e-2, "bf16-attention sampling relative L2 {sampling:.3e}");
 }
+
+/// `qc-bench quality --parts`: with timing on, each forward counts once, each
+/// block part once per block (the demo has `depth` spatial and `depth`
+/// temporal blocks), the parts fit inside the forward, the slots keep apart,
+/// and nothing is summed once it is stopped.
+#[test]
+fn forward_parts_count_every_block_once() {
+    use qc::model::stdit3::timing::{self, of, Part, PARTS};
+    let ck = parity();
+    let be = CpuBackend::new();
+    let model = Stdit3::load(&demo("stdit3")).unwrap();
+    let depth = model.cfg.depth as u64;
+    let x = ck.load_f32("x").unwrap();
+    let y = ck.load_f32("y").unwrap();
+    let mask = ints(&ck, "mask");
+    let timestep = ck.load_f32("timestep").unwrap().into_f32().unwrap();
+    let fps = ck.load_f32("fps").unwrap().into_f32().unwrap();
+    let text = model.encode_text(&be, &y, Some(&mask), &mut NoHooks).unwrap();
+    let inp = DitInput { x: &x, timestep: &timestep, fps: &fps, height: 64.0, width: 64.0, x_mask: None };
+    timing::start();
+    model.forward(&be, &inp, &text, &mut NoHooks).unwrap();
+    timing::select(1);
+    for _ in 0..2 {
+        model.forward(&be, &inp, &text, &mut NoHooks).unwrap();
+    }
+    let slots = timing::stop();
+    model.forward(&be, &inp, &text, &mut NoHooks).unwrap();
+    assert!(timing::stop().is_empty(), "a forward after stop was timed");
+    assert_eq!(slots.len(), 2);
+    for (slot, forwards) in [(0, 1u64), (1, 2)] {
+        let t = &slots[slot];
+        assert_eq!(of(t, Part::Forward).1, forwards);
+        for (part, per_forward) in [
+            (Part::Embedding, 1),
+            (Part::FinalLayer, 1),
+            (Part::Modulation, 2 * depth),
+            (Part::NormQkv, 2 * depth),
+            (Part::QkvOperands, 2 * depth),
+            (Part::SpatialAttention, depth),
+            (Part::TemporalAttention, depth),
+            (Part::AttentionProjection, 2 * depth),
+            (Part::CrossQuery, 2 * depth),
+            (Part::CrossAttention, 2 * depth),
+            (Part::CrossProjection, 2 * depth),
+            (Part::NormFc1, 2 * depth),
+            (Part::Fc2, 2 * depth),
+            (Part::CachedReuse, 0),
+        ] {
+            assert_eq!(of(t, part).1, per_forward * forwards, "slot {slot}: {part:?}");
+        }
+        let inside: f64 = PARTS.iter().filter(|(p, _)| *p != Part::Forward).map(|(p, _)| of(t, *p).0).sum();
+        let whole = of(t, Part::Forward).0;
+        assert!(inside > 0.0 && inside <= whole, "slot {slot}: parts {inside} s, forward {whole} s");
+    }
+}
