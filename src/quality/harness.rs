@@ -343,3 +343,29 @@ pub fn write_strip(path: &Path, strips: &[Vec<Tensor>], scale: usize) -> Result<
     }
     write_atomic(path, &crate::output::png_bytes(&img, width, height)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::stdit3::timing::{Part, Totals, PARTS};
+
+    /// Per forward: a part's seconds over the slot's forward count; the ratio is
+    /// the reference's over the mode's, a dash where either ran none.
+    #[test]
+    fn parts_table_divides_by_each_modes_forwards() {
+        let mut reference: Totals = [(0.0, 0); PARTS.len()];
+        let mut mode = reference;
+        reference[Part::Forward as usize] = (0.8, 100);
+        reference[Part::NormQkv as usize] = (0.2, 600);
+        mode[Part::Forward as usize] = (0.1, 25);
+        mode[Part::NormQkv as usize] = (0.025, 150);
+        mode[Part::CachedReuse as usize] = (0.001, 4);
+        let md = parts_markdown(&["fast".to_string()], &[reference, mode]);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines[0], "| part | reference (ms) | fast (ms) | reference / fast |");
+        assert_eq!(lines.len(), 2 + PARTS.len());
+        assert!(lines.contains(&"| whole forward | 8.000 | 4.000 | 2.00x |"), "{md}");
+        assert!(lines.contains(&"| norm + qkv linear | 2.000 | 1.000 | 2.00x |"), "{md}");
+        assert!(lines.contains(&"| cached-residual reuse | 0.000 | 0.040 | - |"), "{md}");
+    }
+}

@@ -49,6 +49,15 @@ pub const PARTS: [(Part, &str); 15] = [
     (Part::FinalLayer, "final layer"),
 ];
 
+// PARTS lists the parts in declaration order: a part's index is `part as usize`.
+const _: () = {
+    let mut i = 0;
+    while i < PARTS.len() {
+        assert!(PARTS[i].0 as usize == i);
+        i += 1;
+    }
+};
+
 /// Seconds and calls of each part of [`PARTS`].
 pub type Totals = [(f64, u64); PARTS.len()];
 
@@ -95,9 +104,8 @@ impl Drop for Span {
                 if s.slots.len() <= slot {
                     s.slots.resize(slot + 1, [(0.0, 0); PARTS.len()]);
                 }
-                let i = PARTS.iter().position(|(p, _)| *p == part).unwrap_or(0);
-                s.slots[slot][i].0 += secs;
-                s.slots[slot][i].1 += 1;
+                s.slots[slot][part as usize].0 += secs;
+                s.slots[slot][part as usize].1 += 1;
             });
         }
     }
@@ -105,5 +113,5 @@ impl Drop for Span {
 
 /// Seconds and calls of `part` in `totals`.
 pub fn of(totals: &Totals, part: Part) -> (f64, u64) {
-    PARTS.iter().position(|(p, _)| *p == part).map_or((0.0, 0), |i| totals[i])
+    totals[part as usize]
 }
