@@ -38,7 +38,7 @@ pub const PARTS: [(Part, &str); 15] = [
     (Part::NormQkv, "norm + qkv linear"),
     (Part::QkvOperands, "qk norm, RoPE, split"),
     (Part::SpatialAttention, "spatial attention"),
-    (Part::TemporalAttention, "temporal attention"),
+    (Part::TemporalAttention, "temporal attention + row swap back"),
     (Part::AttentionProjection, "attention proj + residual"),
     (Part::CrossQuery, "cross-attention q linear"),
     (Part::CrossAttention, "cross-attention"),
