@@ -611,7 +611,7 @@ impl Backend for CpuBackend {
 
     fn guidance(&self, cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
         ensure!(cond.shape() == uncond.shape(), "guidance: shapes {:?} and {:?} differ", cond.shape(), uncond.shape());
-        let v: Vec<f32> = cond.f32()?.par_iter().zip(uncond.f32()?.par_iter()).map(|(c, u)| u + scale * (c - u)).collect();
+        let v: Vec<f32> = cond.f32()?.par_iter().zip(uncond.f32()?.par_iter()).with_min_len(ROW_CHUNK_ELEMS).map(|(c, u)| u + scale * (c - u)).collect();
         Tensor::from_f32(cond.shape(), v)
     }
 
