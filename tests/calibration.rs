@@ -129,26 +129,35 @@ fn allocation_meets_the_budget_at_the_least_sensitivity() {
     let item = |name: &str, s8: f64, s4: f64, s46: f64| PlanItem { unit: name.into(), ranges: vec![0], values: 100, step_fraction: 1.0, bits: [1600.0, 800.0, 400.0, 400.0], sensitivity: [0.0, s8, s4, s46] };
     let items = vec![item("a", 0.01, 0.2, 0.2), item("b", 0.001, 0.01, 0.05), item("c", 0.5, 0.9, 1.0)];
     let get = |plan: &Plan, u: &str| plan.precision(u, 0).unwrap();
-    let (plan, bits) = allocate(&items, &[], &[1.0], 16.0).unwrap();
+    let (plan, bits) = allocate(&items, &[], &[1.0], 16.0, 3).unwrap();
     assert_eq!(bits, 16.0);
     assert!(plan.units.values().all(|p| p == &vec![QuantPreset::None]));
     // 12 bits on average: b steps down first (least sensitivity per bit), then a; c keeps 16 bits.
-    let (plan, bits) = allocate(&items, &[], &[1.0], 12.0).unwrap();
+    let (plan, bits) = allocate(&items, &[], &[1.0], 12.0, 3).unwrap();
     assert!((bits - 32.0 / 3.0).abs() < 1e-9, "{bits}");
     assert_eq!((get(&plan, "a"), get(&plan, "b"), get(&plan, "c")), (QuantPreset::W8A8, QuantPreset::W8A8, QuantPreset::None));
     // 8 bits: b goes on to 4 bits (0.009 more over 400 bits), then a (0.19 over 400), before c
     // leaves bf16 (0.5 over 800).
-    let (plan, bits) = allocate(&items, &[], &[1.0], 8.0).unwrap();
+    let (plan, bits) = allocate(&items, &[], &[1.0], 8.0, 3).unwrap();
     assert_eq!(bits, 8.0);
     assert_eq!((get(&plan, "a"), get(&plan, "b"), get(&plan, "c")), (QuantPreset::W4A8, QuantPreset::W4A8, QuantPreset::None));
-    let err = allocate(&items, &[], &[1.0], 3.0).unwrap_err().to_string();
+    let err = allocate(&items, &[], &[1.0], 3.0, 3).unwrap_err().to_string();
     assert!(err.contains("4.00 to 16.00"), "{err}");
+    // Down to w8a8 only: 8 bits is w8a8 everywhere, the least reachable; b's cheaper 4-bit step is not taken.
+    let (plan, bits) = allocate(&items, &[], &[1.0], 8.0, 1).unwrap();
+    assert_eq!(bits, 8.0);
+    assert!(plan.units.values().all(|p| p == &vec![QuantPreset::W8A8]), "{plan:?}");
+    let (plan, _) = allocate(&items, &[], &[1.0], 32.0 / 3.0, 1).unwrap();
+    assert_eq!((get(&plan, "a"), get(&plan, "b"), get(&plan, "c")), (QuantPreset::W8A8, QuantPreset::W8A8, QuantPreset::None));
+    let err = allocate(&items, &[], &[1.0], 6.0, 1).unwrap_err().to_string();
+    assert!(err.contains("8.00 to 16.00"), "{err}");
+    assert!(allocate(&items, &[], &[1.0], 8.0, 0).is_err());
 
     // Two timestep ranges, the first holding 3/4 of the steps: saving bits there counts three
     // times as much, so the same unit steps down in range 0 first when it is as sensitive there.
     let r = |range: usize, frac: f64, s8: f64| PlanItem { unit: "u".into(), ranges: vec![range], values: 100, step_fraction: frac, bits: [1600.0, 800.0, 400.0, 400.0], sensitivity: [0.0, s8, 1.0, 1.0] };
     let items = vec![r(0, 0.75, 0.1), r(1, 0.25, 0.1)];
-    let (plan, bits) = allocate(&items, &[500.0], &[0.75, 0.25], 13.0).unwrap();
+    let (plan, bits) = allocate(&items, &[500.0], &[0.75, 0.25], 13.0, 3).unwrap();
     assert_eq!(plan.units["u"], vec![QuantPreset::W8A8, QuantPreset::None]);
     assert!((bits - (0.75 * 8.0 + 0.25 * 16.0)).abs() < 1e-9, "{bits}");
 }

@@ -672,6 +672,12 @@ struct CalibrateArgs {
     /// Without it only importance vectors are written.
     #[arg(long, value_name = "BITS")]
     budget: Option<f64>,
+    /// The lowest precision the aigq plan may give a sub-module (w8a8, w4a8 or w4a6); the choices
+    /// below are neither measured nor chosen. On a CPU, where 4-bit weights run slower than 8-bit
+    /// ones, `--lowest w8a8` keeps the plan at the fast precisions (the budget then reaches down to
+    /// w8a8 everywhere).
+    #[arg(long, value_name = "PRECISION", default_value = "w4a6")]
+    lowest: String,
     /// Prompts (the first N of --prompts) whose trajectories measure the sensitivities.
     #[arg(long, default_value_t = 2, value_name = "N")]
     sensitivity_prompts: usize,
@@ -725,7 +731,15 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         use qc::quant::calibrate::{allocate, measure_sensitivity, PLAN_CHOICES};
         anyhow::ensure!(a.sensitivity_prompts >= 1, "--sensitivity-prompts must be at least 1");
         // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits.
-        anyhow::ensure!(budget >= 4.0, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are 4.x (w4a8 everywhere) to 16 (bf16)");
+        let lowest = PLAN_CHOICES
+            .iter()
+            .skip(1)
+            .position(|p| p.name() == a.lowest)
+            .map(|i| i + 1)
+            .ok_or_else(|| anyhow::anyhow!("--lowest {:?}: not a quantized plan choice (w8a8, w4a8 or w4a6)", a.lowest))?;
+        // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits (8 at w8a8).
+        let floor = if PLAN_CHOICES[lowest] == qc::quant::preset::QuantPreset::W8A8 { (8.0, "8.x (w8a8") } else { (4.0, "4.x (w4a8") };
+        anyhow::ensure!(budget >= floor.0, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {} everywhere) to 16 (bf16)", floor.1);
         let sp = &prompts[..a.sensitivity_prompts.min(prompts.len())];
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("measuring sensitivity {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
@@ -733,12 +747,12 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
             true => Some(qc::cache::calibrate::serving_weights(&CpuBackend::new(), &paths, sp, &opts, qc::cache::hlc::Hlc::DEFAULT_THRESHOLD)?),
             false => None,
         };
-        let (items, boundaries, fractions) = measure_sensitivity(&paths, sp, &opts, a.seeds[0], a.ranges, &imp, weights.as_deref(), &mut |i, n| {
+        let (items, boundaries, fractions) = measure_sensitivity(&paths, sp, &opts, a.seeds[0], a.ranges, &imp, weights.as_deref(), lowest, &mut |i, n| {
             bar.set_length((n * sp.len()) as u64);
             bar.set_position((i * sp.len()) as u64)
         })?;
         bar.finish_and_clear();
-        let (plan, bits) = allocate(&items, &boundaries, &fractions, budget)?;
+        let (plan, bits) = allocate(&items, &boundaries, &fractions, budget, lowest)?;
         let measured: Vec<serde_json::Value> = items
             .iter()
             .map(|it| {
@@ -748,6 +762,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
             })
             .collect();
         imp.meta["budget"] = serde_json::json!(budget);
+        imp.meta["lowest"] = serde_json::json!(a.lowest);
         imp.meta["plan_bits"] = serde_json::json!(bits);
         imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized, only in these timestep ranges", "prompts": sp, "seed": a.seeds[0], "decisions": measured, "step_weights": weights});
         imp.meta["plan"] = plan.to_json();

@@ -23,7 +23,10 @@
 //!   below `block_ratio` times the step's mean is not refreshed: its three
 //!   sub-modules add their cached outputs with this step's gates (the
 //!   cached-residual reuse op). A block is never reused twice in a row.
-//! - The first `warmup` steps (3) and the last step are computed. Measured on
+//! - The first `warmup` steps (3) are computed; the last step follows the
+//!   rule like the others (forcing it computed one step in nine for 0.03-0.25
+//!   dB: measured on the demo, `--accel quantcache:fast`, prompts 1-10 and
+//!   41-50, 2026-11-28). Measured on
 //!   30 prompts outside the README's (w8a8 with bf16 attention, seed 0): 3
 //!   warm-up steps against 4 gave the same curve up to threshold 0.5 (30.3 dB
 //!   at 28.9% of the block evaluations against 29.7%) and a better one above
@@ -113,13 +116,13 @@ impl ForwardHooks for Hlc {
     fn extrapolation_slope(&self) -> f32 {
         self.slope
     }
-    fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
+    fn step_action(&mut self, step: usize, _steps: usize) -> StepAction {
         if step == 0 {
             self.state = State { kept: SubCache { precision: self.precision, ..Default::default() }, ..Default::default() };
         }
         let s = &mut self.state;
         s.step = step;
-        let must = step < self.warmup || step + 1 == steps || s.computed_t.is_none() || s.served >= self.max_reuse;
+        let must = step < self.warmup || s.computed_t.is_none() || s.served >= self.max_reuse;
         let rate = self.mean_rate();
         let s = &mut self.state;
         let dt = s.computed_t.map_or(0.0, |c| (c - s.t).abs());
@@ -230,11 +233,12 @@ mod tests {
         // 1% per step (33 timesteps): a rate of 3e-4 per timestep; at threshold 0.2 a run
         // may last 0.2 / 3e-4 = 660 timesteps, so max_reuse (6) bounds it.
         let slow = run(Hlc::new(0.2), 0.01, 0.01);
-        assert_eq!(computed(&slow), vec![0, 1, 2, 9, 16, 23, 29]);
+        // The last step follows the rule too: 24..29 are the six steps 23 serves.
+        assert_eq!(computed(&slow), vec![0, 1, 2, 9, 16, 23]);
         assert!(slow.iter().all(|a| matches!(a, StepAction::Compute | StepAction::Extrapolate)));
         // 5% per step: served until the predicted change (5% a step) reaches 0.2: one step computed in four.
         let fast = run(Hlc::new(0.2), 0.05, 0.05);
-        assert_eq!(computed(&fast), vec![0, 1, 2, 6, 10, 14, 18, 22, 26, 29]);
+        assert_eq!(computed(&fast), vec![0, 1, 2, 6, 10, 14, 18, 22, 26]);
         // 40% per step: every step computed.
         assert_eq!(computed(&run(Hlc::new(0.2), 0.4, 0.4)).len(), 30);
     }

@@ -658,7 +658,8 @@ impl PromptText {
 }
 
 /// Sensitivity of every allocation decision (a block sub-module in its timestep
-/// ranges) at every quantized choice of [`PLAN_CHOICES`]: with only that
+/// ranges) at every quantized choice of [`PLAN_CHOICES`] down to `lowest` (an
+/// index into it; the choices below stay unmeasured, NaN): with only that
 /// sub-module quantized (with its importance vectors) and only in those ranges,
 /// how far its guided velocities move the latent at the full-precision
 /// trajectory's steps of those ranges ([`PromptText::displacement`]), averaged
@@ -668,9 +669,10 @@ impl PromptText {
 /// displacement is weighted, and steps of weight 0 (served from the cache, never
 /// computed) are not measured.
 #[allow(clippy::too_many_arguments)]
-pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, step_weights: Option<&[f64]>, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
+pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seed: u64, ranges: usize, importance: &Importance, step_weights: Option<&[f64]>, lowest: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<(Vec<PlanItem>, Vec<f32>, Vec<f64>)> {
     ensure!(step_weights.is_none_or(|w| w.len() == opts.steps), "step weights for {} steps, calibration runs {}", step_weights.map_or(0, |w| w.len()), opts.steps);
     ensure!(!prompts.is_empty(), "sensitivity needs at least one prompt");
+    ensure!((1..PLAN_CHOICES.len()).contains(&lowest), "sensitivity: the lowest precision must be one of the quantized choices");
     let (boundaries, fractions) = schedule_ranges(opts, ranges)?;
     let be = CpuBackend::new();
     let mut base = Stdit3::load(plan(paths, &prompts[..1], opts)?.dit_dir())?;
@@ -678,14 +680,17 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
     let texts: Vec<PromptText> = prompts.iter().map(|p| PromptText::encode(&be, paths, p, opts)).collect::<Result<_>>()?;
     let references: Vec<Reference> = texts.iter().map(|t| t.reference(&be, &base, opts, seed)).collect::<Result<_>>()?;
     let mut items = plan_items(&mut base, &fractions, importance);
-    let total = items.len() * (PLAN_CHOICES.len() - 1);
+    let total = items.len() * lowest;
+    for it in &mut items {
+        it.sensitivity[lowest + 1..].fill(f64::NAN);
+    }
     for i in 0..items.len() {
         let steps: Vec<(usize, f64)> = (0..opts.steps)
             .filter(|s| items[i].ranges.contains(&(s * ranges / opts.steps)))
             .map(|s| (s, step_weights.map_or(1.0, |w| w[s])))
             .filter(|s| s.1 > 0.0)
             .collect();
-        for c in 1..PLAN_CHOICES.len() {
+        for c in 1..=lowest {
             let mut level = vec![0; items.len()];
             level[i] = c;
             let mut dit = base.clone();
@@ -695,7 +700,7 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
                 sum += t.displacement(&be, &dit, opts, r, &steps)?;
             }
             items[i].sensitivity[c] = sum / prompts.len() as f64;
-            progress(i * (PLAN_CHOICES.len() - 1) + c, total);
+            progress(i * lowest + c, total);
         }
     }
     Ok((items, boundaries, fractions))
@@ -703,17 +708,20 @@ pub fn measure_sensitivity(paths: &ModelPaths, prompts: &[String], opts: &Genera
 
 /// The aigq allocation: every decision starts at full precision; while the
 /// step-weighted average storage bits per weight (scales included) exceed
-/// `budget`, the decision whose next step down [`PLAN_CHOICES`] costs the least
-/// sensitivity per bit saved steps down (a step that saves no bits, w4a8 to
-/// w4a6, is taken only when it measured less sensitive). Returns the plan and its bits.
-pub fn allocate(items: &[PlanItem], boundaries: &[f32], fractions: &[f64], budget: f64) -> Result<(Plan, f64)> {
+/// `budget`, the decision whose next step down [`PLAN_CHOICES`] (down to
+/// `lowest`, an index into it) costs the least sensitivity per bit saved steps
+/// down (a step that saves no bits, w4a8 to w4a6, is taken only when it
+/// measured less sensitive). Returns the plan and its bits.
+pub fn allocate(items: &[PlanItem], boundaries: &[f32], fractions: &[f64], budget: f64, lowest: usize) -> Result<(Plan, f64)> {
     ensure!(!items.is_empty(), "aigq: no sub-modules to allocate");
+    ensure!((1..PLAN_CHOICES.len()).contains(&lowest), "aigq: the lowest precision must be one of the quantized choices");
     // One set of weights' values (every item of a unit covers its values once per range).
     let total: f64 = items.iter().map(|it| it.values as f64 * it.step_fraction).sum();
-    let last = PLAN_CHOICES.len() - 1;
+    let last = lowest;
     let bits = |level: &[usize]| items.iter().zip(level).map(|(it, &l)| it.bits[l] * it.step_fraction).sum::<f64>() / total;
-    let lowest = bits(&vec![2; items.len()]);
-    let (lo, hi) = (lowest, bits(&vec![0; items.len()]));
+    // The fewest bits: each decision at its smallest choice down to `lowest` (w4a6 stores as w4a8).
+    let least: Vec<usize> = items.iter().map(|it| (1..=last).min_by(|&a, &b| it.bits[a].total_cmp(&it.bits[b])).unwrap_or(1)).collect();
+    let (lo, hi) = (bits(&least), bits(&vec![0; items.len()]));
     ensure!(budget.is_finite() && budget >= lo - 1e-9, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {lo:.2} to {hi:.2}");
     let mut level = vec![0usize; items.len()];
     while bits(&level) > budget + 1e-9 {

@@ -31,22 +31,24 @@ pub fn pos_embed_2d(h: usize, w: usize, dim: usize, scale: f32, base_size: f32) 
     ensure!(scale > 0.0 && scale.is_finite(), "position embedding scale {scale} must be positive");
     let half = dim / 2;
     let inv_freq: Vec<f32> = (0..half).step_by(2).map(|i| 1.0 / (10000f64.powf((i as f32 / half as f32) as f64) as f32)).collect();
-    let nf = inv_freq.len();
     let row_pos: Vec<f32> = (0..h).map(|i| (i as f32 / scale) * (base_size / h as f32)).collect();
     let col_pos: Vec<f32> = (0..w).map(|i| (i as f32 / scale) * (base_size / w as f32)).collect();
-    let sincos = |out: &mut [f32], p: f32| {
-        for (j, &f) in inv_freq.iter().enumerate() {
-            let a = (p * f) as f64;
-            out[j] = a.sin() as f32;
-            out[nf + j] = a.cos() as f32;
-        }
+    // Each coordinate's half row, once per coordinate rather than per token.
+    let halves = |pos: &[f32]| -> Vec<f32> {
+        pos.iter()
+            .flat_map(|&p| {
+                let a: Vec<f64> = inv_freq.iter().map(|&f| (p * f) as f64).collect();
+                a.iter().map(|v| v.sin() as f32).chain(a.iter().map(|v| v.cos() as f32)).collect::<Vec<_>>()
+            })
+            .collect()
     };
+    let (cols, rows) = (halves(&col_pos), halves(&row_pos));
     let mut out = vec![0f32; h * w * dim];
     for (tok, row) in out.chunks_mut(dim).enumerate() {
         let (r, c) = (tok / w, tok % w);
         let (first, second) = row.split_at_mut(half);
-        sincos(first, col_pos[c]);
-        sincos(second, row_pos[r]);
+        first.copy_from_slice(&cols[c * half..][..half]);
+        second.copy_from_slice(&rows[r * half..][..half]);
     }
     Tensor::from_f32(&[h * w, dim], out)
 }
