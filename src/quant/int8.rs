@@ -115,13 +115,34 @@ unsafe fn load_smoothed(x: &[f32], inv_smooth: Option<&[f32]>, i: usize, mask: u
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn row_amax_avx512(x: &[f32], inv_smooth: Option<&[f32]>) -> f32 {
+    std::arch::x86_64::_mm512_reduce_max_ps(row_lane_max_avx512(x, inv_smooth))
+}
+
+/// [`row_amax_avx512`] before its last reduction: the maximum of each lane.
+/// A NaN never enters (`max_ps` returns its second operand, the running maximum).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_lane_max_avx512(x: &[f32], inv_smooth: Option<&[f32]>) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let mut m = _mm512_setzero_ps();
     for i in (0..x.len()).step_by(16) {
         m = _mm512_max_ps(_mm512_abs_ps(load_smoothed(x, inv_smooth, i, tail_mask(x.len(), i))), m);
     }
-    _mm512_reduce_max_ps(m)
+    m
 }
+
+/// Row `i`'s lane in [`crate::backend::cpu::simd::reduce_vectors16`]'s result.
+#[cfg(target_arch = "x86_64")]
+const LANE_OF_ROW: [i32; 16] = {
+    let mut r = [0; 16];
+    let mut i = 0;
+    while i < 16 {
+        r[i] = crate::backend::cpu::simd::REDUCED_LANE[i] as i32;
+        i += 1;
+    }
+    r
+};
 
 /// The second pass: `q = round(x' * inv)` in [-qm, qm].
 #[cfg(target_arch = "x86_64")]
@@ -228,11 +249,16 @@ unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32
     use std::arch::x86_64::*;
     let qm = qmax as f32;
     for ((xb, qb), sb) in x.chunks(cols * 16).zip(q.chunks_mut(cols * 16)).zip(scale.chunks_mut(16)) {
-        let mut amax = [0f32; 16];
-        for (a, xr) in amax.iter_mut().zip(xb.chunks(cols)) {
-            *a = row_amax_avx512(xr, inv_smooth);
+        // The 16 rows' lane maxima reduced together (max is exact: the same
+        // maxima as one row at a time), then put back in row order.
+        let mut lanes = [_mm512_setzero_ps(); 16];
+        for (l, xr) in lanes.iter_mut().zip(xb.chunks(cols)) {
+            *l = row_lane_max_avx512(xr, inv_smooth);
         }
-        let (va, vq) = (_mm512_loadu_ps(amax.as_ptr()), _mm512_set1_ps(qm));
+        let reduced = crate::backend::cpu::simd::reduce_vectors16(&lanes, |a, b| _mm512_max_ps(a, b));
+        let order = _mm512_loadu_si512(LANE_OF_ROW.as_ptr() as *const _);
+        let (va, vq) = (_mm512_permutexvar_ps(order, reduced), _mm512_set1_ps(qm));
+        let mut amax = [0f32; 16];
         let mut inv = [0f32; 16];
         _mm512_storeu_ps(amax.as_mut_ptr(), _mm512_div_ps(va, vq));
         _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(va, _mm512_setzero_ps()), vq, va));

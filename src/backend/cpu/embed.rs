@@ -61,7 +61,8 @@ pub fn patchify(x: &Tensor, grid: &PatchGrid) -> Result<Tensor> {
     let plen = grid.patch_len();
     let xs = x.f32()?;
     let mut out = vec![0f32; b * nt * nh * nw * plen];
-    out.par_chunks_mut(plen).enumerate().for_each(|(tok, o)| {
+    // Rows of a few values each: tasks of many rows (one per row cost more than the copies).
+    out.par_chunks_mut(plen).enumerate().with_min_len(super::chunk_rows(plen)).for_each(|(tok, o)| {
         let bi = tok / (nt * nh * nw);
         let rest = tok % (nt * nh * nw);
         let (ti, hi, wi) = (rest / (nh * nw), (rest / nw) % nh, rest % nw);
@@ -90,7 +91,7 @@ pub fn unpatchify(x: &Tensor, grid: &PatchGrid, co: usize) -> Result<Tensor> {
     let xs = x.f32()?;
     let mut out = vec![0f32; b * co * t * h * w];
     // One output row (b, c, t, h) at a time.
-    out.par_chunks_mut(w.max(1)).enumerate().for_each(|(row, o)| {
+    out.par_chunks_mut(w.max(1)).enumerate().with_min_len(super::chunk_rows(w.max(1))).for_each(|(row, o)| {
         let hh = row % h;
         let tt = (row / h) % t;
         let ci = (row / (h * t)) % co;

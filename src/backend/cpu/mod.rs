@@ -501,7 +501,7 @@ impl Backend for CpuBackend {
 
     fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ensure!(a.shape() == b.shape(), "mul: shapes {:?} and {:?} differ", a.shape(), b.shape());
-        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).map(|(x, y)| x * y).collect();
+        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).with_min_len(ROW_CHUNK_ELEMS).map(|(x, y)| x * y).collect();
         Tensor::from_f32(a.shape(), v)
     }
 
@@ -558,7 +558,7 @@ impl Backend for CpuBackend {
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
-        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).map(|(x, y)| x + y).collect();
+        let v: Vec<f32> = a.f32()?.par_iter().zip(b.f32()?.par_iter()).with_min_len(ROW_CHUNK_ELEMS).map(|(x, y)| x + y).collect();
         Tensor::from_f32(a.shape(), v)
     }
 
@@ -589,7 +589,7 @@ impl Backend for CpuBackend {
         }
         let xs = x.f32()?;
         let mut out = vec![0f32; indices.len() * c];
-        out.par_chunks_mut(c.max(1)).zip(indices.par_iter()).for_each(|(o, &i)| o.copy_from_slice(&xs[i * c..(i + 1) * c]));
+        out.par_chunks_mut(c.max(1)).zip(indices.par_iter()).with_min_len(chunk_rows(c)).for_each(|(o, &i)| o.copy_from_slice(&xs[i * c..(i + 1) * c]));
         Tensor::from_f32(&[indices.len(), c], out)
     }
 

@@ -103,6 +103,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::simd::lanes16 as mask;
+    use super::super::simd::{reduce_vectors16, REDUCED_LANE};
 
     /// Sum of `f(x)` over `x[..len]` (masked lanes contribute 0).
     #[inline(always)]
@@ -157,37 +158,8 @@ mod avx512 {
         acc
     }
 
-    /// The lane sums of 16 vectors in one: `_mm512_reduce_add_ps`'s halvings
-    /// (512 to 256 to 128 bits, then `(x0 + x2) + (x1 + x3)`), so each sum is the
-    /// one `reduce_add` gives, bit for bit. The sum of `acc[i]` lands in lane
-    /// [`SUM_LANE`]`[i]`.
-    #[inline(always)]
-    unsafe fn reduce16(acc: &[__m512; 16]) -> __m512 {
-        // Two vectors' halves side by side: [a.lo + a.hi, b.lo + b.hi] (256 bits each).
-        let halves = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b));
-        let r: [__m512; 8] = std::array::from_fn(|j| halves(acc[2 * j], acc[2 * j + 1]));
-        // Four vectors' 128-bit sums, one per lane.
-        let quarters = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b));
-        let q: [__m512; 4] = std::array::from_fn(|k| quarters(r[2 * k], r[2 * k + 1]));
-        // In each 128-bit lane: [x0 + x2, x1 + x3] of two vectors, then their final sums.
-        let pairs = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
-        let (w0, w1) = (pairs(q[0], q[1]), pairs(q[2], q[3]));
-        _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(w0, w1), _mm512_shuffle_ps::<0b11_01_11_01>(w0, w1))
-    }
-
-    /// Where [`reduce16`] puts the sum of vector `i`.
-    pub const SUM_LANE: [usize; 16] = {
-        let mut lane = [0; 16];
-        let mut i = 0;
-        while i < 16 {
-            lane[i] = 4 * (i % 4) + i / 4;
-            i += 1;
-        }
-        lane
-    };
-
     /// The heads (runs of `d` values) are normalized 16 at a time: their sums of
-    /// squares reduced together ([`reduce16`]) and their scales in one vector
+    /// squares reduced together ([`reduce_vectors16`], bit for bit `_mm512_reduce_add_ps`'s sums) and their scales in one vector
     /// division. One head at a time, the reduction's and the scalar square
     /// root's latencies were most of the op (4 heads of 16 per row at the demo's
     /// width; the same values, bit for bit).
@@ -207,13 +179,13 @@ mod avx512 {
             for (i, a) in acc.iter_mut().take(n).enumerate() {
                 *a = squares(rp.add((g + i) * d), d);
             }
-            let ms = _mm512_div_ps(reduce16(&acc), _mm512_set1_ps(d as f32));
+            let ms = _mm512_div_ps(reduce_vectors16(&acc, |a, b| _mm512_add_ps(a, b)), _mm512_set1_ps(d as f32));
             let mut scale = [0f32; 16];
             _mm512_storeu_ps(scale.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_sqrt_ps(_mm512_add_ps(ms, _mm512_set1_ps(eps)))));
             for i in 0..n {
                 let head = g + i;
                 let rot = rope.map(|(table, seq_len)| table.as_ptr().add(((first_row + head / heads_per_row) % seq_len) * 2 * d));
-                scale_rotate(rp.add(head * d), d, w, _mm512_set1_ps(scale[SUM_LANE[i]]), rot);
+                scale_rotate(rp.add(head * d), d, w, _mm512_set1_ps(scale[REDUCED_LANE[i]]), rot);
             }
             g += n;
         }
@@ -285,7 +257,7 @@ mod tests {
     }
 
     /// 16 heads at a time give each head's values of one head at a time, bit for
-    /// bit: `reduce16`'s lanes are `_mm512_reduce_add_ps` of each vector, in [`avx512::SUM_LANE`]'s places.
+    /// bit: `simd::reduce_vectors16`'s lanes are `_mm512_reduce_add_ps` of each vector, in `simd::REDUCED_LANE`'s places.
     #[test]
     fn heads_normalized_together_match_one_at_a_time() {
         if level() != Level::Avx512 {

@@ -84,3 +84,40 @@ pub fn lanes16(len: usize, i: usize) -> u16 {
         (1u16 << (len - i)) - 1
     }
 }
+
+/// One lane per vector of 16: each vector reduced by `op` (add, max) in
+/// `_mm512_reduce_add_ps`'s order (halvings of 512 to 256 to 128 bits, then
+/// `(x0 + x2) + (x1 + x3)`), so a sum is bit for bit that intrinsic's. The
+/// reduction of `acc[i]` lands in lane [`REDUCED_LANE`]`[i]`. Sixteen rows'
+/// reductions together take a few shuffles each, where one at a time each
+/// waited for its own chain of dependent shuffles.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn reduce_vectors16(acc: &[std::arch::x86_64::__m512; 16], op: impl Fn(std::arch::x86_64::__m512, std::arch::x86_64::__m512) -> std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Two vectors' halves side by side: [a.lo op a.hi, b.lo op b.hi] (256 bits each).
+    let halves = |a: __m512, b: __m512| op(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b));
+    let r: [__m512; 8] = std::array::from_fn(|j| halves(acc[2 * j], acc[2 * j + 1]));
+    // Four vectors' 128-bit reductions, one per lane.
+    let quarters = |a: __m512, b: __m512| op(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b));
+    let q: [__m512; 4] = std::array::from_fn(|k| quarters(r[2 * k], r[2 * k + 1]));
+    // In each 128-bit lane: [x0 op x2, x1 op x3] of two vectors, then their last step.
+    let pairs = |a: __m512, b: __m512| op(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b));
+    let (w0, w1) = (pairs(q[0], q[1]), pairs(q[2], q[3]));
+    op(_mm512_shuffle_ps::<0b10_00_10_00>(w0, w1), _mm512_shuffle_ps::<0b11_01_11_01>(w0, w1))
+}
+
+/// Where [`reduce_vectors16`] puts the reduction of vector `i`.
+pub const REDUCED_LANE: [usize; 16] = {
+    let mut lane = [0; 16];
+    let mut i = 0;
+    while i < 16 {
+        lane[i] = 4 * (i % 4) + i / 4;
+        i += 1;
+    }
+    lane
+};
