@@ -136,15 +136,6 @@ impl<'a> RowModulation<'a> {
     }
 }
 
-/// `s` as initialized floats.
-///
-/// # Safety
-/// Every element of `s` must have been written.
-unsafe fn written(s: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: MaybeUninit<f32> has f32's layout; the caller guarantees initialization.
-    unsafe { &mut *(s as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
-}
-
 /// A zeroed buffer of `len` floats, zeroed by the pool's threads: calloc's
 /// memset of a recycled block runs on the calling thread alone (5% of the
 /// demo's w8a8 step on one thread, serial at two). Small buffers keep calloc.
@@ -449,16 +440,13 @@ impl Backend for CpuBackend {
         let (q_all, k_all, v_all) = (&mut qo.spare_capacity_mut()[..rows * c], &mut ko.spare_capacity_mut()[..rows * c], &mut vo.spare_capacity_mut()[..rows * c]);
         q_all.par_chunks_mut(per_chunk * c).zip(k_all.par_chunks_mut(per_chunk * c)).zip(v_all.par_chunks_mut(per_chunk * c)).enumerate().for_each(|(i, ((q, k), v))| {
             let r0 = i * per_chunk;
-            for (j, ((qr, kr), vr)) in q.chunks_mut(c).zip(k.chunks_mut(c)).zip(v.chunks_mut(c)).enumerate() {
-                let src = &xs[source(r0 + j) * c3..][..c3];
-                qr.write_copy_of_slice(&src[..c]);
-                kr.write_copy_of_slice(&src[c..2 * c]);
-                vr.write_copy_of_slice(&src[2 * c..]);
+            let src = |j: usize| &xs[source(r0 + j) * c3..][..c3];
+            for (j, vr) in v.chunks_mut(c).enumerate() {
+                vr.write_copy_of_slice(&src(j)[2 * c..]);
             }
-            // SAFETY: every value of this chunk of q and k was written just above.
-            let (q, k) = unsafe { (written(q), written(k)) };
-            norm::qk_norm_rope_rows(q, c, r0, wq, eps, rope);
-            norm::qk_norm_rope_rows(k, c, r0, wk, eps, rope);
+            // q and k are normalized from the qkv rows into their outputs (no copy first).
+            norm::qk_norm_rope_gather(q, c, r0, |j| &src(j)[..c], wq, eps, rope);
+            norm::qk_norm_rope_gather(k, c, r0, |j| &src(j)[c..2 * c], wk, eps, rope);
         });
         // SAFETY: the chunks cover all rows * c values of each, all written.
         unsafe {

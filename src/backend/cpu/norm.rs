@@ -77,6 +77,30 @@ pub fn qk_norm_rope_rows(rows: &mut [f32], c: usize, first_row: usize, w: &[f32]
     qk_norm_rope_rows_portable(rows, c, first_row, w, eps, rope)
 }
 
+/// [`qk_norm_rope_rows`] into `dst` (`rows * c` values) from rows read
+/// elsewhere: output row `i` from `src(i)` (`c` values). The same values as
+/// copying the rows into `dst` first; with AVX-512 the copy is left out (the
+/// norm reads the source, writes the output).
+pub fn qk_norm_rope_gather<'a>(dst: &mut [std::mem::MaybeUninit<f32>], c: usize, first_row: usize, src: impl Fn(usize) -> &'a [f32], w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
+    assert!(c > 0 && dst.len().is_multiple_of(c));
+    let rows = dst.len() / c;
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        let srcs: Vec<&[f32]> = (0..rows).map(&src).collect();
+        assert!(srcs.iter().all(|r| r.len() >= c));
+        // SAFETY: AVX-512 checked; every source row holds `c` values and lies
+        // outside `dst` (a shared borrow cannot alias the exclusive one); every
+        // value of `dst` is written.
+        return unsafe { avx512::qk_norm_rope_from(dst.as_mut_ptr() as *mut f32, rows, c, first_row, |i| srcs[i].as_ptr(), w, eps, rope) };
+    }
+    for (i, d) in dst.chunks_mut(c).enumerate() {
+        d.write_copy_of_slice(&src(i)[..c]);
+    }
+    // SAFETY: every value was written just above; MaybeUninit<f32> has f32's layout.
+    let rows_f32 = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+    qk_norm_rope_rows_portable(rows_f32, c, first_row, w, eps, rope)
+}
+
 multiversion! {
 fn qk_norm_rope_rows_portable(rows: &mut [f32], c: usize, first_row: usize, w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
     let d = w.len();
@@ -165,19 +189,31 @@ mod avx512 {
     /// width; the same values, bit for bit).
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     pub unsafe fn qk_norm_rope_rows(rows: &mut [f32], c: usize, first_row: usize, w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
+        assert!(c > 0 && rows.len().is_multiple_of(c));
+        let rp = rows.as_mut_ptr();
+        qk_norm_rope_from(rp, rows.len() / c, c, first_row, |i| rp.add(i * c) as *const f32, w, eps, rope)
+    }
+
+    /// [`qk_norm_rope_rows`] of `rows` rows of `c` values at `dst`, row `i` read
+    /// from `src(i)` (which may be `dst`'s own row: each head is read, then written).
+    ///
+    /// # Safety
+    /// AVX-512; `dst` holds `rows * c` writable values, each `src(i)` `c` readable ones.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub unsafe fn qk_norm_rope_from(dst: *mut f32, rows: usize, c: usize, first_row: usize, src: impl Fn(usize) -> *const f32, w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
         let d = w.len();
-        assert!(d > 0 && (rope.is_none() || d.is_multiple_of(2)) && c.is_multiple_of(d) && rows.len().is_multiple_of(c));
+        assert!(d > 0 && (rope.is_none() || d.is_multiple_of(2)) && c.is_multiple_of(d));
         if let Some((table, seq_len)) = rope {
             assert!(seq_len > 0 && table.len() >= seq_len * 2 * d);
         }
-        let (heads_per_row, heads) = (c / d, rows.len() / d);
-        let rp = rows.as_mut_ptr();
+        let (heads_per_row, heads) = (c / d, rows * c / d);
+        let head_src = |h: usize| src(h / heads_per_row).add(h % heads_per_row * d);
         let mut g = 0;
         while g < heads {
             let n = 16.min(heads - g);
             let mut acc = [_mm512_setzero_ps(); 16];
             for (i, a) in acc.iter_mut().take(n).enumerate() {
-                *a = squares(rp.add((g + i) * d), d);
+                *a = squares(head_src(g + i), d);
             }
             let ms = _mm512_div_ps(reduce_vectors16(&acc, |a, b| _mm512_add_ps(a, b)), _mm512_set1_ps(d as f32));
             let mut scale = [0f32; 16];
@@ -185,15 +221,15 @@ mod avx512 {
             for i in 0..n {
                 let head = g + i;
                 let rot = rope.map(|(table, seq_len)| table.as_ptr().add(((first_row + head / heads_per_row) % seq_len) * 2 * d));
-                scale_rotate(rp.add(head * d), d, w, _mm512_set1_ps(scale[REDUCED_LANE[i]]), rot);
+                scale_rotate(head_src(head), dst.add(head * d), d, w, _mm512_set1_ps(scale[REDUCED_LANE[i]]), rot);
             }
             g += n;
         }
     }
 
-    /// One head: `w * (x * rs)`, then the rotation from `rot` (cos, then sin) if any.
+    /// One head from `hp` to `out`: `w * (x * rs)`, then the rotation from `rot` (cos, then sin) if any.
     #[inline(always)]
-    unsafe fn scale_rotate(hp: *mut f32, d: usize, w: &[f32], rs: __m512, rot: Option<*const f32>) {
+    unsafe fn scale_rotate(hp: *const f32, out: *mut f32, d: usize, w: &[f32], rs: __m512, rot: Option<*const f32>) {
         let mut j = 0;
         while j < d {
             let m = mask(d, j);
@@ -207,7 +243,7 @@ mod avx512 {
                     _mm512_add_ps(_mm512_mul_ps(v, cos), _mm512_mul_ps(swapped, sin))
                 }
             };
-            _mm512_mask_storeu_ps(hp.add(j), m, v);
+            _mm512_mask_storeu_ps(out.add(j), m, v);
             j += 16;
         }
     }
@@ -290,6 +326,28 @@ mod tests {
                     assert_eq!(g.to_bits(), (w[j] * (v * rs)).to_bits(), "d {d}, head {h}, value {j}");
                 }
             }
+        }
+    }
+
+    /// Normalizing from rows elsewhere equals copying them in, then normalizing in place.
+    #[test]
+    fn gathered_rows_equal_copied_ones() {
+        let mut rng = Rng::new(13);
+        for (d, heads, rows) in [(16, 4, 9), (72, 2, 5)] {
+            let c = d * heads;
+            let src = rng.normal_vec(rows * 3 * c);
+            let w = rng.normal_vec(d);
+            let freqs: Vec<f32> = (0..d / 2).map(|k| 10000f32.powf(-2.0 * k as f32 / d as f32)).collect();
+            let table = rope_table(&freqs, 3);
+            // Output row i from the middle third of source row rows - 1 - i.
+            let row = |i: usize| &src[(rows - 1 - i) * 3 * c + c..][..c];
+            let mut want: Vec<f32> = (0..rows).flat_map(|i| row(i).to_vec()).collect();
+            qk_norm_rope_rows(&mut want, c, 1, &w, 1e-6, Some((&table, 3)));
+            let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); rows * c];
+            qk_norm_rope_gather(&mut got, c, 1, row, &w, 1e-6, Some((&table, 3)));
+            // SAFETY: initialized above.
+            let got: Vec<f32> = got.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(got, want, "d {d}");
         }
     }
 
