@@ -109,6 +109,15 @@ fn calibrate_command_checks_its_inputs() {
     std::fs::write(&prompts, "a red ball\n").unwrap();
     let (ok, err) = run(&["calibrate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap(), "--ranges", "9"]);
     assert!(!ok && err.contains("ranges"), "{err}");
+    // --lowest: checked before any trajectory runs.
+    let base = ["calibrate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let (ok, err) = run(&[&base[..], &["--budget", "9", "--lowest", "w2a2"]].concat());
+    assert!(!ok && err.contains("--lowest \"w2a2\"") && err.contains("w8a8, w4a8 or w4a6"), "{err}");
+    let (ok, err) = run(&[&base[..], &["--lowest", "w8a8"]].concat());
+    assert!(!ok && err.contains("--lowest") && err.contains("--budget"), "{err}");
+    let (ok, err) = run(&[&base[..], &["--budget", "6", "--lowest", "w8a8"]].concat());
+    assert!(!ok && err.contains("--budget 6") && err.contains("8.x (w8a8 everywhere)"), "{err}");
+    assert!(!out.exists());
     let (ok, err) = run(&["calibrate", "--model", m.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quant.json")).unwrap()).unwrap();

@@ -676,8 +676,9 @@ struct CalibrateArgs {
     /// below are neither measured nor chosen. On a CPU, where 4-bit weights run slower than 8-bit
     /// ones, `--lowest w8a8` keeps the plan at the fast precisions (the budget then reaches down to
     /// w8a8 everywhere).
-    #[arg(long, value_name = "PRECISION", default_value = "w4a6")]
-    lowest: String,
+    /// [default: w4a6]
+    #[arg(long, value_name = "PRECISION")]
+    lowest: Option<String>,
     /// Prompts (the first N of --prompts) whose trajectories measure the sensitivities.
     #[arg(long, default_value_t = 2, value_name = "N")]
     sensitivity_prompts: usize,
@@ -693,7 +694,18 @@ struct CalibrateArgs {
 }
 
 fn calibrate(a: CalibrateArgs) -> Result<()> {
-    use qc::quant::calibrate::{collect_stats, FORMAT};
+    use qc::quant::calibrate::{collect_stats, FORMAT, PLAN_CHOICES};
+    // Checked before the trajectories run (minutes): the lowest precision the plan may choose.
+    anyhow::ensure!(a.lowest.is_none() || a.budget.is_some(), "--lowest limits the aigq plan: give --budget BITS too");
+    let lowest = match a.lowest.as_deref() {
+        None => PLAN_CHOICES.len() - 1,
+        Some(name) => PLAN_CHOICES.iter().skip(1).position(|p| p.name() == name).map(|i| i + 1).ok_or_else(|| anyhow::anyhow!("--lowest {name:?}: not a quantized plan choice (w8a8, w4a8 or w4a6)"))?,
+    };
+    if let Some(budget) = a.budget {
+        // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits (8 at w8a8).
+        let floor = if PLAN_CHOICES[lowest] == qc::quant::preset::QuantPreset::W8A8 { (8.0, "8.x (w8a8") } else { (4.0, "4.x (w4a8") };
+        anyhow::ensure!(budget >= floor.0, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {} everywhere) to 16 (bf16)", floor.1);
+    }
     let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading --prompts {}", a.prompts.display()))?;
     let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     anyhow::ensure!(!prompts.is_empty(), "--prompts {}: no prompt in the file", a.prompts.display());
@@ -728,18 +740,9 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let mut imp = Importance::choose(&mut dit, &stats, meta, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     if let Some(budget) = a.budget {
-        use qc::quant::calibrate::{allocate, measure_sensitivity, PLAN_CHOICES};
+        use qc::quant::calibrate::{allocate, measure_sensitivity};
         anyhow::ensure!(a.sensitivity_prompts >= 1, "--sensitivity-prompts must be at least 1");
         // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits.
-        let lowest = PLAN_CHOICES
-            .iter()
-            .skip(1)
-            .position(|p| p.name() == a.lowest)
-            .map(|i| i + 1)
-            .ok_or_else(|| anyhow::anyhow!("--lowest {:?}: not a quantized plan choice (w8a8, w4a8 or w4a6)", a.lowest))?;
-        // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits (8 at w8a8).
-        let floor = if PLAN_CHOICES[lowest] == qc::quant::preset::QuantPreset::W8A8 { (8.0, "8.x (w8a8") } else { (4.0, "4.x (w4a8") };
-        anyhow::ensure!(budget >= floor.0, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {} everywhere) to 16 (bf16)", floor.1);
         let sp = &prompts[..a.sensitivity_prompts.min(prompts.len())];
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("measuring sensitivity {bar:30} {pos}/{len} trajectories [{elapsed_precise}<{eta_precise}]").expect("valid template"));
@@ -762,7 +765,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
             })
             .collect();
         imp.meta["budget"] = serde_json::json!(budget);
-        imp.meta["lowest"] = serde_json::json!(a.lowest);
+        imp.meta["lowest"] = serde_json::json!(PLAN_CHOICES[lowest].name());
         imp.meta["plan_bits"] = serde_json::json!(bits);
         imp.meta["sensitivity"] = serde_json::json!({"measure": "relative L2 change of the final latent when only this sub-module is quantized, only in these timestep ranges", "prompts": sp, "seed": a.seeds[0], "decisions": measured, "step_weights": weights});
         imp.meta["plan"] = plan.to_json();
