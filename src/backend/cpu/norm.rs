@@ -199,6 +199,7 @@ mod avx512 {
     ///
     /// # Safety
     /// AVX-512; `dst` holds `rows * c` writable values, each `src(i)` `c` readable ones.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     pub unsafe fn qk_norm_rope_from(dst: *mut f32, rows: usize, c: usize, first_row: usize, src: impl Fn(usize) -> *const f32, w: &[f32], eps: f32, rope: Option<(&[f32], usize)>) {
         let d = w.len();
