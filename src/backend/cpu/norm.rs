@@ -132,6 +132,12 @@ mod avx512 {
     /// Sum of `f(x)` over `x[..len]` (masked lanes contribute 0).
     #[inline(always)]
     unsafe fn sum(x: *const f32, len: usize, f: impl Fn(__mmask16, __m512) -> __m512) -> f32 {
+        _mm512_reduce_add_ps(lane_sums(x, len, f))
+    }
+
+    /// [`sum`] before its last reduction: each lane's sum.
+    #[inline(always)]
+    unsafe fn lane_sums(x: *const f32, len: usize, f: impl Fn(__mmask16, __m512) -> __m512) -> __m512 {
         let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         while i < len {
@@ -139,7 +145,7 @@ mod avx512 {
             acc = _mm512_add_ps(acc, f(m, _mm512_maskz_loadu_ps(m, x.add(i))));
             i += 16;
         }
-        _mm512_reduce_add_ps(acc)
+        acc
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -167,19 +173,6 @@ mod avx512 {
             _mm512_mask_storeu_ps(op.add(i), m, y);
             i += 16;
         }
-    }
-
-    /// Each head's lanes of `sum`'s accumulator of squares (the order of [`sum`]).
-    #[inline(always)]
-    unsafe fn squares(x: *const f32, len: usize) -> __m512 {
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i < len {
-            let v = _mm512_maskz_loadu_ps(mask(len, i), x.add(i));
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
-            i += 16;
-        }
-        acc
     }
 
     /// The heads (runs of `d` values) are normalized 16 at a time: their sums of
@@ -214,7 +207,7 @@ mod avx512 {
             let n = 16.min(heads - g);
             let mut acc = [_mm512_setzero_ps(); 16];
             for (i, a) in acc.iter_mut().take(n).enumerate() {
-                *a = squares(head_src(g + i), d);
+                *a = lane_sums(head_src(g + i), d, |_, v| _mm512_mul_ps(v, v));
             }
             let ms = _mm512_div_ps(reduce_vectors16(&acc, |a, b| _mm512_add_ps(a, b)), _mm512_set1_ps(d as f32));
             let mut scale = [0f32; 16];
