@@ -201,21 +201,34 @@ mod avx512 {
             assert!(seq_len > 0 && table.len() >= seq_len * 2 * d);
         }
         let (heads_per_row, heads) = (c / d, rows * c / d);
-        let head_src = |h: usize| src(h / heads_per_row).add(h % heads_per_row * d);
+        // Each head's source and rotation follow the row counters: no division
+        // per head (two per head were a third of the op at the demo's width).
+        let rotation = |row: usize| rope.map(|(table, seq_len)| table.as_ptr().add(((first_row + row) % seq_len) * 2 * d));
+        let (mut row, mut in_row) = (0, 0);
+        let (mut row_src, mut row_rot) = if rows > 0 { (src(0), rotation(0)) } else { (std::ptr::null(), None) };
         let mut g = 0;
         while g < heads {
             let n = 16.min(heads - g);
+            let mut from = [std::ptr::null::<f32>(); 16];
+            let mut rot = [None; 16];
+            for i in 0..n {
+                from[i] = row_src.add(in_row * d);
+                rot[i] = row_rot;
+                in_row += 1;
+                if in_row == heads_per_row && row + 1 < rows {
+                    (in_row, row) = (0, row + 1);
+                    (row_src, row_rot) = (src(row), rotation(row));
+                }
+            }
             let mut acc = [_mm512_setzero_ps(); 16];
-            for (i, a) in acc.iter_mut().take(n).enumerate() {
-                *a = lane_sums(head_src(g + i), d, |_, v| _mm512_mul_ps(v, v));
+            for (a, &hp) in acc.iter_mut().zip(&from).take(n) {
+                *a = lane_sums(hp, d, |_, v| _mm512_mul_ps(v, v));
             }
             let ms = _mm512_div_ps(reduce_vectors16(&acc, |a, b| _mm512_add_ps(a, b)), _mm512_set1_ps(d as f32));
             let mut scale = [0f32; 16];
             _mm512_storeu_ps(scale.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_sqrt_ps(_mm512_add_ps(ms, _mm512_set1_ps(eps)))));
             for i in 0..n {
-                let head = g + i;
-                let rot = rope.map(|(table, seq_len)| table.as_ptr().add(((first_row + head / heads_per_row) % seq_len) * 2 * d));
-                scale_rotate(head_src(head), dst.add(head * d), d, w, _mm512_set1_ps(scale[REDUCED_LANE[i]]), rot);
+                scale_rotate(from[i], dst.add((g + i) * d), d, w, _mm512_set1_ps(scale[REDUCED_LANE[i]]), rot[i]);
             }
             g += n;
         }
