@@ -30,6 +30,10 @@ pub struct Layout<'a> {
     pub task_rows: usize,
     pub inv_smooth: Option<&'a [f32]>,
     pub qmax: i32,
+    /// The kernel wants each row's sum of its quantized values in
+    /// [`Task::sums`], taken while the rows are quantized (a pass over the
+    /// bytes less).
+    pub row_sums: bool,
 }
 
 /// One task's quantized rows, handed to the kernel.
@@ -39,7 +43,8 @@ pub struct Task<'a> {
     pub lda: usize,
     pub scale: &'a [f32],
     pub m: usize,
-    /// Scratch for the kernel's shift sums.
+    /// With [`Layout::row_sums`], each row's sum of its quantized values;
+    /// otherwise scratch for the kernel's own sums.
     pub sums: &'a mut Vec<i32>,
     /// The task's `m` output rows of `n` values, every one of which the kernel writes.
     pub y: *mut f32,
@@ -85,7 +90,7 @@ fn bytes(buf: &mut Vec<super::Line>, len: usize) -> &mut [i8] {
 /// `[rows, n]` from tasks of `layout.task_rows` rows: each quantizes its rows
 /// exactly as `int8::quantize_rows` does, hands them to `kernel`, then runs `finish`.
 pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>, kernel: &(dyn Fn(Task) + Sync)) -> Vec<f32> {
-    let Layout { k, lda, n, task_rows, inv_smooth, qmax } = *layout;
+    let Layout { k, lda, n, task_rows, inv_smooth, qmax, row_sums } = *layout;
     let mut y = Vec::<f32>::with_capacity(rows * n);
     y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
         SCRATCH.with(|cell| {
@@ -111,7 +116,12 @@ pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>,
             };
             let q = bytes(q, m * k);
             scale.resize(m, 0f32);
-            quantize_block(xb, k, inv_smooth, qmax, q, scale);
+            let row_sums = row_sums.then(|| {
+                sums.clear();
+                sums.resize(m, 0);
+                &mut sums[..]
+            });
+            quantize_block(xb, k, inv_smooth, qmax, q, scale, row_sums);
             let a = if lda == k {
                 &q[..]
             } else {

@@ -534,7 +534,7 @@ mod kernel {
     pub fn linear_rows(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
         let lda = w.groups * W4_GROUP;
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: false };
         fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
             vnni::group_sums_into(t.a, t.lda, W4_GROUP, -8, t.sums);
             let op = Operands { a: t.a.as_ptr(), lda: t.lda, start: t.sums.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };

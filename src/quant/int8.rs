@@ -148,9 +148,11 @@ const LANE_OF_ROW: [i32; 16] = {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn row_quantize_avx512(x: &[f32], inv_smooth: Option<&[f32]>, inv: f32, qm: f32, q: &mut [i8]) {
+unsafe fn row_quantize_avx512(x: &[f32], inv_smooth: Option<&[f32]>, inv: f32, qm: f32, q: &mut [i8]) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
     let len = x.len();
+    // Each lane's sum of the quantized values (masked-off lanes convert 0).
+    let mut sums = _mm512_setzero_si512();
     let (vinv, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_ps(-qm), _mm512_set1_ps(qm));
     // With a finite `inv`, |x' * inv| <= qm (1 + 2^-24)^2 for every finite x', so
     // rounding alone lands in [-qm, qm] (the clamp is a no-op), and a NaN product
@@ -170,6 +172,8 @@ unsafe fn row_quantize_avx512(x: &[f32], inv_smooth: Option<&[f32]>, inv: f32, q
         // Narrowed in a register, then a plain store: `vpmovdb` straight to memory
         // (masked) was a third of this function on Zen 4 (measured).
         let bytes = _mm512_cvtepi32_epi8(r);
+        // Summed as stored (a NaN's i32::MIN is stored as 0).
+        sums = _mm512_add_epi32(sums, _mm512_cvtepi8_epi32(bytes));
         if mask == 0xFFFF {
             _mm_storeu_si128(q.as_mut_ptr().add(i) as *mut __m128i, bytes);
         } else {
@@ -178,6 +182,7 @@ unsafe fn row_quantize_avx512(x: &[f32], inv_smooth: Option<&[f32]>, inv: f32, q
             std::ptr::copy_nonoverlapping(tail_bytes.as_ptr(), q.as_mut_ptr().add(i), len - i);
         }
     }
+    sums
 }
 
 /// Row-quantized activations `[rows, cols]` with one scale per row.
@@ -216,7 +221,7 @@ pub fn quantize_produced_rows(rows: usize, cols: usize, inv_smooth: Option<&[f32
             for (i, row) in buf.chunks_mut(cols).enumerate() {
                 produce(b * BLOCK_ROWS + i, row);
             }
-            quantize_block(buf, cols, inv_smooth, qmax, qb, sb);
+            quantize_block(buf, cols, inv_smooth, qmax, qb, sb, None);
         },
     );
     Ok(QuantRows { q, scale, rows, cols })
@@ -229,14 +234,22 @@ const BLOCK_ROWS: usize = 64;
 /// per row, with the AVX-512 version inlined into one loop (the rows are short
 /// at the demo's widths: a call per row and its two dependent divisions stalled
 /// where the inlined loop overlaps consecutive rows).
-pub(super) fn quantize_block(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32]) {
+///
+/// `sums`, when given, receives each row's sum of its quantized values (what
+/// the integer kernels' shift correction needs), taken while the row is quantized.
+pub(super) fn quantize_block(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32], sums: Option<&mut [i32]>) {
     #[cfg(target_arch = "x86_64")]
     if inv_smooth.is_none_or(|s| s.len() == cols) && crate::backend::cpu::simd::level() == crate::backend::cpu::simd::Level::Avx512 {
         // SAFETY: AVX-512 F present; every row and the smoothing vector are `cols` long.
-        return unsafe { quantize_block_avx512(x, cols, inv_smooth, qmax, q, scale) };
+        return unsafe { quantize_block_avx512(x, cols, inv_smooth, qmax, q, scale, sums) };
     }
     for ((xr, qr), s) in x.chunks(cols).zip(q.chunks_mut(cols)).zip(scale.iter_mut()) {
         *s = quantize_row(xr, inv_smooth, qmax, qr);
+    }
+    if let Some(sums) = sums {
+        for (s, qr) in sums.iter_mut().zip(q.chunks(cols)) {
+            *s = qr.iter().map(|&v| v as i32).sum();
+        }
     }
 }
 
@@ -245,10 +258,10 @@ pub(super) fn quantize_block(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>,
 /// [`quantize_row`]'s), then their values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32]) {
+unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32, q: &mut [i8], scale: &mut [f32], mut sums: Option<&mut [i32]>) {
     use std::arch::x86_64::*;
     let qm = qmax as f32;
-    for ((xb, qb), sb) in x.chunks(cols * 16).zip(q.chunks_mut(cols * 16)).zip(scale.chunks_mut(16)) {
+    for (b, ((xb, qb), sb)) in x.chunks(cols * 16).zip(q.chunks_mut(cols * 16)).zip(scale.chunks_mut(16)).enumerate() {
         // The 16 rows' lane maxima reduced together (max is exact: the same
         // maxima as one row at a time), then put back in row order.
         let mut lanes = [_mm512_setzero_ps(); 16];
@@ -262,9 +275,24 @@ unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32
         let mut inv = [0f32; 16];
         _mm512_storeu_ps(amax.as_mut_ptr(), _mm512_div_ps(va, vq));
         _mm512_storeu_ps(inv.as_mut_ptr(), _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(va, _mm512_setzero_ps()), vq, va));
-        for (((xr, qr), s), (&sc, &iv)) in xb.chunks(cols).zip(qb.chunks_mut(cols)).zip(sb.iter_mut()).zip(amax.iter().zip(&inv)) {
-            row_quantize_avx512(xr, inv_smooth, iv, qm, qr);
+        let mut lane_sums = [_mm512_setzero_si512(); 16];
+        for ((((xr, qr), s), (&sc, &iv)), ls) in xb.chunks(cols).zip(qb.chunks_mut(cols)).zip(sb.iter_mut()).zip(amax.iter().zip(&inv)).zip(lane_sums.iter_mut()) {
+            *ls = row_quantize_avx512(xr, inv_smooth, iv, qm, qr);
             *s = sc;
+        }
+        if let Some(sums) = sums.as_deref_mut() {
+            // The 16 rows' sums reduced together, as integers (the reduction only
+            // moves bits between lanes and adds), then put back in row order.
+            let mut as_ps = [_mm512_setzero_ps(); 16];
+            for (p, &v) in as_ps.iter_mut().zip(&lane_sums) {
+                *p = _mm512_castsi512_ps(v);
+            }
+            let reduced = crate::backend::cpu::simd::reduce_vectors16(&as_ps, |a, b| _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b))));
+            let mut row_sums = [0i32; 16];
+            _mm512_storeu_si512(row_sums.as_mut_ptr() as *mut _, _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduced)));
+            let block = &mut sums[b * 16..];
+            let n = block.len().min(16).min(sb.len());
+            block[..n].copy_from_slice(&row_sums[..n]);
         }
     }
 }
@@ -277,7 +305,7 @@ pub fn quantize_rows(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i
     let mut q = vec![0i8; x.len()];
     let mut scale = vec![0f32; rows];
     q.par_chunks_mut(cols * BLOCK_ROWS).zip(x.par_chunks(cols * BLOCK_ROWS)).zip(scale.par_chunks_mut(BLOCK_ROWS)).for_each(|((qb, xb), sb)| {
-        quantize_block(xb, cols, inv_smooth, qmax, qb, sb);
+        quantize_block(xb, cols, inv_smooth, qmax, qb, sb, None);
     });
     Ok(QuantRows { q, scale, rows, cols })
 }
@@ -552,9 +580,10 @@ mod kernel {
     pub fn linear_rows(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
         let k4 = w.k.div_ceil(4);
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax };
+        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: true };
         fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
-            vnni::group_sums_into(t.a, t.lda, t.lda, 128, t.sums);
+            // The shift correction from the quantizer's row sums (zero padding adds nothing).
+            t.sums.iter_mut().for_each(|s| *s = s.wrapping_mul(128));
             let op = Operands { a: t.a.as_ptr(), lda: t.lda, corr: t.sums.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n: w.n, amx };
             let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
             // SAFETY: VNNI checked by the caller; the operands live through the call;
@@ -855,7 +884,8 @@ mod tests {
 
     /// The block path (16 rows' scales and reciprocals as vector divisions) gives
     /// every row what `quantize_row` gives it: rows of zeros, tiny, huge and
-    /// non-finite values, row counts past whole blocks, tails of columns.
+    /// non-finite values, row counts past whole blocks, tails of columns; the
+    /// row sums taken on the way.
     #[test]
     fn quantizing_rows_in_blocks_equals_row_by_row() {
         let mut rng = Rng::new(17);
@@ -873,6 +903,11 @@ mod tests {
                 for sm in [None, Some(&s[..])] {
                     let got = quantize_rows(&x, cols, sm, qmax).unwrap();
                     let produced = quantize_produced_rows(rows, cols, sm, qmax, |r, buf| buf.copy_from_slice(&x[r * cols..][..cols])).unwrap();
+                    // The sums taken while quantizing are those of the stored bytes.
+                    let (mut q, mut scale, mut sums) = (vec![0i8; rows * cols], vec![0f32; rows], vec![i32::MAX; rows]);
+                    quantize_block(&x, cols, sm, qmax, &mut q, &mut scale, Some(&mut sums));
+                    let want_sums: Vec<i32> = got.q.chunks(cols).map(|r| r.iter().map(|&v| v as i32).sum()).collect();
+                    assert_eq!((&q, &sums), (&got.q, &want_sums), "[{rows}, {cols}] qmax {qmax}: row sums");
                     for r in 0..rows {
                         let mut want = vec![0i8; cols];
                         let sc = quantize_row(&x[r * cols..][..cols], sm, qmax, &mut want);
