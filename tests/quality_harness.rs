@@ -87,3 +87,30 @@ fn harness_reports_every_mode_and_writes_a_strip() {
     let (w, h) = (info.info().width as usize, info.info().height as usize);
     assert_eq!((w, h), (17 * (16 * 4 + 2), 6 * (12 * 4 + 2) + 2 * 2));
 }
+
+/// `--repeat N` times each generation N times: the same videos and counts (the
+/// first run's), so every quality column is the single run's; 0 is refused.
+#[test]
+fn repeated_runs_keep_the_first_runs_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, prompts) = fixture_model(dir.path());
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let run = |repeat: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_qc-bench")).args(["quality", "--model", &p(&m), "--prompts", &p(&prompts), "--modes", "w8a8+static:2", "--out", &p(out), "--repeat", repeat]).output().unwrap()
+    };
+    let (once, twice) = (dir.path().join("once"), dir.path().join("twice"));
+    for (r, out) in [("1", &once), ("2", &twice)] {
+        let res = run(r, out);
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    }
+    let row = |out: &Path| {
+        let md = std::fs::read_to_string(out.join("quality.md")).unwrap();
+        let r = md.lines().find(|l| l.starts_with("| w8a8+static:2 |")).unwrap().to_string();
+        // Mode to weight KiB: everything but the times.
+        (1..=8).map(|i| cell(&r, i).to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(row(&once), row(&twice));
+    let res = run("0", &dir.path().join("zero"));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--repeat"), "{err}");
+}

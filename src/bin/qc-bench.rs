@@ -122,6 +122,11 @@ struct QualityArgs {
     /// Output directory for quality.md and strip.png.
     #[arg(long, default_value = "quality-report", value_name = "DIR")]
     out: PathBuf,
+    /// Generate each video N times and keep its fastest DiT and total times (the
+    /// video and counts are the first run's): on a shared machine other work only
+    /// slows a run down, so the minimum is the least disturbed measure.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    repeat: usize,
     /// Also time each part of the DiT forward (norm + qkv, attention, projections, MLP, ...) inside the
     /// loop, per mode, in ms per forward with the reference's time over each mode's; added to quality.md.
     #[arg(long)]
@@ -545,7 +550,7 @@ fn quality(a: &QualityArgs) -> Result<()> {
     if a.parts {
         qc::model::stdit3::timing::start();
     }
-    let result = harness::run_all(&be, &dir, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, &mut |what| {
+    let result = harness::run_all(&be, &dir, &paths, &base, &cases, &a.seeds, &a.modes, a.strip, a.repeat, &mut |what| {
         done += 1;
         eprint!("\r[{done}/{total}] {what:<80}");
     });
