@@ -290,9 +290,7 @@ unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32
             let reduced = crate::backend::cpu::simd::reduce_vectors16(&as_ps, |a, b| _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b))));
             let mut row_sums = [0i32; 16];
             _mm512_storeu_si512(row_sums.as_mut_ptr() as *mut _, _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduced)));
-            let block = &mut sums[b * 16..];
-            let n = block.len().min(16).min(sb.len());
-            block[..n].copy_from_slice(&row_sums[..n]);
+            sums[b * 16..][..sb.len()].copy_from_slice(&row_sums[..sb.len()]);
         }
     }
 }

@@ -86,12 +86,16 @@ pub fn qk_norm_rope_gather<'a>(dst: &mut [std::mem::MaybeUninit<f32>], c: usize,
     let rows = dst.len() / c;
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512 {
-        let srcs: Vec<&[f32]> = (0..rows).map(&src).collect();
-        assert!(srcs.iter().all(|r| r.len() >= c));
-        // SAFETY: AVX-512 checked; every source row holds `c` values and lies
-        // outside `dst` (a shared borrow cannot alias the exclusive one); every
-        // value of `dst` is written.
-        return unsafe { avx512::qk_norm_rope_from(dst.as_mut_ptr() as *mut f32, rows, c, first_row, |i| srcs[i].as_ptr(), w, eps, rope) };
+        // The kernel asks for each row once, in order.
+        let row = |i: usize| {
+            let r = src(i);
+            assert!(r.len() >= c);
+            r.as_ptr()
+        };
+        // SAFETY: AVX-512 checked; every source row holds `c` values (asserted)
+        // and lies outside `dst` (a shared borrow cannot alias the exclusive
+        // one); every value of `dst` is written.
+        return unsafe { avx512::qk_norm_rope_from(dst.as_mut_ptr() as *mut f32, rows, c, first_row, row, w, eps, rope) };
     }
     for (i, d) in dst.chunks_mut(c).enumerate() {
         d.write_copy_of_slice(&src(i)[..c]);
