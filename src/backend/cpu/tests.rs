@@ -83,12 +83,12 @@ fn int8_linear_matches_the_integer_reference_and_approximates_f32() {
         for (qmax, tol) in [(QMAX_A8, 3e-2), (QMAX_A6, 1.2e-1)] {
             let q = lin.to_int8(None, qmax).unwrap();
             let got = be.linear(&x, &q, Activation::GeluTanh).unwrap();
-            // Exactly the integer pipeline: quantize, exact int32 product, dequantize, bias, GELU.
+            // Exactly the integer pipeline: quantize, exact int32 product, dequantize, bias, (fast) GELU.
             let crate::backend::LinearWeight::Int8(w) = &q.weight else { unreachable!() };
             let a = int8::quantize_rows(x.f32().unwrap(), k, None, qmax).unwrap();
             let mut want = vec![0f32; rows * n];
             int8::dequantize(&int8::gemm_i32(&a, w).unwrap(), &a, w, Some(lin.bias.as_ref().unwrap().f32().unwrap()), &mut want);
-            super::act_in_place(&mut want, Activation::GeluTanh);
+            super::act_after_integer(&mut want, Activation::GeluTanh);
             assert_eq!(got.f32().unwrap(), &want[..], "int8 linear {rows}x{k}x{n} qmax {qmax}");
             let err = crate::tensor::rel_l2(got.f32().unwrap(), full.f32().unwrap());
             assert!(err < tol, "int8 linear vs f32: {err} (qmax {qmax}, {rows}x{k}x{n})");
