@@ -222,8 +222,7 @@ fn forward_parts_count_every_block_once() {
             (Part::CrossQuery, 2 * depth),
             (Part::CrossAttention, 2 * depth),
             (Part::CrossProjection, 2 * depth),
-            (Part::NormFc1, 2 * depth),
-            (Part::Fc2, 2 * depth),
+            (Part::Mlp, 2 * depth),
             (Part::CachedReuse, 0),
         ] {
             assert_eq!(of(t, part).1, per_forward * forwards, "slot {slot}: {part:?}");

@@ -268,6 +268,18 @@ impl<'a> CachedRef<'a> {
     }
 }
 
+/// [`Backend::mlp_residual`] as its two ops: [`Backend::norm_modulate_linear`]
+/// with GELU, then [`Backend::linear_residual`] (or `_kept` where `keep`).
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_residual_unfused<B: Backend + ?Sized>(be: &B, x: &mut Tensor, eps: f32, modulation: (ModRef, ModRef), fc1: &Linear, fc2: &Linear, gate: Option<ModRef>, keep: bool) -> Result<Option<Tensor>> {
+    let h = be.norm_modulate_linear(x, eps, Some(modulation), fc1, Activation::GeluTanh)?;
+    if keep {
+        return Ok(Some(be.linear_residual_kept(&h, fc2, x, gate)?));
+    }
+    be.linear_residual(&h, fc2, x, gate)?;
+    Ok(None)
+}
+
 /// Every op the DiT forward and the sampler need. All tensors are row-major;
 /// "rows" are tokens and the last dimension is the channel.
 pub trait Backend: ConvOps + Send + Sync {
@@ -309,6 +321,16 @@ pub trait Backend: ConvOps + Send + Sync {
     fn norm_modulate_linear(&self, x: &Tensor, eps: f32, modulation: Option<(ModRef, ModRef)>, w: &Linear, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm_modulate(x, eps, modulation)?;
         self.linear(&h, w, act)
+    }
+
+    /// The MLP sub-module and its residual, `x += gate * fc2(GELU(fc1(
+    /// layer_norm_modulate(x, eps, modulation))))`, returning fc2's output
+    /// (before the gate) where `keep` (a caching policy keeps it). The default
+    /// is [`mlp_residual_unfused`]; the CPU backend chains two integer linears
+    /// per task, the same values.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_residual(&self, x: &mut Tensor, eps: f32, modulation: (ModRef, ModRef), fc1: &Linear, fc2: &Linear, gate: Option<ModRef>, keep: bool) -> Result<Option<Tensor>> {
+        mlp_residual_unfused(self, x, eps, modulation, fc1, fc2, gate, keep)
     }
     /// `x += gate * y` per row (`x += y` without a gate), `y` holding the same rows as `x`: a
     /// sub-module's contribution added from its output before the gate (the

@@ -22,6 +22,7 @@ pub enum RowSource<'a> {
 pub type Finish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 
 /// The shape of one fused product.
+#[derive(Clone, Copy)]
 pub struct Layout<'a> {
     pub k: usize,
     /// Bytes per quantized row as the kernel reads it (`k` zero-padded).
@@ -63,11 +64,13 @@ pub fn check(x: RowSource, rows: usize, k: usize, n: usize, inv_smooth: Option<&
     Ok(())
 }
 
-/// One worker's buffers: the produced rows, their bytes (and a padded copy when
-/// `lda > k`; both line-aligned for AMX), scales and the kernel's sums.
+/// One worker's buffers: the produced rows, the hidden rows between two
+/// chained products, the quantized bytes (and a padded copy when `lda > k`;
+/// both line-aligned for AMX), scales and the kernel's sums.
 #[derive(Default)]
 struct Scratch {
     produced: Vec<f32>,
+    hidden: Vec<f32>,
     q: Vec<super::Line>,
     qpad: Vec<super::Line>,
     scale: Vec<f32>,
@@ -87,53 +90,78 @@ fn bytes(buf: &mut Vec<super::Line>, len: usize) -> &mut [i8] {
     &mut bytemuck::cast_slice_mut(buf)[..len]
 }
 
+/// One integer product as the fused paths run it: its shape and its kernel.
+pub struct Stage<'a> {
+    pub layout: Layout<'a>,
+    pub kernel: &'a (dyn Fn(Task) + Sync),
+}
+
+/// One task's product: quantizes its `m` rows `xb` exactly as
+/// `int8::quantize_rows` does and hands them to the kernel, which writes all
+/// `m * n` values at `y`.
+fn product(xb: &[f32], m: usize, stage: &Stage, q: &mut Vec<super::Line>, qpad: &mut Vec<super::Line>, scale: &mut Vec<f32>, sums: &mut Vec<i32>, y: *mut f32) {
+    let Layout { k, lda, inv_smooth, qmax, row_sums, .. } = stage.layout;
+    let q = bytes(q, m * k);
+    scale.resize(m, 0f32);
+    let row_sums = row_sums.then(|| {
+        sums.clear();
+        sums.resize(m, 0);
+        &mut sums[..]
+    });
+    quantize_block(xb, k, inv_smooth, qmax, q, scale, row_sums);
+    let a = if lda == k {
+        &q[..]
+    } else {
+        let qpad = bytes(qpad, m * lda);
+        qpad.fill(0);
+        for (d, s) in qpad.chunks_mut(lda).zip(q.chunks(k)) {
+            d[..k].copy_from_slice(s);
+        }
+        &qpad[..]
+    };
+    (stage.kernel)(Task { a, lda, scale, m, sums, y });
+}
+
+/// Runs `f` with this worker's scratch: a task never runs inside another on
+/// the same thread (nothing in it waits on the pool), so the borrow is free;
+/// a fresh one otherwise.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut fresh = Scratch::default();
+        let mut held = cell.try_borrow_mut();
+        f(match held.as_deref_mut() {
+            Ok(s) => s,
+            Err(_) => &mut fresh,
+        })
+    })
+}
+
+/// The task's input rows `r0 .. r0 + m`: borrowed, or produced into `produced`.
+fn source_rows<'s>(x: RowSource<'s>, r0: usize, m: usize, k: usize, produced: &'s mut Vec<f32>) -> &'s [f32] {
+    match x {
+        RowSource::Rows(xs) => &xs[r0 * k..(r0 + m) * k],
+        RowSource::Produced(produce) => {
+            produced.resize(m * k, 0f32);
+            for (i, row) in produced.chunks_mut(k).enumerate() {
+                produce(r0 + i, row);
+            }
+            &produced[..]
+        }
+    }
+}
+
 /// `[rows, n]` from tasks of `layout.task_rows` rows: each quantizes its rows
 /// exactly as `int8::quantize_rows` does, hands them to `kernel`, then runs `finish`.
 pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>, kernel: &(dyn Fn(Task) + Sync)) -> Vec<f32> {
-    let Layout { k, lda, n, task_rows, inv_smooth, qmax, row_sums } = *layout;
+    let stage = Stage { layout: *layout, kernel };
+    let (k, n, task_rows) = (layout.k, layout.n, layout.task_rows);
     let mut y = Vec::<f32>::with_capacity(rows * n);
     y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
-        SCRATCH.with(|cell| {
-            // A task never runs inside another on the same thread (nothing in it
-            // waits on the pool), so the borrow is free; a fresh one otherwise.
-            let mut fresh = Scratch::default();
-            let mut held = cell.try_borrow_mut();
-            let Scratch { produced, q, qpad, scale, sums } = match held.as_deref_mut() {
-                Ok(s) => s,
-                Err(_) => &mut fresh,
-            };
-            let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(rows));
-            let m = r1 - r0;
-            let xb: &[f32] = match x {
-                RowSource::Rows(xs) => &xs[r0 * k..r1 * k],
-                RowSource::Produced(produce) => {
-                    produced.resize(m * k, 0f32);
-                    for (i, row) in produced.chunks_mut(k).enumerate() {
-                        produce(r0 + i, row);
-                    }
-                    &produced[..]
-                }
-            };
-            let q = bytes(q, m * k);
-            scale.resize(m, 0f32);
-            let row_sums = row_sums.then(|| {
-                sums.clear();
-                sums.resize(m, 0);
-                &mut sums[..]
-            });
-            quantize_block(xb, k, inv_smooth, qmax, q, scale, row_sums);
-            let a = if lda == k {
-                &q[..]
-            } else {
-                let qpad = bytes(qpad, m * lda);
-                qpad.fill(0);
-                for (d, s) in qpad.chunks_mut(lda).zip(q.chunks(k)) {
-                    d[..k].copy_from_slice(s);
-                }
-                &qpad[..]
-            };
+        with_scratch(|s| {
+            let (r0, m) = (t * task_rows, out.len() / n);
+            let xb = source_rows(x, r0, m, k, &mut s.produced);
             let y_task = out.as_mut_ptr() as *mut f32;
-            kernel(Task { a, lda, scale, m, sums, y: y_task });
+            product(xb, m, &stage, &mut s.q, &mut s.qpad, &mut s.scale, &mut s.sums, y_task);
             if let Some(f) = finish {
                 // SAFETY: the kernel has just written all m * n values of this chunk.
                 f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
@@ -143,4 +171,35 @@ pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>,
     // SAFETY: every task's kernel wrote all of its rows.
     unsafe { y.set_len(rows * n) };
     y
+}
+
+/// Two products chained per task: `second(between(first(x)))`, then `finish`
+/// on the second's output, in tasks of the first's `task_rows` rows. Each
+/// task's hidden rows stay in its worker's scratch, near the core, and one
+/// parallel loop replaces two (the demo's MLP: fc1, GELU, fc2 and the
+/// residual). The same values as [`rows`] twice, bit for bit: every row is
+/// quantized and multiplied on its own.
+pub fn chain(x: RowSource, rows: usize, first: &Stage, between: &Finish, second: &Stage, finish: Option<&Finish>) -> Result<Vec<f32>> {
+    let (k, hidden, n, task_rows) = (first.layout.k, first.layout.n, second.layout.n, first.layout.task_rows);
+    ensure!(second.layout.k == hidden, "chained integer linears: the second takes {} inputs, the first gives {hidden}", second.layout.k);
+    let mut y = Vec::<f32>::with_capacity(rows * n);
+    y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
+        with_scratch(|s| {
+            let (r0, m) = (t * task_rows, out.len() / n);
+            let Scratch { produced, hidden: h, q, qpad, scale, sums } = s;
+            let xb = source_rows(x, r0, m, k, produced);
+            h.resize(m * hidden, 0f32);
+            product(xb, m, first, q, qpad, scale, sums, h.as_mut_ptr());
+            between(r0, &mut h[..]);
+            let y_task = out.as_mut_ptr() as *mut f32;
+            product(&h[..], m, second, q, qpad, scale, sums, y_task);
+            if let Some(f) = finish {
+                // SAFETY: the kernel has just written all m * n values of this chunk.
+                f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
+            }
+        })
+    });
+    // SAFETY: every task's second kernel wrote all of its rows.
+    unsafe { y.set_len(rows * n) };
+    Ok(y)
 }

@@ -392,6 +392,23 @@ pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&
     None
 }
 
+/// `f` on the fused path's stage for `w` over `rows` rows (for
+/// [`fused::chain`](super::fused::chain)), or `None` where
+/// [`linear_rows_f32`] would not apply.
+pub fn with_stage<R>(w: &Int4Weight, bias: Option<&[f32]>, rows: usize, f: impl FnOnce(&super::fused::Stage) -> R) -> Option<Result<R>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::vnni::available() && kernel::fits_one_task(w) {
+        return Some((|| {
+            super::fused::check(RowSource::Rows(&[]), 0, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias)?;
+            let amx = kernel::use_amx();
+            let task = kernel::task_kernel(w, bias, amx);
+            Ok(f(&super::fused::Stage { layout: kernel::layout(w, rows, amx), kernel: &task }))
+        })());
+    }
+    let _ = (w, bias, rows, f);
+    None
+}
+
 /// The reference: plain integer loops over the unpacked weight.
 pub fn gemm_portable(a: &QuantRows, w: &Int4Weight, acc: &mut [i32]) {
     let (k, n, g) = (w.k, w.n, w.groups);
@@ -532,17 +549,25 @@ mod kernel {
 
     /// See [`super::linear_rows_f32`]: [`gemm`] on each task's own quantized rows.
     pub fn linear_rows(x: RowSource, rows: usize, w: &Int4Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
-        let lda = w.groups * W4_GROUP;
+        fused::rows(x, rows, &layout(w, rows, amx), finish, &task_kernel(w, bias, amx))
+    }
+
+    /// The fused product's shape for `rows` rows of `w`.
+    pub fn layout(w: &Int4Weight, rows: usize, amx: bool) -> fused::Layout<'_> {
+        fused::Layout { k: w.k, lda: w.groups * W4_GROUP, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: false }
+    }
+
+    /// What each fused task runs on its quantized rows.
+    pub fn task_kernel<'a>(w: &'a Int4Weight, bias: Option<&'a [f32]>, amx: bool) -> impl Fn(fused::Task) + Sync + 'a {
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: false };
-        fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
+        move |t: fused::Task| {
             vnni::group_sums_into(t.a, t.lda, W4_GROUP, -8, t.sums);
             let op = Operands { a: t.a.as_ptr(), lda: t.lda, start: t.sums.as_ptr(), w: w.vnni.as_ptr(), groups: w.groups, scale_gn: w.scale_gn.as_ptr(), n: w.n, amx };
             let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
             // SAFETY: VNNI checked by the caller; the operands live through the call;
             // `t.y` is the task's own `t.m` rows, all of which the tile writes.
             unsafe { tile(&op, 0, t.m, 0, blocks, Out::F32 { y: t.y, a_scale: t.scale.as_ptr(), bias }) };
-        })
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

@@ -452,6 +452,23 @@ pub fn linear_rows_f32(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&
     None
 }
 
+/// `f` on the fused path's stage for `w` over `rows` rows (for
+/// [`fused::chain`](super::fused::chain)), or `None` where
+/// [`linear_rows_f32`] would not apply.
+pub fn with_stage<R>(w: &Int8Weight, bias: Option<&[f32]>, rows: usize, f: impl FnOnce(&super::fused::Stage) -> R) -> Option<Result<R>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::vnni::available() && kernel::fits_one_task(w) {
+        return Some((|| {
+            super::fused::check(RowSource::Rows(&[]), 0, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias)?;
+            let amx = kernel::use_amx(w);
+            let task = kernel::task_kernel(w, bias, amx);
+            Ok(f(&super::fused::Stage { layout: kernel::layout(w, rows, amx), kernel: &task }))
+        })());
+    }
+    let _ = (w, bias, rows, f);
+    None
+}
+
 /// The portable kernel (no VNNI): plain integer loops, vectorized by the compiler.
 pub fn gemm_portable(a: &QuantRows, w: &Int8Weight, acc: &mut [i32]) {
     let (k, n) = (w.k, w.n);
@@ -576,10 +593,19 @@ mod kernel {
     /// See [`super::linear_rows_f32`]: tasks of [`task_rows`] rows, each producing
     /// (or reading), quantizing and multiplying its rows into its part of the output.
     pub fn linear_rows(x: RowSource, rows: usize, w: &Int8Weight, bias: Option<&[f32]>, finish: Option<&Finish>, amx: bool) -> Vec<f32> {
+        fused::rows(x, rows, &layout(w, rows, amx), finish, &task_kernel(w, bias, amx))
+    }
+
+    /// The fused product's shape for `rows` rows of `w`.
+    pub fn layout(w: &Int8Weight, rows: usize, amx: bool) -> fused::Layout<'_> {
+        fused::Layout { k: w.k, lda: w.k.div_ceil(4) * 4, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: true }
+    }
+
+    /// What each fused task runs on its quantized rows.
+    pub fn task_kernel<'a>(w: &'a Int8Weight, bias: Option<&'a [f32]>, amx: bool) -> impl Fn(fused::Task) + Sync + 'a {
         let k4 = w.k.div_ceil(4);
         let blocks = w.n.div_ceil(NB);
-        let layout = fused::Layout { k: w.k, lda: k4 * 4, n: w.n, task_rows: task_rows(rows, amx), inv_smooth: w.inv_smooth.as_deref(), qmax: w.act_qmax, row_sums: true };
-        fused::rows(x, rows, &layout, finish, &|t: fused::Task| {
+        move |t: fused::Task| {
             // The shift correction from the quantizer's row sums (zero padding adds nothing).
             t.sums.iter_mut().for_each(|s| *s = s.wrapping_mul(128));
             let op = Operands { a: t.a.as_ptr(), lda: t.lda, corr: t.sums.as_ptr(), w: w.packed.as_ptr() as *const u8, k4, scale: w.scale_pad.as_ptr(), n: w.n, amx };
@@ -587,7 +613,7 @@ mod kernel {
             // SAFETY: VNNI checked by the caller; the operands live through the call;
             // `t.y` is the task's own `t.m` rows, all of which the tile writes.
             unsafe { tile(&op, 0, t.m, 0, blocks, Out::F32 { y: t.y, a_scale: t.scale.as_ptr(), bias }) };
-        })
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

@@ -18,7 +18,7 @@ pub(crate) mod simd;
 mod tests;
 
 use super::{Activation, AttnSpec, Backend, Linear, LinearWeight, ModRef, PatchGrid, Rope};
-use crate::quant::fused::{Finish, RowSource};
+use crate::quant::fused::{self, Finish, RowSource};
 use crate::quant::int8;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -254,6 +254,32 @@ fn gated_row(a: &mut [f32], b: &[f32], g: &[f32]) {
 
 /// Rows of a tensor that the tasks of one parallel loop update, each its own rows.
 struct SharedRows(*mut f32);
+
+/// Adds a fused task's output rows `ys` (from row `r0`, `n` wide) to the rows
+/// at `res`, times the gate where there is one: the same operations as
+/// [`gated_accumulate`].
+fn add_rows(res: &SharedRows, r0: usize, ys: &[f32], n: usize, gate: Option<(&ModRef, &[f32])>) {
+    for (i, y) in ys.chunks(n).enumerate() {
+        let row = r0 + i;
+        // SAFETY: the tensor at `res` holds every row, and each task passes its own rows.
+        let r = unsafe { std::slice::from_raw_parts_mut(res.0.add(row * n), n) };
+        match gate {
+            Some((g, t)) => gated_row(r, y, mod_vec(g, t, g.groups.index[row / g.groups.group_size], n)),
+            None => r.iter_mut().zip(y).for_each(|(a, b)| *a += b),
+        }
+    }
+}
+
+/// `f` on the fused integer stage of `w` over `rows` rows; `None` for float
+/// weights or where the fused path does not apply.
+fn with_integer_stage<R>(w: &Linear, rows: usize, f: impl FnOnce(&fused::Stage) -> R) -> Result<Option<R>> {
+    let bias = w.bias.as_ref().map(|b| b.f32()).transpose()?;
+    match &w.weight {
+        LinearWeight::Int8(q) => int8::with_stage(q, bias, rows, f).transpose(),
+        LinearWeight::Int4(q) => crate::quant::int4::with_stage(q, bias, rows, f).transpose(),
+        LinearWeight::F32(_) | LinearWeight::Half(_) => Ok(None),
+    }
+}
 // SAFETY: the tasks that share it touch disjoint rows (see `fused_integer_residual`).
 unsafe impl Send for SharedRows {}
 unsafe impl Sync for SharedRows {}
@@ -285,19 +311,43 @@ impl CpuBackend {
         }
         let table = gate.as_ref().map(|g| g.table.f32()).transpose()?;
         let res = SharedRows(residual.f32_mut()?.as_mut_ptr());
-        let res = &res;
-        let accumulate = |r0: usize, ys: &mut [f32]| {
-            for (i, y) in ys.chunks(n).enumerate() {
-                let row = r0 + i;
-                // SAFETY: `residual` holds rows * n values and each task passes its own rows.
-                let r = unsafe { std::slice::from_raw_parts_mut(res.0.add(row * n), n) };
-                match (&gate, &table) {
-                    (Some(g), Some(t)) => gated_row(r, y, mod_vec(g, t, g.groups.index[row / g.groups.group_size], n)),
-                    _ => r.iter_mut().zip(y).for_each(|(a, b)| *a += b),
-                }
-            }
-        };
+        let accumulate = |r0: usize, ys: &mut [f32]| add_rows(&res, r0, ys, n, gate.as_ref().zip(table));
         self.fused_integer(RowSource::Rows(x.f32()?), rows, w, Some(&accumulate))
+    }
+
+    /// The MLP sub-module chained per task ([`fused::chain`]): each task
+    /// normalizes, modulates and quantizes its rows of `x`, runs fc1, GELU (the
+    /// integer linears' one) and fc2, and adds the gated result to the same
+    /// rows; returns fc2's output, or `None` unless both linears take the fused
+    /// integer path. The same values as
+    /// [`mlp_residual_unfused`](crate::backend::mlp_residual_unfused).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_mlp(&self, x: &mut Tensor, eps: f32, modulation: (ModRef, ModRef), fc1: &Linear, fc2: &Linear, gate: Option<ModRef>) -> Result<Option<Vec<f32>>> {
+        let integer = |w: &Linear| matches!(w.weight, LinearWeight::Int8(_) | LinearWeight::Int4(_));
+        if !integer(fc1) || !integer(fc2) {
+            return Ok(None);
+        }
+        let (rows, c) = rows_of(x);
+        ensure!(c == fc1.in_features, "mlp: fc1 expects {} input features, got shape {:?}", fc1.in_features, x.shape());
+        ensure!(fc2.in_features == fc1.out_features, "mlp: fc1 gives {} features, fc2 takes {}", fc1.out_features, fc2.in_features);
+        ensure!(fc2.out_features == c, "mlp: fc2 gives {} features for a residual of {c}", fc2.out_features);
+        if let Some(g) = &gate {
+            check_mod(g, rows, c, "gated residual")?;
+        }
+        let m = RowModulation::new(Some(modulation), rows, c)?;
+        let table = gate.as_ref().map(|g| g.table.f32()).transpose()?;
+        let xp = SharedRows(x.f32_mut()?.as_mut_ptr());
+        let xp = &xp;
+        // SAFETY: `x` holds rows * c values; a task reads its own rows here
+        // before `add_rows` adds to them, and no other task touches them.
+        let produce = |row: usize, buf: &mut [f32]| norm::layer_norm_row(unsafe { std::slice::from_raw_parts(xp.0.add(row * c), c) }, buf, eps, m.as_ref().map(|m| m.row(row)));
+        let gelu = |_: usize, h: &mut [f32]| act_after_integer(h, Activation::GeluTanh);
+        let accumulate = |r0: usize, ys: &mut [f32]| add_rows(xp, r0, ys, c, gate.as_ref().zip(table));
+        let chained = with_integer_stage(fc1, rows, |first| with_integer_stage(fc2, rows, |second| fused::chain(RowSource::Produced(&produce), rows, first, &gelu, second, Some(&accumulate))))?;
+        match chained {
+            Some(inner) => inner?.transpose(),
+            None => Ok(None),
+        }
     }
 }
 
@@ -315,6 +365,13 @@ impl Backend for CpuBackend {
         }
         let (out, _) = self.matmul_bias(x, w)?;
         linear_output(out, x.shape(), w, act)
+    }
+
+    fn mlp_residual(&self, x: &mut Tensor, eps: f32, modulation: (ModRef, ModRef), fc1: &Linear, fc2: &Linear, gate: Option<ModRef>, keep: bool) -> Result<Option<Tensor>> {
+        match self.fused_mlp(x, eps, modulation, fc1, fc2, gate)? {
+            Some(out) => keep.then(|| linear_output(out, x.shape(), fc2, Activation::None)).transpose(),
+            None => crate::backend::mlp_residual_unfused(self, x, eps, modulation, fc1, fc2, gate, keep),
+        }
     }
 
     fn linear_residual_kept(&self, x: &Tensor, w: &Linear, residual: &mut Tensor, gate: Option<ModRef>) -> Result<Tensor> {

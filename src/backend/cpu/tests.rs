@@ -128,6 +128,61 @@ fn integer_linear_residual_equals_linear_then_add_gated() {
     }
 }
 
+/// The MLP chained per task gives exactly the unfused ops' values, in `x` and
+/// in the kept output: fc1 and fc2 in int8 and int4 (mixed too; A8, and A6
+/// with importance vectors), a gate or none, kept or not. Float weights, or
+/// one float linear, take the unfused ops; mismatched widths are refused.
+#[test]
+fn chained_mlp_equals_the_unfused_ops() {
+    let be = CpuBackend::new();
+    let mut rng = Rng::new(8);
+    for &(groups, size, c) in &[(1, 1, 64), (2, 70, 64), (4, 128, 64), (3, 33, 128)] {
+        let rows = groups * size;
+        let hidden = 4 * c;
+        let rg = random_groups(&mut rng, groups, size, 3);
+        let table = rand(&mut rng, &[3, 6, c]);
+        let m = |chunk| ModRef { table: &table, chunk, groups: &rg };
+        let fc1 = Linear::new(rand(&mut rng, &[hidden, c]), Some(rand(&mut rng, &[hidden]))).unwrap();
+        let fc2 = Linear::new(rand(&mut rng, &[c, hidden]), Some(rand(&mut rng, &[c]))).unwrap();
+        let (s1, s2): (Vec<f32>, Vec<f32>) = (rng.normal_vec(c).iter().map(|v| 0.5 + v.abs()).collect(), rng.normal_vec(hidden).iter().map(|v| 0.5 + v.abs()).collect());
+        let pairs = [
+            (fc1.to_int8(None, 127).unwrap(), fc2.to_int8(None, 127).unwrap()),
+            (fc1.to_int8(Some(&s1), 31).unwrap(), fc2.to_int8(Some(&s2), 31).unwrap()),
+            (fc1.to_int4(None, 127).unwrap(), fc2.to_int4(Some(&s2), 127).unwrap()),
+            (fc1.to_int8(Some(&s1), 127).unwrap(), fc2.to_int4(None, 31).unwrap()),
+        ];
+        for (q1, q2) in &pairs {
+            for gate in [None, Some(m(5))] {
+                for keep in [false, true] {
+                    let start = rand(&mut rng, &[rows, c]);
+                    let mut want = start.clone();
+                    let want_out = crate::backend::mlp_residual_unfused(&be, &mut want, 1e-6, (m(3), m(4)), q1, q2, gate, keep).unwrap();
+                    let mut fused = start.clone();
+                    let out = be.fused_mlp(&mut fused, 1e-6, (m(3), m(4)), q1, q2, gate).unwrap().expect("integer weights chain");
+                    assert_eq!(fused.f32().unwrap(), want.f32().unwrap(), "chained mlp {rows}x{c}, gate {}", gate.is_some());
+                    let mut got = start.clone();
+                    let got_out = be.mlp_residual(&mut got, 1e-6, (m(3), m(4)), q1, q2, gate, keep).unwrap();
+                    assert_eq!(got.f32().unwrap(), want.f32().unwrap(), "mlp_residual {rows}x{c}");
+                    match (got_out, want_out) {
+                        (Some(g), Some(w)) => {
+                            assert_eq!((g.shape(), g.f32().unwrap()), (w.shape(), w.f32().unwrap()), "kept output {rows}x{c}");
+                            assert_eq!(&out[..], w.f32().unwrap());
+                        }
+                        (None, None) => assert!(!keep),
+                        _ => panic!("kept output where not asked, or missing"),
+                    }
+                }
+            }
+        }
+        let mut x = rand(&mut rng, &[rows, c]);
+        assert!(be.fused_mlp(&mut x, 1e-6, (m(3), m(4)), &fc1, &fc2, None).unwrap().is_none(), "float weights");
+        assert!(be.fused_mlp(&mut x, 1e-6, (m(3), m(4)), &pairs[0].0, &fc2, None).unwrap().is_none(), "a float fc2");
+        let wide = fc2.to_int8(None, 127).unwrap();
+        let err = be.fused_mlp(&mut x, 1e-6, (m(3), m(4)), &wide, &pairs[0].1, None).unwrap_err().to_string();
+        assert!(err.contains("fc1 expects"), "{err}");
+    }
+}
+
 #[test]
 fn layer_norm_modulate_per_group() {
     let be = CpuBackend::new();

@@ -493,10 +493,21 @@ impl Stdit3 {
         let m = |chunk| ModRef { table: mods, chunk, groups };
         // Each sub-module: computed, computed with its pre-gate output kept, served from
         // the kept output (gate * cached: the cached-residual reuse op), or left out.
-        let subs = [(SubModule::SelfAttention, Some(2), Part::AttentionProjection), (SubModule::CrossAttention, None, Part::CrossProjection), (SubModule::Mlp, Some(5), Part::Fc2)];
+        let subs = [(SubModule::SelfAttention, Some(2), Part::AttentionProjection), (SubModule::CrossAttention, None, Part::CrossProjection), (SubModule::Mlp, Some(5), Part::Mlp)];
         for (sub, gate, projection) in subs {
             let gate = gate.map(m);
             match hooks.sub_action(id, sub) {
+                // The MLP is one backend op (the CPU chains its two integer linears per task).
+                action @ (SubAction::Compute | SubAction::ComputeAndStore) if sub == SubModule::Mlp => {
+                    let keep = action == SubAction::ComputeAndStore;
+                    let out = {
+                        let _t = span(Part::Mlp);
+                        be.mlp_residual(x, NORM_EPS, (m(3), m(4)), &bw.fc1, &bw.fc2, gate, keep)?
+                    };
+                    if let Some(out) = out {
+                        hooks.store(be, id, sub, out);
+                    }
+                }
                 SubAction::Skip => {}
                 SubAction::Reuse => {
                     let _t = span(Part::CachedReuse);
@@ -521,7 +532,7 @@ impl Stdit3 {
         Ok(())
     }
 
-    /// A sub-module up to its output projection: the projection's input and the projection.
+    /// An attention sub-module up to its output projection: the projection's input and the projection.
     #[allow(clippy::too_many_arguments)]
     fn sub_module<'w>(&self, be: &dyn Backend, bw: &'w BlockWeights, kind: BlockKind, sub: SubModule, x: &Tensor, mods: &Tensor, groups: &RowGroups, text: &TextCond, kv_index: usize, d: BlockDims) -> Result<(Tensor, &'w crate::backend::Linear)> {
         let m = |chunk| ModRef { table: mods, chunk, groups };
@@ -543,10 +554,7 @@ impl Stdit3 {
                 spec.bf16 = self.attn_bf16;
                 return Ok((be.attention(&q, k, v, &spec, None)?, &bw.cross_proj));
             }
-            SubModule::Mlp => {
-                let _t = span(Part::NormFc1);
-                return Ok((be.norm_modulate_linear(x, NORM_EPS, Some((m(3), m(4))), &bw.fc1, Activation::GeluTanh)?, &bw.fc2));
-            }
+            SubModule::Mlp => bail!("the MLP runs as one op (mlp_residual), not up to its projection"),
         }
 
         // Self-attention: spatial over the S positions of each frame, temporal over the T frames of each position.

@@ -24,14 +24,14 @@ pub enum Part {
     CrossQuery,
     CrossAttention,
     CrossProjection,
-    NormFc1,
-    Fc2,
+    /// Norm, fc1, GELU, fc2 and the residual: one backend op.
+    Mlp,
     /// Sub-modules served from the cache (the cached-residual reuse op).
     CachedReuse,
     FinalLayer,
 }
 
-pub const PARTS: [(Part, &str); 15] = [
+pub const PARTS: [(Part, &str); 14] = [
     (Part::Forward, "whole forward"),
     (Part::Embedding, "embeddings"),
     (Part::Modulation, "modulation tables"),
@@ -43,8 +43,7 @@ pub const PARTS: [(Part, &str); 15] = [
     (Part::CrossQuery, "cross-attention q linear"),
     (Part::CrossAttention, "cross-attention"),
     (Part::CrossProjection, "cross proj + residual"),
-    (Part::NormFc1, "norm + fc1 + GELU"),
-    (Part::Fc2, "fc2 + residual"),
+    (Part::Mlp, "MLP: norm, fc1, GELU, fc2, residual"),
     (Part::CachedReuse, "cached-residual reuse"),
     (Part::FinalLayer, "final layer"),
 ];
