@@ -71,6 +71,12 @@ pub fn check(x: RowSource, rows: usize, k: usize, n: usize, inv_smooth: Option<&
 struct Scratch {
     produced: Vec<f32>,
     hidden: Vec<f32>,
+    product: ProductBuffers,
+}
+
+/// What one product quantizes into.
+#[derive(Default)]
+struct ProductBuffers {
     q: Vec<super::Line>,
     qpad: Vec<super::Line>,
     scale: Vec<f32>,
@@ -99,8 +105,9 @@ pub struct Stage<'a> {
 /// One task's product: quantizes its `m` rows `xb` exactly as
 /// `int8::quantize_rows` does and hands them to the kernel, which writes all
 /// `m * n` values at `y`.
-fn product(xb: &[f32], m: usize, stage: &Stage, q: &mut Vec<super::Line>, qpad: &mut Vec<super::Line>, scale: &mut Vec<f32>, sums: &mut Vec<i32>, y: *mut f32) {
+fn product(xb: &[f32], m: usize, stage: &Stage, buffers: &mut ProductBuffers, y: *mut f32) {
     let Layout { k, lda, inv_smooth, qmax, row_sums, .. } = stage.layout;
+    let ProductBuffers { q, qpad, scale, sums } = buffers;
     let q = bytes(q, m * k);
     scale.resize(m, 0f32);
     let row_sums = row_sums.then(|| {
@@ -161,7 +168,7 @@ pub fn rows(x: RowSource, rows: usize, layout: &Layout, finish: Option<&Finish>,
             let (r0, m) = (t * task_rows, out.len() / n);
             let xb = source_rows(x, r0, m, k, &mut s.produced);
             let y_task = out.as_mut_ptr() as *mut f32;
-            product(xb, m, &stage, &mut s.q, &mut s.qpad, &mut s.scale, &mut s.sums, y_task);
+            product(xb, m, &stage, &mut s.product, y_task);
             if let Some(f) = finish {
                 // SAFETY: the kernel has just written all m * n values of this chunk.
                 f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });
@@ -186,13 +193,13 @@ pub fn chain(x: RowSource, rows: usize, first: &Stage, between: &Finish, second:
     y.spare_capacity_mut()[..rows * n].par_chunks_mut(task_rows * n).enumerate().for_each(|(t, out)| {
         with_scratch(|s| {
             let (r0, m) = (t * task_rows, out.len() / n);
-            let Scratch { produced, hidden: h, q, qpad, scale, sums } = s;
+            let Scratch { produced, hidden: h, product: buffers } = s;
             let xb = source_rows(x, r0, m, k, produced);
             h.resize(m * hidden, 0f32);
-            product(xb, m, first, q, qpad, scale, sums, h.as_mut_ptr());
+            product(xb, m, first, buffers, h.as_mut_ptr());
             between(r0, &mut h[..]);
             let y_task = out.as_mut_ptr() as *mut f32;
-            product(&h[..], m, second, q, qpad, scale, sums, y_task);
+            product(&h[..], m, second, buffers, y_task);
             if let Some(f) = finish {
                 // SAFETY: the kernel has just written all m * n values of this chunk.
                 f(r0, unsafe { std::slice::from_raw_parts_mut(y_task, m * n) });

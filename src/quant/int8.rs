@@ -459,6 +459,7 @@ pub fn with_stage<R>(w: &Int8Weight, bias: Option<&[f32]>, rows: usize, f: impl 
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() && kernel::fits_one_task(w) {
         return Some((|| {
+            // No rows yet: the arguments only.
             super::fused::check(RowSource::Rows(&[]), 0, w.k, w.n, w.inv_smooth.as_deref(), w.act_qmax, bias)?;
             let amx = kernel::use_amx(w);
             let task = kernel::task_kernel(w, bias, amx);
