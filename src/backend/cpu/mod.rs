@@ -254,6 +254,9 @@ fn gated_row(a: &mut [f32], b: &[f32], g: &[f32]) {
 
 /// Rows of a tensor that the tasks of one parallel loop update, each its own rows.
 struct SharedRows(*mut f32);
+// SAFETY: the tasks that share it touch disjoint rows (see `fused_integer_residual`).
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
 
 /// Adds a fused task's output rows `ys` (from row `r0`, `n` wide) to the rows
 /// at `res`, times the gate where there is one: the same operations as
@@ -280,9 +283,6 @@ fn with_integer_stage<R>(w: &Linear, rows: usize, f: impl FnOnce(&fused::Stage) 
         LinearWeight::F32(_) | LinearWeight::Half(_) => Ok(None),
     }
 }
-// SAFETY: the tasks that share it touch disjoint rows (see `fused_integer_residual`).
-unsafe impl Send for SharedRows {}
-unsafe impl Sync for SharedRows {}
 
 impl CpuBackend {
     /// The integer linear fused per task (`quant::fused`) on `x`'s rows, where it applies.
