@@ -103,15 +103,24 @@ pub fn gelu_tanh(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
 pub unsafe fn gelu_tanh_avx512(v: &mut [f32]) {
+    gelu_slice::<false>(v)
+}
+
+/// GELU over a slice, 16 lanes at a time (the tail masked): the exact
+/// [`gelu_tanh_v`] or, with `FAST`, [`gelu_tanh_fast_v`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn gelu_slice<const FAST: bool>(v: &mut [f32]) {
     use std::arch::x86_64::*;
+    let gelu = |x: __m512| if FAST { gelu_tanh_fast_v(x) } else { gelu_tanh_v(x) };
     let mut chunks = v.chunks_exact_mut(16);
     for c in &mut chunks {
-        _mm512_storeu_ps(c.as_mut_ptr(), gelu_tanh_v(_mm512_loadu_ps(c.as_ptr())));
+        _mm512_storeu_ps(c.as_mut_ptr(), gelu(_mm512_loadu_ps(c.as_ptr())));
     }
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
         let mask = (1u16 << rest.len()) - 1;
-        _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, gelu_tanh_v(_mm512_maskz_loadu_ps(mask, rest.as_ptr())));
+        _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, gelu(_mm512_maskz_loadu_ps(mask, rest.as_ptr())));
     }
 }
 
@@ -155,16 +164,7 @@ pub unsafe fn gelu_tanh_v(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 pub unsafe fn gelu_tanh_fast_avx512(v: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut chunks = v.chunks_exact_mut(16);
-    for c in &mut chunks {
-        _mm512_storeu_ps(c.as_mut_ptr(), gelu_tanh_fast_v(_mm512_loadu_ps(c.as_ptr())));
-    }
-    let rest = chunks.into_remainder();
-    if !rest.is_empty() {
-        let mask = (1u16 << rest.len()) - 1;
-        _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, gelu_tanh_fast_v(_mm512_maskz_loadu_ps(mask, rest.as_ptr())));
-    }
+    gelu_slice::<true>(v)
 }
 
 /// [`gelu_tanh_v`] as `x e / (e + 1)` with the cheaper parts: `y = x (a + b
