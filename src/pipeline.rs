@@ -157,9 +157,10 @@ pub const STAGE_DIT_LOAD: &str = "loading the DiT";
 pub const STAGE_DENOISE: &str = "denoising (STDiT3)";
 
 impl Report {
-    /// Seconds of the stages whose name starts with `prefix` (0 when none).
+    /// Seconds of the stages whose name starts with `prefix` (0 when none:
+    /// folded from +0.0, since an empty float `sum()` is -0.0, which JSON shows).
     pub fn seconds(&self, prefix: &str) -> f64 {
-        self.stages.iter().filter(|(n, _)| n.starts_with(prefix)).map(|s| s.1).sum()
+        self.stages.iter().filter(|(n, _)| n.starts_with(prefix)).fold(0.0, |a, s| a + s.1)
     }
 }
 
