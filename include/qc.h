@@ -203,8 +203,9 @@ int qc_params_set_init_noise(qc_params *params, const float *noise, size_t count
  * prompts are cleaned as Open-Sora cleans them). params NULL: defaults.
  * progress may be NULL; user is passed to it as given. On QC_OK *out holds
  * the videos: free with qc_result_free. Errors: QC_ERR_INVALID_ARGUMENT,
- * QC_ERR_BUSY, QC_ERR_CANCELLED, QC_ERR_DEVICE (GPU error or memory),
- * QC_ERR_INTERNAL. */
+ * QC_ERR_BUSY, QC_ERR_CANCELLED, QC_ERR_DEVICE (GPU error or memory; on the
+ * CPU, a generation whose estimated memory exceeds what the system has
+ * available, refused before it starts), QC_ERR_INTERNAL. */
 int qc_generate(qc_engine *engine, const char *const *prompts, size_t prompt_count, const qc_params *params,
                 qc_progress_fn progress, void *user, qc_result **out);
 

@@ -445,6 +445,45 @@ impl Plan {
         denoise.max(vae)
     }
 
+    /// Host bytes a CPU generation of this plan needs for its activations
+    /// (weights apart): the GPU arena's count, which bounds the CPU's f32 peak
+    /// as well, the CPU fusing per task what the GPU keeps whole (measured
+    /// peaks, weights included: 0.57-0.76 of the count for the demonstration
+    /// model from 8x64x64 to 32x256x256; 0.60-0.74 for the fixtures' tiny
+    /// model with its VAE at 17x256x256 and 17x512x512).
+    pub fn host_activation_bytes(&self) -> u64 {
+        self.cuda_arena_bytes()
+    }
+
+    /// Refuses, before anything runs, a CPU generation whose activations and
+    /// caching policy's caches (`cache_bytes`, for the policy `cache_flag`
+    /// names) exceed `available` bytes: an error naming what to change rather
+    /// than a process the system kills part-way.
+    pub fn check_host_memory(&self, cache_bytes: u64, cache_flag: &str, available: u64) -> Result<()> {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if cache_bytes > available {
+            let (rows, channels) = self.forward_rows();
+            bail!(
+                "--cache {cache_flag}: its caches need {:.2} GiB ({rows} tokens x {channels} channels per kept output, f32) and {:.2} GiB of memory is available: use --cache-int8, fewer or smaller frames, or another policy",
+                gib(cache_bytes),
+                gib(available)
+            );
+        }
+        let need = self.host_activation_bytes().saturating_add(cache_bytes);
+        if need > available {
+            let (h, w) = self.decoded;
+            bail!(
+                "{} of {} frames at {h}x{w} need about {:.2} GiB of memory for their activations{} and {:.2} GiB is available: ask for fewer or smaller frames (--frames, --height, --width) or fewer prompts",
+                if self.prompts.len() == 1 { "1 video".to_string() } else { format!("{} videos", self.prompts.len()) },
+                self.frames,
+                gib(need),
+                if cache_bytes > 0 { format!(" and --cache {cache_flag}'s caches") } else { String::new() },
+                gib(available)
+            );
+        }
+        Ok(())
+    }
+
     /// Height and width the VAE will decode (the request rounded down to its pixel grid).
     pub fn decoded_size(&self) -> (usize, usize) {
         self.decoded

@@ -175,6 +175,22 @@ fn cuda_graphs_flag_is_documented_and_checked() {
 
 /// `--report FILE.json` on the bundled demo model: the documented fields, each
 /// consistent with the run (a full computation: every step and block computed).
+/// A generation far beyond the machine's memory is refused at once, naming
+/// the flags to change, with nothing written; so is a cache that cannot fit.
+#[test]
+fn generation_larger_than_memory_is_refused_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("huge.gif");
+    let o = out.to_str().unwrap();
+    let start = std::time::Instant::now();
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--frames", "64", "--height", "100000", "--width", "100000", "--output", o]);
+    assert!(!ok && err.contains("GiB of memory for their activations") && err.contains("--height") && err.contains("1 video of 64 frames at 100000x100000"), "{err}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a", "--prompt", "b", "--frames", "32", "--height", "3000", "--width", "3000", "--cache", "hlc", "--output", o]);
+    assert!(!ok && err.contains("--cache hlc: its caches need") && err.contains("--cache-int8"), "{err}");
+    assert!(start.elapsed().as_secs() < 60, "refused only after {:?}", start.elapsed());
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "something was written");
+}
+
 #[test]
 fn generate_writes_its_report() {
     let dir = tempfile::tempdir().unwrap();

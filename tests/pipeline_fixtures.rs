@@ -207,3 +207,26 @@ fn the_denoising_stage_leaves_out_loading_the_dit() {
     assert!(!names(&r).contains(&STAGE_DIT_LOAD.to_string()) && r.seconds(STAGE_DENOISE) > 0.0, "{:?}", names(&r));
     assert_eq!(loading.f32().unwrap(), loaded.f32().unwrap());
 }
+
+/// The host-memory check refuses exactly what exceeds the memory given, the
+/// activations' count growing with the request, and names the cache when the
+/// cache alone is too large.
+#[test]
+fn host_memory_check_compares_the_count_with_the_memory_given() {
+    use qc::pipeline::{ModelDefaults, ModelPaths};
+    let demo = Path::new(qc::BUNDLED_MODEL);
+    let paths = ModelPaths::in_dir(demo);
+    let defaults = ModelDefaults::from_dir(demo).unwrap().options();
+    let plan_of = |frames, side| qc::pipeline::plan(&paths, &["a red circle".to_string()], &qc::pipeline::GenerateOptions { frames, height: side, width: side, ..defaults.clone() }).unwrap();
+    let (small, large) = (plan_of(8, 16), plan_of(16, 64));
+    let need = small.host_activation_bytes();
+    assert!(large.host_activation_bytes() > need && need > 0);
+    small.check_host_memory(0, "none", need).unwrap();
+    let e = small.check_host_memory(0, "none", need - 1).unwrap_err().to_string();
+    assert!(e.contains("1 video of 8 frames at 16x16") && e.contains("--frames") && !e.contains("--cache"), "{e}");
+    small.check_host_memory(10, "hlc", need + 10).unwrap();
+    let e = small.check_host_memory(10, "hlc", need + 9).unwrap_err().to_string();
+    assert!(e.contains("activations and --cache hlc's caches"), "{e}");
+    let e = small.check_host_memory(need, "hlc", need - 1).unwrap_err().to_string();
+    assert!(e.starts_with("--cache hlc: its caches need"), "{e}");
+}

@@ -576,14 +576,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     // The GPU keeps the caches in its arena, bf16; the CPU on the heap, f32.
     let (cuda_cache, cpu_cache) = (cache_needs(2), cache_needs(4));
     let dev = DeviceBackend::new(a.device.device, notice, || plan.cuda_arena_bytes() + cuda_cache)?;
-    if !dev.is_cuda() {
-        if let Some(avail) = qc::pipeline::available_memory_bytes().filter(|&m| cpu_cache > m) {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            anyhow::bail!(
-                "--cache {}: its caches need {:.2} GiB ({rows} tokens x {channels} channels per kept output, f32) and {:.2} GiB of memory is available: use --cache-int8, fewer or smaller frames, or another policy",
-                a.cache, gib(cpu_cache), gib(avail)
-            );
-        }
+    if let Some(avail) = qc::pipeline::available_memory_bytes().filter(|_| !dev.is_cuda()) {
+        plan.check_host_memory(cpu_cache, &a.cache, avail)?;
     }
     dev.set_graphs(&a.graphs);
     let be = dev.get();

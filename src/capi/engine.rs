@@ -178,9 +178,15 @@ impl Engine {
         let state = &mut *state;
         let (cache, threshold, calibration) = &self.cache;
         let on_gpu = state.backend.is_cuda();
+        let policy = || crate::cache::policy_with(cache, threshold.as_deref(), calibration, Default::default());
+        if let Some(available) = crate::pipeline::available_memory_bytes().filter(|_| !on_gpu) {
+            let (rows, channels) = plan.forward_rows();
+            let caches = policy().map_err(|e| Error::from_anyhow(QC_ERR_INTERNAL, e))?.cache_bytes_needed(rows, channels, plan.blocks_per_forward(), 4) as u64;
+            plan.check_host_memory(caches, cache, available).map_err(|e| Error::from_anyhow(QC_ERR_DEVICE, e))?;
+        }
         let fps = opts.fps;
         let video = self.pool.install(move || -> anyhow::Result<Tensor> {
-            let mut policy = crate::cache::policy_with(cache, threshold.as_deref(), calibration, Default::default())?;
+            let mut policy = policy()?;
             let (video, _) = plan.run_with(state.backend.get(), Some(&state.models), &opts, policy.as_mut(), &mut |e| match e {
                 Event::Step(i, n) => progress.step(i, n),
                 Event::Stage(_) => Ok(()),

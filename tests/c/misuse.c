@@ -182,6 +182,12 @@ int main(int argc, char **argv) {
     EXPECT(qc_params_create(&odd), QC_OK, "");
     EXPECT(qc_params_set_frames(odd, 2000000000), QC_OK, "");
     EXPECT(qc_generate(engine, &prompt, 1, odd, NULL, NULL, &result), QC_ERR_INVALID_ARGUMENT, "more than libqc can hold");
+    /* Within libqc's limit but over a terabyte of activations: refused before it starts. */
+    EXPECT(qc_params_set_frames(odd, 64), QC_OK, "");
+    EXPECT(qc_params_set_height(odd, 4000), QC_OK, "");
+    EXPECT(qc_params_set_width(odd, 4000), QC_OK, "");
+    EXPECT(qc_generate(engine, &prompt, 1, odd, NULL, NULL, &result), QC_ERR_DEVICE, "GiB of memory for their activations");
+    CHECK(result == NULL);
     qc_params_destroy(odd);
 
     /* A progress callback that cancels at step 2: no result, stopped there. */
