@@ -13,39 +13,77 @@ pub enum Format {
     Safetensors,
     Gif,
     Mp4,
+    /// One PNG file per video: videos of one frame (images).
+    Png,
     PngDir,
 }
 
 impl Format {
-    /// `.safetensors`, `.gif`, `.mp4`, anything else is a directory of PNG frames.
-    pub fn of(path: &Path) -> Format {
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+    /// `.safetensors`, `.gif`, `.mp4`, `.png`; a directory of PNG frames for
+    /// a path without an extension or an existing directory; any other
+    /// extension is refused (a typo should not become a directory).
+    pub fn of(path: &Path) -> Result<Format> {
+        let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+        Ok(match ext.as_deref() {
             Some("safetensors") => Format::Safetensors,
             Some("gif") => Format::Gif,
             Some("mp4") => Format::Mp4,
-            _ => Format::PngDir,
-        }
+            Some("png") => Format::Png,
+            None => Format::PngDir,
+            Some(_) if path.is_dir() => Format::PngDir,
+            Some(e) => bail!("output {}: unknown format \".{e}\": use .mp4, .gif, .png (videos of one frame), .safetensors, or a name without an extension for a directory of PNG frames", path.display()),
+        })
     }
 }
 
-/// Checks, before any heavy work, that `path` can be written in its format.
-pub fn check_writable(path: &Path) -> Result<Format> {
-    let fmt = Format::of(path);
-    let dir = match fmt {
-        Format::PngDir => path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
-        _ => path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
-    };
+/// Checks, before any heavy work, that `path` can be written in its format
+/// for videos of `frames` frames.
+pub fn check_writable(path: &Path, frames: usize) -> Result<Format> {
+    let fmt = Format::of(path)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     ensure!(dir.is_dir(), "output {}: directory {} does not exist", path.display(), dir.display());
     let probe = dir.join(format!(".qc-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("output {}: {} is not writable", path.display(), dir.display()))?;
     let _ = std::fs::remove_file(&probe);
-    if fmt == Format::PngDir && path.exists() && !path.is_dir() {
-        bail!("output {}: exists and is not a directory (use .gif, .mp4 or .safetensors for files)", path.display());
-    }
-    if fmt == Format::Mp4 {
-        find_ffmpeg().with_context(|| format!("output {}", path.display()))?;
+    match fmt {
+        Format::PngDir if path.exists() && !path.is_dir() => bail!("output {}: exists and is not a directory (use .gif, .mp4 or .safetensors for files)", path.display()),
+        Format::PngDir if path.is_dir() => check_replaceable(path)?,
+        Format::Png => ensure_one_frame(path, frames)?,
+        Format::Mp4 => {
+            find_ffmpeg().with_context(|| format!("output {}", path.display()))?;
+        }
+        _ => {}
     }
     Ok(fmt)
+}
+
+fn ensure_one_frame(path: &Path, frames: usize) -> Result<()> {
+    ensure!(frames == 1, "output {}: a .png holds one frame and the video has {frames}: use .gif, .mp4, or a name without an extension for a directory of PNG frames", path.display());
+    Ok(())
+}
+
+/// Whether `name` is a frame file [`write_video`] writes into a directory:
+/// `sample` and at least 2 digits, `_frame` and at least 4 digits, `.png`.
+fn is_frame_file(name: &str) -> bool {
+    let digits = |s: &str, min: usize| s.len() >= min && s.bytes().all(|c| c.is_ascii_digit());
+    name.strip_prefix("sample").and_then(|r| r.strip_suffix(".png")).and_then(|r| r.split_once("_frame")).is_some_and(|(b, t)| digits(b, 2) && digits(t, 4))
+}
+
+/// An existing directory is replaced by new frames only when it is empty or
+/// holds nothing but an earlier run's frames: anything else is the user's and
+/// is never deleted.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    let context = || format!("output {}: reading the existing directory", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(context)? {
+        let entry = entry.with_context(context)?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        ensure!(
+            entry.file_type().with_context(context)?.is_file() && is_frame_file(&name),
+            "output {}: an existing directory that holds {name:?}, which is not a frame this tool writes; PNG frames replace a directory only when it is empty or holds an earlier run's frames alone: give a new directory",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn find_ffmpeg() -> Result<PathBuf> {
@@ -173,20 +211,24 @@ pub fn write_video(path: &Path, video: &Tensor, fps: f32) -> Result<Vec<PathBuf>
     let s = video.shape().to_vec();
     ensure!(s.len() == 5 && s[1] == 3, "video must be [B, 3, T, H, W], got {s:?}");
     let (n, h, w) = (s[0], s[3], s[4]);
-    match Format::of(path) {
+    let format = Format::of(path)?;
+    match format {
         Format::Safetensors => {
             write_safetensors(path, &[("video".into(), video.clone()), ("frames_u8".into(), frames)], None)?;
             Ok(vec![path.to_path_buf()])
         }
-        Format::Gif | Format::Mp4 => {
+        Format::Gif | Format::Mp4 | Format::Png => {
+            if format == Format::Png {
+                ensure_one_frame(path, s[2])?;
+            }
             let mut written = Vec::new();
             for b in 0..n {
                 let p = sample_path(path, b, n);
                 let rgb = rgb_frames(&frames, b)?;
-                if Format::of(path) == Format::Gif {
-                    write_atomic(&p, &gif_bytes(&rgb, w, h, fps)?)?;
-                } else {
-                    write_mp4(&p, &rgb, w, h, fps)?;
+                match format {
+                    Format::Gif => write_atomic(&p, &gif_bytes(&rgb, w, h, fps)?)?,
+                    Format::Png => write_atomic(&p, &png_bytes(&rgb[0], w, h)?)?,
+                    _ => write_mp4(&p, &rgb, w, h, fps)?,
                 }
                 written.push(p);
             }
@@ -195,7 +237,9 @@ pub fn write_video(path: &Path, video: &Tensor, fps: f32) -> Result<Vec<PathBuf>
         Format::PngDir => {
             // Frames go to a temporary directory renamed into place when complete.
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let tmp = parent.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
             let result = (|| -> Result<()> {
                 std::fs::create_dir_all(&tmp)?;
                 for b in 0..n {
@@ -203,10 +247,22 @@ pub fn write_video(path: &Path, video: &Tensor, fps: f32) -> Result<Vec<PathBuf>
                         std::fs::write(tmp.join(format!("sample{b:02}_frame{t:04}.png")), png_bytes(rgb, w, h)?)?;
                     }
                 }
-                if path.is_dir() {
-                    std::fs::remove_dir_all(path)?;
+                // Checked again now: the directory may have changed while the video was made.
+                let replacing = path.is_dir();
+                if replacing {
+                    check_replaceable(path)?;
+                    std::fs::rename(path, &old)?;
                 }
-                std::fs::rename(&tmp, path)?;
+                if let Err(e) = std::fs::rename(&tmp, path) {
+                    if replacing {
+                        let _ = std::fs::rename(&old, path);
+                    }
+                    return Err(e.into());
+                }
+                if replacing {
+                    // Only an earlier run's frames (checked above).
+                    let _ = std::fs::remove_dir_all(&old);
+                }
                 Ok(())
             })();
             if let Err(e) = result {
@@ -277,11 +333,80 @@ mod tests {
 
     #[test]
     fn unwritable_outputs_are_refused_early() {
-        assert!(check_writable(Path::new("/nonexistent-dir/x.gif")).is_err());
+        assert!(check_writable(Path::new("/nonexistent-dir/x.gif"), 8).is_err());
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
-        assert!(check_writable(&file).unwrap_err().to_string().contains("not a directory"));
-        assert_eq!(check_writable(&dir.path().join("a.safetensors")).unwrap(), Format::Safetensors);
+        assert!(check_writable(&file, 8).unwrap_err().to_string().contains("not a directory"));
+        assert_eq!(check_writable(&dir.path().join("a.safetensors"), 8).unwrap(), Format::Safetensors);
+        let e = check_writable(&dir.path().join("a.avi"), 8).unwrap_err().to_string();
+        assert!(e.contains("unknown format \".avi\""), "{e}");
+        assert!(check_writable(&dir.path().join("a.png"), 8).unwrap_err().to_string().contains("the video has 8"));
+        assert_eq!(check_writable(&dir.path().join("a.PNG"), 1).unwrap(), Format::Png);
+        // An existing directory, whatever its name, is a frame directory.
+        std::fs::create_dir(dir.path().join("frames.v2")).unwrap();
+        assert_eq!(check_writable(&dir.path().join("frames.v2"), 8).unwrap(), Format::PngDir);
+    }
+
+    /// A directory is replaced by frames only when empty or holding an earlier
+    /// run's frames alone: anything else in it is refused, before the run and
+    /// at the write, and left as it was.
+    #[test]
+    fn frames_never_replace_a_directory_holding_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let video = Tensor::from_f32(&[1, 3, 2, 2, 2], vec![0.1; 24]).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        assert_eq!(check_writable(&out, 2).unwrap(), Format::PngDir);
+        write_video(&out, &video, 8.0).unwrap();
+        // An earlier run's frames (more of them than now) are replaced.
+        std::fs::write(out.join("sample00_frame0009.png"), b"old").unwrap();
+        write_video(&out, &video, 8.0).unwrap();
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&out), ["sample00_frame0000.png", "sample00_frame0001.png"]);
+        for foreign in ["notes.txt", "sample00_frame0000.png.bak", "sample0_frame0000.png", "sample00_frame000.png", "sub"] {
+            let p = out.join(foreign);
+            if foreign == "sub" {
+                std::fs::create_dir(&p).unwrap();
+            } else {
+                std::fs::write(&p, b"mine").unwrap();
+            }
+            let e = check_writable(&out, 2).unwrap_err().to_string();
+            assert!(e.contains(&format!("{foreign:?}")) && e.contains("give a new directory"), "{e}");
+            let e = format!("{:#}", write_video(&out, &video, 8.0).unwrap_err());
+            assert!(e.contains("not a frame this tool writes"), "{e}");
+            assert!(p.exists() && names(&out).len() == 3, "{foreign}: the directory changed");
+            if foreign == "sub" {
+                std::fs::remove_dir(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+        // Nothing temporary is left beside it.
+        assert_eq!(names(dir.path()), ["out"]);
+        for (name, frame) in [("sample00_frame0000.png", true), ("sample123_frame12345.png", true), ("sample00_frame0000.gif", false), ("xsample00_frame0000.png", false), ("sampleAB_frame0000.png", false)] {
+            assert_eq!(is_frame_file(name), frame, "{name}");
+        }
+    }
+
+    /// `.png` writes one file per video of one frame, and refuses more frames at the write too.
+    #[test]
+    fn png_files_hold_one_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let video = Tensor::from_f32(&[2, 3, 1, 2, 3], (0..36).map(|i| i as f32 / 36.0 - 0.5).collect()).unwrap();
+        let frames = quantize_frames(&video).unwrap();
+        let written = write_video(&dir.path().join("img.png"), &video, 8.0).unwrap();
+        assert_eq!(written, [dir.path().join("img-0.png"), dir.path().join("img-1.png")]);
+        let f = std::fs::File::open(&written[1]).unwrap();
+        let mut reader = png::Decoder::new(std::io::BufReader::new(f)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(buf, rgb_frames(&frames, 1).unwrap()[0]);
+        let two = Tensor::from_f32(&[1, 3, 2, 2, 2], vec![0.0; 24]).unwrap();
+        assert!(write_video(&dir.path().join("two.png"), &two, 8.0).unwrap_err().to_string().contains("the video has 2"));
     }
 }

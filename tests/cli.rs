@@ -175,6 +175,26 @@ fn cuda_graphs_flag_is_documented_and_checked() {
 
 /// `--report FILE.json` on the bundled demo model: the documented fields, each
 /// consistent with the run (a full computation: every step and block computed).
+/// `--output DIR` where DIR holds the user's files is refused before anything
+/// runs, and the files stay: frames replace only an earlier run's frames.
+#[test]
+fn frames_output_never_deletes_a_users_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("notes.txt");
+    std::fs::write(&keep, b"mine").unwrap();
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--steps", "2", "--output", dir.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("\"notes.txt\"") && err.contains("give a new directory"), "{err}");
+    assert_eq!(std::fs::read(&keep).unwrap(), b"mine");
+    let frames = dir.path().join("frames");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--steps", "2", "--output", frames.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--steps", "2", "--output", frames.to_str().unwrap()]);
+    assert!(ok, "an earlier run's frames are replaced: {err}");
+    assert_eq!(std::fs::read_dir(&frames).unwrap().count(), 8);
+    let (ok, err) = qc_run(&["generate", "--prompt", "a red circle", "--output", dir.path().join("clip.avi").to_str().unwrap()]);
+    assert!(!ok && err.contains("unknown format \".avi\""), "{err}");
+}
+
 /// A generation far beyond the machine's memory is refused at once, naming
 /// the flags to change, with nothing written; so is a cache that cannot fit.
 #[test]

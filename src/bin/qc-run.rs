@@ -284,7 +284,9 @@ struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     calibration: Option<PathBuf>,
     /// Output: NAME.mp4 (needs ffmpeg on PATH), NAME.gif, NAME.safetensors (`video` float and `frames_u8`),
-    /// or a directory of PNG frames (any other name). Several prompts give NAME-0.gif, NAME-1.gif, ...
+    /// NAME.png (videos of one frame), or a directory of PNG frames (a name without an extension; an
+    /// existing directory is replaced only when empty or holding an earlier run's frames alone). Several
+    /// prompts give NAME-0.gif, NAME-1.gif, ...
     #[arg(long, value_name = "PATH")]
     output: PathBuf,
     #[command(flatten)]
@@ -508,7 +510,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => ModelDefaults::default(),
     };
     anyhow::ensure!((1..=16).contains(&a.upscale), "--upscale must be between 1 and 16");
-    qc::output::check_writable(&a.output)?;
     let init_noise = match &a.init_noise {
         Some(p) => Some(Checkpoint::open_file(p).and_then(|c| c.load_f32("z0")).with_context(|| format!("--init-noise {}", p.display()))?),
         None => None,
@@ -531,6 +532,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         qk_int8: a.qk_int8,
         attn_bf16: a.attn_bf16,
     };
+    qc::output::check_writable(&a.output, opts.frames)?;
     anyhow::ensure!(opts.importance.is_none() || opts.quant != QuantPreset::None, "--calibration needs a quantized --quant (w8a8, w4a8, w4a6, aigq)");
     anyhow::ensure!(!(a.qk_int8 && a.attn_bf16), "--qk-int8 and --attn-bf16 are two precisions of the same attention products: give one");
     anyhow::ensure!(!(a.qk_int8 && a.accel != "none"), "--accel {} runs the attention with bf16 operands: leave --qk-int8 out", a.accel);
