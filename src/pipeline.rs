@@ -297,7 +297,8 @@ impl ModelConfigs {
             "--frames {}: Open-Sora's timestep transform is undefined below 17 frames (it divides 0 by 0 at the first step); use at least 17 frames, 1 for an image, or --timestep-transform off",
             opts.frames
         );
-        ensure!(opts.cfg.is_finite() && opts.fps.is_finite() && opts.fps > 0.0, "--cfg must be finite and --fps positive");
+        ensure!(opts.cfg.is_finite(), "--cfg must be finite, got {}", opts.cfg);
+        ensure!(opts.fps.is_finite() && opts.fps > 0.0, "--fps must be positive and finite, got {}", opts.fps);
         let latent = self.latent_size(opts)?;
         if let Some(z) = &opts.init_noise {
             let want = self.noise_shape(prompts.len(), latent);

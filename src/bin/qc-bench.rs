@@ -542,7 +542,6 @@ fn quality(a: &QualityArgs) -> Result<()> {
     if let Some(c) = &a.calibration {
         base.importance = Some(std::sync::Arc::new(qc::quant::calibrate::Importance::from_dir(c)?));
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
     let be = CpuBackend::new();
     let paths = ModelPaths::in_dir(&dir);
     let total = cases.len() * a.seeds.len() * (a.modes.len() + 1);
@@ -557,6 +556,8 @@ fn quality(a: &QualityArgs) -> Result<()> {
     let parts = qc::model::stdit3::timing::stop();
     let (runs, strips) = result?;
     eprintln!();
+    // Made once the runs succeeded: a refused mode leaves no empty directory behind.
+    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("creating {}: {e}", a.out.display()))?;
     let mut md = harness::markdown(&runs, &cases, base.steps);
     if a.parts {
         md = format!("{md}\n## Time per part of the DiT forward\n\n{}", harness::parts_markdown(&a.modes, &parts));

@@ -700,7 +700,8 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     if let Some(budget) = a.budget {
         // The exact reachable range needs the model's shapes (allocate checks it); nothing is below 4 bits (8 at w8a8).
         let (floor, at) = if PLAN_CHOICES[lowest] == qc::quant::preset::QuantPreset::W8A8 { (8, "w8a8") } else { (4, "w4a8") };
-        anyhow::ensure!(budget >= floor as f64, "--budget {budget}: no allocation can meet it; reachable average weight bits (scales included) are {floor}.x ({at} everywhere) to 16 (bf16)");
+        anyhow::ensure!(budget.is_finite(), "--budget must be a number of bits per weight, got {budget}");
+        anyhow::ensure!(budget >= floor as f64, "--budget {budget}: no allocation can meet it; the fewest average weight bits are a little above {floor} ({at} everywhere, its scales included), the most 16 (bf16)");
     }
     let text = std::fs::read_to_string(&a.prompts).with_context(|| format!("reading --prompts {}", a.prompts.display()))?;
     let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();

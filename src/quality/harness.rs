@@ -142,7 +142,7 @@ pub fn run_all(
     repeat: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Vec<Run>, Vec<Vec<Tensor>>)> {
-    ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set and the seed list must not be empty");
+    ensure!(!cases.is_empty() && !seeds.is_empty(), "the prompt set (--prompts, --limit) and the seed list (--seeds) must not be empty");
     ensure!(repeat > 0, "--repeat must be at least 1");
     for m in modes {
         ensure!(!parse_mode(m, model_dir)?.importance || base.importance.is_some(), "mode {m:?} folds in importance vectors: pass --calibration DIR (written by qc-run calibrate)");

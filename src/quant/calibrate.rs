@@ -246,7 +246,7 @@ impl Backend for RecordingBackend<'_> {
 pub fn collect_stats(paths: &ModelPaths, prompts: &[String], opts: &GenerateOptions, seeds: &[u64], ranges: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<LinearStats>> {
     ensure!(!prompts.is_empty(), "calibration needs at least one prompt");
     ensure!(!seeds.is_empty(), "calibration needs at least one seed");
-    ensure!(ranges >= 1 && ranges <= opts.steps, "timestep ranges must be between 1 and the number of steps ({}), got {ranges}", opts.steps);
+    ensure!(ranges >= 1 && ranges <= opts.steps, "--ranges {ranges}: the timestep ranges must be between 1 and the number of steps (--steps {})", opts.steps);
     let cpu = CpuBackend::new();
     let rec = RecordingBackend::new(&cpu, ranges);
     let mut dit = Stdit3::load(plan(paths, &prompts[..1], opts)?.dit_dir())?;

@@ -123,7 +123,7 @@ pub fn range_of(boundaries: &[f32], t: f32) -> usize {
 /// the last timestep of one range and the first of the next.
 pub fn ranges_of_schedule(timesteps: &[f32], ranges: usize) -> Result<(Vec<f32>, Vec<f64>)> {
     let steps = timesteps.len();
-    ensure!(ranges >= 1 && ranges <= steps, "timestep ranges must be between 1 and the number of steps ({steps}), got {ranges}");
+    ensure!(ranges >= 1 && ranges <= steps, "--ranges {ranges}: the timestep ranges must be between 1 and the number of steps (--steps {steps})");
     let range_of_step = |i: usize| i * ranges / steps;
     let mut boundaries = Vec::new();
     let mut counts = vec![0usize; ranges];
