@@ -49,7 +49,7 @@ pub enum F32Buf {
 impl F32Buf {
     /// `len` floats at byte `offset` of `map`, or `None` if they are not 4-byte aligned.
     pub fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
-        let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
         (aligned && offset + 4 * len <= map.len()).then_some(F32Buf::Mapped { map, offset, len })
     }
 

@@ -43,7 +43,7 @@ fn extrapolation_follows_the_policy_slope() {
     struct Extrapolating(f32);
     impl ForwardHooks for Extrapolating {
         fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
-            if step % 2 == 0 || step + 1 == steps { StepAction::Compute } else { StepAction::Extrapolate }
+            if step.is_multiple_of(2) || step + 1 == steps { StepAction::Compute } else { StepAction::Extrapolate }
         }
         fn extrapolation_slope(&self) -> f32 {
             self.0

@@ -92,7 +92,7 @@ fn reuse_across_steps_stays_close() {
     let mut alternate = Scripted::new(move |_, _| {
         let n = c.get();
         c.set(n + 1);
-        if (n / subs) % 2 == 0 { SubAction::ComputeAndStore } else { SubAction::Reuse }
+        if (n / subs).is_multiple_of(2) { SubAction::ComputeAndStore } else { SubAction::Reuse }
     });
     let (approx, _) = sample(&be, &model, &cfg, &inp.z0, &inp.y, inp.mask.as_deref(), &geo, &mut alternate, &mut |_, _| {}).unwrap();
     assert_eq!(calls.get(), 6 * subs);

@@ -105,7 +105,7 @@ pub struct StaticK {
 impl ForwardHooks for StaticK {
     fn step_action(&mut self, step: usize, steps: usize) -> StepAction {
         // The first and the last step are always computed.
-        if step % self.k == 0 || step + 1 == steps {
+        if step.is_multiple_of(self.k) || step + 1 == steps {
             StepAction::Compute
         } else {
             StepAction::ReusePrevious

@@ -101,7 +101,7 @@ mod tests {
         let mut p = Srap::new(0.1);
         let ids = [BlockId { kind: BlockKind::Spatial, index: 0 }, BlockId { kind: BlockKind::Temporal, index: 0 }];
         let input = Tensor::from_f32(&[2, 2], vec![1.0, -2.0, 3.0, 4.0]).unwrap();
-        let mut skipped = vec![Vec::new(), Vec::new()];
+        let mut skipped = [Vec::new(), Vec::new()];
         for step in 0..12 {
             p.step_action(step, 12);
             for (b, (id, gain)) in ids.iter().zip([0.05f32, 0.5]).enumerate() {

@@ -23,7 +23,7 @@ const DAMP: f64 = 0.01;
 /// rounding by GPTQ on the input rows `x` (`[rows, k]`, before smoothing).
 pub fn quantize_int4(w: &[f32], n: usize, k: usize, smooth: Option<&[f32]>, act_qmax: i32, x: &[f32]) -> Result<Int4Weight> {
     ensure!(n > 0 && k > 0 && w.len() == n * k, "gptq: {} weight values for [{n}, {k}]", w.len());
-    ensure!(!x.is_empty() && x.len() % k == 0, "gptq: {} input values are not rows of {k}", x.len());
+    ensure!(!x.is_empty() && x.len().is_multiple_of(k), "gptq: {} input values are not rows of {k}", x.len());
     if let Some(s) = smooth {
         ensure!(s.len() == k && s.iter().all(|v| v.is_finite() && *v > 0.0), "gptq: the smoothing vector must have {k} positive finite entries");
     }

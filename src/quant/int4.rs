@@ -143,7 +143,7 @@ impl Int4Weight {
             "int4 weight: nibble 0 (q = -8) is outside the symmetric range"
         );
         ensure!(
-            k % 2 == 0 || packed.chunks(kb).all(|r| r[kb - 1] >> 4 == 8),
+            k.is_multiple_of(2) || packed.chunks(kb).all(|r| r[kb - 1] >> 4 == 8),
             "int4 weight: the padding nibble of an odd row must be 8 (zero)"
         );
         ensure!(

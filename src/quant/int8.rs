@@ -298,7 +298,7 @@ unsafe fn quantize_block_avx512(x: &[f32], cols: usize, inv_smooth: Option<&[f32
 /// Quantizes every row of `x` (`[rows, cols]`) per token.
 pub fn quantize_rows(x: &[f32], cols: usize, inv_smooth: Option<&[f32]>, qmax: i32) -> Result<QuantRows> {
     check_quantize_args(cols, inv_smooth, qmax)?;
-    ensure!(x.len() % cols == 0, "quantize: {} values are not rows of {cols}", x.len());
+    ensure!(x.len().is_multiple_of(cols), "quantize: {} values are not rows of {cols}", x.len());
     let rows = x.len() / cols;
     let mut q = vec![0i8; x.len()];
     let mut scale = vec![0f32; rows];
@@ -755,7 +755,7 @@ mod tests {
         let mut kernels = Vec::new();
         if vnni::available() {
             kernels.push(false);
-            if k % 64 == 0 && crate::quant::amx::available() {
+            if k.is_multiple_of(64) && crate::quant::amx::available() {
                 kernels.push(true);
             }
         }

@@ -209,7 +209,7 @@ pub fn guidance_text(be: &dyn Backend, model: &Stdit3, y: &Tensor, mask: Option<
     ensure!(y.shape() == [b, 1, l, cc], "captions y must be [{b}, 1, {l}, {cc}], got {:?}", y.shape());
     let null = model.w.y_embedding.clone().reshape(&[1, 1, l, cc])?;
     let mut parts = vec![y];
-    parts.extend(std::iter::repeat(&null).take(b));
+    parts.extend(std::iter::repeat_n(&null, b));
     let y_all = be.concat(&parts)?;
     model.encode_text(be, &y_all, mask, hooks)
 }

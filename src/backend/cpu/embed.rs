@@ -27,7 +27,7 @@ pub fn timestep_embedding(t: &[f32], dim: usize) -> Result<Tensor> {
 /// (scaled by `base_size / w`), second half of the row coordinate (`base_size / h`),
 /// both divided by `scale`; token `r * w + c`.
 pub fn pos_embed_2d(h: usize, w: usize, dim: usize, scale: f32, base_size: f32) -> Result<Tensor> {
-    ensure!(dim % 4 == 0, "position embedding dim {dim} must be divisible by 4");
+    ensure!(dim.is_multiple_of(4), "position embedding dim {dim} must be divisible by 4");
     ensure!(scale > 0.0 && scale.is_finite(), "position embedding scale {scale} must be positive");
     let half = dim / 2;
     let inv_freq: Vec<f32> = (0..half).step_by(2).map(|i| 1.0 / (10000f64.powf((i as f32 / half as f32) as f64) as f32)).collect();

@@ -20,7 +20,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     // 2^n from the bits of n + 127 + 2^23 (n + 127 in 0..=254 sits in the low mantissa
     // bits): integer conversions would stop the loop from vectorizing.

@@ -399,7 +399,7 @@ impl Backend for CpuBackend {
         ensure!(x.numel() == y.numel() && x.shape().last() == y.shape().last(), "add_gated: x {:?} and y {:?} do not hold the same rows", x.shape(), y.shape());
         let (rows, n) = rows_of(x);
         let y = y.f32()?;
-        gated_accumulate(x.f32_mut()?, &y, rows, n, gate)
+        gated_accumulate(x.f32_mut()?, y, rows, n, gate)
     }
 
     fn quantize_rows_i8(&self, y: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -630,7 +630,7 @@ impl Backend for CpuBackend {
 
     fn add_rows_broadcast(&self, x: &mut Tensor, rows_table: &Tensor) -> Result<()> {
         let t = rows_table.f32()?;
-        ensure!(!t.is_empty() && x.numel() % t.len() == 0, "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
+        ensure!(!t.is_empty() && x.numel().is_multiple_of(t.len()), "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
         x.f32_mut()?.par_chunks_mut(t.len()).for_each(|blk| blk.iter_mut().zip(t).for_each(|(a, b)| *a += b));
         Ok(())
     }

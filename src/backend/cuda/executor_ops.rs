@@ -904,7 +904,7 @@ impl Backend for CudaBackend {
 
     fn add_rows_broadcast(&self, x: &mut Tensor, rows_table: &Tensor) -> Result<()> {
         let tl = rows_table.numel();
-        ensure!(tl > 0 && x.numel() % tl == 0, "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
+        ensure!(tl > 0 && x.numel().is_multiple_of(tl), "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
         let cols = *rows_table.shape().last().unwrap_or(&1);
         ensure!(cols > 0 && cols <= i32::MAX as usize, "cannot broadcast {:?} over {:?}", rows_table.shape(), x.shape());
         let dt = float_dtype(&[x]);

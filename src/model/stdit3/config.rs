@@ -99,13 +99,13 @@ impl Stdit3Config {
         if self.skip_y_embedder {
             bail!("skip_y_embedder=true is not supported");
         }
-        if self.hidden_size == 0 || self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.hidden_size == 0 || self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             bail!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads);
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head dim {} must be even for rotary embeddings", self.head_dim());
         }
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             bail!("hidden_size {} must be divisible by 4 for the 2D position embedding", self.hidden_size);
         }
         if self.in_channels == 0 || self.depth == 0 || self.caption_channels == 0 || self.model_max_length == 0 {

@@ -72,7 +72,7 @@ impl Reader {
             return Ok(None);
         }
         let m = self.tensor("mask", 2)?;
-        ensure!(m.shape()[1] == len && batch % m.shape()[0] == 0, "{}: `mask` has shape {:?}, expected [{batch}, {len}]", self.path, m.shape());
+        ensure!(m.shape()[1] == len && batch.is_multiple_of(m.shape()[0]), "{}: `mask` has shape {:?}, expected [{batch}, {len}]", self.path, m.shape());
         let v = m.to_i64()?;
         ensure!(v.iter().all(|&x| x == 0 || x == 1), "{}: `mask` must hold 0 or 1", self.path);
         Ok(Some(v))

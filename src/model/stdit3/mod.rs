@@ -234,7 +234,7 @@ pub struct Phase {
 }
 
 fn tile(v: &[f32], n: usize, what: &str) -> Result<Vec<f32>> {
-    ensure!(!v.is_empty() && n % v.len() == 0, "{what} has {} entries, which does not divide the batch {n}", v.len());
+    ensure!(!v.is_empty() && n.is_multiple_of(v.len()), "{what} has {} entries, which does not divide the batch {n}", v.len());
     Ok(v.iter().copied().cycle().take(n).collect())
 }
 
@@ -379,7 +379,7 @@ impl Stdit3 {
         let entries = if with_t0 { 2 * b } else { b };
         let mut tvals = inp.timestep.to_vec();
         if with_t0 {
-            tvals.extend(std::iter::repeat(0.0).take(b));
+            tvals.extend(std::iter::repeat_n(0.0, b));
         }
         let fps = tile(inp.fps, b, "fps")?;
         let fps_all: Vec<f32> = fps.iter().copied().cycle().take(entries).collect();

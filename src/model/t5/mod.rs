@@ -173,7 +173,7 @@ impl T5Encoder {
     /// The mask must be ones followed by zeros per sample, as the tokenizer pads.
     pub fn encode(&self, be: &dyn Backend, ids: &[i64], mask: &[i64], batch: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
-        ensure!(batch > 0 && !ids.is_empty() && ids.len() % batch == 0, "token ids ({}) do not split into {batch} prompts", ids.len());
+        ensure!(batch > 0 && !ids.is_empty() && ids.len().is_multiple_of(batch), "token ids ({}) do not split into {batch} prompts", ids.len());
         ensure!(mask.len() == ids.len(), "attention mask has {} entries, ids have {}", mask.len(), ids.len());
         let l = ids.len() / batch;
         if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= cfg.vocab_size) {
