@@ -152,7 +152,8 @@ fn quantize_one_block(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, d
 #[allow(clippy::too_many_arguments)]
 unsafe fn quantize_block_avx512(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, dp: usize, mean: Option<&[f32]>, q: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
-    let masks: Vec<(usize, __mmask16)> = (0..d).step_by(16).map(|c| (c, if d - c >= 16 { 0xFFFF } else { (1u16 << (d - c)) - 1 })).collect();
+    // Column chunks of 16 and their lane masks, made on the fly (no allocation per block).
+    let chunks = || (0..d).step_by(16).map(|c| (c, if d - c >= 16 { 0xFFFF } else { ((1u32 << (d - c)) - 1) as __mmask16 }));
     let load = |r: usize, c: usize, m: __mmask16| {
         let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(off + r * ld + c));
         match mean {
@@ -162,7 +163,7 @@ unsafe fn quantize_block_avx512(x: &[f32], ld: usize, off: usize, rows: usize, d
     };
     let mut vmax = _mm512_setzero_ps();
     for r in 0..rows {
-        for &(c, m) in &masks {
+        for (c, m) in chunks() {
             vmax = _mm512_max_ps(_mm512_abs_ps(load(r, c, m)), vmax);
         }
     }
@@ -172,7 +173,7 @@ unsafe fn quantize_block_avx512(x: &[f32], ld: usize, off: usize, rows: usize, d
     let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
     let (vinv, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_ps(-QMAX), _mm512_set1_ps(QMAX));
     for r in 0..rows {
-        for &(c, m) in &masks {
+        for (c, m) in chunks() {
             let v = _mm512_mul_ps(load(r, c, m), vinv);
             let rounded = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
             let clamped = _mm512_min_ps(_mm512_max_ps(rounded, lo), hi);
