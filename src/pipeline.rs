@@ -456,6 +456,13 @@ impl Plan {
         self.cuda_arena_bytes()
     }
 
+    /// Bytes `policy`'s caches hold at most over this plan's forwards, at `elem`
+    /// bytes per value (4: the CPU's f32; 2: the GPU's bf16).
+    pub fn cache_bytes(&self, policy: &dyn ForwardHooks, elem: usize) -> u64 {
+        let (rows, channels) = self.forward_rows();
+        policy.cache_bytes_needed(rows, channels, self.blocks_per_forward(), elem) as u64
+    }
+
     /// Refuses, before anything runs, a CPU generation whose activations and
     /// caching policy's caches (`cache_bytes`, for the policy `cache_flag`
     /// names) exceed `available` bytes: an error naming what to change rather

@@ -573,10 +573,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let (h, w) = plan.decoded_size();
         eprintln!("note: the VAE decodes whole latent pixels: the video will be {h}x{w}");
     }
-    let (rows, channels) = plan.forward_rows();
-    let cache_needs = |elem| policy.cache_bytes_needed(rows, channels, plan.blocks_per_forward(), elem) as u64;
     // The GPU keeps the caches in its arena, bf16; the CPU on the heap, f32.
-    let (cuda_cache, cpu_cache) = (cache_needs(2), cache_needs(4));
+    let (cuda_cache, cpu_cache) = (plan.cache_bytes(policy.as_ref(), 2), plan.cache_bytes(policy.as_ref(), 4));
     let dev = DeviceBackend::new(a.device.device, notice, || plan.cuda_arena_bytes() + cuda_cache)?;
     if let Some(avail) = qc::pipeline::available_memory_bytes().filter(|_| !dev.is_cuda()) {
         plan.check_host_memory(cpu_cache, &a.cache, avail)?;

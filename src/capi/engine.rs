@@ -180,8 +180,7 @@ impl Engine {
         let on_gpu = state.backend.is_cuda();
         let policy = || crate::cache::policy_with(cache, threshold.as_deref(), calibration, Default::default());
         if let Some(available) = crate::pipeline::available_memory_bytes().filter(|_| !on_gpu) {
-            let (rows, channels) = plan.forward_rows();
-            let caches = policy().map_err(|e| Error::from_anyhow(QC_ERR_INTERNAL, e))?.cache_bytes_needed(rows, channels, plan.blocks_per_forward(), 4) as u64;
+            let caches = plan.cache_bytes(policy().map_err(|e| Error::from_anyhow(QC_ERR_INTERNAL, e))?.as_ref(), 4);
             plan.check_host_memory(caches, cache, available).map_err(|e| Error::from_anyhow(QC_ERR_DEVICE, e))?;
         }
         let fps = opts.fps;

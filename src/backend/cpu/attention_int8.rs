@@ -153,7 +153,7 @@ fn quantize_one_block(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, d
 unsafe fn quantize_block_avx512(x: &[f32], ld: usize, off: usize, rows: usize, d: usize, dp: usize, mean: Option<&[f32]>, q: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
     // Column chunks of 16 and their lane masks, made on the fly (no allocation per block).
-    let chunks = || (0..d).step_by(16).map(|c| (c, if d - c >= 16 { 0xFFFF } else { ((1u32 << (d - c)) - 1) as __mmask16 }));
+    let chunks = || (0..d).step_by(16).map(|c| (c, super::simd::lanes16(d, c)));
     let load = |r: usize, c: usize, m: __mmask16| {
         let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(off + r * ld + c));
         match mean {
